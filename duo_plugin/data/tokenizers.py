@@ -1,0 +1,546 @@
+"""Tokenizers for Duo: a small protocol, local SentencePiece training, HF ``tokenizer.json`` and loading.
+
+Every tokenizer used by duo-plugin satisfies :class:`DuoTokenizer`:
+
+* ``encode(text, add_bos=False, add_eos=False) -> list[int]`` and ``decode(ids) -> str``;
+* ``vocab_size``: the number of ids the model must embed (``max id + 1``, so ids are ``0..vocab_size-1``);
+* ``bos_id`` / ``eos_id`` (ints), ``pad_id`` (int or ``None``), ``special_ids`` (set of ints: ids that never
+  come out of ``encode`` for ordinary text, *including* bos/eos/pad);
+* ``save(dir)``: writes ``dir/duo_tokenizer.json`` (the descriptor) plus the files it names, so that
+  :func:`load_tokenizer` (``dir``) rebuilds the same tokenizer;
+* ``descriptor() -> dict``: JSON-able identity (type, special ids, sha256 of the model file) used as cache key.
+
+The model's vocabulary and the uniform-noise support (duo-method.md §0, architecture.md "Shared conventions")
+are tied to the tokenizer by :func:`check_vocab`, which returns ``valid_vocab: BoolTensor[K_model]``.
+
+This module never imports torchtune; the torchtune wrapper lives in
+``duo_plugin.integrations.torchtune_tokenizer`` and is imported lazily by :func:`load_tokenizer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable, Protocol, Sequence, runtime_checkable
+
+import torch
+
+__all__ = [
+    "DESCRIPTOR_NAME",
+    "DuoTokenizer",
+    "BaseTokenizer",
+    "SentencePieceTokenizer",
+    "HFTokenizer",
+    "train_sentencepiece",
+    "load_tokenizer",
+    "check_vocab",
+    "file_sha256",
+    "main",
+]
+
+DESCRIPTOR_NAME = "duo_tokenizer.json"
+
+
+@runtime_checkable
+class DuoTokenizer(Protocol):
+    """The tokenizer contract every duo-plugin component relies on (see module docstring)."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def bos_id(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int: ...
+
+    @property
+    def pad_id(self) -> int | None: ...
+
+    @property
+    def special_ids(self) -> set[int]: ...
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def save(self, out_dir: str | os.PathLike) -> Path: ...
+
+    def descriptor(self) -> dict: ...
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes (identity of tokenizer model files for cache keys)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class BaseTokenizer:
+    """Shared helpers: bos/eos insertion, id validation and descriptor-based ``save``."""
+
+    type_name: str = "base"
+
+    def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
+        if add_bos:
+            ids = [self.bos_id] + ids
+        if add_eos:
+            ids = ids + [self.eos_id]
+        return ids
+
+    def _check_ids(self, ids: Sequence[int]) -> list[int]:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if i < 0 or i >= self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"decode got ids outside [0, {self.vocab_size}) (e.g. {bad[:5]}); the model embeds more rows "
+                "than the tokenizer has ids: mask them with valid_vocab (check_vocab) before sampling"
+            )
+        return ids
+
+    def _model_file(self) -> Path:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _descriptor_extra(self) -> dict:
+        return {}
+
+    def descriptor(self) -> dict:
+        """JSON-able identity: type, special ids, vocab size and the sha256 of the model file."""
+        mf = self._model_file()
+        return {
+            "type": self.type_name,
+            "file": mf.name,
+            "sha256": file_sha256(mf),
+            "vocab_size": int(self.vocab_size),
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "pad_id": self.pad_id,
+            "special_ids": sorted(int(i) for i in self.special_ids),
+            **self._descriptor_extra(),
+        }
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Copy the model file into ``out_dir`` and write ``out_dir/duo_tokenizer.json``. Returns ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        src = self._model_file()
+        dst = out / src.name
+        if src.resolve() != dst.resolve():
+            shutil.copyfile(src, dst)
+        _atomic_write_text(out / DESCRIPTOR_NAME, json.dumps(self.descriptor(), indent=2, sort_keys=True))
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(file={self._model_file()}, vocab_size={self.vocab_size}, "
+            f"bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})"
+        )
+
+
+class SentencePieceTokenizer(BaseTokenizer):
+    """A SentencePiece ``.model`` file. ``special_ids`` = unk/bos/eos/pad plus control/user-defined pieces.
+
+    Args:
+        model_path: path to the ``.model`` file.
+    Raises:
+        FileNotFoundError naming the file; ValueError if the model has no bos or eos piece.
+    """
+
+    type_name = "sentencepiece"
+
+    def __init__(self, model_path: str | os.PathLike):
+        import sentencepiece as spm
+
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise FileNotFoundError(f"SentencePiece model not found: {self.model_path}")
+        self._sp = spm.SentencePieceProcessor(model_file=str(self.model_path))
+        self._bos = int(self._sp.bos_id())
+        self._eos = int(self._sp.eos_id())
+        pad = int(self._sp.pad_id())
+        self._pad = pad if pad >= 0 else None
+        if self._bos < 0 or self._eos < 0:
+            raise ValueError(
+                f"{self.model_path} has no bos/eos piece (bos={self._bos}, eos={self._eos}); retrain with "
+                "train_sentencepiece (which defines unk=0, bos=1, eos=2, pad=3)"
+            )
+        n = int(self._sp.get_piece_size())
+        specials = {i for i in range(n) if self._sp.is_control(i) or self._sp.is_unknown(i)}
+        specials |= {self._bos, self._eos}
+        if self._pad is not None:
+            specials.add(self._pad)
+        self._specials = specials
+        self._unk = int(self._sp.unk_id())
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._sp.get_piece_size())
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._pad
+
+    @property
+    def unk_id(self) -> int:
+        return self._unk
+
+    @property
+    def special_ids(self) -> set[int]:
+        return set(self._specials)
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        return self._wrap(list(self._sp.encode(text)), add_bos, add_eos)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode many texts at once (no bos/eos); used by the tokenize-once cache."""
+        return [list(x) for x in self._sp.encode(list(texts))]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = [i for i in self._check_ids(ids) if i not in (self._bos, self._eos, self._pad)]
+        return self._sp.decode(ids)
+
+    def _model_file(self) -> Path:
+        return self.model_path
+
+
+_BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "[CLS]", "<bos>", "<|endoftext|>", "<|im_start|>")
+_EOS_CANDIDATES = ("</s>", "<|end_of_text|>", "[SEP]", "<eos>", "<|endoftext|>", "<|im_end|>")
+_PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>", "<|finetune_right_pad_id|>")
+
+
+class HFTokenizer(BaseTokenizer):
+    """A Hugging Face ``tokenizer.json`` loaded with the ``tokenizers`` package (no hub access).
+
+    Special tokens: ``bos_token`` / ``eos_token`` / ``pad_token`` name them explicitly; otherwise well-known
+    names are looked up (``<s>``/``</s>``, ``[CLS]``/``[SEP]``, ``<|endoftext|>`` for both, as in GPT-2/Duo OWT).
+    ``encode`` never applies the file's post-processor template (bos/eos only via the flags).
+    ``special_ids`` = every ``added_tokens`` entry marked special, plus bos/eos/pad.
+    """
+
+    type_name = "hf"
+
+    def __init__(
+        self,
+        tokenizer_json: str | os.PathLike,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+    ):
+        from tokenizers import Tokenizer
+
+        self.path = Path(tokenizer_json)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"tokenizer.json not found: {self.path}")
+        self._tok = Tokenizer.from_file(str(self.path))
+
+        def find(explicit: str | None, cands: Iterable[str], what: str, required: bool) -> int | None:
+            if explicit is not None:
+                i = self._tok.token_to_id(explicit)
+                if i is None:
+                    raise ValueError(f"{what}_token {explicit!r} is not in {self.path}")
+                return int(i)
+            for c in cands:
+                i = self._tok.token_to_id(c)
+                if i is not None:
+                    return int(i)
+            if required:
+                raise ValueError(
+                    f"could not find a {what} token in {self.path}; pass {what}_token='...' (e.g. the "
+                    f"document separator) to HFTokenizer / load_tokenizer"
+                )
+            return None
+
+        self._bos = find(bos_token, _BOS_CANDIDATES, "bos", True)
+        self._eos = find(eos_token, _EOS_CANDIDATES, "eos", True)
+        self._pad = find(pad_token, _PAD_CANDIDATES, "pad", False)
+        self._tokens = {"bos_token": bos_token, "eos_token": eos_token, "pad_token": pad_token}
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self._vocab_size = max(vocab.values()) + 1
+        raw = json.loads(self.path.read_text(encoding="utf-8"))
+        specials = {int(t["id"]) for t in raw.get("added_tokens", []) if t.get("special", False)}
+        specials |= {self._bos, self._eos}
+        if self._pad is not None:
+            specials.add(self._pad)
+        self._specials = specials
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._pad
+
+    @property
+    def special_ids(self) -> set[int]:
+        return set(self._specials)
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        return self._wrap(list(self._tok.encode(text, add_special_tokens=False).ids), add_bos, add_eos)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(e.ids) for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(self._check_ids(ids), skip_special_tokens=True)
+
+    def _model_file(self) -> Path:
+        return self.path
+
+    def _descriptor_extra(self) -> dict:
+        return {k: v for k, v in self._tokens.items() if v is not None}
+
+
+def train_sentencepiece(
+    input_files: Sequence[str | os.PathLike],
+    vocab_size: int,
+    out_dir: str | os.PathLike,
+    *,
+    model_type: str = "bpe",
+    character_coverage: float = 1.0,
+    max_sentence_length: int = 16384,
+    input_sentence_size: int = 0,
+    hard_vocab_limit: bool = True,
+    user_defined_symbols: Sequence[str] = (),
+) -> SentencePieceTokenizer:
+    """Train a SentencePiece model locally and save it as a duo tokenizer directory.
+
+    Deterministic: one thread, no sentence sampling/shuffling, fixed piece ids unk=0, bos=1, eos=2, pad=3,
+    ``byte_fallback=True`` (any UTF-8 text encodes without ``<unk>``; 256 ``<0xNN>`` pieces are reserved,
+    so ``vocab_size`` must exceed 260 + the number of distinct characters).
+
+    Args:
+        input_files: text files (one sentence/line per line; long lines are truncated by SentencePiece
+            at ``max_sentence_length`` bytes for *training* only).
+        vocab_size: requested number of pieces (= ids the model must embed, unless ``hard_vocab_limit=False``
+            lets SentencePiece stop earlier on a tiny corpus).
+        out_dir: receives ``tokenizer.model``, ``tokenizer.vocab`` and ``duo_tokenizer.json``.
+    Returns:
+        The trained :class:`SentencePieceTokenizer` (loaded from ``out_dir``).
+    """
+    import sentencepiece as spm
+
+    files = [Path(f) for f in input_files]
+    if not files:
+        raise ValueError("train_sentencepiece needs at least one input file (--input FILE ...)")
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"tokenizer training input not found: {f}")
+    if vocab_size < 262:
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: byte fallback reserves 256 byte pieces + 4 specials; "
+            "use --vocab-size >= 300"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = out / "tokenizer"
+    spm.SentencePieceTrainer.train(
+        input=",".join(str(f) for f in files),
+        model_prefix=str(prefix),
+        vocab_size=int(vocab_size),
+        model_type=model_type,
+        character_coverage=character_coverage,
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        unk_piece="<unk>",
+        bos_piece="<s>",
+        eos_piece="</s>",
+        pad_piece="<pad>",
+        num_threads=1,
+        input_sentence_size=int(input_sentence_size),
+        shuffle_input_sentence=False,
+        max_sentence_length=int(max_sentence_length),
+        hard_vocab_limit=hard_vocab_limit,
+        user_defined_symbols=list(user_defined_symbols),
+        minloglevel=2,
+    )
+    tok = SentencePieceTokenizer(prefix.with_suffix(".model"))
+    tok.save(out)
+    return tok
+
+
+def load_tokenizer(path_or_spec, **kwargs) -> DuoTokenizer:
+    """Load a tokenizer from a duo tokenizer directory, a ``.model`` file or a ``tokenizer.json``.
+
+    Args:
+        path_or_spec: a directory holding ``duo_tokenizer.json`` (written by ``save``), a directory holding a
+            ``tokenizer.json`` or ``tokenizer.model``, a ``*.model`` SentencePiece file, a ``*.json``
+            HF tokenizer file, or a dict descriptor (as in ``duo_tokenizer.json``). An object that already
+            satisfies :class:`DuoTokenizer` is returned as is.
+        **kwargs: forwarded to :class:`HFTokenizer` (``bos_token=...`` etc.).
+    """
+    if isinstance(path_or_spec, dict):
+        return _from_descriptor(path_or_spec, base=Path("."))
+    if isinstance(path_or_spec, DuoTokenizer) and not isinstance(path_or_spec, (str, os.PathLike)):
+        return path_or_spec
+    p = Path(path_or_spec)
+    if p.is_dir():
+        if (p / DESCRIPTOR_NAME).is_file():
+            desc = json.loads((p / DESCRIPTOR_NAME).read_text(encoding="utf-8"))
+            return _from_descriptor(desc, base=p)
+        if (p / "tokenizer.json").is_file():
+            return HFTokenizer(p / "tokenizer.json", **kwargs)
+        if (p / "tokenizer.model").is_file():
+            return SentencePieceTokenizer(p / "tokenizer.model")
+        raise FileNotFoundError(
+            f"{p} holds no {DESCRIPTOR_NAME}, tokenizer.json or tokenizer.model; train one with "
+            "`duo-tokenizer train --input FILE --vocab-size N --out DIR`"
+        )
+    if not p.exists():
+        raise FileNotFoundError(f"tokenizer path not found: {p}")
+    if p.suffix == ".model":
+        return SentencePieceTokenizer(p)
+    if p.suffix == ".json":
+        if p.name == DESCRIPTOR_NAME:
+            return _from_descriptor(json.loads(p.read_text(encoding="utf-8")), base=p.parent)
+        return HFTokenizer(p, **kwargs)
+    raise ValueError(f"unrecognised tokenizer file {p}: expected a directory, a .model or a tokenizer.json")
+
+
+def _from_descriptor(desc: dict, base: Path) -> DuoTokenizer:
+    kind = desc.get("type")
+    if kind == "sentencepiece":
+        tok = SentencePieceTokenizer(base / desc["file"])
+    elif kind == "hf":
+        tok = HFTokenizer(
+            base / desc["file"],
+            bos_token=desc.get("bos_token"),
+            eos_token=desc.get("eos_token"),
+            pad_token=desc.get("pad_token"),
+        )
+    elif kind == "torchtune":
+        from duo_plugin.integrations.torchtune_tokenizer import TorchtuneTokenizer
+
+        return TorchtuneTokenizer.from_descriptor(desc)
+    else:
+        raise ValueError(f"unknown tokenizer type {kind!r} in descriptor (expected sentencepiece, hf, torchtune)")
+    sha = desc.get("sha256")
+    if sha is not None and file_sha256(tok._model_file()) != sha:
+        raise ValueError(
+            f"{tok._model_file()} does not match the sha256 recorded in {DESCRIPTOR_NAME}; the tokenizer file "
+            "was replaced: re-save the tokenizer or restore the original file"
+        )
+    return tok
+
+
+def check_vocab(
+    tokenizer: DuoTokenizer,
+    model_vocab_size: int,
+    *,
+    include_pad: bool = False,
+    include_special: bool = False,
+) -> torch.Tensor:
+    """Check the model's vocabulary against the tokenizer and build ``valid_vocab: BoolTensor[K_model]``.
+
+    ``valid_vocab[i]`` is True for the ids the data can contain, i.e. the uniform-noise support of
+    duo-method.md §1 (``K_eff = valid_vocab.sum()``): every tokenizer id, **except** padded embedding rows
+    ``tokenizer.vocab_size <= i < model_vocab_size``, the pad id (unless ``include_pad``) and special ids other
+    than bos/eos (unless ``include_special``). bos and eos stay valid because ``wrap_blocks`` / ``pad_sentences``
+    put them in every sequence the model must reconstruct.
+
+    Raises:
+        ValueError if the model embeds fewer ids than the tokenizer produces, naming ``model.vocab_size``.
+    """
+    k_tok = int(tokenizer.vocab_size)
+    k = int(model_vocab_size)
+    if k < k_tok:
+        raise ValueError(
+            f"tokenizer has {k_tok} ids but the model embeds {k}; set model.vocab_size={k_tok} "
+            "(or larger, e.g. a multiple of 64: extra rows are masked out by valid_vocab)"
+        )
+    valid = torch.zeros(k, dtype=torch.bool)
+    valid[:k_tok] = True
+    keep = {int(tokenizer.bos_id), int(tokenizer.eos_id)}
+    if not include_special:
+        for i in tokenizer.special_ids:
+            if i not in keep and 0 <= i < k:
+                valid[i] = False
+    pad = tokenizer.pad_id
+    if pad is not None and 0 <= pad < k:
+        valid[pad] = bool(include_pad) or pad in keep
+    if int(valid.sum()) < 2:
+        raise ValueError("valid_vocab has fewer than 2 ids; check the tokenizer's special ids")
+    return valid
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console script ``duo-tokenizer``: ``duo-tokenizer train --input FILE [FILE...] --vocab-size N --out DIR``
+    and ``duo-tokenizer info DIR``."""
+    ap = argparse.ArgumentParser(prog="duo-tokenizer", description="Train/inspect duo-plugin tokenizers")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    tr = sub.add_parser("train", help="train a byte-fallback SentencePiece tokenizer locally")
+    tr.add_argument("--input", nargs="+", required=True, help="text file(s)")
+    tr.add_argument("--vocab-size", type=int, required=True)
+    tr.add_argument("--out", required=True, help="output directory")
+    tr.add_argument("--model-type", default="bpe", choices=["bpe", "unigram", "char", "word"])
+    tr.add_argument("--character-coverage", type=float, default=1.0)
+    tr.add_argument("--soft-vocab-limit", action="store_true", help="allow fewer pieces on tiny corpora")
+    info = sub.add_parser("info", help="print a tokenizer's descriptor")
+    info.add_argument("path")
+    args = ap.parse_args(argv)
+    if args.cmd == "train":
+        tok = train_sentencepiece(
+            args.input,
+            args.vocab_size,
+            args.out,
+            model_type=args.model_type,
+            character_coverage=args.character_coverage,
+            hard_vocab_limit=not args.soft_vocab_limit,
+        )
+        print(f"saved {tok!r} to {args.out}")
+    else:
+        tok = load_tokenizer(args.path)
+        print(json.dumps(tok.descriptor(), indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

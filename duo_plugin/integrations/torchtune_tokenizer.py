@@ -1,0 +1,151 @@
+"""Wrap a torchtune model tokenizer (``llama3_tokenizer``, ``qwen2_5_tokenizer``, ``llama2_tokenizer``, ...) as a
+:class:`duo_plugin.data.tokenizers.DuoTokenizer`. The only module of ``duo_plugin.data``'s tokenizer family that
+imports torchtune.
+
+Use :meth:`TorchtuneTokenizer.from_config` (builder dotpath + kwargs) so that ``save`` can write a descriptor
+that :func:`duo_plugin.data.tokenizers.load_tokenizer` rebuilds; a tokenizer wrapped from an instance works for
+everything but ``save``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from duo_plugin.data.tokenizers import DESCRIPTOR_NAME, _atomic_write_text, file_sha256
+
+__all__ = ["TorchtuneTokenizer"]
+
+
+def _resolve(dotpath: str):
+    mod, _, name = dotpath.rpartition(".")
+    if not mod:
+        raise ValueError(f"component must be a dotted path like torchtune.models.llama3.llama3_tokenizer, got {dotpath!r}")
+    return getattr(importlib.import_module(mod), name)
+
+
+class TorchtuneTokenizer:
+    """A torchtune ``ModelTokenizer`` seen through the DuoTokenizer protocol.
+
+    Args:
+        tokenizer: the torchtune tokenizer instance (needs ``encode(text, add_bos=, add_eos=)``, ``decode``,
+            ``eos_id``; ``bos_id`` falls back to ``eos_id`` when the tokenizer has none, as GPT-2/Qwen-style
+            vocabularies use one document separator for both, like Duo's OWT setup).
+        component / kwargs: the builder that made it, recorded by ``save``.
+        bos_id / eos_id / pad_id: explicit overrides.
+    """
+
+    type_name = "torchtune"
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        component: str | None = None,
+        kwargs: dict | None = None,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+        pad_id: int | None = None,
+    ):
+        self.tt = tokenizer
+        self.component = component
+        self.kwargs = dict(kwargs or {})
+        eos = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
+        if eos is None:
+            raise ValueError(f"{type(tokenizer).__name__} has no eos_id; pass eos_id=... to TorchtuneTokenizer")
+        bos = bos_id if bos_id is not None else getattr(tokenizer, "bos_id", None)
+        self._eos = int(eos)
+        self._bos = int(bos) if bos is not None else self._eos
+        pad = pad_id if pad_id is not None else getattr(tokenizer, "pad_id", None)
+        self._pad = int(pad) if pad is not None and int(pad) >= 0 else None
+        specials = set()
+        st = getattr(tokenizer, "special_tokens", None)
+        if isinstance(st, dict):
+            specials |= {int(v) for v in st.values()}
+        specials |= {self._bos, self._eos}
+        if self._pad is not None:
+            specials.add(self._pad)
+        self._specials = specials
+        vs = getattr(tokenizer, "vocab_size", None)
+        if vs is None:
+            base = getattr(tokenizer, "base_vocab_size", None)
+            if base is None:
+                raise ValueError(f"{type(tokenizer).__name__} exposes no vocab_size; cannot size the model")
+            vs = max([int(base) - 1, *specials]) + 1
+        self._vocab_size = max(int(vs), max(specials) + 1)
+
+    @classmethod
+    def from_config(cls, component: str, **kwargs) -> "TorchtuneTokenizer":
+        """Build ``component(**kwargs)`` (e.g. ``torchtune.models.llama3.llama3_tokenizer``, path=...)."""
+        return cls(_resolve(component)(**kwargs), component=component, kwargs=kwargs)
+
+    @classmethod
+    def from_descriptor(cls, desc: dict) -> "TorchtuneTokenizer":
+        return cls.from_config(desc["component"], **desc.get("kwargs", {}))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._pad
+
+    @property
+    def special_ids(self) -> set[int]:
+        return set(self._specials)
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        ids = list(self.tt.encode(text, add_bos=False, add_eos=False))
+        if add_bos:
+            ids = [self._bos] + ids
+        if add_eos:
+            ids = ids + [self._eos]
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        return self.tt.decode([i for i in ids if i not in (self._bos, self._eos, self._pad)])
+
+    def descriptor(self) -> dict:
+        if self.component is None:
+            raise ValueError("this TorchtuneTokenizer was wrapped from an instance; build it with "
+                             "TorchtuneTokenizer.from_config(component, **kwargs) to save or cache it")
+        files = {k: file_sha256(v) for k, v in self.kwargs.items() if isinstance(v, (str, os.PathLike))
+                 and Path(v).is_file()}
+        return {
+            "type": self.type_name,
+            "component": self.component,
+            "kwargs": {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in self.kwargs.items()},
+            "file_sha256": files,
+            "vocab_size": self.vocab_size,
+            "bos_id": self._bos,
+            "eos_id": self._eos,
+            "pad_id": self._pad,
+            "special_ids": sorted(self._specials),
+        }
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write ``duo_tokenizer.json`` (builder + kwargs with absolute file paths; files are not copied)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        desc = self.descriptor()
+        desc["kwargs"] = {k: (str(Path(v).resolve()) if isinstance(v, str) and Path(v).exists() else v)
+                          for k, v in desc["kwargs"].items()}
+        _atomic_write_text(out / DESCRIPTOR_NAME, json.dumps(desc, indent=2, sort_keys=True))
+        return out
+
+    def __repr__(self) -> str:
+        return f"TorchtuneTokenizer({type(self.tt).__name__}, vocab_size={self.vocab_size})"
