@@ -347,19 +347,23 @@ def train_sentencepiece(
     input_sentence_size: int = 0,
     hard_vocab_limit: bool = True,
     user_defined_symbols: Sequence[str] = (),
+    normalization: str = "identity",
 ) -> SentencePieceTokenizer:
     """Train a SentencePiece model locally and save it as a duo tokenizer directory.
 
     Deterministic: one thread, no sentence sampling/shuffling, fixed piece ids unk=0, bos=1, eos=2, pad=3,
     ``byte_fallback=True`` (any UTF-8 text encodes without ``<unk>``; 256 ``<0xNN>`` pieces are reserved,
-    so ``vocab_size`` must exceed 260 + the number of distinct characters).
+    so ``vocab_size`` must exceed 260 + the number of distinct characters). By default no normalisation and
+    no whitespace collapsing (``normalization="identity"``), so ``decode(encode(s)) == s`` for text without
+    leading whitespace (newlines and tabs go through byte pieces).
 
     Args:
         input_files: text files (one sentence/line per line; long lines are truncated by SentencePiece
             at ``max_sentence_length`` bytes for *training* only).
         vocab_size: requested number of pieces (= ids the model must embed, unless ``hard_vocab_limit=False``
             lets SentencePiece stop earlier on a tiny corpus).
-        out_dir: receives ``tokenizer.model``, ``tokenizer.vocab`` and ``duo_tokenizer.json``.
+        out_dir: receives ``tokenizer.model``, ``tokenizer.vocab`` (piece, score per line) and
+            ``duo_tokenizer.json``. The model bytes depend only on the input text and the options.
     Returns:
         The trained :class:`SentencePieceTokenizer` (loaded from ``out_dir``).
     """
@@ -378,10 +382,18 @@ def train_sentencepiece(
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prefix = out / "tokenizer"
+    import io
+
+    def lines():  # fed as an iterator (not paths) so the model bytes do not record input/output paths
+        for f in files:
+            with open(f, encoding="utf-8", errors="replace") as fh:
+                for line in fh:
+                    yield line.rstrip("\n")
+
+    buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        input=",".join(str(f) for f in files),
-        model_prefix=str(prefix),
+        sentence_iterator=lines(),
+        model_writer=buf,
         vocab_size=int(vocab_size),
         model_type=model_type,
         character_coverage=character_coverage,
@@ -400,9 +412,17 @@ def train_sentencepiece(
         max_sentence_length=int(max_sentence_length),
         hard_vocab_limit=hard_vocab_limit,
         user_defined_symbols=list(user_defined_symbols),
+        normalization_rule_name=normalization,
+        remove_extra_whitespaces=False,
         minloglevel=2,
     )
-    tok = SentencePieceTokenizer(prefix.with_suffix(".model"))
+    model_path = out / "tokenizer.model"
+    tmp = out / ".tokenizer.model.tmp"
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, model_path)
+    tok = SentencePieceTokenizer(model_path)
+    vocab_txt = "".join(f"{tok._sp.id_to_piece(i)}\t{tok._sp.get_score(i)}\n" for i in range(tok.vocab_size))
+    _atomic_write_text(out / "tokenizer.vocab", vocab_txt)
     tok.save(out)
     return tok
 

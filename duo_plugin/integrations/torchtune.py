@@ -27,7 +27,7 @@ from __future__ import annotations
 import fnmatch
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 RECIPES_DIR = PACKAGE_DIR / "recipes"
@@ -48,13 +48,13 @@ RECIPE_CONFIG_PREFIXES: Dict[str, Tuple[Tuple[str, ...], bool]] = {
 DEFAULT_RECIPE = "duo_pretrain"
 
 
-def discover_configs(configs_dir: Path = CONFIGS_DIR) -> List[Tuple[str, Path]]:
+def discover_configs(configs_dir: Optional[Path] = None) -> List[Tuple[str, Path]]:
     """All ``*.yaml`` under ``configs_dir/duo`` as ``(name, absolute path)``, sorted by name.
 
     The name is the path relative to ``configs_dir`` without the suffix, with ``/`` separators,
     e.g. ``duo/tiny_cpu`` -- the string users pass to ``tune run ... --config``.
     """
-    root = Path(configs_dir).resolve()
+    root = Path(CONFIGS_DIR if configs_dir is None else configs_dir).resolve()
     out = []
     for p in sorted((root / "duo").rglob("*.yaml")):
         name = p.relative_to(root).with_suffix("").as_posix()

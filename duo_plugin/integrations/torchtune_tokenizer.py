@@ -9,7 +9,6 @@ everything but ``save``.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os

@@ -1,0 +1,186 @@
+"""Generative perplexity and unigram entropy of samples (Duo paper §5.2; duo-method.md §5 "Gen PPL and entropy").
+
+* Gen PPL: samples are decoded with the diffusion tokenizer, re-tokenised with the scorer's tokenizer, and scored
+  by a causal LM. NLL targets are every non-EOS token plus the first EOS (later EOS tokens are dropped);
+  Gen PPL = exp(Σ NLL / #targets) over all samples (token-weighted).
+* Entropy: for each sample, the unigram entropy (nats) of its generated ids (diffusion tokenizer ids, all L
+  positions), then the mean over samples. Always reported next to Gen PPL: low-entropy (repetitive) samples get
+  deceptively low Gen PPL.
+
+The scorer is any causal LM callable ``scorer(tokens Long[B, T]) -> logits Float[B, T, V]`` where position i
+predicts token i + 1. Loaders: :func:`load_dit_scorer` (our AR-objective DiT checkpoints) and
+``duo_plugin.integrations.torchtune_scorer.load_torchtune_scorer`` (torchtune builder + HF-format checkpoint).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+
+__all__ = ["unigram_entropy", "retokenize", "gen_ppl_and_entropy", "causal_nll", "load_dit_scorer", "DiTScorer"]
+
+Scorer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def unigram_entropy(ids: torch.Tensor) -> torch.Tensor:
+    """Per-sample unigram entropy in nats: ``H_n = −Σ_v p_nv log p_nv`` with p_nv the frequency of id v in row n.
+
+    Args: ids ``Long[N, L]``. Returns: ``float64 [N]`` (max ln L).
+    """
+    if ids.dim() != 2:
+        raise ValueError(f"ids must be [N, L]; got {tuple(ids.shape)}")
+    out = torch.empty(ids.shape[0], dtype=torch.float64)
+    for n, row in enumerate(ids.long().cpu()):
+        _, counts = torch.unique(row, return_counts=True)
+        p = counts.to(torch.float64) / counts.sum()
+        out[n] = -(p * p.log()).sum()
+    return out
+
+
+def _encode(tok, text: str) -> list[int]:
+    try:
+        return list(tok.encode(text, add_bos=False, add_eos=False))
+    except TypeError:
+        return list(tok.encode(text))
+
+
+def retokenize(
+    sample_ids: torch.Tensor,
+    diffusion_tokenizer,
+    scorer_tokenizer,
+    eos_id_scorer: int,
+    max_len: int,
+    bos_id_scorer: Optional[int] = None,
+) -> list[list[int]]:
+    """Diffusion ids → scorer ids, one list per sample.
+
+    Each sample is split at the diffusion tokenizer's EOS ids; BOS/PAD ids of the diffusion tokenizer are
+    dropped; each segment is decoded to text and encoded with the scorer tokenizer (no special tokens); the
+    segments are joined with ``eos_id_scorer`` (an EOS that ends the sample is kept). With ``bos_id_scorer`` the
+    sequence starts with it. Truncated to ``max_len`` ids.
+    """
+    d_eos = getattr(diffusion_tokenizer, "eos_id", None)
+    drop = {getattr(diffusion_tokenizer, "bos_id", None), getattr(diffusion_tokenizer, "pad_id", None)} - {None, d_eos}
+    out = []
+    for row in sample_ids.long().cpu().tolist():
+        segs, cur = [], []
+        ended = []
+        for t in row:
+            if d_eos is not None and t == d_eos:
+                segs.append(cur)
+                ended.append(True)
+                cur = []
+            elif t not in drop:
+                cur.append(t)
+        segs.append(cur)
+        ended.append(False)
+        ids = [] if bos_id_scorer is None else [int(bos_id_scorer)]
+        for seg, e in zip(segs, ended):
+            if seg:
+                ids.extend(_encode(scorer_tokenizer, diffusion_tokenizer.decode(seg)))
+            if e:
+                ids.append(int(eos_id_scorer))
+        out.append(ids[: int(max_len)])
+    return out
+
+
+def causal_nll(
+    scorer: Scorer, seqs: Sequence[Sequence[int]], eos_id: int, batch_size: int, pad_id: Optional[int] = None
+) -> tuple[float, int]:
+    """Σ NLL (nats) and #targets of ``seqs`` under a causal LM.
+
+    Targets are positions 1..T-1 (position 0 is context only); a target counts if it is not EOS or it is the first
+    EOS of its sequence. Sequences are right-padded (``pad_id``, default ``eos_id``) and padding is never a target.
+    Computed in float64 from the scorer's logits.
+    """
+    pad = int(eos_id if pad_id is None else pad_id)
+    total, count = 0.0, 0
+    seqs = [list(s) for s in seqs]
+    for lo in range(0, len(seqs), int(batch_size)):
+        chunk = seqs[lo : lo + int(batch_size)]
+        T = max(len(s) for s in chunk)
+        if T < 2:
+            continue
+        toks = torch.full((len(chunk), T), pad, dtype=torch.long)
+        real = torch.zeros(len(chunk), T, dtype=torch.bool)
+        for i, s in enumerate(chunk):
+            toks[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            real[i, : len(s)] = True
+        with torch.no_grad():
+            logits = scorer(toks)
+        if logits.shape[:2] != toks.shape:
+            raise ValueError(f"scorer returned {tuple(logits.shape)}; expected [B, T, V] with [B, T] = {tuple(toks.shape)}")
+        logp = torch.log_softmax(logits.to(torch.float64), -1)
+        tgt = toks[:, 1:].to(logp.device)
+        nll = -logp[:, :-1].gather(-1, tgt[..., None]).squeeze(-1).cpu()
+        is_eos = (toks == int(eos_id)) & real
+        first_eos = is_eos & (is_eos.long().cumsum(-1) == 1)
+        mask = real & (~is_eos | first_eos)
+        m = mask[:, 1:]
+        total += float(nll[m].sum())
+        count += int(m.sum())
+    return total, count
+
+
+def gen_ppl_and_entropy(
+    sample_ids: torch.Tensor,
+    *,
+    diffusion_tokenizer,
+    scorer: Scorer,
+    scorer_tokenizer,
+    eos_id_scorer: int,
+    batch_size: int = 8,
+    max_len: int = 1024,
+    bos_id_scorer: Optional[int] = None,
+) -> dict:
+    """Gen PPL (re-tokenised, scored by a causal LM) and mean unigram entropy of ``sample_ids Long[N, L]``.
+
+    Returns:
+        ``dict(gen_ppl, gen_nll (nats/token), entropy (mean nats), entropy_per_sample (list), n_samples, tokens
+        (#scored scorer tokens))``.
+    """
+    if sample_ids.dim() != 2 or sample_ids.shape[0] == 0:
+        raise ValueError(f"sample_ids must be a non-empty [N, L] tensor; got {tuple(sample_ids.shape)}")
+    ent = unigram_entropy(sample_ids)
+    seqs = retokenize(sample_ids, diffusion_tokenizer, scorer_tokenizer, eos_id_scorer, max_len, bos_id_scorer)
+    total, count = causal_nll(scorer, seqs, eos_id_scorer, batch_size)
+    if count == 0:
+        raise ValueError("no token to score: every re-tokenised sample has fewer than 2 tokens")
+    nll = total / count
+    return {
+        "gen_ppl": math.exp(nll),
+        "gen_nll": nll,
+        "entropy": float(ent.mean()),
+        "entropy_per_sample": ent.tolist(),
+        "n_samples": int(sample_ids.shape[0]),
+        "tokens": count,
+    }
+
+
+class DiTScorer:
+    """Causal scorer from an AR-objective DiT (built with ``causal=True``): ``tokens -> logits``.
+
+    The model is called with σ = 0 (no time conditioning) and its output at position i is read as the
+    distribution of token i + 1 (next-token convention of the AR objective).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        if not getattr(model, "causal", False):
+            raise ValueError("the Gen PPL scorer must be a causal (AR-objective) model: build the DiT with causal=True")
+        self.model = model.eval()
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        dev = next(self.model.parameters()).device
+        tokens = tokens.to(dev)
+        sigma = torch.zeros(tokens.shape[0], device=dev)
+        return self.model(tokens, sigma).float()
+
+
+def load_dit_scorer(path, *, weights: str = "ema", device: str = "cpu") -> DiTScorer:
+    """Load our own AR-objective DiT checkpoint (``save_pretrained`` dir of a model built with ``causal=True``)."""
+    from duo_plugin.models.checkpoint import load_pretrained
+
+    return DiTScorer(load_pretrained(path, weights=weights, device=device))

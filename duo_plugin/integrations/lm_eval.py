@@ -1,0 +1,540 @@
+"""lm-evaluation-harness backend ``duo``: :class:`DuoLM` scores text with Duo's conditional NELBO.
+
+Usage (after ``pip install duo-plugin``; lm-eval 0.4.13)::
+
+    lm_eval  --model duo --model_args pretrained=CKPT_DIR,mc_samples=32 --tasks duo_shakespeare_ppl \
+             --include_path $(python -c "import duo_plugin.integrations.lm_eval as m; print(m.TASKS_DIR)")
+    duo-eval --model duo --model_args pretrained=CKPT_DIR --tasks duo_shakespeare_ppl   # adds the bundled tasks
+
+What is returned (the model is a uniform-state diffusion LM, so every log-likelihood is a *bound*):
+
+* ``loglikelihood``: ``-NELBO(continuation | context)``, the conditional NELBO of the continuation tokens with the
+  context tokens kept clean (never corrupted, not scored), **summed** over continuation tokens (duo-method.md §1.3,
+  f_Duo = paper Eq. 17/50, log-linear α_t), averaged over ``mc_samples`` times t stratified over the MC samples
+  (``time_sampling=stratified``, via :func:`duo_plugin.eval.likelihood.conditional_nelbo`) or drawn i.i.d.
+  (``time_sampling=iid``). It is a Monte-Carlo estimate of a lower bound on log p(continuation | context); its MC
+  standard error is recorded per request and summarised per task (logged, and written as JSON to
+  ``mc_stderr_path`` when given; ``duo-eval --output_path`` sets it). Each sequence is ``[BOS] + context +
+  continuation``; a too long context is truncated from the left (never scored as a free 0).
+* ``is_greedy`` (``greedy_check``): ``onepass`` (default) = every continuation token is the argmax of the denoiser
+  in **one** forward pass at t = 1 (α_1 = 1e-3) with the continuation replaced by uniform noise (seeded per request)
+  and the context clean -- i.e. the continuation equals the per-position mode of the model's prediction given the
+  context alone (exact for single-token continuations, a mean-field approximation for longer ones, as in the Duo
+  harness). ``off`` = always False (then lambada ``acc`` is meaningless).
+* ``loglikelihood_rolling``: the document is cut into windows (:func:`rolling_windows`): each window is
+  ``[BOS] + up to rolling_context clean preceding tokens + new tokens``; every document token is scored exactly once,
+  so the summed value is a lower bound on log p(document) and word/byte perplexity and bits per byte reported by
+  lm-eval are **upper bounds**.
+* ``generate_until``: :func:`duo_plugin.sampling.sample` (float64 ancestral sampler, ``gen_steps`` steps,
+  ``noise_removal``) with ``[BOS] + context`` clamped as prompt, ``max_gen_toks`` new tokens, cut at EOS and at the
+  first stop string in ``until``.
+
+Noise is seeded per request from a hash of its token ids (``seed`` model arg), so scores do not depend on the batch
+composition, ``--limit`` or request order. ``--batch_size`` = rows (request x MC sample) per denoiser call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import lm_eval.models  # noqa: F401  -- MUST precede @register_model (registry-empty pitfall, docs/lm-eval.md §1)
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+
+log = logging.getLogger("duo_plugin.lm_eval")
+
+TASKS_DIR = Path(__file__).resolve().parent.parent / "lm_eval_tasks"
+
+__all__ = ["DuoLM", "TASKS_DIR", "parse_batch_size", "rolling_windows", "request_index", "truncate_left"]
+
+
+# ----------------------------------------------------------------------------------------------- pure helpers
+def parse_batch_size(value, default: int = 32) -> int:
+    """Parse lm-eval's ``--batch_size`` (it arrives as a string: ``'8'``, ``'auto'``, ``'auto:4'``).
+
+    ``auto`` (and ``auto:N``) has no memory probe here: it falls back to ``default`` with a log line.
+    """
+    if value is None:
+        return int(default)
+    if isinstance(value, int) and not isinstance(value, bool):
+        b = value
+    else:
+        s = str(value).strip().lower()
+        if s.startswith("auto"):
+            log.info("duo: batch_size=%r -> %d (no automatic batch-size search; pass an integer)", value, default)
+            return int(default)
+        try:
+            b = int(float(s))
+        except ValueError:
+            raise ValueError(f"batch_size must be an integer or 'auto', got {value!r}") from None
+    if b < 1:
+        raise ValueError(f"batch_size must be >= 1, got {value!r}")
+    return b
+
+
+def rolling_windows(
+    n_tokens: int, max_len: int, prefix_len: int = 1, context: int = 0, first: int = 0
+) -> List[Tuple[int, int, int]]:
+    """Windows that score every token of ``seq[first:n_tokens]`` exactly once.
+
+    Each window is ``(ctx_start, pred_start, pred_end)``: the model input is ``prefix (prefix_len tokens, e.g. BOS)
+    + seq[ctx_start:pred_start] (kept clean, not scored) + seq[pred_start:pred_end] (scored)``, at most ``max_len``
+    tokens. Every window takes up to ``context`` preceding tokens of ``seq`` as clean context (the first window
+    has none when ``first == 0``). The ``pred`` ranges partition ``[first, n_tokens)`` in order.
+    """
+    if max_len - prefix_len < 1:
+        raise ValueError(f"max_len={max_len} leaves no room after a prefix of {prefix_len} tokens")
+    if not 0 <= first <= n_tokens:
+        raise ValueError(f"first={first} must lie in [0, n_tokens={n_tokens}]")
+    context = max(0, min(int(context), max_len - prefix_len - 1))
+    out, start = [], int(first)
+    while start < n_tokens:
+        c = min(context, start)
+        end = min(n_tokens, start + max_len - prefix_len - c)
+        out.append((start - c, start, end))
+        start = end
+    return out
+
+
+def truncate_left(ctx: Sequence[int], cont: Sequence[int], max_len: int, prefix_len: int = 1):
+    """Fit ``prefix + ctx + cont`` into ``max_len`` by dropping context tokens from the left.
+
+    Returns ``(ctx_kept, n_dropped)``. Raises if the continuation alone does not fit (callers then use
+    :func:`rolling_windows` over the continuation instead).
+    """
+    room = max_len - prefix_len - len(cont)
+    if room < 0:
+        raise ValueError("continuation longer than the model window")
+    drop = max(0, len(ctx) - room)
+    return list(ctx[drop:]), drop
+
+
+def request_index(ids: Sequence[int], extra: str = "") -> int:
+    """Stable 40-bit index of a request (sha256 of its token ids), used to seed its noise."""
+    h = hashlib.sha256((",".join(map(str, ids)) + "|" + extra).encode()).digest()
+    return int.from_bytes(h[:5], "big")
+
+
+# ----------------------------------------------------------------------------------------------- the backend
+@register_model("duo")
+class DuoLM(TemplateLM):
+    """Duo (uniform-state diffusion) backend for lm-eval. See the module docstring for the semantics.
+
+    Args (``--model_args``; lm-eval passes ``batch_size``/``max_batch_size``/``device`` when given):
+        pretrained (alias ``checkpoint``): model directory for
+            ``duo_plugin.models.checkpoint.load_pretrained`` (DiT or adapted decoder). Or pass ``model=`` (an
+            ``nn.Module`` following the denoiser convention) programmatically.
+        weights: ``ema`` (default) or ``model``.
+        tokenizer: tokenizer path (default ``<pretrained>/tokenizer``), loaded by
+            ``duo_plugin.data.tokenizers.load_tokenizer``; or a tokenizer object.
+        device: ``cpu`` (default) / ``cuda`` / ``cuda:N``. dtype: ``float32`` (default) or ``bfloat16`` (autocast,
+            CUDA only; the NELBO itself is fp32/fp64).
+        mc_samples: Monte-Carlo times per request (default 32). time_sampling: ``stratified`` | ``iid``.
+        batch_size: rows (request x MC sample) per forward (string from the CLI; ``auto`` -> 32).
+        seed: noise seed (default 0). max_length: window (default and maximum: the model's ``max_seq_len``).
+        rolling_context: clean preceding tokens per later rolling window (default ``max_length // 4``).
+        greedy_check: ``onepass`` | ``off``. gen_steps: sampler steps for ``generate_until`` (default 64).
+        noise_removal: ``greedy`` (default) | ``ancestral`` | ``none``. max_gen_toks: default 256.
+        mc_stderr_path: JSON file for the per-task MC standard-error summary.
+    """
+
+    def __init__(
+        self,
+        pretrained: Optional[str] = None,
+        *,
+        checkpoint: Optional[str] = None,
+        model: Optional[torch.nn.Module] = None,
+        tokenizer=None,
+        weights: str = "ema",
+        device: Optional[str] = None,
+        dtype: str = "float32",
+        mc_samples: int = 32,
+        time_sampling: str = "stratified",
+        batch_size=None,
+        max_batch_size=None,
+        seed: int = 0,
+        max_length: Optional[int] = None,
+        rolling_context: Optional[int] = None,
+        greedy_check: str = "onepass",
+        gen_steps: int = 64,
+        noise_removal: str = "greedy",
+        max_gen_toks: int = 256,
+        mc_stderr_path: Optional[str] = None,
+        t_min: float = 1e-3,
+        **unknown,
+    ):
+        super().__init__()
+        if unknown:
+            raise ValueError(
+                f"unknown --model_args for duo: {sorted(unknown)}; valid: pretrained, weights, tokenizer, device, "
+                "dtype, mc_samples, time_sampling, batch_size, seed, max_length, rolling_context, greedy_check, "
+                "gen_steps, noise_removal, max_gen_toks, mc_stderr_path"
+            )
+        if pretrained is not None and checkpoint is not None and pretrained != checkpoint:
+            raise ValueError("pass the checkpoint once: pretrained=DIR (checkpoint= is an alias)")
+        pretrained = pretrained if pretrained is not None else checkpoint
+        if (pretrained is None) == (model is None):
+            raise ValueError("DuoLM needs exactly one of pretrained=CHECKPOINT_DIR (CLI) or model=nn.Module (Python)")
+        if weights not in ("ema", "model"):
+            raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+        if time_sampling not in ("stratified", "iid"):
+            raise ValueError(f"time_sampling must be 'stratified' or 'iid', got {time_sampling!r}")
+        if greedy_check not in ("onepass", "off"):
+            raise ValueError(f"greedy_check must be 'onepass' or 'off', got {greedy_check!r}")
+        if int(mc_samples) < 1:
+            raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
+        dt = {"float32": None, "fp32": None, "auto": None, "bfloat16": "bf16", "bf16": "bf16"}
+        if str(dtype) not in dt:
+            raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+
+        self._device = torch.device(device or "cpu")
+        if model is None:
+            from duo_plugin.models.checkpoint import load_pretrained
+
+            model = load_pretrained(pretrained, weights=weights, device=str(self._device))
+        model = model.to(self._device).eval()
+        self.model = model
+        if tokenizer is None:
+            if pretrained is None:
+                raise ValueError("pass tokenizer= (a DuoTokenizer or a path) together with model=")
+            tokenizer = Path(pretrained) / "tokenizer"
+            if not tokenizer.exists():
+                raise FileNotFoundError(
+                    f"{tokenizer} not found: the checkpoint has no tokenizer/ subdir; pass tokenizer=PATH in --model_args"
+                )
+        if isinstance(tokenizer, (str, os.PathLike)):
+            from duo_plugin.data.tokenizers import load_tokenizer
+
+            tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = tokenizer
+
+        from duo_plugin.diffusion.schedules import LogLinearSchedule
+        from duo_plugin.sampling import DenoiserFn
+
+        self.denoiser = DenoiserFn(model, dt[str(dtype)])
+        self.schedule = LogLinearSchedule()
+        self.vocab_size = int(model.vocab_size)
+        if int(tokenizer.vocab_size) > self.vocab_size:
+            raise ValueError(
+                f"tokenizer has {tokenizer.vocab_size} ids but the model embeds only {self.vocab_size}; "
+                "use the tokenizer the checkpoint was trained with"
+            )
+        vv = getattr(model, "valid_vocab", None)
+        self.valid_vocab = vv.to(self._device).bool() if isinstance(vv, torch.Tensor) else None
+        model_len = int(model.max_seq_len)
+        self.max_length = int(max_length) if max_length is not None else model_len
+        if not 2 <= self.max_length <= model_len:
+            raise ValueError(f"max_length must be in [2, {model_len}] (the model's max_seq_len), got {max_length}")
+        self.rolling_context = (
+            self.max_length // 4 if rolling_context is None else int(rolling_context)
+        )
+        self.mc_samples = int(mc_samples)
+        self.time_sampling = time_sampling
+        self.batch_size = parse_batch_size(batch_size)
+        if max_batch_size is not None:
+            self.batch_size = min(self.batch_size, parse_batch_size(max_batch_size))
+        self.seed = int(seed)
+        self.t_min = float(t_min)
+        self.greedy_check = greedy_check
+        self.gen_steps = int(gen_steps)
+        self.noise_removal = noise_removal
+        self.max_gen_toks = int(max_gen_toks)
+        self.mc_stderr_path = mc_stderr_path
+        # per task: list of (nelbo, stderr, n_tokens) for every scored request/window
+        self._mc_records: Dict[str, List[Tuple[float, float, int]]] = defaultdict(list)
+
+    # --- TemplateLM plumbing --------------------------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return int(self.tokenizer.eos_id)
+
+    @property
+    def prefix_token_id(self) -> int:
+        return int(self.tokenizer.bos_id)
+
+    @property
+    def device(self):
+        return self._device
+
+    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> List[int]:
+        return list(self.tokenizer.encode(string, add_bos=False, add_eos=False))
+
+    def tok_decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    # --- scoring core ---------------------------------------------------------------------------------------
+    def _score_windows(self, windows: List[Tuple[List[int], int, int]]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Conditional NELBO of each window ``(ids, n_keep, index)``: positions ``< n_keep`` are kept clean.
+
+        Windows are sorted by length, padded on the right and batched ``max(1, batch_size // mc_samples)`` at a
+        time. Returns float64 ``(nelbo[N], stderr[N])`` in the input order.
+        """
+        from duo_plugin.eval.likelihood import conditional_nelbo
+
+        n = len(windows)
+        nelbo = torch.zeros(n, dtype=torch.float64)
+        stderr = torch.zeros(n, dtype=torch.float64)
+        order = sorted(range(n), key=lambda i: -len(windows[i][0]))
+        per_call = max(1, self.batch_size // self.mc_samples)
+        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else self.eot_token_id
+        for lo in range(0, n, per_call):
+            grp = order[lo : lo + per_call]
+            length = max(len(windows[i][0]) for i in grp)
+            x0 = torch.full((len(grp), length), int(pad), dtype=torch.long)
+            keep = torch.zeros(len(grp), length, dtype=torch.bool)
+            att = torch.zeros(len(grp), length, dtype=torch.bool)
+            for r, i in enumerate(grp):
+                ids, n_keep, _ = windows[i]
+                x0[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                keep[r, :n_keep] = True
+                att[r, : len(ids)] = True
+            idx = torch.tensor([windows[i][2] for i in grp], dtype=torch.long)
+            if self.time_sampling == "stratified":
+                res = conditional_nelbo(
+                    self.denoiser, x0, keep, attention_mask=att, mc_samples=self.mc_samples,
+                    batch_size=self.batch_size, seed=self.seed, valid_vocab=self.valid_vocab,
+                    schedule=self.schedule, t_min=self.t_min, indices=idx, device=self._device,
+                )
+                nl, se = res.nelbo, res.stderr
+            else:
+                nl, se = self._iid_nelbo(x0, keep, att, idx)
+            nelbo[grp] = nl.to(torch.float64)
+            stderr[grp] = se.to(torch.float64)
+        return nelbo, stderr
+
+    @torch.no_grad()
+    def _iid_nelbo(self, x0, keep, att, idx):
+        """``time_sampling=iid``: t_j ~ U[t_min, 1) i.i.d. per MC sample (seeded per request), same f_Duo sum."""
+        from duo_plugin.diffusion.uniform import row_generators
+        from duo_plugin.eval.likelihood import sequence_nelbo
+
+        b, m = x0.shape[0], self.mc_samples
+        rows_seq = torch.arange(b).repeat_interleave(m)
+        rows_j = torch.arange(m).repeat(b)
+        times = []
+        for i in idx.tolist():
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + i) % (1 << 63))
+            times.append(self.t_min + (1 - self.t_min) * torch.rand(m, generator=g, dtype=torch.float64))
+        times = torch.cat(times)
+        est = torch.zeros(b * m, dtype=torch.float64)
+        for lo in range(0, b * m, self.batch_size):
+            sl = slice(lo, min(b * m, lo + self.batch_size))
+            seqs = rows_seq[sl]
+            gens = [
+                row_generators(self.seed, (1 << 41) + int(idx[s]), [int(j)], device=self._device)[0]
+                for s, j in zip(seqs.tolist(), rows_j[sl].tolist())
+            ]
+            est[sl] = sequence_nelbo(
+                self.denoiser, x0[seqs].to(self._device), times[sl], gens,
+                score_mask=(att & ~keep)[seqs].to(self._device), keep_mask=keep[seqs].to(self._device),
+                padding_mask=att[seqs].to(self._device), schedule=self.schedule, valid_vocab=self.valid_vocab,
+            ).cpu()
+        est = est.view(b, m)
+        se = est.std(1, unbiased=True) / math.sqrt(m) if m >= 2 else torch.full((b,), float("nan"), dtype=torch.float64)
+        return est.mean(1), se
+
+    def _windows_for(self, ctx: List[int], cont: List[int]) -> List[Tuple[List[int], int, int]]:
+        """Windows scoring every token of ``cont`` once given ``[BOS] + ctx`` (left-truncated when too long)."""
+        bos = [self.prefix_token_id]
+        if len(cont) + 1 <= self.max_length:
+            kept, dropped = truncate_left(ctx, cont, self.max_length, prefix_len=1)
+            if dropped:
+                log.debug("duo: truncated %d context tokens from the left", dropped)
+            ids = bos + kept + cont
+            return [(ids, 1 + len(kept), request_index(ids))]
+        # continuation alone exceeds the window: roll over it, each window conditioned on its preceding tokens
+        full = list(ctx) + list(cont)
+        out = []
+        for cs, ps, pe in rolling_windows(len(full), self.max_length, 1, self.rolling_context, first=len(ctx)):
+            ids = bos + full[cs:pe]
+            out.append((ids, 1 + (ps - cs), request_index(ids)))
+        return out
+
+    def _record(self, task: str, nelbo: float, se: float, n_tok: int):
+        self._mc_records[task or "unknown"].append((nelbo, se, n_tok))
+
+    # --- loglikelihood --------------------------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> List[Tuple[float, bool]]:
+        new_reqs, tasks = [], []
+        for req in requests:
+            context, continuation = req.args
+            if context == "":
+                ctx_enc, cont_enc = [], self.tok_encode(continuation)
+            else:
+                ctx_enc, cont_enc = self._encode_pair(context, continuation)
+            new_reqs.append(((context, continuation), ctx_enc, cont_enc))
+            tasks.append(getattr(req, "task_name", None))
+        return self._loglikelihood_tokens(new_reqs, task_names=tasks, disable_tqdm=disable_tqdm)
+
+    def _loglikelihood_tokens(self, requests, task_names=None, disable_tqdm: bool = False, **kwargs):
+        """``[((ctx_str, cont_str), ctx_ids, cont_ids)] -> [(-NELBO summed over cont, is_greedy)]``.
+
+        ``ctx_ids`` excludes BOS (prepended here). An empty continuation scores exactly 0.0 (log 1).
+        """
+        task_names = task_names or [None] * len(requests)
+        windows, owner = [], []
+        for r, (_, ctx, cont) in enumerate(requests):
+            if len(cont) == 0:
+                continue
+            for w in self._windows_for(list(ctx), list(cont)):
+                windows.append(w)
+                owner.append(r)
+        nelbo, se = self._score_windows(windows) if windows else (torch.zeros(0), torch.zeros(0))
+        ll = [0.0] * len(requests)
+        var = [0.0] * len(requests)
+        for w, r in enumerate(owner):
+            ll[r] -= float(nelbo[w])
+            var[r] += float(se[w]) ** 2
+        greedy = self._is_greedy(requests) if self.greedy_check == "onepass" else [False] * len(requests)
+        for r, (_, _, cont) in enumerate(requests):
+            if len(cont):
+                self._record(task_names[r], -ll[r], math.sqrt(var[r]), len(cont))
+        self._flush_mc_summary("loglikelihood")
+        return [(ll[r], bool(greedy[r])) for r in range(len(requests))]
+
+    @torch.no_grad()
+    def _is_greedy(self, requests) -> List[bool]:
+        """One-pass greedy check at t = 1 with the continuation replaced by seeded uniform noise (see module doc)."""
+        from duo_plugin.diffusion.uniform import prior_sample, row_generators
+
+        out = [True] * len(requests)
+        t1 = torch.ones(1, dtype=torch.float64)
+        sigma = (-torch.log(self.schedule.alpha(t1))).to(torch.float32)
+        for r, (_, ctx, cont) in enumerate(requests):
+            if len(cont) == 0:
+                continue
+            if len(cont) + 1 > self.max_length:
+                out[r] = False  # cannot be produced in one window
+                continue
+            kept, _ = truncate_left(list(ctx), list(cont), self.max_length, 1)
+            ids = torch.tensor([self.prefix_token_id] + kept + list(cont), dtype=torch.long, device=self._device)
+            n_keep = 1 + len(kept)
+            gen = row_generators(self.seed, (1 << 42), [request_index(ids.tolist())], device=self._device)
+            noise = prior_sample((1, len(cont)), self.vocab_size, gen, valid_vocab=self.valid_vocab,
+                                 device=self._device)
+            z = ids.clone()[None]
+            z[0, n_keep:] = noise[0]
+            logp = self.denoiser(z, sigma.to(self._device))
+            if self.valid_vocab is not None:
+                logp = logp.masked_fill(~self.valid_vocab, float("-inf"))
+            pred = logp[0, n_keep:].argmax(-1)
+            out[r] = bool((pred == ids[n_keep:]).all())
+        return out
+
+    # --- rolling --------------------------------------------------------------------------------------------
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> List[float]:
+        """Sum over rolling windows of ``-conditional NELBO``: every document token scored once (module doc)."""
+        windows, owner, tasks = [], [], []
+        for r, req in enumerate(requests):
+            (text,) = req.args[:1]
+            toks = self.tok_encode(text)
+            tasks.append(getattr(req, "task_name", None))
+            for cs, ps, pe in rolling_windows(len(toks), self.max_length, 1, self.rolling_context):
+                ids = [self.prefix_token_id] + toks[cs:pe]
+                windows.append((ids, 1 + (ps - cs), request_index(ids, "rolling")))
+                owner.append(r)
+        nelbo, se = self._score_windows(windows) if windows else (torch.zeros(0), torch.zeros(0))
+        ll = [0.0] * len(requests)
+        var = [0.0] * len(requests)
+        ntok = [0] * len(requests)
+        for w, r in enumerate(owner):
+            ll[r] -= float(nelbo[w])
+            var[r] += float(se[w]) ** 2
+            ntok[r] += len(windows[w][0]) - windows[w][1]
+        for r in range(len(requests)):
+            self._record(tasks[r], -ll[r], math.sqrt(var[r]), ntok[r])
+        self._flush_mc_summary("loglikelihood_rolling")
+        return ll
+
+    # --- generation -----------------------------------------------------------------------------------------
+    def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
+        """Sample continuations with the project's sampler; the prompt ``[BOS] + context`` is clamped."""
+        from duo_plugin.diffusion.uniform import row_generators
+        from duo_plugin.sampling import sample
+
+        prepared = []
+        for req in requests:
+            context, gen_kwargs = req.args
+            kw = dict(gen_kwargs or {})
+            until = kw.pop("until", None) or []
+            if isinstance(until, str):
+                until = [until]
+            max_gen = int(kw.pop("max_gen_toks", self.max_gen_toks))
+            if not 1 <= max_gen <= self.max_length - 1:
+                raise ValueError(f"max_gen_toks={max_gen} must lie in [1, {self.max_length - 1}] for this model")
+            temperature = float(kw.pop("temperature", 1.0) or 1.0) if kw.pop("do_sample", True) else 1.0
+            ctx = self.tok_encode(context) if context else []
+            room = self.max_length - 1 - max_gen
+            ctx = ctx[max(0, len(ctx) - room):]
+            prompt = [self.prefix_token_id] + ctx
+            prepared.append((prompt, max_gen, until, temperature))
+        results: List[Optional[str]] = [None] * len(requests)
+        groups: Dict[Tuple[int, int, float], List[int]] = defaultdict(list)
+        for i, (prompt, g, _, temp) in enumerate(prepared):
+            groups[(len(prompt), g, temp)].append(i)
+        for (p_len, g, temp), members in groups.items():
+            chunk = max(1, self.batch_size)
+            for lo in range(0, len(members), chunk):
+                mem = members[lo : lo + chunk]
+                prompts = torch.tensor([prepared[i][0] for i in mem], dtype=torch.long)
+                gens = row_generators(
+                    self.seed, 1 << 43, [request_index(prepared[i][0], f"gen{g}") for i in mem], device=self._device
+                )
+                toks = sample(
+                    self.denoiser, self.schedule, batch_size=len(mem), seq_len=p_len + g, vocab_size=self.vocab_size,
+                    steps=self.gen_steps, noise_removal=self.noise_removal, temperature=temp, prompt=prompts,
+                    valid_vocab=self.valid_vocab, generator=gens, device=self._device, progress=False,
+                )
+                for r, i in enumerate(mem):
+                    new = toks[r, p_len:].tolist()
+                    if self.eot_token_id in new:
+                        new = new[: new.index(self.eot_token_id)]
+                    text = self.tok_decode(new)
+                    for stop in prepared[i][2]:
+                        if stop and stop in text:
+                            text = text[: text.index(stop)]
+                    results[i] = text
+        return results  # type: ignore[return-value]
+
+    # --- MC standard error summary --------------------------------------------------------------------------
+    def mc_summary(self) -> Dict[str, dict]:
+        """Per task: number of scored items, mean NELBO, mean / RMS / max MC standard error of the summed
+        log-likelihoods, and the standard error of the task's total (sqrt of the summed variances), in nats."""
+        out = {}
+        for task, rec in sorted(self._mc_records.items()):
+            se = [s for _, s, _ in rec if math.isfinite(s)]
+            out[task] = {
+                "n": len(rec),
+                "tokens": int(sum(n for _, _, n in rec)),
+                "mean_nelbo": sum(v for v, _, _ in rec) / max(1, len(rec)),
+                "mean_stderr": (sum(se) / len(se)) if se else float("nan"),
+                "rms_stderr": math.sqrt(sum(s * s for s in se) / len(se)) if se else float("nan"),
+                "max_stderr": max(se) if se else float("nan"),
+                "total_stderr": math.sqrt(sum(s * s for s in se)) if se else float("nan"),
+                "mc_samples": self.mc_samples,
+                "time_sampling": self.time_sampling,
+            }
+        return out
+
+    def _flush_mc_summary(self, kind: str) -> None:
+        summary = self.mc_summary()
+        for task, s in summary.items():
+            log.info(
+                "duo MC stderr [%s] %s: n=%d mean=%.4g rms=%.4g max=%.4g nats (M=%d, %s)",
+                kind, task, s["n"], s["mean_stderr"], s["rms_stderr"], s["max_stderr"], s["mc_samples"],
+                s["time_sampling"],
+            )
+        if self.mc_stderr_path:
+            p = Path(self.mc_stderr_path)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_suffix(p.suffix + ".tmp")
+            tmp.write_text(json.dumps(summary, indent=2, sort_keys=True), encoding="utf-8")
+            os.replace(tmp, p)

@@ -1,0 +1,919 @@
+"""duo_pretrain: train a Duo uniform-state diffusion LM (or its AR baseline) from scratch or from a checkpoint.
+
+One readable torchtune-style recipe (duo-method.md §1, §3, §6, §8):
+
+* **Curriculum phase** (steps ``[0, curriculum.steps)``; paper Eq. 21, duo-method.md §3.1): per sequence a stratified
+  t over the *global* batch, γ_t = γ_min + t(γ_max − γ_min), one Gaussian latent w = α̃ x + σ̃ ε; the network sees the
+  soft input w/τ, the loss is the discrete NELBO f_Duo (Eq. 17) at z_t = argmax(w) with α = T(α̃(γ_t)) and
+  α' = dT/dγ · (γ_max − γ_min); σ = −log α conditions the network.
+* **Discrete phase** (steps ``>= curriculum.steps``): log-linear α_t = 1 − (1 − ε)t, hard z_t = corrupt(x0, α_t).
+* **AR baseline** (``objective: ar``): the same backbone built with ``causal: true``, next-token cross-entropy.
+
+Exactness across topology/resume: each global step takes the global batch from the data sampler (a pure function of
+(seed, step)); a sample's time comes from ``stratified_times(seed, step, position, N)`` and its noise from
+``row_generators(seed, step, position)`` where ``position`` ∈ [0, N) is its place in the global batch; the loss is the
+SUM over a micro-batch's valid tokens divided by the number of valid tokens in the GLOBAL batch, and gradients are
+summed over micro-steps and ranks (FSDP2's reduce-scatter average is undone by scaling the loss by the world size).
+Hence 1 process vs N processes vs any accumulation split, and a run resumed at any step, give the same losses (up to
+float summation order).  Dropout > 0 breaks this: dropout masks come from each rank's global RNG.
+
+Run::
+
+    tune run duo_pretrain --config duo/tiny_cpu                       # once registered
+    python -m duo_plugin.recipes.duo_pretrain --config duo_plugin/configs/duo/tiny_cpu.yaml max_steps=50
+    tune run --nproc_per_node 2 duo_plugin/recipes/duo_pretrain.py --config <path.yaml>   # FSDP2 (gloo on CPU)
+
+Absolute imports only: torchtune runs registered recipes through ``runpy.run_path``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from torchtune import config as tt_config
+from torchtune import training as tt_training
+from torchtune import utils as tt_utils
+
+log = tt_utils.get_logger("INFO")
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config schema. Sections marked COMPONENT are instantiated via ``_component_`` (their keys are checked against the
+# component's signature by instantiate); every other key must appear here, so a typo is an error naming the fix.
+# ----------------------------------------------------------------------------------------------------------------
+COMPONENT = "<component>"
+ANY = "<any>"
+
+SCHEMA: dict[str, Any] = {
+    "output_dir": None,
+    "seed": None,
+    "device": None,
+    "dtype": None,  # fp32 | bf16 (bf16 = autocast on CUDA only; CPU always runs fp32)
+    "objective": None,  # duo | ar
+    "tokenizer": {"path": None, "train": {"vocab_size": None, "model_type": None}},
+    "data": {
+        "source": None,  # shakespeare | files | hub
+        "files": None,
+        "hub": ANY,
+        "seq_len": None,
+        "packing": None,  # wrap | pad
+        "sample_by": None,  # files: document | paragraph | line
+        "val_fraction": None,
+        "val_docs": None,  # hold out exactly this many last documents (OWT: 100000); overrides val_fraction
+        "cache_dir": None,
+        "valid_vocab": {"include_pad": None, "include_special": None},
+    },
+    "model": COMPONENT,
+    "init_from": None,
+    "init_weights": None,  # which weights of init_from: ema | model
+    "global_batch_size": None,
+    "gradient_accumulation_steps": None,
+    "eval_batch_size": None,
+    "max_steps": None,
+    "optimizer": COMPONENT,
+    "lr_scheduler": {"name": None, "warmup_steps": None, "min_lr_ratio": None},
+    "clip_grad_norm": None,
+    "ema": {"decay": None},
+    "schedule": {"alpha_eps": None, "t_min": None},
+    "curriculum": {"steps": None, "tau": None, "gamma_min": None, "gamma_max": None, "table": None,
+                   "table_points": None},
+    "eval_every": None,
+    "eval_max_batches": None,
+    "checkpoint": {"every": None, "keep_last": None},
+    "resume": None,
+    "compile": None,
+    "enable_activation_checkpointing": None,
+    "fsdp": {"reshard_after_forward": None},
+    "metric_logger": COMPONENT,
+    "log_every": None,
+    "progress_bar": None,
+    "max_wall_s": None,
+}
+
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "device": "cpu",
+    "dtype": "fp32",
+    "objective": "duo",
+    "init_from": None,
+    "init_weights": "ema",
+    "gradient_accumulation_steps": 1,
+    "clip_grad_norm": 1.0,
+    "ema": {"decay": 0.9999},
+    "schedule": {"alpha_eps": 1e-3, "t_min": 1e-3},
+    "curriculum": {"steps": 0, "tau": 1e-3, "gamma_min": None, "gamma_max": None, "table": None,
+                   "table_points": 1025},
+    "lr_scheduler": {"name": "constant_with_warmup", "warmup_steps": 0, "min_lr_ratio": 0.0},
+    "eval_every": 0,
+    "eval_max_batches": None,
+    "checkpoint": {"every": 0, "keep_last": 2},
+    "resume": False,
+    "compile": False,
+    "enable_activation_checkpointing": False,
+    "fsdp": {"reshard_after_forward": True},
+    "log_every": 1,
+    "progress_bar": True,
+    "max_wall_s": None,
+}
+
+
+# Keys that must equal the checkpoint's on resume (everything that changes the loss sequence).  Not listed, free to
+# change: max_steps, gradient_accumulation_steps, world size, eval/checkpoint/logging cadence, compile, AC.
+RESUME_KEYS = ("seed", "objective", "model", "init_from", "global_batch_size", "optimizer", "lr_scheduler",
+               "clip_grad_norm", "ema", "schedule", "curriculum", "data.seq_len", "data.packing", "data.source",
+               "data.files", "data.hub", "data.val_fraction", "data.valid_vocab")
+
+
+class ConfigError(ValueError):
+    """A bad duo_pretrain config; the message names the fix."""
+
+
+def _check_keys(node: Any, schema: Any, prefix: str) -> None:
+    if schema in (COMPONENT, ANY) or schema is None:
+        return
+    if not isinstance(node, (dict, DictConfig)):
+        if node is None:
+            return
+        raise ConfigError(f"config key '{prefix}' must be a mapping, got {node!r}")
+    for key in node.keys():
+        key = str(key)
+        if key not in schema:
+            full = f"{prefix}.{key}" if prefix else key
+            close = difflib.get_close_matches(key, list(schema.keys()), n=1, cutoff=0.6)
+            hint = f"did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else (
+                f"valid keys here: {sorted(schema.keys())}")
+            raise ConfigError(f"unknown config key '{full}': {hint}")
+        _check_keys(node[key], schema[key], f"{prefix}.{key}" if prefix else key)
+
+
+def validate_config(cfg: DictConfig) -> DictConfig:
+    """Check key names (suggesting the closest valid key), fill defaults, check values. Returns a new config."""
+    _check_keys(cfg, SCHEMA, "")
+    merged = OmegaConf.merge(OmegaConf.create(DEFAULTS), cfg)
+    for req in ("output_dir", "tokenizer", "data", "model", "global_batch_size", "max_steps", "optimizer"):
+        if OmegaConf.select(merged, req) is None:
+            raise ConfigError(f"config key '{req}' is required (see duo_plugin/configs/duo/tiny_cpu.yaml)")
+    if merged.objective not in ("duo", "ar"):
+        raise ConfigError(f"objective must be 'duo' or 'ar', got {merged.objective!r}")
+    if merged.dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"dtype must be fp32 or bf16, got {merged.dtype!r}")
+    if int(merged.global_batch_size) < 1 or int(merged.gradient_accumulation_steps) < 1:
+        raise ConfigError("global_batch_size and gradient_accumulation_steps must be >= 1")
+    if int(merged.max_steps) < 0:
+        raise ConfigError(f"max_steps must be >= 0, got {merged.max_steps}")
+    if merged.lr_scheduler.name not in ("constant_with_warmup", "cosine"):
+        raise ConfigError(f"lr_scheduler.name must be constant_with_warmup or cosine, got {merged.lr_scheduler.name!r}")
+    c = merged.curriculum
+    if int(c.steps) > 0:
+        if merged.objective == "ar":
+            raise ConfigError("curriculum.steps must be 0 for objective: ar (the curriculum is a diffusion objective)")
+        if not (float(c.tau) > 0):
+            raise ConfigError(f"curriculum.tau must be > 0 (paper: 1e-3), got {c.tau}")
+        if (c.gamma_min is None) != (c.gamma_max is None):
+            raise ConfigError("set both curriculum.gamma_min and curriculum.gamma_max, or neither (default: "
+                              "duality.gamma_window(K))")
+    if merged.resume not in (False, True, "auto") and not isinstance(merged.resume, str):
+        raise ConfigError("resume must be false, true/'auto' (latest checkpoint in output_dir) or a checkpoint dir")
+    return merged
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small pure helpers (tested directly)
+# ----------------------------------------------------------------------------------------------------------------
+def lr_multiplier(step: int, *, name: str, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.0) -> float:
+    """LR factor applied before optimizer step ``step`` (0-based): linear warm-up over ``warmup_steps`` then constant
+    (paper, ``get_constant_schedule_with_warmup``) or cosine decay to ``min_lr_ratio`` at ``max_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return float(step + 1) / float(warmup_steps)  # first step already uses lr/warmup, as in HF get_*_warmup + 1
+    if name == "constant_with_warmup":
+        return 1.0
+    span = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def masked_token_sum(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ over valid tokens of a ``[B, L]`` loss; ``where`` (not a product) so garbage at pads cannot leak NaN."""
+    return torch.where(mask, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device)).sum()
+
+
+def ar_token_nll(log_probs: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """Next-token NLL ``[B, L-1]``: −log p(x_{l+1} | x_{≤l}) from causal ``log_probs[B, L, K]`` (fp32)."""
+    return -log_probs[:, :-1].gather(-1, x0[:, 1:, None]).squeeze(-1).float()
+
+
+def _is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _world_rank() -> tuple[int, int]:
+    if _is_dist():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The recipe
+# ----------------------------------------------------------------------------------------------------------------
+class DuoPretrainRecipe:
+    """Setup → train → (validate, checkpoint) → summary. See the module docstring for the method."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = validate_config(cfg)
+        cfg = self.cfg
+        self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.device = tt_utils.get_device(cfg.device)
+        if self.distributed and not _is_dist():
+            backend = tt_training.get_distributed_backend(self.device.type)
+            dist.init_process_group(backend=backend)
+        self.world_size, self.rank = _world_rank()
+        self.is_rank_zero = self.rank == 0
+        self.output_dir = Path(cfg.output_dir)
+        self.seed = int(cfg.seed)
+        self.objective = cfg.objective
+        self.accum = int(cfg.gradient_accumulation_steps)
+        self.global_batch_size = int(cfg.global_batch_size)
+        if self.global_batch_size % (self.world_size * self.accum) != 0:
+            raise ConfigError(
+                f"global_batch_size={self.global_batch_size} is not divisible by world_size×gradient_accumulation_steps"
+                f"={self.world_size}×{self.accum}; pick gradient_accumulation_steps so the per-rank micro-batch "
+                "global_batch_size / (world_size × accumulation) is an integer")
+        self.max_steps = int(cfg.max_steps)
+        self.curriculum_steps = int(cfg.curriculum.steps)
+        self.autocast_bf16 = cfg.dtype == "bf16" and self.device.type == "cuda"
+        if cfg.dtype == "bf16" and self.device.type != "cuda" and self.is_rank_zero:
+            log.info("dtype=bf16 requested on %s: bf16 autocast is CUDA-only, running fp32", self.device.type)
+        self.step = 0
+        self.tokens_seen = 0
+        self.last_val: dict | None = None
+        self.first_val: dict | None = None
+        self.losses: list[float] = []  # per completed step (restored on resume)
+        self.phases: list[str] = []
+        self.last_checkpoint: Path | None = None
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        if self.is_rank_zero:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._barrier()
+        self.metric_logger = tt_config.instantiate(cfg.metric_logger) if (self.is_rank_zero and cfg.get(
+            "metric_logger")) else None
+        if self.metric_logger is not None:
+            self.metric_logger.log_config(cfg)
+        self._setup_tokenizer()
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizer()
+        self._setup_schedules()
+        self._maybe_resume()
+
+    def _barrier(self) -> None:
+        if _is_dist():
+            dist.barrier()
+
+    def _setup_tokenizer(self) -> None:
+        from duo_plugin.data.tokenizers import load_tokenizer, train_sentencepiece
+
+        tcfg = self.cfg.tokenizer
+        path = Path(str(tcfg.path))
+        if not path.exists():
+            train = tcfg.get("train")
+            if not train or not train.get("vocab_size"):
+                raise FileNotFoundError(
+                    f"tokenizer not found at {path}; point tokenizer.path at a tokenizer directory/file, or set "
+                    "tokenizer.train.vocab_size to train a SentencePiece tokenizer on the training corpus")
+            if self.is_rank_zero:
+                corpus_file = self.output_dir / "tokenizer_corpus.txt"
+                corpus_file.write_text("\n".join(self._documents()), encoding="utf-8")
+                kw = {"model_type": train.model_type} if train.get("model_type") else {}
+                train_sentencepiece([corpus_file], int(train.vocab_size), path, **kw)
+                corpus_file.unlink()
+                log.info("trained a SentencePiece tokenizer (vocab %d) at %s", int(train.vocab_size), path)
+            self._barrier()
+        self.tokenizer = load_tokenizer(path)
+
+    def _documents(self) -> list[str]:
+        """Raw training documents (only used to train a tokenizer)."""
+        d = self.cfg.data
+        src = d.get("source") or "files"
+        if src == "shakespeare":
+            from duo_plugin.data.corpora import shakespeare_documents
+
+            return shakespeare_documents()
+        from duo_plugin.data.text import load_documents
+
+        if src == "files":
+            return load_documents(self._files())
+        hub = dict(OmegaConf.to_container(d.hub, resolve=True))
+        return load_documents(hub.pop("path"), **hub)
+
+    def _files(self) -> list[str]:
+        files = self.cfg.data.get("files")
+        if not files:
+            raise ConfigError("data.source=files needs data.files: [path, ...] (text/jsonl/parquet files)")
+        files = [str(f) for f in (files if isinstance(files, (list, ListConfig)) else [files])]
+        import glob
+
+        missing = [f for f in files if not Path(f).exists() and not glob.glob(f)]
+        if missing:
+            raise FileNotFoundError(f"data.files not found: {missing}; fix the paths in data.files")
+        return files
+
+    def _setup_data(self) -> None:
+        """Documents → tokenize once (cached) → held-out split (last documents) → blocks → datasets."""
+        from duo_plugin.data import text as data_text
+
+        d = self.cfg.data
+        self.seq_len = int(d.seq_len)
+        src = d.get("source") or "files"
+        cache = d.get("cache_dir")
+        if src == "shakespeare":
+            from duo_plugin.data.corpora import load_shakespeare
+
+            docs = load_shakespeare(self.tokenizer, unit="paragraph", cache_dir=cache)
+        elif src == "files":
+            docs = data_text.load_tokenized(self._files(), self.tokenizer, cache_dir=cache,
+                                            sample_by=d.get("sample_by") or "paragraph")
+        elif src == "hub":
+            hub = dict(OmegaConf.to_container(d.hub, resolve=True))
+            docs = data_text.load_tokenized(hub.pop("path"), self.tokenizer, cache_dir=cache, **hub)
+        else:
+            raise ConfigError(f"data.source must be shakespeare, files or hub; got {src!r}")
+        if len(docs) == 0 or docs.num_tokens == 0:
+            raise ValueError("empty dataset: the data source produced no tokens; check data.files / data.source")
+        frac = float(d.get("val_fraction") or 0.0)
+        n_val = int(d.get("val_docs") or 0)
+        val_docs = None
+        if frac > 0 or n_val > 0:
+            if len(docs) < 2:
+                raise ValueError("a held-out split needs at least 2 documents; add text or set data.val_fraction: 0")
+            split = {"num_heldout": n_val} if n_val > 0 else {"fraction": frac}
+            docs, val_docs = data_text.split_heldout(docs, **split)
+        tok = self.tokenizer
+        packing = d.get("packing") or "wrap"
+        if packing == "wrap":
+            blocks = data_text.wrap_blocks(docs, self.seq_len, tok.bos_id, tok.eos_id)
+            self.train_set = data_text.TokenBlockDataset(blocks)
+            if val_docs is not None:
+                vb, vm = data_text.wrap_blocks(val_docs, self.seq_len, tok.bos_id, tok.eos_id, drop_remainder=False,
+                                               return_mask=True)
+                self.val_set = data_text.TokenBlockDataset(vb, vm)
+        elif packing == "pad":
+            pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+            self.train_set = data_text.TokenBlockDataset(*data_text.pad_sentences(docs, self.seq_len, tok.bos_id,
+                                                                                   tok.eos_id, pad))
+            if val_docs is not None:
+                self.val_set = data_text.TokenBlockDataset(*data_text.pad_sentences(val_docs, self.seq_len,
+                                                                                     tok.bos_id, tok.eos_id, pad))
+        else:
+            raise ConfigError(f"data.packing must be 'wrap' or 'pad', got {packing!r}")
+        if val_docs is None:
+            self.val_set = None
+        self.sampler = data_text.GlobalBatchSampler(len(self.train_set), self.global_batch_size, seed=self.seed)
+        if self.is_rank_zero:
+            log.info("data: %d train blocks of %d tokens (%d steps/epoch), %s validation blocks", len(self.train_set),
+                     self.seq_len, self.sampler.steps_per_epoch, len(self.val_set) if self.val_set else 0)
+
+    def _build_model(self, vocab_size: int) -> torch.nn.Module:
+        mcfg = self.cfg.model
+        extra = {}
+        for key, value in (("vocab_size", vocab_size), ("max_seq_len", self.seq_len)):
+            if mcfg.get(key) is None:
+                extra[key] = value
+        if self.objective == "ar" and "causal" not in mcfg:
+            extra["causal"] = True
+        return tt_config.instantiate(mcfg, **extra)
+
+    def _setup_model(self) -> None:
+        from duo_plugin.data.tokenizers import check_vocab
+
+        cfg = self.cfg
+        init_from = cfg.get("init_from")
+        # Same seed on every rank BEFORE any rank offset: identical random init everywhere.
+        torch.manual_seed(self.seed)
+        if init_from:
+            model = self._load_init_from(Path(str(init_from)))
+        else:
+            model = self._build_model(int(self.tokenizer.vocab_size))
+            init = getattr(model, "init_weights", None)  # from-scratch init, for backbones that define one
+            if callable(init):
+                init()
+        k = int(model.vocab_size)
+        vv = cfg.data.get("valid_vocab") or {}
+        self.valid_vocab = check_vocab(self.tokenizer, k, include_pad=bool(vv.get("include_pad", False)),
+                                       include_special=bool(vv.get("include_special", False)))
+        if self.seq_len > int(model.max_seq_len):
+            raise ValueError(
+                f"data.seq_len={self.seq_len} exceeds the model's max_seq_len={int(model.max_seq_len)}; lower "
+                f"data.seq_len or set model.max_seq_len >= {self.seq_len}")
+        if self.objective == "ar" and not getattr(model, "causal", False):
+            raise ConfigError("objective: ar needs a causal backbone; set model.causal: true")
+        self.vocab_size = k
+        self.k_eff = int(self.valid_vocab.sum())
+        if cfg.enable_activation_checkpointing:
+            blocks = self._block_types(model)
+            tt_training.set_activation_checkpointing(model, auto_wrap_policy=blocks)
+        model.to(self.device)
+        if self.distributed:
+            from torch.distributed.fsdp import FSDPModule  # noqa: F401  (import check)
+
+            tt_training.shard_model(
+                model,
+                shard_conditions=[partial(_is_block, types=self._block_types(model))],
+                cpu_offload=False,
+                reshard_after_forward=bool(cfg.fsdp.reshard_after_forward),
+            )
+        if cfg.compile:
+            for block in self._blocks(model):
+                block.compile()
+        self.model = model
+        self.valid_vocab = self.valid_vocab.to(self.device)
+        from duo_plugin.training.ema import EMA
+
+        self.ema = EMA(model, decay=float(cfg.ema.decay)) if cfg.ema and cfg.ema.get("decay") else None
+        if self.is_rank_zero:
+            n = sum(p.numel() for p in model.parameters()) * (1 if not self.distributed else 1)
+            log.info("model: %s, K=%d (K_eff=%d), params(local)=%.2fM", type(model).__name__, k, self.k_eff, n / 1e6)
+
+    def _load_init_from(self, src: Path) -> torch.nn.Module:
+        """``init_from``: a duo model dir (``duo_config.json``; weights per ``init_weights``, fresh optimizer — the
+        paper's OWT stage 2) or an HF checkpoint dir (``config.json``) loaded into the ``model:`` denoiser."""
+        if not src.exists():
+            raise FileNotFoundError(f"init_from={src} does not exist; point it at a model directory "
+                                    "(output_dir/final, a checkpoint's model/ dir, or an HF checkpoint dir)")
+        if (src / "duo_config.json").is_file():
+            from duo_plugin.models.checkpoint import load_pretrained
+
+            return load_pretrained(src, weights=str(self.cfg.init_weights), device="cpu")
+        if (src / "config.json").is_file():
+            from duo_plugin.models.hf_checkpoint import load_hf_checkpoint
+
+            model = self._build_model(int(self.tokenizer.vocab_size))
+            return load_hf_checkpoint(model, src)
+        raise FileNotFoundError(f"init_from={src} holds neither duo_config.json (a duo model dir) nor config.json "
+                                "(an HF checkpoint dir)")
+
+    @staticmethod
+    def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+        for name in ("blocks", "layers"):
+            mods = getattr(model, name, None)
+            if isinstance(mods, torch.nn.ModuleList):
+                return list(mods)
+        inner = getattr(model, "decoder", None)
+        if inner is not None:
+            return DuoPretrainRecipe._blocks(inner)
+        return []
+
+    @classmethod
+    def _block_types(cls, model: torch.nn.Module) -> set[type]:
+        return {type(b) for b in cls._blocks(model)}
+
+    def _setup_optimizer(self) -> None:
+        cfg = self.cfg
+        self.optimizer = tt_config.instantiate(cfg.optimizer, self.model.parameters())
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+
+    def _set_lr(self, step: int) -> float:
+        ls = self.cfg.lr_scheduler
+        f = lr_multiplier(step, name=ls.name, warmup_steps=int(ls.warmup_steps), max_steps=self.max_steps,
+                          min_lr_ratio=float(ls.min_lr_ratio))
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
+            g["lr"] = base * f
+        return self.base_lrs[0] * f
+
+    def _setup_schedules(self) -> None:
+        from duo_plugin.diffusion.schedules import DualitySchedule, LogLinearSchedule
+
+        s = self.cfg.schedule
+        self.loglinear = LogLinearSchedule(eps=float(s.alpha_eps))
+        self.t_min = float(s.t_min)
+        self.duality = None
+        c = self.cfg.curriculum
+        from duo_plugin.training.curriculum import CurriculumPhase
+
+        if self.curriculum_steps > 0:
+            from duo_plugin.diffusion import duality
+
+            if c.gamma_min is None:
+                gmin, gmax = duality.gamma_window(self.k_eff)
+            else:
+                gmin, gmax = float(c.gamma_min), float(c.gamma_max)
+            if c.table:
+                table = duality.DualityTable.load(str(c.table), vocab_size=self.k_eff)
+            else:
+                table = duality.DualityTable.build(self.k_eff, gmin, gmax, num_points=int(c.table_points))
+            self.duality = DualitySchedule(self.k_eff, gmin, gmax, table=table)
+            # Steps 0 .. curriculum.steps-1 are curriculum steps (CurriculumPhase counts completed steps, inclusive).
+            self.curriculum = CurriculumPhase(0, self.curriculum_steps - 1, float(c.tau), float(c.tau), gmin, gmax)
+            if self.is_rank_zero:
+                log.info("curriculum: %d steps, tau=%g, gamma in [%.4f, %.4f] -> alpha in [%.3f, %.3f]",
+                         self.curriculum_steps, float(c.tau), gmin, gmax,
+                         float(self.duality.alpha(torch.tensor(1.0))), float(self.duality.alpha(torch.tensor(0.0))))
+        else:
+            self.curriculum = CurriculumPhase(0, -1)
+
+    def phase(self, step: int) -> str:
+        """'curriculum' for steps < curriculum.steps, else 'discrete' ('ar' for the AR objective)."""
+        if self.objective == "ar":
+            return "ar"
+        return self.curriculum.phase(step)
+
+    # ------------------------------------------------------------------------------------------------ loss
+    def _autocast(self):
+        if self.autocast_bf16:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _micro_loss_sum(self, x0: torch.Tensor, mask: torch.Tensor, positions: list[int], step: int,
+                        phase: str) -> torch.Tensor:
+        """Σ over this micro-batch's valid tokens of the per-token loss (fp32 scalar, differentiable)."""
+        from duo_plugin.diffusion.losses import curriculum_inputs, duo_nelbo
+        from duo_plugin.diffusion.schedules import stratified_times
+        from duo_plugin.diffusion.uniform import corrupt, row_generators
+
+        if phase == "ar":
+            b = x0.shape[0]
+            kw = {"padding_mask": mask} if not bool(mask.all()) else {}
+            with self._autocast():
+                log_p = self.model(x0, torch.zeros(b, device=self.device), **kw)
+            nll = ar_token_nll(log_p, x0)
+            return masked_token_sum(nll, mask[:, 1:] & mask[:, :-1])
+        t = stratified_times(self.seed, step, positions, self.global_batch_size, self.t_min, dtype=torch.float64)
+        gens = row_generators(self.seed, step, positions, device=self.device)
+        padded = not bool(mask.all())
+        if phase == "curriculum":
+            sched = self.duality
+            gamma = sched.gamma(t).to(self.device)
+            z_t, model_in = curriculum_inputs(x0, gamma, float(self.cfg.curriculum.tau), self.vocab_size, gens,
+                                              self.valid_vocab)
+        else:
+            sched = self.loglinear
+            z_t = corrupt(x0, sched.alpha(t).to(self.device), gens, self.valid_vocab)
+            if padded:  # padding stays as is (as in eval.likelihood); it is neither attended to nor scored
+                z_t = torch.where(mask, z_t, x0)
+            model_in = z_t
+        alpha = sched.alpha(t).to(self.device)
+        alpha_prime = sched.alpha_prime(t).to(self.device)
+        sigma = (-torch.log(alpha)).float()
+        kw = {"padding_mask": mask} if padded else {}
+        with self._autocast():
+            log_x = self.model(model_in, sigma, **kw)
+        nelbo = duo_nelbo(log_x.float(), z_t, x0, alpha, alpha_prime, self.valid_vocab)
+        return masked_token_sum(nelbo, mask)
+
+    def _count_tokens(self, mask: torch.Tensor) -> int:
+        return int((mask[:, 1:] & mask[:, :-1]).sum()) if self.objective == "ar" else int(mask.sum())
+
+    def _fetch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.train_set.batch(indices)
+        return b["tokens"].to(self.device), b["attention_mask"].to(self.device)
+
+    def train_step(self, step: int) -> dict:
+        """One optimizer step on the global batch of ``step``. Returns metrics (loss = global mean per token)."""
+        phase = self.phase(step)
+        from duo_plugin.data.text import shard
+
+        batch_idx = self.sampler.indices(step)  # the global batch: N dataset indices, a function of (seed, step)
+        micro = []
+        local_tokens = 0
+        for m in range(self.accum):
+            idx, pos = shard(batch_idx, self.rank, self.world_size, m, self.accum)
+            x0, mask = self._fetch(idx)
+            micro.append((x0, mask, pos))
+            local_tokens += self._count_tokens(mask)
+        n_tok = torch.tensor([local_tokens], dtype=torch.float64)
+        if _is_dist():
+            n_tok = n_tok.to(self.device)
+            dist.all_reduce(n_tok)
+        n_global = float(n_tok.item())
+        if n_global <= 0:
+            raise ValueError(f"step {step}: the global batch has no valid tokens; check data.packing / padding")
+        lr = self._set_lr(step)
+        self.model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, (x0, mask, pos) in enumerate(micro):
+            if self.distributed and hasattr(self.model, "set_requires_gradient_sync"):
+                self.model.set_requires_gradient_sync(i == len(micro) - 1)
+            s = self._micro_loss_sum(x0, mask, pos, step, phase)
+            loss = s / n_global
+            # FSDP2 averages gradients over ranks; × world size turns that into the sum (= 1-process gradient).
+            (loss * self.world_size).backward()
+            loss_sum += loss.detach().double()
+        if _is_dist():
+            dist.all_reduce(loss_sum)
+        loss_value = float(loss_sum.item())
+        if not math.isfinite(loss_value):
+            ckpt = self.last_checkpoint or "none yet"
+            raise FloatingPointError(
+                f"non-finite loss {loss_value} at step {step} (phase {phase}); stopping without saving. Last good "
+                f"checkpoint: {ckpt}. Lower optimizer.lr, raise lr_scheduler.warmup_steps or set clip_grad_norm, then "
+                "resume (resume=true)")
+        grad_norm = None
+        if self.cfg.clip_grad_norm is not None:
+            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.cfg.clip_grad_norm))
+            grad_norm = float(_full_tensor(gn))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.tokens_seen += int(n_global)
+        return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": int(n_global), "phase": phase}
+
+    # ------------------------------------------------------------------------------------------------ validation
+    def evaluate(self) -> dict:
+        """Validation perplexity on the held-out split with EMA weights.
+
+        Diffusion: the true discrete NELBO (log-linear α, one stratified t per sequence over the split, no curriculum;
+        duo-method.md §8) via :func:`duo_plugin.eval.likelihood.nelbo_perplexity`.  AR: exp(mean next-token NLL).
+        Every rank evaluates the same full split (FSDP forwards need all ranks); the numbers agree across ranks.
+        """
+        if self.val_set is None:
+            return {}
+        cfg = self.cfg
+        blocks, mask = self.val_set.blocks, self.val_set.attention_mask
+        if mask is None:
+            mask = torch.ones_like(blocks, dtype=torch.bool)
+        max_b = cfg.get("eval_max_batches")
+        bs = int(cfg.get("eval_batch_size") or max(1, self.global_batch_size // (self.world_size * self.accum)))
+        if max_b:
+            blocks, mask = blocks[: int(max_b) * bs], mask[: int(max_b) * bs]
+        ctx = self.ema.swap_into(self.model) if self.ema is not None else contextlib.nullcontext()
+        self.model.eval()
+        with ctx, torch.no_grad(), self._autocast():
+            if self.objective == "ar":
+                tot, n = 0.0, 0
+                for lo in range(0, blocks.shape[0], bs):
+                    x0, m = blocks[lo:lo + bs].to(self.device), mask[lo:lo + bs].to(self.device)
+                    kw = {"padding_mask": m} if not bool(m.all()) else {}
+                    log_p = self.model(x0, torch.zeros(x0.shape[0], device=self.device), **kw)
+                    tm = m[:, 1:] & m[:, :-1]
+                    tot += float(masked_token_sum(ar_token_nll(log_p, x0).double(), tm))
+                    n += int(tm.sum())
+                nll = tot / max(n, 1)
+            else:
+                from duo_plugin.eval.likelihood import nelbo_perplexity
+
+                res = nelbo_perplexity(self.model, blocks, mask, batch_size=bs, seed=self.seed,
+                                       valid_vocab=self.valid_vocab, schedule=self.loglinear, t_min=self.t_min,
+                                       device=self.device, progress=False)
+                nll = float(res["nll_per_token"])
+        self.model.train()
+        out = {"val_nll": nll, "val_ppl": math.exp(min(nll, 700.0))}
+        if self.first_val is None:
+            self.first_val = dict(out, step=self.step)
+        self.last_val = dict(out, step=self.step)
+        return out
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def _full_model_state(self) -> dict[str, torch.Tensor] | None:
+        if self.distributed:
+            return tt_training.gather_cpu_state_dict(self.model, self.is_rank_zero, device=self.device)
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def _full_ema_state(self) -> dict | None:
+        """EMA state with FULL (unsharded) fp32 shadows on CPU. Under FSDP2 each rank's shadow is its local shard
+        of the parameter's DTensor; the full tensor is rebuilt with the parameter's mesh and placements."""
+        if self.ema is None:
+            return None
+        sd = self.ema.state_dict()
+        params = dict(self.model.named_parameters())
+        shadow = {}
+        for k, v in sd["shadow"].items():
+            p = params[k]
+            if hasattr(p, "device_mesh"):
+                from torch.distributed.tensor import DTensor
+
+                v = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+            shadow[k] = v.detach().cpu()
+        return {**sd, "shadow": shadow}
+
+    def _load_ema_state(self, state: dict) -> None:
+        shadow = state["shadow"]
+        if self.distributed:
+            from torch.distributed.tensor import distribute_tensor
+
+            params = dict(self.model.named_parameters())
+            shadow = {k: distribute_tensor(v.to(self.device), params[k].device_mesh, params[k].placements).to_local()
+                      if k in params and hasattr(params[k], "device_mesh") else v for k, v in shadow.items()}
+        self.ema.load_state_dict({**state, "shadow": shadow})
+
+    def _full_optim_state(self) -> dict | None:
+        if self.distributed:
+            return tt_training.get_full_optimizer_state_dict(self.model, self.optimizer, self.is_rank_zero,
+                                                            device=self.device)
+        return self.optimizer.state_dict()
+
+    def save_checkpoint(self, final: bool = False) -> Path | None:
+        """Atomic step checkpoint ``output_dir/checkpoints/step_XXXXXXXX/{model/, training_state.pt}``."""
+        from duo_plugin.models.checkpoint import save_pretrained
+        from duo_plugin.training import checkpointing
+
+        model_sd = self._full_model_state()
+        ema_sd = self._full_ema_state()
+        optim_sd = self._full_optim_state()
+        path = None
+        if self.is_rank_zero:
+            def write(tmp_dir: Path) -> None:
+                model_dir = tmp_dir / "model"
+                self._save_model_dir(model_dir, model_sd, ema_sd)
+                checkpointing.save_training_state(tmp_dir / "training_state.pt", {
+                    "step": self.step, "tokens_seen": self.tokens_seen, "optimizer": optim_sd,
+                    "ema": ema_sd, "phase": self.phase(self.step), "losses": self.losses, "phases": self.phases,
+                    "first_val": self.first_val, "last_val": self.last_val,
+                    "config": OmegaConf.to_container(self.cfg, resolve=True),
+                    "world_size": self.world_size, "rng": checkpointing.capture_rng_state(),
+                })
+            path = checkpointing.save_step_checkpoint(self.output_dir, self.step, writer=write,
+                                                      keep_last=int(self.cfg.checkpoint.keep_last))
+            self.last_checkpoint = path
+        self._barrier()
+        return path
+
+    def _save_model_dir(self, model_dir: Path, model_sd: dict, ema_sd: dict | None) -> None:
+        from duo_plugin.models.checkpoint import save_pretrained
+
+        unwrapped = self._cpu_model_with(model_sd)
+        save_pretrained(unwrapped, model_dir, ema_state_dict=(ema_sd or {}).get("shadow"), metadata={
+            "valid_vocab": self.valid_vocab.cpu(), "tokenizer": self.tokenizer.descriptor(),
+            "step": self.step, "objective": self.objective, "seq_len": self.seq_len,
+        })
+        self.tokenizer.save(model_dir / "tokenizer")
+
+    def _cpu_model_with(self, model_sd: dict) -> torch.nn.Module:
+        if not self.distributed and not self.cfg.compile:
+            return self.model
+        m = self._build_model(self.vocab_size) if not self.cfg.get("init_from") else None
+        if m is None:
+            from duo_plugin.models.checkpoint import load_pretrained
+
+            m = load_pretrained(Path(str(self.cfg.init_from)), weights="model", device="cpu")
+        m.load_state_dict(model_sd)
+        return m
+
+    def _maybe_resume(self) -> None:
+        from duo_plugin.training import checkpointing
+
+        r = self.cfg.resume
+        if r is False or r is None:
+            return
+        root = self.output_dir / "checkpoints"
+        ckpt = checkpointing.latest_checkpoint(self.output_dir) if r in (True, "auto") else Path(str(r))
+        if ckpt is None:
+            if self.is_rank_zero:
+                log.info("resume=%s but no checkpoint under %s: starting from scratch", r, root)
+            return
+        state = checkpointing.load_training_state(Path(ckpt) / "training_state.pt")
+        checkpointing.check_resume_compatible(state["config"], OmegaConf.to_container(self.cfg, resolve=True),
+                                              RESUME_KEYS)
+        from duo_plugin.models.checkpoint import load_pretrained
+
+        model_sd = load_pretrained(Path(ckpt) / "model", weights="model", device="cpu").state_dict()
+        if self.distributed:
+            tt_training.load_from_full_model_state_dict(self.model, model_sd, self.device, strict=True)
+            tt_training.load_from_full_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                                           self.device)
+        else:
+            self.model.load_state_dict(model_sd)
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            if state.get("ema") is None:
+                raise ValueError(f"{ckpt} holds no EMA state but ema.decay is set; set ema.decay: null to resume it")
+            self._load_ema_state(state["ema"])
+        from duo_plugin.training.checkpointing import restore_rng_state
+
+        if state.get("rng") is not None and int(state.get("world_size", 1)) == self.world_size:
+            restore_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.losses = list(state.get("losses", []))
+        self.phases = list(state.get("phases", []))
+        self.first_val, self.last_val = state.get("first_val"), state.get("last_val")
+        self.last_checkpoint = Path(ckpt)
+        if self.is_rank_zero:
+            log.info("resumed from %s at step %d (phase %s)", ckpt, self.step, self.phase(self.step))
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def train(self) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        eval_every, ckpt_every = int(cfg.eval_every), int(cfg.checkpoint.every)
+        pbar = None
+        if self.is_rank_zero and cfg.progress_bar:
+            from tqdm import tqdm
+
+            pbar = tqdm(total=self.max_steps, initial=self.step, desc="duo_pretrain", dynamic_ncols=True,
+                        disable=not sys.stderr.isatty())
+        if eval_every > 0 and self.first_val is None:
+            self._log(self.evaluate(), self.step)
+        val_ppl = self.last_val["val_ppl"] if self.last_val else float("nan")
+        while self.step < self.max_steps:
+            step = self.step
+            if step == self.curriculum_steps and step > 0 and self.is_rank_zero:
+                log.info("step %d: curriculum -> discrete phase (log-linear schedule, hard z_t)", step)
+            ts = time.perf_counter()
+            m = self.train_step(step)
+            dt = time.perf_counter() - ts
+            self.step = step + 1
+            self.losses.append(m["loss"])
+            self.phases.append(m["phase"])
+            metrics = {"loss": m["loss"], "lr": m["lr"], "tokens_per_second": m["tokens"] / max(dt, 1e-9),
+                       "curriculum": 1.0 if m["phase"] == "curriculum" else 0.0}
+            if m["grad_norm"] is not None:
+                metrics["grad_norm"] = m["grad_norm"]
+            if eval_every > 0 and (self.step % eval_every == 0 or self.step == self.max_steps):
+                metrics.update(self.evaluate())
+                val_ppl = metrics["val_ppl"]
+            if self.step % int(cfg.log_every) == 0 or "val_ppl" in metrics:
+                self._log(metrics, self.step)
+            if pbar is not None:
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{m['loss']:.3f}", ppl=f"{val_ppl:.1f}",
+                                 tok_s=f"{metrics['tokens_per_second']:.0f}", phase=m["phase"])
+            if ckpt_every > 0 and self.step % ckpt_every == 0 and self.step < self.max_steps:
+                self.save_checkpoint()
+            if cfg.max_wall_s and time.perf_counter() - t0 > float(cfg.max_wall_s):
+                if self.is_rank_zero:
+                    log.info("max_wall_s=%s reached at step %d: stopping early", cfg.max_wall_s, self.step)
+                break
+        if pbar is not None:
+            pbar.close()
+        final_ckpt = self.save_checkpoint(final=True)
+        final_dir = None
+        if self.is_rank_zero:
+            final_dir = self.output_dir / "final"
+            tmp = self.output_dir / ".final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(Path(final_ckpt) / "model", tmp)
+            shutil.rmtree(final_dir, ignore_errors=True)
+            os.replace(tmp, final_dir)
+        summary = {
+            "steps": self.step, "tokens": self.tokens_seen, "wall_time_s": time.perf_counter() - t0,
+            "final_loss": self.losses[-1] if self.losses else None,
+            "first_val": self.first_val, "final_val": self.last_val,
+            "final_val_ppl": self.last_val["val_ppl"] if self.last_val else None,
+            "checkpoint": str(final_ckpt) if final_ckpt else None,
+            "model_dir": str(final_dir) if final_dir else None,
+            "world_size": self.world_size, "objective": self.objective,
+            "curriculum_steps": self.curriculum_steps,
+            "losses": self.losses, "phases": self.phases,
+        }
+        if self.is_rank_zero:
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            print(f"duo_pretrain: done: {self.step} steps; final model dir: {final_dir}; summary: "
+                  f"{self.output_dir / 'summary.json'}", flush=True)
+        return summary
+
+    def _log(self, metrics: dict, step: int) -> None:
+        if self.metric_logger is not None and metrics:
+            self.metric_logger.log_dict({k: float(v) for k, v in metrics.items()}, step)
+
+    def cleanup(self) -> None:
+        if self.metric_logger is not None:
+            self.metric_logger.close()
+
+
+def _is_block(name: str, module: torch.nn.Module, *, types: set[type]) -> bool:
+    return type(module) in types
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run the whole recipe in-process and return the summary (tests and scripts call this)."""
+    recipe = DuoPretrainRecipe(cfg)
+    try:
+        recipe.setup()
+        return recipe.train()
+    finally:
+        recipe.cleanup()
+
+
+@tt_config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Train a Duo diffusion LM. Config keys: see duo_plugin/configs/duo/tiny_cpu.yaml."""
+    try:
+        run(cfg)
+    finally:
+        if _is_dist():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

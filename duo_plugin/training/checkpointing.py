@@ -1,0 +1,294 @@
+"""Atomic step checkpoints, training state and RNG capture for exact resume.
+
+Layout::
+
+    out_dir/checkpoints/step_00000500/   (whatever the writer put there)
+    out_dir/checkpoints/latest           (text file: "step_00000500")
+    out_dir/checkpoints/.tmp-step_...    (only while writing, or after a crash; ignored and cleaned)
+
+A step directory appears only after the writer returned and its files were fsynced (rename is atomic on POSIX),
+and ``latest`` is replaced atomically afterwards, so a crash at any point leaves the previous checkpoint intact.
+In multi-process training, call these from rank 0 only (after a barrier if other ranks write shards into
+``tmp_path`` from the writer).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "step_dir_name",
+    "checkpoint_step",
+    "save_step_checkpoint",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "save_training_state",
+    "load_training_state",
+    "capture_rng_state",
+    "restore_rng_state",
+    "check_resume_compatible",
+]
+
+_STEP_RE = re.compile(r"^step_(\d{8,})$")
+_TMP_PREFIX = ".tmp-"
+_LATEST = "latest"
+
+
+def step_dir_name(step: int) -> str:
+    """``step_XXXXXXXX`` (zero-padded to 8 digits)."""
+    if int(step) < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return f"step_{int(step):08d}"
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step number of a ``step_XXXXXXXX`` directory."""
+    m = _STEP_RE.match(Path(path).name)
+    if not m:
+        raise ValueError(f"{path} is not a step_XXXXXXXX checkpoint directory")
+    return int(m.group(1))
+
+
+def _fsync_path(p: Path) -> None:
+    try:
+        fd = os.open(str(p), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for f in filenames:
+            _fsync_path(Path(dirpath) / f)
+        _fsync_path(Path(dirpath))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_TMP_PREFIX}{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_path(path.parent)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
+    """Completed step directories under ``out_dir/checkpoints``, sorted by step."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and _STEP_RE.match(p.name)]
+    return sorted(dirs, key=checkpoint_step)
+
+
+def _clean_tmp(root: Path) -> None:
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.name.startswith(_TMP_PREFIX):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def save_step_checkpoint(
+    out_dir: str | os.PathLike,
+    step: int,
+    *,
+    writer: Callable[[Path], None],
+    keep_last: int | None = None,
+) -> Path:
+    """Write checkpoint ``step`` atomically and return its final directory.
+
+    Steps: create ``checkpoints/.tmp-step_XXXXXXXX/`` → ``writer(tmp_path)`` → fsync files and directory →
+    rename to ``step_XXXXXXXX`` (replacing an older directory of the same step) → atomically update ``latest``
+    → prune to the last ``keep_last`` completed steps (None or 0 = keep all). If the writer raises, the temp
+    directory is removed, nothing else changes and the exception propagates.
+    """
+    root = Path(out_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = step_dir_name(step)
+    tmp = root / f"{_TMP_PREFIX}{name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        writer(tmp)
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    final = root / name
+    if final.exists():  # re-saving the same step (e.g. after resume): move the old one aside first
+        old = root / f"{_TMP_PREFIX}old-{name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_path(root)
+    _atomic_write_text(root / _LATEST, name + "\n")
+    if keep_last is not None and int(keep_last) > 0:
+        done = list_checkpoints(out_dir)
+        for p in done[: max(0, len(done) - int(keep_last))]:
+            if p != final:
+                shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The newest completed checkpoint directory, or None. Removes ``.tmp-*`` leftovers of a crashed save.
+
+    Uses the ``latest`` pointer when it names an existing directory, else the highest ``step_*`` directory.
+    """
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    _clean_tmp(root)
+    ptr = root / _LATEST
+    if ptr.is_file():
+        name = ptr.read_text().strip()
+        cand = root / name
+        if _STEP_RE.match(name) and cand.is_dir():
+            return cand
+    done = list_checkpoints(out_dir)
+    return done[-1] if done else None
+
+
+def save_training_state(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
+    """``torch.save(state)`` atomically (temp file in the same directory + fsync + ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_TMP_PREFIX}{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(dict(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_training_state(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                        weights_only: bool = True) -> dict:
+    """Load a state saved by :func:`save_training_state` (``weights_only=True`` works for states made of
+    tensors, python scalars/containers and :func:`capture_rng_state` output)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training state not found: {path}")
+    return torch.load(path, map_location=map_location, weights_only=weights_only)
+
+
+def capture_rng_state() -> dict:
+    """Global RNG states of python ``random``, numpy, torch CPU and (if initialised) every CUDA device.
+
+    Only tensors and python primitives (loadable with ``torch.load(weights_only=True)``).
+    """
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": {
+            "kind": str(np_state[0]),
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    py = state["python"]
+    random.setstate((int(py[0]), tuple(int(x) for x in py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], np.asarray(n["keys"].numpy(), dtype=np.uint32), int(n["pos"]),
+                         int(n["has_gauss"]), float(n["cached_gaussian"])))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = list(state["cuda"])
+        if len(cuda) != torch.cuda.device_count():
+            raise ValueError(f"saved CUDA RNG states for {len(cuda)} devices, found {torch.cuda.device_count()}")
+        torch.cuda.set_rng_state_all(cuda)
+
+
+_MISSING = object()
+
+
+def _get(cfg: Any, dotted: str):
+    cur = cfg
+    for part in dotted.split("."):
+        if isinstance(cur, Mapping):
+            if part not in cur:
+                return _MISSING
+            cur = cur[part]
+        elif hasattr(cur, part):
+            cur = getattr(cur, part)
+        else:
+            try:
+                cur = cur[part]
+            except Exception:
+                return _MISSING
+    return cur
+
+
+def _plain(v: Any) -> Any:
+    try:  # OmegaConf containers compare as plain containers
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(v):
+            return OmegaConf.to_container(v, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return v
+
+
+def check_resume_compatible(saved_cfg: Any, cfg: Any, keys: Sequence[str]) -> None:
+    """Raise ``ValueError`` listing every dotted key (e.g. ``"model.vocab_size"``, ``"global_batch_size"``,
+    ``"seed"``) whose value differs between the checkpoint's config and the current one (a key missing on one
+    side counts as a difference). Works with dicts, OmegaConf configs and attribute objects."""
+    bad = []
+    for k in keys:
+        a, b = _plain(_get(saved_cfg, k)), _plain(_get(cfg, k))
+        if a is _MISSING and b is _MISSING:
+            continue
+        if a is _MISSING or b is _MISSING or a != b:
+            fa = "<missing>" if a is _MISSING else repr(a)
+            fb = "<missing>" if b is _MISSING else repr(b)
+            bad.append(f"  {k}: checkpoint={fa}, config={fb}")
+    if bad:
+        raise ValueError(
+            "cannot resume: the config differs from the checkpoint's in keys that must match:\n" + "\n".join(bad)
+            + "\nset them back to the checkpoint's values, or start a fresh run (new output_dir) instead of resuming"
+        )

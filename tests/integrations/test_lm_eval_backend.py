@@ -1,0 +1,328 @@
+"""DuoLM against independent references: exact conditional NELBO by enumeration + quadrature (UDLM form of the
+integrand, not the library's f_Duo), rolling windows by brute force, greedy check on a model with a known argmax,
+registry behaviour, and lm-eval's own evaluator on the bundled offline tasks."""
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from duo_plugin.integrations import lm_eval as dl  # noqa: E402
+from duo_plugin.integrations.lm_eval_cli import rewrite_argv  # noqa: E402
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+EPS = 1e-3  # log-linear schedule epsilon and t_min
+
+
+class IdTok:
+    """Minimal id-level tokenizer (ids only; encode splits on spaces into integers)."""
+
+    def __init__(self, k):
+        self.vocab_size, self.bos_id, self.eos_id, self.pad_id = k, 0, 1, None
+
+    def encode(self, text, add_bos=False, add_eos=False):
+        return [int(w) for w in text.split()]
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+class ConstModel(torch.nn.Module):
+    """x_θ independent of the input and position: softmax(logits)."""
+
+    def __init__(self, logits, max_seq_len=16):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.as_tensor(logits, dtype=torch.float32))
+        self.vocab_size, self.max_seq_len = self.logits.numel(), max_seq_len
+
+    def forward(self, x, sigma, padding_mask=None):
+        b, l = x.shape
+        return torch.log_softmax(self.logits, -1).expand(b, l, -1).clone()
+
+
+def udlm_f(log_xt, z, x, alpha, alpha_prime, k):
+    """UDLM integrand (duo-method.md §1.3, P Eq. 48-49) with explicit K-dim x̄ vectors; float64 numpy."""
+    xt = np.exp(log_xt)
+    xbar = (1 - alpha) * np.ones(k)
+    xbar[x] += k * alpha
+    xbt = k * alpha * xt + (1 - alpha)
+    i = z
+    s = np.sum((xbar / xbar[i]) * np.log(xbt[i] * xbar / (xbt * xbar[i])))
+    return alpha_prime / (k * alpha) * (k / xbar[i] - k / xbt[i] - s)
+
+
+def gauss_t(n_panels=8, per=16):
+    """Composite Gauss-Legendre nodes/weights for the mean over t ~ U[EPS, 1]."""
+    xs, ws = np.polynomial.legendre.leggauss(per)
+    edges = np.linspace(EPS, 1.0, n_panels + 1)
+    t, w = [], []
+    for a, b in zip(edges[:-1], edges[1:]):
+        t += list((b - a) / 2 * xs + (a + b) / 2)
+        w += list((b - a) / 2 * ws)
+    return np.array(t), np.array(w) / (1 - EPS)
+
+
+def exact_conditional_nelbo(model, ids, n_keep, k):
+    """E_{t~U[EPS,1]} E_{z ~ q_t(.|x) on positions >= n_keep} Σ_{scored} f, by enumeration (all K^n noisy states)."""
+    ids = list(ids)
+    n = len(ids) - n_keep
+    total = 0.0
+    for t, w in zip(*gauss_t()):
+        alpha = 1 - (1 - EPS) * t
+        ap = -(1 - EPS)
+        configs = list(itertools.product(range(k), repeat=n))
+        z = torch.tensor([ids[:n_keep] + list(c) for c in configs])
+        sigma = torch.full((len(configs),), -math.log(alpha), dtype=torch.float32)
+        with torch.no_grad():
+            logp = model(z, sigma).double().numpy()
+        acc = 0.0
+        for ci, c in enumerate(configs):
+            prob = 1.0
+            f = 0.0
+            for p, zc in enumerate(c):
+                x = ids[n_keep + p]
+                prob *= (1 - alpha) / k + (alpha if zc == x else 0.0)
+                f += udlm_f(logp[ci, n_keep + p], zc, x, alpha, ap, k)
+            acc += prob * f
+        total += w * acc
+    return total
+
+
+def _tiny_dit(k=6, length=8, seed=0):
+    from duo_plugin.models.dit import duo_dit_tiny
+
+    torch.manual_seed(seed)
+    m = duo_dit_tiny(k, length)
+    with torch.no_grad():  # make the output layer non-trivial (adaLN-zero init would give a uniform x_θ)
+        for p in m.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.3)
+    return m.eval()
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+@pytest.mark.parametrize("n,max_len,ctx,first", [(0, 5, 0, 0), (1, 5, 0, 0), (17, 5, 0, 0), (17, 5, 2, 0),
+                                                 (40, 8, 7, 0), (23, 6, 3, 11), (9, 2, 5, 4)])
+def test_rolling_windows_cover_every_token_once(n, max_len, ctx, first):
+    wins = dl.rolling_windows(n, max_len, prefix_len=1, context=ctx, first=first)
+    scored = [i for _, ps, pe in wins for i in range(ps, pe)]
+    assert scored == list(range(first, n))  # each token once, in order
+    for cs, ps, pe in wins:
+        assert 1 + (pe - cs) <= max_len and cs <= ps < pe
+        assert ps - cs == min(max(0, min(ctx, max_len - 2)), ps)  # as much clean context as allowed
+
+
+def test_parse_batch_size_and_truncation():
+    assert dl.parse_batch_size("8") == 8 and dl.parse_batch_size(4) == 4
+    assert dl.parse_batch_size("auto", default=16) == 16 and dl.parse_batch_size("auto:4", 16) == 16
+    assert dl.parse_batch_size(None, 7) == 7
+    for bad in ("0", "-3", "x"):
+        with pytest.raises(ValueError):
+            dl.parse_batch_size(bad)
+    kept, dropped = dl.truncate_left(list(range(10)), [100, 101], max_len=6, prefix_len=1)
+    assert kept == [7, 8, 9] and dropped == 7
+
+
+def test_rewrite_argv_adds_tasks_and_stderr_path(tmp_path):
+    a = rewrite_argv(["--model", "duo", "--model_args", "pretrained=x", "--tasks", "t", "--output_path", str(tmp_path)])
+    assert a[a.index("--include_path") + 1] == str(dl.TASKS_DIR)
+    assert a[a.index("--model_args") + 1] == f"pretrained=x,mc_stderr_path={tmp_path / 'duo_mc_stderr.json'}"
+    b = rewrite_argv(["--model=duo", "--include_path", "/mine", "--model_args", '{"pretrained": "x"}',
+                      "--output_path", str(tmp_path / "r.json")])
+    assert b.count("--include_path") == 1 and "/mine" in b
+    assert json.loads(b[b.index("--model_args") + 1])["mc_stderr_path"] == str(tmp_path / "r_duo_mc_stderr.json")
+
+
+# ------------------------------------------------------------------------------------------------ estimator
+def test_loglikelihood_matches_exact_conditional_nelbo():
+    k = 6
+    model = _tiny_dit(k, 8)
+    # the integrand is heavy-tailed near t -> 0 (f ~ 1/(1-α) with probability ~(1-α)), hence many MC samples
+    lm = dl.DuoLM(model=model, tokenizer=IdTok(k), mc_samples=512, batch_size="512", greedy_check="off")
+    reqs = [(("", ""), [3, 4], [5, 2]), (("", ""), [2], [4, 3])]
+    out = lm._loglikelihood_tokens(reqs)
+    summ = lm.mc_summary()["unknown"]
+    assert summ["n"] == 2 and summ["tokens"] == 4
+    for (_, ctx, cont), (ll, greedy) in zip(reqs, out):
+        exact = exact_conditional_nelbo(model, [0] + ctx + cont, 1 + len(ctx), k)
+        assert greedy is False
+        se = [s for v, s, _ in lm._mc_records["unknown"] if abs(v + ll) < 1e-9][0]
+        assert 0 < se < 0.5 * exact
+        assert abs(-ll - exact) < 4.5 * se, (ll, exact, se)
+    # iid time sampling estimates the same quantity (larger variance)
+    lm2 = dl.DuoLM(model=model, tokenizer=IdTok(k), mc_samples=256, batch_size=128, greedy_check="off",
+                   time_sampling="iid")
+    ll2, _ = lm2._loglikelihood_tokens(reqs[:1])[0]
+    se2 = lm2._mc_records["unknown"][0][1]
+    exact = exact_conditional_nelbo(model, [0, 3, 4, 5, 2], 3, k)
+    assert abs(-ll2 - exact) < 4.5 * se2
+
+
+def test_scores_do_not_depend_on_batching_or_padding():
+    k = 6
+    model = _tiny_dit(k, 8, seed=1)
+    reqs = [(("", ""), [3, 4, 2], [5, 2]), (("", ""), [2], [4]), (("", ""), [5, 5, 5, 4], [3, 3])]
+    a = dl.DuoLM(model=model, tokenizer=IdTok(k), mc_samples=4, batch_size=1, greedy_check="off")
+    b = dl.DuoLM(model=model, tokenizer=IdTok(k), mc_samples=4, batch_size=12, greedy_check="off")
+    ra = [x for x, _ in a._loglikelihood_tokens(reqs)]
+    rb = [x for x, _ in b._loglikelihood_tokens(reqs)]
+    rc = [x for x, _ in b._loglikelihood_tokens(reqs[::-1])][::-1]
+    np.testing.assert_allclose(ra, rb, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rb, rc, rtol=1e-5, atol=1e-6)
+    assert b._loglikelihood_tokens([(("", ""), [3], [])])[0] == (0.0, True)  # empty continuation: log 1
+
+
+def test_overlong_context_truncated_left_not_free():
+    k = 6
+    model = _tiny_dit(k, 8)
+    lm = dl.DuoLM(model=model, tokenizer=IdTok(k), mc_samples=8, greedy_check="off")
+    long_ctx = [2, 3, 4, 5] * 5
+    (ll_long, _), (ll_tail, _) = lm._loglikelihood_tokens(
+        [(("", ""), long_ctx, [3, 2]), (("", ""), long_ctx[-5:], [3, 2])]
+    )
+    assert ll_long < 0 and ll_long == pytest.approx(ll_tail, abs=1e-9)  # same window: BOS + last 5 + cont
+    # a continuation longer than the window is rolled, every token scored
+    lm._mc_records.clear()
+    ll, _ = lm._loglikelihood_tokens([(("", ""), [2, 3], [2, 3, 4, 5, 2, 3, 4, 5, 2, 3, 4])])[0]
+    assert ll < 0 and lm.mc_summary()["unknown"]["tokens"] == 11
+
+
+def test_rolling_sums_every_token_with_constant_model():
+    """With x_θ independent of input and position, the conditional NELBO of a window is Σ_tokens g(x), where g
+    is the one-token exact value; so a rolled document must score Σ_i g(x_i) whatever the windowing."""
+    k = 5
+    model = ConstModel([0.5, -1.0, 2.0, 0.0, 1.0], max_seq_len=6)
+    g = {x: exact_conditional_nelbo(model, [0, x], 1, k) for x in range(k)}
+    doc = [2, 3, 4, 2, 0, 1, 3, 3, 2, 4, 4, 2, 1]
+    lm = dl.DuoLM(model=model, tokenizer=IdTok(k), mc_samples=64, batch_size=256, rolling_context=2)
+
+    class Req:
+        args, task_name = (" ".join(map(str, doc)),), "toy_rolling"
+
+    (ll,) = lm.loglikelihood_rolling([Req()])
+    s = lm.mc_summary()["toy_rolling"]
+    assert s["tokens"] == len(doc) and s["n"] == 1
+    exact = sum(g[x] for x in doc)
+    assert abs(-ll - exact) < 4.5 * s["total_stderr"] + 1e-9, (ll, exact, s)
+
+
+def test_is_greedy_onepass_on_known_argmax():
+    k = 5
+    model = ConstModel([0.0, 0.0, 0.0, 3.0, 1.0])  # argmax = 3 everywhere
+    lm = dl.DuoLM(model=model, tokenizer=IdTok(k), mc_samples=2)
+    out = lm._loglikelihood_tokens([(("", ""), [2], [3, 3]), (("", ""), [2], [3, 4]), (("", ""), [], [3])])
+    assert [g for _, g in out] == [True, False, True]
+
+
+def test_bad_model_args_fail_early():
+    k = 5
+    m = ConstModel([0.0] * k)
+    with pytest.raises(ValueError, match="unknown --model_args"):
+        dl.DuoLM(model=m, tokenizer=IdTok(k), mc_sample=3)
+    with pytest.raises(ValueError, match="time_sampling"):
+        dl.DuoLM(model=m, tokenizer=IdTok(k), time_sampling="antithetic")
+    with pytest.raises(ValueError, match="exactly one"):
+        dl.DuoLM(tokenizer=IdTok(k))
+    with pytest.raises(ValueError, match="tokenizer has"):
+        dl.DuoLM(model=m, tokenizer=IdTok(k + 3))
+
+
+def test_generate_until_clamps_prompt_and_cuts_stops():
+    k = 6
+    lm = dl.DuoLM(model=ConstModel([0.0, -9.0, 0.0, 5.0, 0.0, 0.0]), tokenizer=IdTok(k), gen_steps=4)
+
+    class Req:
+        def __init__(self, ctx, kw):
+            self.args = (ctx, kw)
+
+    out = lm.generate_until([Req("2 4", {"until": ["9"], "max_gen_toks": 3}), Req("2", {"max_gen_toks": 2})])
+    # x_θ puts ~all mass on id 3, so the generated ids are 3s (greedy tail)
+    assert out == ["3 3 3", "3 3"]
+
+
+# ------------------------------------------------------------------------------------------------ registry
+def test_registry_keeps_builtin_backends(tmp_path):
+    code = (
+        "from lm_eval.api.registry import get_model\n"
+        "import duo_plugin.integrations.lm_eval as m\n"
+        "print(get_model('duo') is m.DuoLM, get_model('dummy').__name__)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True", "DummyLM"]
+    # the start-up hook alone (no duo import) makes 'duo' resolvable, and lazily
+    code = (
+        "import sys\nfrom lm_eval.api.registry import get_model\n"
+        "print('duo_plugin.integrations.lm_eval' in sys.modules, get_model('hf').__name__)\n"
+        "print(get_model('duo').__module__)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "HFLM", "duo_plugin.integrations.lm_eval"]
+
+
+# ------------------------------------------------------------------------------------------------ evaluator
+@pytest.fixture(scope="module")
+def sp_tokenizer(tmp_path_factory):
+    from duo_plugin.data.tokenizers import train_sentencepiece
+
+    d = tmp_path_factory.mktemp("tok")
+    src = d / "corpus.txt"
+    lines = [json.loads(x)["text"] for x in (dl.TASKS_DIR / "shakespeare" / "sonnet_couplets.jsonl").open()]
+    src.write_text("\n".join(lines * 4) + "\n")
+    return train_sentencepiece([src], 300, d / "out", hard_vocab_limit=False)
+
+
+def test_simple_evaluate_bundled_tasks(sp_tokenizer, tmp_path):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    model = _tiny_dit(int(sp_tokenizer.vocab_size), 64)
+    lm = dl.DuoLM(model=model, tokenizer=sp_tokenizer, mc_samples=4, batch_size="16", gen_steps=2,
+                  mc_stderr_path=str(tmp_path / "mc.json"))
+    tm = TaskManager(include_path=str(dl.TASKS_DIR), include_defaults=False)
+    res = simple_evaluate(model=lm, tasks=["duo_shakespeare_ppl", "duo_shakespeare_lastword",
+                                           "duo_shakespeare_gen"], task_manager=tm, limit=3,
+                          bootstrap_iters=0)
+    r = res["results"]
+    ppl = r["duo_shakespeare_ppl"]
+    assert math.isfinite(ppl["word_perplexity,none"]) and ppl["word_perplexity,none"] > 1
+    # bits_per_byte and byte_perplexity describe the same summed log-likelihood
+    assert ppl["byte_perplexity,none"] == pytest.approx(2 ** ppl["bits_per_byte,none"], rel=1e-6)
+    lw = r["duo_shakespeare_lastword"]
+    assert lw["perplexity,none"] > 1 and 0 <= lw["acc,none"] <= 1
+    assert "exact_match,none" in r["duo_shakespeare_gen"]
+    summary = json.loads((tmp_path / "mc.json").read_text())
+    assert set(summary) == {"duo_shakespeare_ppl", "duo_shakespeare_lastword"}
+    assert summary["duo_shakespeare_ppl"]["n"] == 3 and summary["duo_shakespeare_ppl"]["mean_stderr"] > 0
+
+
+@pytest.mark.slow
+def test_cli_lm_eval_model_duo(sp_tokenizer, tmp_path):
+    ckpt_mod = pytest.importorskip("duo_plugin.models.checkpoint")
+    model = _tiny_dit(int(sp_tokenizer.vocab_size), 64)
+    ck = tmp_path / "ckpt"
+    ckpt_mod.save_pretrained(model, ck)
+    sp_tokenizer.save(ck / "tokenizer")
+    run = tmp_path / "cwd"
+    run.mkdir()
+    bindir = Path(sys.executable).parent
+    r = subprocess.run(
+        [str(bindir / "lm_eval"), "--model", "duo", "--model_args", f"pretrained={ck},mc_samples=2,weights=model",
+         "--tasks", "duo_shakespeare_ppl", "--include_path", str(dl.TASKS_DIR), "--limit", "2",
+         "--batch_size", "4"],
+        cwd=run, env=ENV, capture_output=True, text=True, timeout=900,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "duo_shakespeare_ppl" in r.stdout and "word_perplexity" in r.stdout

@@ -1,0 +1,208 @@
+"""duo_plugin.kernels: every implementation equals the dense reference (values and gradients)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+import duo_plugin.kernels as dk
+from duo_plugin.diffusion.uniform import posterior
+from duo_plugin.kernels import curriculum as C
+from duo_plugin.kernels import nelbo as N
+from duo_plugin.kernels import rng
+from duo_plugin.kernels import sampler as S
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = dk.triton_available("cpu")
+except Exception:  # pragma: no cover
+    HAS_TRITON = False
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not importable (or TRITON_INTERPRET unset)")
+
+B, L, K, D = 2, 5, 70, 24
+VV = torch.ones(K, dtype=torch.bool)
+VV[[0, 5, 69]] = False
+
+
+def _impls():
+    return ["chunked", pytest.param("triton", marks=needs_triton)]
+
+
+# ---------------------------------------------------------------------------------------------------------- rng
+def test_mix64_matches_python_ints():
+    r = random.Random(0)
+    vals = [r.getrandbits(64) for _ in range(200)] + [0, 1, (1 << 64) - 1, 1 << 63]
+    out = rng.mix64(torch.tensor([rng._s64(v) for v in vals], dtype=torch.int64))
+    assert [o & ((1 << 64) - 1) for o in out.tolist()] == [rng.mix64_int(v) for v in vals]
+
+
+def test_counter_normal_and_exponential_statistics():
+    keys = rng.position_keys(torch.tensor([7, 8], dtype=torch.int64), 50, rng.STREAM_CURRICULUM)
+    n = rng.counter_normal(keys, 2000).double()
+    assert abs(n.mean().item()) < 0.01 and abs(n.var().item() - 1) < 0.01
+    assert abs((n > 1.96).double().mean().item() - 0.025) < 0.002
+    e = rng.counter_exponential(keys, 2000)
+    assert abs(e.mean().item() - 1) < 0.01 and bool((e > 0).all())
+    # distinct keys give different streams; same keys are deterministic
+    assert not torch.equal(n[0, 0], n[0, 1]) and not torch.equal(n[0], n[1])
+    assert torch.equal(n, rng.counter_normal(keys, 2000).double())
+
+
+def test_noise_is_per_row_seed_not_batch_composition():
+    x0 = torch.randint(0, K, (2, L))
+    seeds = torch.tensor([11, 22], dtype=torch.int64)
+    w2 = dk.curriculum_latent_reference(x0, 0.9, 0.4, seeds, K)
+    w1 = dk.curriculum_latent_reference(x0[1:], 0.9, 0.4, seeds[1:], K)
+    assert torch.equal(w2[1], w1[0])
+    assert not torch.equal(w2[0], w2[1])
+
+
+def test_latent_definition():
+    x0 = torch.randint(0, K, (B, L))
+    seeds = torch.tensor([1, 2], dtype=torch.int64)
+    w = dk.curriculum_latent_reference(x0, torch.tensor([0.9, 0.8]), torch.tensor([0.3, 0.6]), seeds, K, VV)
+    keys = rng.position_keys(seeds, L, rng.STREAM_CURRICULUM)
+    eps = rng.counter_normal(keys, K)
+    exp = eps * torch.tensor([0.3, 0.6])[:, None, None]
+    exp = exp + torch.nn.functional.one_hot(x0, K) * torch.tensor([0.9, 0.8])[:, None, None]
+    exp = exp.masked_fill(~VV, float("-inf"))
+    torch.testing.assert_close(w, exp, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- curriculum
+@pytest.mark.parametrize("impl", _impls())
+@pytest.mark.parametrize("tau", [1e-3, 0.5])
+@pytest.mark.parametrize("valid", [False, True])
+def test_curriculum_soft_embedding_matches_reference(impl, tau, valid):
+    torch.manual_seed(0)
+    vv = VV if valid else None
+    x0 = torch.randint(1, 5, (B, L)) if valid else torch.randint(0, K, (B, L))
+    seeds = torch.tensor([3, 12345678901234], dtype=torch.int64)
+    E = torch.randn(K, D, requires_grad=True)
+    at = torch.tensor([0.9, 0.95])
+    st = (1 - at**2).sqrt()
+    e_ref, z_ref = C.curriculum_soft_embedding_reference(x0, at, st, tau, seeds, E, vv)
+    w = dk.curriculum_latent_reference(x0, at, st, seeds, K, vv)
+    assert torch.equal(z_ref, w.argmax(-1))
+    g = torch.randn_like(e_ref)
+    (gr_ref,) = torch.autograd.grad((e_ref * g).sum(), E)
+    if impl == "chunked":  # several chunks of 2 rows
+        e, z = C.curriculum_soft_embedding_chunked(x0, at, st, tau, seeds, E, vv, workspace=2 * K)
+    else:
+        e, z = dk.curriculum_soft_embedding(x0, at, st, tau, seeds, E, vv, impl=impl)
+    (gr,) = torch.autograd.grad((e * g).sum(), E)
+    assert torch.equal(z, z_ref)
+    torch.testing.assert_close(e, e_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gr, gr_ref, rtol=1e-5, atol=1e-5)
+    if vv is not None:
+        assert bool(vv[z].all()) and float(gr[~vv].abs().max()) == 0.0
+
+
+def test_curriculum_feeds_dit_via_embedding_override():
+    from duo_plugin.models.dit import duo_dit_tiny
+
+    torch.manual_seed(0)
+    model = duo_dit_tiny(K, L)
+    x0 = torch.randint(0, K, (B, L))
+    seeds = torch.tensor([4, 5], dtype=torch.int64)
+    sigma = torch.tensor([0.5, 1.0])
+    tau = 1e-3
+    emb, z = dk.curriculum_soft_embedding(x0, 0.9, 0.43, tau, seeds, model.vocab_embed.weight, impl="chunked")
+    with dk.embedding_override(model.vocab_embed, emb):
+        h = model.forward_hidden(z, sigma)
+    w = dk.curriculum_latent_reference(x0, 0.9, 0.43, seeds, K)
+    h_ref = model.forward_hidden(w / tau, sigma)
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(h)
+    (g1,) = torch.autograd.grad((h * g).sum(), model.vocab_embed.weight)
+    (g2,) = torch.autograd.grad((h_ref * g).sum(), model.vocab_embed.weight)
+    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------ NELBO
+@pytest.mark.parametrize("impl", _impls())
+@pytest.mark.parametrize("valid", [False, True])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_nelbo_matches_reference(impl, valid, with_bias):
+    torch.manual_seed(1)
+    vv = VV if valid else None
+    h = torch.randn(B, L, D, requires_grad=True)
+    W = (torch.randn(K, D) * 0.5).requires_grad_()
+    b = torch.randn(K).requires_grad_() if with_bias else None
+    x0 = torch.randint(1, 5, (B, L))
+    z = x0.clone()
+    z[:, ::2] = torch.randint(6, 60, (B, 3))
+    if valid:
+        x0[0, 1] = 0  # an invalid clean id (padding) is allowed
+    a = torch.tensor([0.3, 0.9])
+    ap = torch.tensor([-0.999, -1.5])
+    params = [h, W] + ([b] if with_bias else [])
+    f_ref = N.fused_duo_nelbo_reference(h, W, b, z, x0, a, ap, vv)
+    assert bool((f_ref >= -1e-4).all())
+    g = torch.rand_like(f_ref)
+    gr_ref = torch.autograd.grad((f_ref * g).sum(), params)
+    if impl == "chunked":
+        f = N.fused_duo_nelbo_chunked(h, W, b, z, x0, a, ap, vv, workspace=3 * K)
+    else:
+        f = dk.fused_duo_nelbo(h, W, b, z, x0, a, ap, vv, impl=impl)
+    gr = torch.autograd.grad((f * g).sum(), params)
+    torch.testing.assert_close(f, f_ref, rtol=1e-5, atol=1e-4)
+    for p, q in zip(gr, gr_ref):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+@needs_triton
+def test_nelbo_small_alpha_precision():
+    """Tiny α makes every softplus term ≈ r·x_θ ≪ 1: the Triton log1p must stay accurate."""
+    torch.manual_seed(2)
+    h = torch.randn(1, 4, D)
+    W = torch.randn(K, D)
+    x0 = torch.randint(0, K, (1, 4))
+    f_ref = N.fused_duo_nelbo_reference(h, W, None, x0, x0, 2e-3, -0.999)
+    f = dk.fused_duo_nelbo(h, W, None, x0, x0, 2e-3, -0.999, impl="triton")
+    torch.testing.assert_close(f, f_ref, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- sampler
+@pytest.mark.parametrize("impl", _impls())
+@pytest.mark.parametrize("valid", [False, True])
+def test_posterior_sample_matches_reference(impl, valid):
+    torch.manual_seed(3)
+    vv = VV if valid else None
+    lx = torch.log_softmax(torch.randn(B, 8, K) * 2, -1)
+    z = torch.randint(1, 5, (B, 8))
+    at, as_ = torch.tensor([0.3, 0.5]), torch.tensor([0.6, 1.0])
+    seeds = torch.tensor([5, 9], dtype=torch.int64)
+    ref = S.posterior_sample_reference(lx, z, at, as_, seeds, 3, vv)
+    if impl == "chunked":
+        out = S.posterior_sample_chunked(lx, z, at, as_, seeds, 3, vv, workspace=3 * K)
+    else:
+        out = dk.posterior_sample_step(lx, z, at, as_, seeds, 3, vv, impl=impl)
+    assert torch.equal(out, ref)
+    if vv is not None:
+        assert bool(vv[out].all())
+    assert not torch.equal(ref, S.posterior_sample_reference(lx, z, at, as_, seeds, 4, vv))  # step keys the stream
+
+
+def test_posterior_sample_distribution():
+    torch.manual_seed(4)
+    k, n = 6, 20000
+    lx = torch.log_softmax(torch.randn(k), -1).expand(1, n, k).contiguous()
+    z = torch.full((1, n), 2)
+    out = dk.posterior_sample_step(lx, z, 0.4, 0.7, torch.tensor([1], dtype=torch.int64), 0, impl="chunked")
+    p = posterior(z[:, :1], lx[:, :1].double().exp(), 0.4, 0.7)[0, 0]
+    freq = torch.bincount(out[0], minlength=k).double() / n
+    assert float((freq - p).abs().max()) < 4 * math.sqrt(0.25 / n)
+
+
+# --------------------------------------------------------------------------------------------------- dispatch
+def test_resolve_impl():
+    assert dk.resolve_impl("auto", "cpu") == "chunked"
+    assert dk.resolve_impl("reference", "cpu") == "reference"
+    with pytest.raises(ValueError):
+        dk.resolve_impl("fast", "cpu")
