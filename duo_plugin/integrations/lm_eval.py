@@ -274,8 +274,9 @@ class DuoLM(TemplateLM):
     def _score_windows(self, windows: List[Tuple[List[int], int, int]]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Conditional NELBO of each window ``(ids, n_keep, index)``: positions ``< n_keep`` are kept clean.
 
-        Windows are sorted by length, padded on the right and batched ``max(1, batch_size // mc_samples)`` at a
-        time. Returns float64 ``(nelbo[N], stderr[N])`` in the input order.
+        Windows of **equal length** are batched ``max(1, batch_size // mc_samples)`` at a time (no padding: the
+        corruption noise of a row depends on its length, so padding would make a score depend on its batch
+        neighbours). Returns float64 ``(nelbo[N], stderr[N])`` in the input order.
         """
         from duo_plugin.eval.likelihood import conditional_nelbo
 
@@ -285,8 +286,15 @@ class DuoLM(TemplateLM):
         order = sorted(range(n), key=lambda i: -len(windows[i][0]))
         per_call = max(1, self.batch_size // self.mc_samples)
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else self.eot_token_id
-        for lo in range(0, n, per_call):
-            grp = order[lo : lo + per_call]
+        groups, cur = [], []
+        for i in order:
+            if cur and (len(cur) == per_call or len(windows[i][0]) != len(windows[cur[0]][0])):
+                groups.append(cur)
+                cur = []
+            cur.append(i)
+        if cur:
+            groups.append(cur)
+        for grp in groups:
             length = max(len(windows[i][0]) for i in grp)
             x0 = torch.full((len(grp), length), int(pad), dtype=torch.long)
             keep = torch.zeros(len(grp), length, dtype=torch.bool)

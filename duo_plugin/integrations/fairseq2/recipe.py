@@ -179,8 +179,11 @@ class DuoTrainRecipe(Recipe):
         )
         trainer = context.create_trainer(unit, reader)
         if config.duo.export_native:
-            exporter = _NativeExporter(unit, context.output_dir / "native", is_rank0=gangs.root.rank == 0)
+            exporter = _NativeExporter(unit, context.output_dir / "native", is_rank0=gangs.root.rank == 0,
+                                       every_n_steps=config.regime.checkpoint_every_n_steps,
+                                       after_n_steps=config.regime.checkpoint_after_n_steps)
             exporter.maybe_restore_ema(context.get_checkpoint_manager())
+            unit.exporter = exporter
             trainer.register_checkpoint_save_hook(exporter)
         return trainer
 
@@ -212,6 +215,7 @@ class DuoTrainUnit(TrainUnit[DuoBatch]):
         self.ema_step = 0  # optimizer steps folded into the EMA
         self.step_nr = 0
         self._micro = 0
+        self.exporter: Optional["_NativeExporter"] = None
 
     def prepare_metric_bag(self, metric_bag: MetricBag) -> None:
         metric_bag.add("duo_nelbo", Mean())
@@ -220,6 +224,8 @@ class DuoTrainUnit(TrainUnit[DuoBatch]):
     def set_step_nr(self, step_nr: int) -> None:
         # Called before step ``step_nr`` (1-based): steps 1..step_nr-1 have been applied to the weights.
         self.update_ema(step_nr - 1)
+        if self.exporter is not None:
+            self.exporter.at_step_boundary(step_nr - 1)
         self.step_nr = int(step_nr)
         self._micro = 0
 
@@ -264,25 +270,46 @@ class DuoTrainUnit(TrainUnit[DuoBatch]):
 
 
 class _NativeExporter:
-    """Checkpoint-save hook: export model + EMA as ``native/step_<N>`` and refresh ``native/latest``."""
+    """Export model + EMA as ``native/step_<N>`` at fairseq2's checkpoint steps; refresh ``native/latest``.
 
-    def __init__(self, unit: DuoTrainUnit, root: Path, *, is_rank0: bool) -> None:
+    fairseq2 saves intermediate checkpoints asynchronously, so its "checkpoint saved" hook may fire after
+    later steps changed the weights. The export is therefore taken synchronously at the step boundary
+    (``at_step_boundary``, called by the unit before the next step) for the regime's checkpoint steps, and
+    by the hook only while no later step has started (always the case for the final, blocking checkpoint).
+    """
+
+    def __init__(self, unit: DuoTrainUnit, root: Path, *, is_rank0: bool, every_n_steps: Optional[int],
+                 after_n_steps: int = 0) -> None:
         self.unit, self.root, self.is_rank0 = unit, Path(root), is_rank0
+        self.every, self.after = every_n_steps, int(after_n_steps)
+        self.exported: set = set()
+
+    def at_step_boundary(self, completed_steps: int) -> None:
+        s = int(completed_steps)
+        if s > 0 and self.every and s >= self.after and s % self.every == 0:
+            self.export(s)
 
     def __call__(self, args: TrainStepHookArgs) -> None:
+        if self.unit.step_nr == args.step_nr:  # weights are still those of the checkpointed step
+            self.export(args.step_nr)
+
+    def export(self, step: int) -> None:
+        if step in self.exported:
+            return
+        self.exported.add(step)
         unit = self.unit
-        unit.update_ema(args.step_nr)  # the EMA includes the step being checkpointed
+        unit.update_ema(step)  # the EMA includes the step being exported
         if not self.is_rank0:
             return
         ema = unit.ema.shadow if unit.ema is not None else None
         meta = {
             "valid_vocab": unit.valid_vocab,
-            "step": int(args.step_nr),
+            "step": int(step),
             "trainer": "fairseq2",
             "tokenizer": unit.tokenizer_descriptor,
             "ema_num_updates": unit.ema.num_updates if unit.ema is not None else None,
         }
-        out = self.root / f"step_{args.step_nr}"
+        out = self.root / f"step_{step}"
         save_native(unit.net, out, ema_state_dict=ema, metadata=meta)
         if unit.ema is not None:
             torch.save(unit.ema.state_dict(), out / "ema_state.pt")
@@ -301,6 +328,7 @@ class _NativeExporter:
         step = checkpoint_manager.maybe_get_last_step_number(exclude_model_only=True)
         if step is None:
             return
+        self.exported.add(int(step))
         f = self.root / f"step_{step}" / "ema_state.pt"
         if f.exists():
             unit.ema.load_state_dict(torch.load(f, map_location="cpu"))
