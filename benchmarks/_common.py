@@ -62,6 +62,7 @@ def run_isolated(script: str, config: dict) -> dict:
     """Run ``script --worker JSON`` in a fresh interpreter (clean peak RSS) and parse its last stdout line."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "1048576")  # large buffers via mmap: RSS tracks live memory
     out = subprocess.run([sys.executable, script, "--worker", json.dumps(config)], capture_output=True, text=True,
                          env=env)
     if out.returncode != 0:

@@ -1,9 +1,25 @@
 """Evaluation: NELBO perplexity (with standard error), conditional NELBO, Gen PPL + entropy, zero-shot sets.
 
-Submodules are imported lazily by users (``from duo_plugin.eval.likelihood import nelbo_perplexity``); the names
-below are re-exported for convenience.
+No torchtune / lm_eval imports here (the torchtune-based Gen PPL scorer lives in
+``duo_plugin.integrations.torchtune_scorer``).
 """
 
+from duo_plugin.eval.genppl import DiTScorer, causal_nll, gen_ppl_and_entropy, load_dit_scorer, unigram_entropy
 from duo_plugin.eval.likelihood import ConditionalNELBO, conditional_nelbo, nelbo_perplexity, sequence_nelbo
+from duo_plugin.eval.zeroshot import PAPER_SETS, ZERO_SHOT_SETS, load_zeroshot_texts, zeroshot_blocks
 
-__all__ = ["ConditionalNELBO", "conditional_nelbo", "nelbo_perplexity", "sequence_nelbo"]
+__all__ = [
+    "ConditionalNELBO",
+    "conditional_nelbo",
+    "nelbo_perplexity",
+    "sequence_nelbo",
+    "DiTScorer",
+    "causal_nll",
+    "gen_ppl_and_entropy",
+    "load_dit_scorer",
+    "unigram_entropy",
+    "PAPER_SETS",
+    "ZERO_SHOT_SETS",
+    "load_zeroshot_texts",
+    "zeroshot_blocks",
+]

@@ -195,7 +195,12 @@ class DuoLM(TemplateLM):
         if str(dtype) not in dt:
             raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
 
-        self._device = torch.device(device or "cpu")
+        dev = str(device or "cpu")
+        if dev.startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's CLI passes --device cuda by default; fall back like HFLM does
+            log.warning("duo: device %r requested but CUDA is not available; using cpu", dev)
+            dev = "cpu"
+        self._device = torch.device(dev)
         if model is None:
             from duo_plugin.models.checkpoint import load_pretrained
 

@@ -23,7 +23,7 @@ __all__ = [
     "curriculum_soft_embedding_triton",
 ]
 
-DEFAULT_WORKSPACE = 1 << 21  # elements of one [rows, K] chunk in the PyTorch path
+DEFAULT_WORKSPACE = 1 << 20  # elements of one [rows, K] chunk in the PyTorch path
 SPARSE_MAX_DENSITY = 1.0 / 16  # above this fraction of non-zero softmax weights a chunk uses a dense matmul
 
 

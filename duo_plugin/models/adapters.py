@@ -130,23 +130,37 @@ class DecoderDenoiser(nn.Module):
         """The decoder's ``output`` (``nn.Linear`` or torchtune ``TiedLinear``)."""
         return self.decoder.output
 
-    def _mask(self, padding_mask: Optional[torch.Tensor], L: int) -> Optional[torch.Tensor]:
-        if padding_mask is None:
-            return None
-        keys = padding_mask | ~padding_mask.any(dim=-1, keepdim=True)
-        eye = torch.eye(L, dtype=torch.bool, device=keys.device)
-        return keys[:, None, :] | eye  # [B, L, L], True = attend; a query always sees itself
+    def _mask(self, padding_mask: Optional[torch.Tensor], L: int, attn_mask: Optional[torch.Tensor] = None,
+              B: int = 1) -> Optional[torch.Tensor]:
+        pad = None
+        if padding_mask is not None:
+            keys = padding_mask | ~padding_mask.any(dim=-1, keepdim=True)
+            eye = torch.eye(L, dtype=torch.bool, device=keys.device)
+            pad = keys[:, None, :] | eye  # [B, L, L], True = attend; a query always sees itself
+        if attn_mask is None:
+            return pad
+        # issue 8 (attention-mask annealing): an extra Bool [L, L] or [B, L, L] mask (True = attend), ANDed
+        # with the padding mask; the diagonal is always kept so no query row is empty.
+        if attn_mask.dtype != torch.bool or attn_mask.shape[-2:] != (L, L) or attn_mask.dim() not in (2, 3):
+            raise ValueError(f"attn_mask must be Bool [L, L] or [B, L, L] with L={L}; got "
+                             f"{attn_mask.dtype} {tuple(attn_mask.shape)}")
+        am = attn_mask | torch.eye(L, dtype=torch.bool, device=attn_mask.device)
+        am = am.expand(B, L, L) if am.dim() == 2 else am
+        return am if pad is None else (am.to(pad.device) & pad)
 
     def forward_hidden(self, x: DenoiserInput, sigma: Optional[torch.Tensor] = None,
-                       padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Hidden states entering :attr:`output_projection`: ``[B, L, d]`` (already shifted)."""
+                       padding_mask: Optional[torch.Tensor] = None,
+                       attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Hidden states entering :attr:`output_projection`: ``[B, L, d]`` (already shifted).
+        ``attn_mask``: optional Bool ``[L, L]``/``[B, L, L]`` (True = attend), e.g. an annealed causal→full
+        mask (:func:`duo_plugin.training.adapt.annealed_attention_mask`); None = full attention."""
         B, L = input_batch_shape(x)
         if L > self.max_seq_len:
             raise ValueError(f"sequence length {L} exceeds max_seq_len={self.max_seq_len} of this model")
         if getattr(self.decoder, "caches_are_enabled", lambda: False)():
             raise RuntimeError("KV caches are set up on the decoder; call decoder.reset_caches()/"
                                "teardown before using it as a bidirectional denoiser")
-        mask = self._mask(check_padding_mask(padding_mask, B, L), L)
+        mask = self._mask(check_padding_mask(padding_mask, B, L), L, attn_mask, B)
         dec = self.decoder
         h = dec.tok_embeddings(x)
         if not self.time_conditioning:
@@ -170,11 +184,12 @@ class DecoderDenoiser(nn.Module):
         return h
 
     def forward(self, x: DenoiserInput, sigma: Optional[torch.Tensor] = None, *,
-                padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                padding_mask: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``log x_theta``: fp32 ``[B, L, K]``. ``x``: ids ``[B, L]`` | logits ``[B, L, K]`` |
         :class:`SoftTopK`; ``sigma``: ``Float[B]`` (ignored without time conditioning);
         ``padding_mask``: ``Bool[B, L]``, True = real token (pad keys are not attended to)."""
-        h = self.forward_hidden(x, sigma, padding_mask)
+        h = self.forward_hidden(x, sigma, padding_mask, attn_mask)
         return torch.log_softmax(self.output_projection(h).float(), dim=-1)
 
     # -- state dict helpers (HF checkpoint = decoder keys; extras saved beside) -------------------

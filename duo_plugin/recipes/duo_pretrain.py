@@ -89,7 +89,10 @@ SCHEMA: dict[str, Any] = {
     "ema": {"decay": None},
     "schedule": {"alpha_eps": None, "t_min": None},
     "curriculum": {"steps": None, "tau": None, "gamma_min": None, "gamma_max": None, "table": None,
-                   "table_points": None},
+                   "table_points": None,
+                   "input": None, "topk": None, "table_cache": None},  # issue 8: dense|topk input, T-table cache
+    # issue 8 (LLM adaptation): attention-mask annealing and which parameters train (see docs/llm-adaptation.md)
+    "adapt": {"attn_anneal_steps": None, "attn_anneal_mode": None, "trainable": None},
     "eval_every": None,
     "eval_max_batches": None,
     "checkpoint": {"every": None, "keep_last": None},
@@ -115,7 +118,8 @@ DEFAULTS: dict[str, Any] = {
     "ema": {"decay": 0.9999},
     "schedule": {"alpha_eps": 1e-3, "t_min": 1e-3},
     "curriculum": {"steps": 0, "tau": 1e-3, "gamma_min": None, "gamma_max": None, "table": None,
-                   "table_points": 1025},
+                   "table_points": 1025, "input": "dense", "topk": 64, "table_cache": False},
+    "adapt": {"attn_anneal_steps": 0, "attn_anneal_mode": "window", "trainable": "auto"},
     "lr_scheduler": {"name": "constant_with_warmup", "warmup_steps": 0, "min_lr_ratio": 0.0},
     "eval_every": 0,
     "eval_max_batches": None,
@@ -134,7 +138,7 @@ DEFAULTS: dict[str, Any] = {
 # change: max_steps, gradient_accumulation_steps, world size, eval/checkpoint/logging cadence, compile, AC.
 RESUME_KEYS = ("seed", "objective", "model", "init_from", "global_batch_size", "optimizer", "lr_scheduler",
                "clip_grad_norm", "ema", "schedule", "curriculum", "data.seq_len", "data.packing", "data.source",
-               "data.files", "data.hub", "data.val_fraction", "data.valid_vocab")
+               "data.files", "data.hub", "data.val_fraction", "data.valid_vocab", "adapt")
 
 
 class ConfigError(ValueError):
@@ -429,6 +433,7 @@ class DuoPretrainRecipe:
             raise ConfigError("objective: ar needs a causal backbone; set model.causal: true")
         self.vocab_size = k
         self.k_eff = int(self.valid_vocab.sum())
+        self._adapt_setup(model)  # issue 8: trainable params (LoRA), annealing/top-k checks, vocabulary report
         if cfg.enable_activation_checkpointing:
             blocks = self._block_types(model)
             tt_training.set_activation_checkpointing(model, auto_wrap_policy=blocks)
@@ -438,7 +443,10 @@ class DuoPretrainRecipe:
 
             tt_training.shard_model(
                 model,
-                shard_conditions=[partial(_is_block, types=self._block_types(model))],
+                # issue 8: a time-conditioned DecoderDenoiser calls layer submodules directly (per-layer FSDP hooks
+                # would be bypassed), so only the root is sharded then.
+                shard_conditions=[partial(_is_block, types=set() if getattr(model, "time_conditioning", False)
+                                          and hasattr(model, "decoder") else self._block_types(model))],
                 cpu_offload=False,
                 reshard_after_forward=bool(cfg.fsdp.reshard_after_forward),
             )
@@ -451,8 +459,59 @@ class DuoPretrainRecipe:
 
         self.ema = EMA(model, decay=float(cfg.ema.decay)) if cfg.ema and cfg.ema.get("decay") else None
         if self.is_rank_zero:
-            n = sum(p.numel() for p in model.parameters()) * (1 if not self.distributed else 1)
-            log.info("model: %s, K=%d (K_eff=%d), params(local)=%.2fM", type(model).__name__, k, self.k_eff, n / 1e6)
+            n = sum(p.numel() for p in model.parameters())
+            log.info("model: %s, K=%d (K_eff=%d), params=%.2fM", type(model).__name__, k, self.k_eff, n / 1e6)
+
+    # ---------------------------------------------------------------- issue 8 (LLM adaptation), see training/adapt.py
+    def _adapt_setup(self, model: torch.nn.Module) -> None:
+        """Trainable parameters (``adapt.trainable``: auto = LoRA-only for LoRA models, else all; lora; all),
+        checks of the annealing / top-k options, and the vocabulary report."""
+        a, c = self.cfg.adapt, self.cfg.curriculum
+        if a.attn_anneal_mode not in ("window", "random"):
+            raise ConfigError(f"adapt.attn_anneal_mode must be 'window' or 'random', got {a.attn_anneal_mode!r}")
+        self.anneal_steps = int(a.attn_anneal_steps or 0)
+        if self.anneal_steps > 0 and not hasattr(model, "decoder"):
+            raise ConfigError("adapt.attn_anneal_steps > 0 needs a torchtune-decoder denoiser (duo_plugin.models."
+                              "duo_llama3_2 / duo_qwen2_5 ...); set adapt.attn_anneal_steps: 0 for the DiT")
+        if c.get("input", "dense") not in ("dense", "topk"):
+            raise ConfigError(f"curriculum.input must be 'dense' or 'topk', got {c.input!r}")
+        if c.get("input") == "topk" and int(c.topk) < 1:
+            raise ConfigError(f"curriculum.topk must be >= 1, got {c.topk}")
+        trainable = a.trainable
+        if trainable not in ("auto", "all", "lora"):
+            raise ConfigError(f"adapt.trainable must be auto, all or lora, got {trainable!r}")
+        is_lora = getattr(model, "_duo_lora", None) is not None
+        if trainable == "lora" and not is_lora:
+            raise ConfigError("adapt.trainable=lora needs a LoRA model (model._component_: duo_plugin.models."
+                              "duo_lora_llama3_2 / duo_lora_qwen2_5)")
+        if is_lora and trainable in ("auto", "lora"):
+            from torchtune.modules.peft import get_adapter_params, set_trainable_params
+
+            names = set(get_adapter_params(model))
+            extra = getattr(model, "extra_state_dict", dict)()  # adaLN (time conditioning) trains with LoRA
+            names |= {n for n, _ in model.named_parameters() if n in extra}
+            set_trainable_params(model, names)
+        if self.is_rank_zero:
+            from duo_plugin.training.adapt import describe_valid_vocab
+
+            n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            n_all = sum(p.numel() for p in model.parameters())
+            log.info("%s; trainable params %.2fM of %.2fM", describe_valid_vocab(self.valid_vocab.cpu(),
+                     int(self.tokenizer.vocab_size)), n_train / 1e6, n_all / 1e6)
+
+    def _anneal_mask(self, step: int, seq_len: int) -> torch.Tensor | None:
+        """Bool [L, L] attention mask for ``step`` while annealing causal → full, else None (flash path)."""
+        if getattr(self, "anneal_steps", 0) <= 0:
+            return None
+        from duo_plugin.diffusion.uniform import stable_seed
+        from duo_plugin.training.adapt import anneal_progress, annealed_attention_mask
+
+        prog = anneal_progress(step, self.anneal_steps)
+        mode = str(self.cfg.adapt.attn_anneal_mode)
+        gen = torch.Generator().manual_seed(stable_seed(self.seed, step, 0xA77E)) if mode == "random" else None
+        m = annealed_attention_mask(seq_len, prog, mode=mode, generator=gen)
+        return None if m is None else m.to(self.device)
+    # ---------------------------------------------------------------- end issue 8
 
     def _load_init_from(self, src: Path) -> torch.nn.Module:
         """``init_from``: a duo model dir (``duo_config.json``; weights per ``init_weights``, fresh optimizer — the
@@ -467,7 +526,10 @@ class DuoPretrainRecipe:
         if (src / "config.json").is_file():
             from duo_plugin.models.hf_checkpoint import load_hf_checkpoint
 
-            model = self._build_model(int(self.tokenizer.vocab_size))
+            # issue 8: the embedding size comes from the checkpoint's config.json (e.g. Qwen's padded 151,936 rows
+            # vs ~151,665 tokenizer ids), not from the tokenizer; padded rows are excluded by valid_vocab.
+            hf_vocab = json.loads((src / "config.json").read_text()).get("vocab_size")
+            model = self._build_model(int(hf_vocab or self.tokenizer.vocab_size))
             return load_hf_checkpoint(model, src)
         raise FileNotFoundError(f"init_from={src} holds neither duo_config.json (a duo model dir) nor config.json "
                                 "(an HF checkpoint dir)")
@@ -489,7 +551,8 @@ class DuoPretrainRecipe:
 
     def _setup_optimizer(self) -> None:
         cfg = self.cfg
-        self.optimizer = tt_config.instantiate(cfg.optimizer, self.model.parameters())
+        # issue 8: frozen parameters (LoRA base weights) are not handed to the optimizer
+        self.optimizer = tt_config.instantiate(cfg.optimizer, [p for p in self.model.parameters() if p.requires_grad])
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
 
     def _set_lr(self, step: int) -> float:
@@ -519,6 +582,10 @@ class DuoPretrainRecipe:
                 gmin, gmax = float(c.gamma_min), float(c.gamma_max)
             if c.table:
                 table = duality.DualityTable.load(str(c.table), vocab_size=self.k_eff)
+            elif c.get("table_cache"):  # issue 8: on-disk cache keyed by (K_eff, range, points)
+                cache_dir = None if c.table_cache is True else str(c.table_cache)
+                table = duality.DualityTable.cached(self.k_eff, gmin, gmax, num_points=int(c.table_points),
+                                                    cache_dir=cache_dir)
             else:
                 table = duality.DualityTable.build(self.k_eff, gmin, gmax, num_points=int(c.table_points))
             self.duality = DualitySchedule(self.k_eff, gmin, gmax, table=table)
@@ -563,8 +630,15 @@ class DuoPretrainRecipe:
         if phase == "curriculum":
             sched = self.duality
             gamma = sched.gamma(t).to(self.device)
-            z_t, model_in = curriculum_inputs(x0, gamma, float(self.cfg.curriculum.tau), self.vocab_size, gens,
-                                              self.valid_vocab)
+            if self.cfg.curriculum.get("input", "dense") == "topk":  # issue 8: sparse top-k soft input
+                from duo_plugin.training.adapt import topk_curriculum_inputs
+
+                z_t, model_in = topk_curriculum_inputs(x0, gamma, float(self.cfg.curriculum.tau),
+                                                       int(self.cfg.curriculum.topk), self.vocab_size, gens,
+                                                       self.valid_vocab)
+            else:
+                z_t, model_in = curriculum_inputs(x0, gamma, float(self.cfg.curriculum.tau), self.vocab_size, gens,
+                                                  self.valid_vocab)
         else:
             sched = self.loglinear
             z_t = corrupt(x0, sched.alpha(t).to(self.device), gens, self.valid_vocab)
@@ -575,6 +649,9 @@ class DuoPretrainRecipe:
         alpha_prime = sched.alpha_prime(t).to(self.device)
         sigma = (-torch.log(alpha)).float()
         kw = {"padding_mask": mask} if padded else {}
+        am = self._anneal_mask(step, x0.shape[1])  # issue 8: causal -> full attention annealing (None once annealed)
+        if am is not None:
+            kw["attn_mask"] = am
         with self._autocast():
             log_x = self.model(model_in, sigma, **kw)
         nelbo = duo_nelbo(log_x.float(), z_t, x0, alpha, alpha_prime, self.valid_vocab)
@@ -761,7 +838,10 @@ class DuoPretrainRecipe:
     def _cpu_model_with(self, model_sd: dict) -> torch.nn.Module:
         if not self.distributed and not self.cfg.compile:
             return self.model
-        m = self._build_model(self.vocab_size) if not self.cfg.get("init_from") else None
+        init_from = self.cfg.get("init_from")
+        # issue 8: an HF-checkpoint init_from (no duo_config.json) is rebuilt from the model: config
+        m = self._build_model(self.vocab_size) if not init_from or not (
+            Path(str(init_from)) / "duo_config.json").is_file() else None
         if m is None:
             from duo_plugin.models.checkpoint import load_pretrained
 
@@ -856,6 +936,8 @@ class DuoPretrainRecipe:
                 break
         if pbar is not None:
             pbar.close()
+        if eval_every > 0 and (self.last_val is None or self.last_val["step"] != self.step):
+            self._log(self.evaluate(), self.step)  # e.g. stopped early by max_wall_s
         final_ckpt = self.save_checkpoint(final=True)
         final_dir = None
         if self.is_rank_zero:

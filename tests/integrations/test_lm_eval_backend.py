@@ -178,7 +178,7 @@ def test_scores_do_not_depend_on_batching_or_padding():
     rc = [x for x, _ in b._loglikelihood_tokens(reqs[::-1])][::-1]
     np.testing.assert_allclose(ra, rb, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(rb, rc, rtol=1e-5, atol=1e-6)
-    assert b._loglikelihood_tokens([(("", ""), [3], [])])[0] == (0.0, True)  # empty continuation: log 1
+    assert b._loglikelihood_tokens([(("", ""), [3], [])])[0] == (0.0, False)  # empty continuation: log 1 (greedy off)
 
 
 def test_overlong_context_truncated_left_not_free():
@@ -281,7 +281,7 @@ def sp_tokenizer(tmp_path_factory):
     src = d / "corpus.txt"
     lines = [json.loads(x)["text"] for x in (dl.TASKS_DIR / "shakespeare" / "sonnet_couplets.jsonl").open()]
     src.write_text("\n".join(lines * 4) + "\n")
-    return train_sentencepiece([src], 300, d / "out", hard_vocab_limit=False)
+    return train_sentencepiece([src], 360, d / "out", hard_vocab_limit=False)
 
 
 def test_simple_evaluate_bundled_tasks(sp_tokenizer, tmp_path):

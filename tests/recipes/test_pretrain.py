@@ -197,6 +197,11 @@ def test_two_processes_match_one_process(make_cfg, tmp_path):
     from duo_plugin.models.checkpoint import load_pretrained
 
     load_pretrained(Path(cfg.output_dir) / "final", weights="ema")
+    # The gathered FULL model/optimizer/EMA state of the 2-process step-2 checkpoint resumes in 1 process and gives
+    # the single-process step-3 loss.
+    ckpt = Path(cfg.output_dir) / "checkpoints" / "step_00000002"
+    resumed = dp.run(make_cfg("dist", max_steps=3, resume=str(ckpt), **{"checkpoint.every": 2}))
+    assert resumed["losses"][2] == pytest.approx(single["losses"][2], rel=1e-5, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ bad input

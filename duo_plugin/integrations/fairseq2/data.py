@@ -109,11 +109,13 @@ class DuoTextDataset:
         seed: int = 0,
         num_accumulate: int = 1,
         prefetch: int = 0,
+        sync: bool = True,
     ) -> DataPipelineReader[DuoBatch]:
         """Reader yielding lists of ``num_accumulate`` :class:`DuoBatch` of ``batch_size`` rows on each rank.
 
         ``tokenizer`` is a :class:`duo_plugin.data.tokenizers.DuoTokenizer`. ``shuffle_window`` 0 = no shuffle
-        (deterministic order), otherwise the window of both the document and the block shuffles.
+        (deterministic order), otherwise the window of both the document and the block shuffles. ``sync``: stop
+        all ranks when the first runs out of data (fairseq2's ``SyncMode.UNTIL_FIRST``; needs a real gang).
         """
         if mode not in ("wrap", "pad"):
             raise ValueError(f"mode must be 'wrap' or 'pad', got {mode!r}")
@@ -148,7 +150,8 @@ class DuoTextDataset:
         builder = builder.map(collate)
         if prefetch:
             builder = builder.prefetch(prefetch)
-        return DataPipelineReader(builder.and_return(), gangs, num_accumulate=num_accumulate, drop_remainder=True)
+        return DataPipelineReader(builder.and_return(), gangs, num_accumulate=num_accumulate, drop_remainder=True,
+                                  sync=sync)
 
 
 def open_duo_text_dataset(config: DuoTextDatasetConfig) -> DuoTextDataset:

@@ -137,6 +137,11 @@ def test_native_roundtrip_and_converter(f2, tmp_path):
         assert torch.equal(back(x, s), model.eval()(x, s))
     cfg, sd = load_native(out, weights="model")
     assert cfg == TINY
+    from duo_plugin.integrations.fairseq2 import config_from_builder_kwargs
+    from duo_plugin.models.checkpoint import read_duo_config
+
+    rec = read_duo_config(out)
+    assert config_from_builder_kwargs(rec["builder_kwargs"], rec["builder"]) == TINY
     assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
     # converter: DDP / compile prefixes and {"model": ...} nesting -> DiT keys, values untouched
     wrapped = {"model": {f"module._orig_mod.{k}": v for k, v in sd.items()}}

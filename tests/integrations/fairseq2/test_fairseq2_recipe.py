@@ -145,7 +145,7 @@ def test_reader_is_sharded_and_resumable(tmp_path):
     def reader(rank, world):
         g = FakeGang(device=torch.device("cpu"), rank=rank, size=world)
         gangs = Gangs(root=g, dp=g, rdp=g, sdp=g, tp=g, pp=g)
-        return ds.create_reader(tok, gangs, seq_len=16, batch_size=4, shuffle_window=50, seed=3)
+        return ds.create_reader(tok, gangs, seq_len=16, batch_size=4, shuffle_window=50, seed=3, sync=world == 1)
 
     r = reader(0, 1)
     first = [next(r)[0].x0 for _ in range(3)]

@@ -1,0 +1,70 @@
+"""Sampler step (float64 posterior + categorical draw, chunked) overhead relative to the model forward, and the
+dense reference posterior+draw, CPU.  ``python benchmarks/bench_sampler.py [--vocab 50258 --seq-len 1024]`` → JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import measure, ratio, run_isolated  # noqa: E402
+
+
+def worker(cfg):
+    import torch
+
+    import duo_plugin.kernels as dk
+    from duo_plugin.models.dit import duo_dit_tiny
+
+    torch.set_num_threads(cfg["threads"])
+    K, L, Bsz = cfg["vocab"], cfg["seq_len"], cfg["batch"]
+
+    def setup():
+        torch.manual_seed(0)
+        model = duo_dit_tiny(K, L, dim=cfg["dim"], n_layers=cfg["layers"]).eval()
+        z = torch.randint(0, K, (Bsz, L))
+        with torch.no_grad():
+            model.output_projection.weight.normal_(0, 0.02)
+            lx = model(z, torch.full((Bsz,), 0.5))
+        return model, z, lx
+
+    def step(s):
+        model, z, lx = s
+        with torch.no_grad():
+            if cfg["mode"] == "forward":
+                model(z, torch.full((Bsz,), 0.5))
+            else:
+                impl = "reference" if cfg["mode"] == "dense" else "chunked"
+                dk.posterior_sample_step(lx, z, 0.5, 0.6, torch.arange(Bsz), 7, impl=impl)
+
+    print(json.dumps(measure(setup, step, cfg["repeats"])))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--vocab", type=int, default=50258)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--worker")
+    args = p.parse_args()
+    if args.worker:
+        return worker(json.loads(args.worker))
+    base = dict(vocab=args.vocab, seq_len=args.seq_len, batch=args.batch, dim=args.dim, layers=args.layers,
+                repeats=args.repeats, threads=args.threads)
+    r = {m: run_isolated(__file__, dict(base, mode=m)) for m in ("forward", "chunked", "dense")}
+    print(json.dumps({"benchmark": "sampler_step", "device": "cpu", "config": base, **r,
+                      "chunked_overhead_vs_forward": ratio(r["chunked"]["time_s"], r["forward"]["time_s"]),
+                      "dense_overhead_vs_forward": ratio(r["dense"]["time_s"], r["forward"]["time_s"]),
+                      "chunked_vs_dense_memory": ratio(r["chunked"]["peak_delta_mb"], r["dense"]["peak_delta_mb"]),
+                      "target_overhead": 0.10}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
