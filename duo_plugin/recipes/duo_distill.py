@@ -210,8 +210,9 @@ def _is_block(name: str, module: torch.nn.Module, *, types: set[type]) -> bool:
     return type(module) in types
 
 
-def build_scorer(scfg, device) -> tuple[Any, Any, int, int | None] | None:
-    """``eval.scorer`` → (scorer callable, scorer tokenizer, eos id, bos id or None), or None for type 'none'.
+def build_scorer(scfg, device) -> tuple[Any, Any, int, int | None, int | None] | None:
+    """``eval.scorer`` → (scorer callable, scorer tokenizer, eos id, bos id or None, scorer context length or None),
+    or None for type 'none'.
 
     * ``dit``: ``path`` = a duo model dir of an AR-objective DiT (``duo_pretrain objective: ar``); tokenizer from
       ``tokenizer`` or ``path/tokenizer``.
@@ -245,7 +246,8 @@ def build_scorer(scfg, device) -> tuple[Any, Any, int, int | None] | None:
         raise FileNotFoundError(f"scorer tokenizer {tok_path} not found; set eval.scorer.tokenizer")
     tok = load_tokenizer(str(tok_path))
     bos = tok.bos_id if scfg.get("bos", True) else None
-    return scorer, tok, int(tok.eos_id), bos
+    max_len = getattr(getattr(scorer, "model", None), "max_seq_len", None)  # scored sequences are cut to this
+    return scorer, tok, int(tok.eos_id), bos, (int(max_len) if max_len else None)
 
 
 class DuoDistillRecipe:
@@ -584,7 +586,8 @@ class DuoDistillRecipe:
             seq_len=seq_len, seed=int(e.seed), valid_vocab=self.valid_vocab, diffusion_tokenizer=self.tokenizer,
             scorer=sc[0] if sc else None, scorer_tokenizer=sc[1] if sc else None,
             eos_id_scorer=sc[2] if sc else None, bos_id_scorer=sc[3] if sc else None,
-            score_batch_size=int(e.score_batch_size), max_len=int(e.max_len),
+            score_batch_size=int(e.score_batch_size),
+            max_len=min(int(e.max_len), sc[4]) if sc and sc[4] else int(e.max_len),
             batch_size=int(e.batch_size) if e.batch_size else None, device=self.device)
         for r in rows:
             r["step"] = self.step

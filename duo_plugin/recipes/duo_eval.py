@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 from torchtune import config as tt_config
 from torchtune import utils as tt_utils
 
