@@ -162,6 +162,7 @@ def _real_recipes():
     return [n for n in tt_int.RECIPE_CONFIG_PREFIXES if (tt_int.RECIPES_DIR / f"{n}.py").is_file()]
 
 
+@pytest.mark.slow
 def test_tune_ls_cat_cp_real_package(tmp_path):
     """Plain `tune` (no wrapper) lists our recipes/configs through the .pth hook; duo-tune too."""
     recipes = _real_recipes()

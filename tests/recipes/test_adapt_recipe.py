@@ -295,4 +295,36 @@ def test_two_process_fsdp2_matches_single(family, lora, hf_ckpts, tiny_assets, t
 
     a = load_pretrained(tmp_path / "dist" / "final", weights="model").state_dict()
     b = load_pretrained(tmp_path / "single" / "final", weights="model").state_dict()
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # Same weights up to float summation order (Adam amplifies it on rarely-hit embedding rows: ~1e-4 measured),
+    # far below what the 4 steps moved them.
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 5e-4
+    hf_state = hf_ckpts[family][1]
+    moved = max(float((b["decoder." + k] - v).abs().max()) for k, v in hf_state.items())
+    assert moved > 1e-2
+
+
+def test_tune_run_cli_with_shipped_config_name(hf_ckpts, tiny_assets, tmp_path):
+    """The user-facing command, verbatim apart from paths and tiny-shape overrides:
+    ``tune run duo_pretrain --config duo/llama3_2_1b_lora_adapt init_from=... data.files=[...] model.*=...``."""
+    import shutil
+
+    tune = shutil.which("tune") or str(Path(sys.executable).parent / "tune")
+    hf_dir, _ = hf_ckpts["llama"]
+    out = tmp_path / "cli"
+    m = _model_override("llama", True)
+    args = [f"model.{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in m.items()]
+    cmd = [tune, "run", "duo_pretrain", "--config", "duo/llama3_2_1b_lora_adapt", f"init_from={hf_dir}",
+           f"tokenizer.path={tiny_assets['tokenizer']}", f"data.files=[{tiny_assets['corpus']}]",
+           "data.seq_len=16", "data.sample_by=paragraph", f"data.cache_dir={tmp_path / 'cache'}",
+           f"output_dir={out}", "device=cpu", "dtype=fp32", "optimizer.fused=False", "global_batch_size=8",
+           "gradient_accumulation_steps=1", "max_steps=3", "curriculum.steps=2", "curriculum.topk=8",
+           "curriculum.table_points=65", f"curriculum.table_cache={tmp_path / 'tcache'}", "eval_every=0",
+           "progress_bar=False", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["phases"] == ["curriculum", "curriculum", "discrete"]
+    from duo_plugin.models.checkpoint import load_pretrained
+
+    assert load_pretrained(out / "final").vocab_size == K
