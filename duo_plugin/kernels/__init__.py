@@ -32,6 +32,9 @@ __all__ = [
     "posterior_sample_step",
     "embedding_override",
     "rng",
+    "choose_paths",
+    "input_embedding",
+    "projection_params",
 ]
 
 IMPLS = ("auto", "reference", "chunked", "triton")
@@ -118,15 +121,46 @@ def fused_duo_nelbo(hidden, weight, bias, z_t, x0, alpha_t, alpha_prime_t, valid
 
 
 def posterior_sample_step(log_x_theta, z_t, alpha_t, alpha_s, seeds, step: int, valid_vocab=None, *,
-                          impl: str = "auto"):
-    """One ancestral step ``z_s ~ q(z_s | z_t, x_θ)`` (float64 posterior, exponential race with counter-based
-    exponentials keyed by (``seeds[b]``, ``step``, position, vocab id)).  Returns ``Long[B, L]``; all impls agree."""
+                          impl: str = "auto", method: str = "race"):
+    """One ancestral step ``z_s ~ q(z_s | z_t, x_θ)``.  Returns ``Long[B, L]``.
+
+    ``method="race"``: float64 posterior, exponential race with counter-based exponentials keyed by (``seeds[b]``,
+    ``step``, position, vocab id); all impls agree.  ``method="mixture"``: the posterior as the mixture "stay at
+    z_t" / "draw from x_θ" / "draw uniform" with per-position weights — a counter-based coin per position and a
+    float64 inverse-CDF draw over x_θ only on the rows that picked x_θ (same distribution, a different stream;
+    ``impl="reference"`` evaluates it densely, any other impl uses the sparse PyTorch path on any device)."""
     from . import sampler as S
 
+    if method == "mixture":
+        fn = S.posterior_mixture_reference if impl == "reference" else S.posterior_mixture_sample
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+        return fn(log_x_theta, z_t, alpha_t, alpha_s, seeds, step, valid_vocab)
+    if method != "race":
+        raise ValueError(f"method must be 'race' or 'mixture', got {method!r}")
     impl = resolve_impl(impl, log_x_theta.device)
     fn = {"reference": S.posterior_sample_reference, "chunked": S.posterior_sample_chunked,
           "triton": S.posterior_sample_triton}[impl]
     return fn(log_x_theta, z_t, alpha_t, alpha_s, seeds, step, valid_vocab)
+
+
+def choose_paths(*args, **kwargs):
+    """Recipe path selection (``kernels:`` config section); see :func:`duo_plugin.kernels.select.choose_paths`."""
+    from .select import choose_paths as f
+
+    return f(*args, **kwargs)
+
+
+def input_embedding(model):
+    from .select import input_embedding as f
+
+    return f(model)
+
+
+def projection_params(model):
+    from .select import projection_params as f
+
+    return f(model)
 
 
 @contextlib.contextmanager

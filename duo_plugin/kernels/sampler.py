@@ -17,7 +17,8 @@ from duo_plugin.diffusion.uniform import _per_token, posterior
 
 from . import rng
 
-__all__ = ["posterior_sample_reference", "posterior_sample_chunked", "posterior_sample_triton"]
+__all__ = ["posterior_sample_reference", "posterior_sample_chunked", "posterior_sample_triton",
+           "posterior_mixture_reference", "posterior_mixture_sample"]
 
 DEFAULT_WORKSPACE = 1 << 20
 
@@ -91,3 +92,92 @@ def posterior_sample_triton(log_x_theta, z_t, alpha_t, alpha_s, seeds, step: int
     coef = torch.stack([xsum, as_ - at, ((1 - ats) * (1 - as_)) * uni, k_eff * at * x_z + (ats - at),
                         k_eff * at * x_z + 1 - at], dim=1).contiguous()
     return posterior_sample(lx, keys, z, coef, vv).view(b, l)
+
+
+# ------------------------------------------------------------------------------------------------------ mixture
+# The posterior is linear in x (duo-method.md §1.2; uniform.posterior's docstring), so with N = K α_t x_z + 1 − α_t
+#   q(z_s | z_t, x_θ) = w_stay δ_{z_t} + w_x x_θ(valid, renormalised) + w_u Uniform(valid),
+#   w_stay = (K α_t x_z + α_t/α_s − α_t) / N,  w_x = (α_s − α_t) / N,  w_u = (1 − α_t/α_s)(1 − α_s) / N.
+# A draw = one coin per position (which component) + an O(1) uniform id or, only on the rows that picked x_θ, an
+# inverse-CDF draw over x_θ in float64 (cumsum + searchsorted).  All three uniforms are counter-based (fp64 from 53
+# bits of mix64(key + (j + 1) G) with j = −1, −2, −3, which vocabulary ids never use), so the result is a pure
+# function of (seed, step, position): ``method="mixture"`` is exactly posterior-distributed but a different stream
+# from the race (``method="race"``).
+
+_TINY = torch.finfo(torch.float64).tiny
+
+
+def _unit_uniforms(keys: torch.Tensor, j: int) -> torch.Tensor:
+    z = rng.element_bits(keys, torch.tensor([j], dtype=torch.int64, device=keys.device))[..., 0]
+    return (rng._srl(z, 11).to(torch.float64) + 0.5) * (2.0**-53)  # in (0, 1)
+
+
+def _mixture_setup(log_x_theta, z_t, alpha_t, alpha_s, seeds, step, valid_vocab):
+    b, l, k = log_x_theta.shape
+    dev = log_x_theta.device
+    keys = _keys(seeds, step, b, l, dev).reshape(-1)
+    at = _per_token(alpha_t, b, l, dev, "alpha_t").reshape(-1).double()
+    as_ = _per_token(alpha_s, b, l, dev, "alpha_s").reshape(-1).double()
+    if bool(((at <= 0) | (at > 1) | (as_ <= 0) | (as_ > 1) | (at > as_ * (1 + 1e-12))).any()):
+        raise ValueError("need 0 < alpha_t <= alpha_s <= 1")
+    lx = log_x_theta.reshape(b * l, k)
+    z = z_t.reshape(-1).long()
+    x_z = lx.gather(1, z[:, None])[:, 0].double().exp()
+    vv, ids = None, None
+    if valid_vocab is None:
+        k_eff = k
+    else:
+        vv = valid_vocab.to(dev)
+        if not bool(vv[z].all()):
+            raise ValueError("z_t contains ids outside valid_vocab")
+        ids = vv.nonzero()[:, 0]
+        k_eff = int(ids.numel())
+        if k_eff < k:  # renormalise x_θ over the valid ids: Σ_valid (or 1 − Σ_invalid, whichever is narrower)
+            inv = (~vv).nonzero()[:, 0]
+            if inv.numel() <= k_eff:
+                s = 1.0 - lx[:, inv].double().exp().sum(-1)
+            else:
+                s = lx[:, ids].double().exp().sum(-1)
+            x_z = x_z / s.clamp_min(_TINY)
+    norm = k_eff * at * x_z + 1 - at
+    w_stay = (k_eff * at * x_z + at / as_ - at) / norm
+    w_x = (as_ - at) / norm
+    coin = _unit_uniforms(keys, -1)
+    uidx = (_unit_uniforms(keys, -2) * k_eff).long().clamp_(max=k_eff - 1)
+    uni = uidx if ids is None else ids[uidx]
+    stay = coin < w_stay
+    pick_x = ~stay & (coin < w_stay + w_x)
+    out = torch.where(stay, z, uni)
+    return out, pick_x, keys, lx, vv
+
+
+def _draw_x(lx_rows, keys_rows, vv):
+    """Inverse-CDF draws from exp(lx) (renormalised over valid ids), float64, one counter uniform per row."""
+    p = lx_rows.double().exp()
+    if vv is not None:
+        p = torch.where(vv, p, torch.zeros((), dtype=torch.float64, device=p.device))
+    c = torch.cumsum(p, dim=-1)
+    target = _unit_uniforms(keys_rows, -3) * c[:, -1]
+    j = torch.searchsorted(c, target[:, None], right=True)[:, 0]
+    return j.clamp_(max=p.shape[-1] - 1)
+
+
+def posterior_mixture_reference(log_x_theta, z_t, alpha_t, alpha_s, seeds, step: int, valid_vocab=None):
+    """Dense evaluation of the mixture stream (every row draws from x_θ; the coin selects) — the definition."""
+    b, l, _ = log_x_theta.shape
+    out, pick_x, keys, lx, vv = _mixture_setup(log_x_theta, z_t, alpha_t, alpha_s, seeds, step, valid_vocab)
+    return torch.where(pick_x, _draw_x(lx, keys, vv), out).view(b, l)
+
+
+def posterior_mixture_sample(log_x_theta, z_t, alpha_t, alpha_s, seeds, step: int, valid_vocab=None,
+                             workspace: int = DEFAULT_WORKSPACE):
+    """Same stream as :func:`posterior_mixture_reference`; K-wide float64 work only on the rows whose coin picked
+    x_θ (a fraction (α_s − α_t)/N of them), ``workspace // K`` rows at a time."""
+    b, l, k = log_x_theta.shape
+    out, pick_x, keys, lx, vv = _mixture_setup(log_x_theta, z_t, alpha_t, alpha_s, seeds, step, valid_vocab)
+    rows = pick_x.nonzero()[:, 0]
+    step_rows = max(1, int(workspace) // k)
+    for i in range(0, rows.numel(), step_rows):
+        r = rows[i:i + step_rows]
+        out[r] = _draw_x(lx[r], keys[r], vv)
+    return out.view(b, l)

@@ -104,6 +104,8 @@ SCHEMA: dict[str, Any] = {
     "log_every": None,
     "progress_bar": None,
     "max_wall_s": None,
+    # issue 9 (fused kernels): auto|dense|reference|chunked|triton per path; see duo_plugin/kernels/select.py
+    "kernels": {"curriculum_input": None, "nelbo": None, "auto_min_row_elements": None},
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -131,6 +133,8 @@ DEFAULTS: dict[str, Any] = {
     "log_every": 1,
     "progress_bar": True,
     "max_wall_s": None,
+    # issue 9: `auto` keeps the dense paths at small L*K on CPU (the existing behaviour), fused where it pays off
+    "kernels": {"curriculum_input": "auto", "nelbo": "auto", "auto_min_row_elements": 1 << 22},
 }
 
 
@@ -189,6 +193,13 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         if (c.gamma_min is None) != (c.gamma_max is None):
             raise ConfigError("set both curriculum.gamma_min and curriculum.gamma_max, or neither (default: "
                               "duality.gamma_window(K))")
+    # --- issue 9 (kernels) begin
+    from duo_plugin.kernels.select import KERNEL_CHOICES
+
+    for key in ("curriculum_input", "nelbo"):
+        if merged.kernels[key] not in KERNEL_CHOICES:
+            raise ConfigError(f"kernels.{key} must be one of {KERNEL_CHOICES}, got {merged.kernels[key]!r}")
+    # --- issue 9 (kernels) end
     if merged.resume not in (False, True, "auto") and not isinstance(merged.resume, str):
         raise ConfigError("resume must be false, true/'auto' (latest checkpoint in output_dir) or a checkpoint dir")
     return merged
@@ -455,6 +466,21 @@ class DuoPretrainRecipe:
                 block.compile()
         self.model = model
         self.valid_vocab = self.valid_vocab.to(self.device)
+        # --- issue 9 (kernels) begin: which curriculum-input / NELBO paths this run uses (topology-independent)
+        from duo_plugin.kernels.select import choose_paths
+
+        kc = cfg.kernels
+        try:
+            self.kernel_paths = choose_paths(str(kc.curriculum_input), str(kc.nelbo), model=model,
+                                             device=self.device, seq_len=int(cfg.data.seq_len), vocab_size=k,
+                                             soft_input=str(cfg.curriculum.get("input", "dense")),
+                                             auto_min_row_elements=int(kc.auto_min_row_elements))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.is_rank_zero:
+            log.info("kernels: curriculum_input=%s, nelbo=%s", self.kernel_paths["curriculum_input"],
+                     self.kernel_paths["nelbo"])
+        # --- issue 9 (kernels) end
         from duo_plugin.training.ema import EMA
 
         self.ema = EMA(model, decay=float(cfg.ema.decay)) if cfg.ema and cfg.ema.get("decay") else None
@@ -614,7 +640,7 @@ class DuoPretrainRecipe:
                         phase: str) -> torch.Tensor:
         """Σ over this micro-batch's valid tokens of the per-token loss (fp32 scalar, differentiable)."""
         from duo_plugin.diffusion.losses import curriculum_inputs, duo_nelbo
-        from duo_plugin.diffusion.schedules import stratified_times
+        from duo_plugin.diffusion.schedules import gaussian_coefficients, stratified_times
         from duo_plugin.diffusion.uniform import corrupt, row_generators
 
         if phase == "ar":
@@ -627,6 +653,7 @@ class DuoPretrainRecipe:
         t = stratified_times(self.seed, step, positions, self.global_batch_size, self.t_min, dtype=torch.float64)
         gens = row_generators(self.seed, step, positions, device=self.device)
         padded = not bool(mask.all())
+        override = contextlib.nullcontext()  # issue 9: embedding_override when the fused curriculum input is used
         if phase == "curriculum":
             sched = self.duality
             gamma = sched.gamma(t).to(self.device)
@@ -636,6 +663,17 @@ class DuoPretrainRecipe:
                 z_t, model_in = topk_curriculum_inputs(x0, gamma, float(self.cfg.curriculum.tau),
                                                        int(self.cfg.curriculum.topk), self.vocab_size, gens,
                                                        self.valid_vocab)
+            elif self.kernel_paths["curriculum_input"] != "dense":  # issue 9: fused soft embedding, counter noise
+                from duo_plugin import kernels
+
+                at, st = gaussian_coefficients(gamma)
+                seeds = kernels.row_seeds(self.seed, step, positions, device=self.device)
+                emb_module = kernels.input_embedding(self.model)
+                emb, z_t = kernels.curriculum_soft_embedding(
+                    x0, at.float(), st.float(), float(self.cfg.curriculum.tau), seeds, emb_module.weight,
+                    self.valid_vocab, impl=self.kernel_paths["curriculum_input"])
+                override = kernels.embedding_override(emb_module, emb)
+                model_in = z_t  # ids feed the (discarded) embedding lookup
             else:
                 z_t, model_in = curriculum_inputs(x0, gamma, float(self.cfg.curriculum.tau), self.vocab_size, gens,
                                                   self.valid_vocab)
@@ -652,7 +690,16 @@ class DuoPretrainRecipe:
         am = self._anneal_mask(step, x0.shape[1])  # issue 8: causal -> full attention annealing (None once annealed)
         if am is not None:
             kw["attn_mask"] = am
-        with self._autocast():
+        if self.kernel_paths["nelbo"] != "dense":  # issue 9: fused projection + NELBO on the hidden states
+            from duo_plugin import kernels
+
+            with override, self._autocast():
+                h = self.model.forward_hidden(model_in, sigma, **kw)
+                w, bias = kernels.projection_params(self.model)
+                nelbo = kernels.fused_duo_nelbo(h, w, bias, z_t, x0, alpha, alpha_prime, self.valid_vocab,
+                                                impl=self.kernel_paths["nelbo"])
+            return masked_token_sum(nelbo, mask)
+        with override, self._autocast():
             log_x = self.model(model_in, sigma, **kw)
         nelbo = duo_nelbo(log_x.float(), z_t, x0, alpha, alpha_prime, self.valid_vocab)
         return masked_token_sum(nelbo, mask)

@@ -206,3 +206,38 @@ def test_resolve_impl():
     assert dk.resolve_impl("reference", "cpu") == "reference"
     with pytest.raises(ValueError):
         dk.resolve_impl("fast", "cpu")
+
+
+# ------------------------------------------------------------------------------------ issue 9: mixture sampler
+@pytest.mark.parametrize("valid", [False, True])
+def test_posterior_mixture_sparse_equals_dense_stream(valid):
+    torch.manual_seed(5)
+    vv = VV if valid else None
+    lx = torch.log_softmax(torch.randn(B, 40, K) * 2, -1)
+    z = torch.randint(1, 5, (B, 40))
+    at, as_ = torch.tensor([0.2, 0.5]), torch.tensor([0.7, 1.0])
+    seeds = torch.tensor([5, 9], dtype=torch.int64)
+    ref = S.posterior_mixture_reference(lx, z, at, as_, seeds, 3, vv)
+    out = S.posterior_mixture_sample(lx, z, at, as_, seeds, 3, vv, workspace=3 * K)
+    assert torch.equal(out, ref)
+    assert torch.equal(dk.posterior_sample_step(lx, z, at, as_, seeds, 3, vv, method="mixture"), ref)
+    if vv is not None:
+        assert bool(vv[out].all())
+    assert not torch.equal(ref, S.posterior_mixture_reference(lx, z, at, as_, seeds, 4, vv))
+
+
+@pytest.mark.parametrize("valid", [False, True])
+def test_posterior_mixture_distribution(valid):
+    """Monte Carlo vs uniform.posterior (float64), including renormalisation over valid ids."""
+    torch.manual_seed(6)
+    k, n = 7, 40000
+    vv = None
+    if valid:
+        vv = torch.ones(k, dtype=torch.bool)
+        vv[[0, 4]] = False
+    lx = torch.log_softmax(torch.randn(k) * 1.5, -1).expand(1, n, k).contiguous()
+    z = torch.full((1, n), 2)
+    out = dk.posterior_sample_step(lx, z, 0.3, 0.65, torch.tensor([1], dtype=torch.int64), 0, vv, method="mixture")
+    p = posterior(z[:, :1], lx[:, :1].double().exp(), 0.3, 0.65, vv)[0, 0]
+    freq = torch.bincount(out[0], minlength=k).double() / n
+    assert float((freq - p).abs().max()) < 4 * math.sqrt(0.25 / n)
