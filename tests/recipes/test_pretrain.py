@@ -179,16 +179,19 @@ def test_padded_sentences_exclude_padding(make_cfg):
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(make_cfg, tmp_path):
-    """FSDP2 over 2 gloo CPU processes (torchrun) with the same global batch gives the single-process losses."""
+    """FSDP2 over 2 gloo CPU processes (`tune run --nproc_per_node 2 duo_pretrain`) with the same global batch gives the single-process losses."""
     single = dp.run(make_cfg("single", max_steps=3))
     cfg = make_cfg("dist", max_steps=3, **{"checkpoint.every": 2})
     path = tmp_path / "dist.yaml"
     OmegaConf.save(cfg, path)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    # Exactly what a user types: plain `tune run --nproc_per_node 2 duo_pretrain` BY NAME (registered through the
+    # start-up hook), run from a directory that is not the repo.
+    tune = Path(sys.executable).parent / "tune"
+    assert tune.exists(), "torchtune's `tune` console script is missing from the environment"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-         "-m", "duo_plugin.recipes.duo_pretrain", "--config", str(path)],
-        cwd=str(REPO), env=env, capture_output=True, text=True, timeout=300)
+        [str(tune), "run", "--nproc_per_node", "2", "duo_pretrain", "--config", str(path)],
+        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     dist_summary = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
     assert dist_summary["world_size"] == 2
