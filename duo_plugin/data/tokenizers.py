@@ -25,11 +25,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence, runtime_checkable
 
 import torch
+
+from duo_plugin._io import atomic_open
 
 __all__ = [
     "DESCRIPTOR_NAME",
@@ -89,23 +90,45 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w", prefix=f".{path.name}.", suffix=".tmp", encoding="utf-8") as f:
+        f.write(text)
 
 
-class BaseTokenizer:
-    """Shared helpers: bos/eos insertion, id validation and descriptor-based ``save``."""
+class _SpecialIds:
+    """bos/eos/pad/special-id bookkeeping shared by every tokenizer (here and the torchtune wrapper).
 
-    type_name: str = "base"
+    Subclasses call :meth:`_set_special_ids` once in ``__init__``; it stores the ids behind the
+    ``bos_id`` / ``eos_id`` / ``pad_id`` / ``special_ids`` properties.
+    """
+
+    _bos: int
+    _eos: int
+    _pad: int | None
+    _specials: set[int]
+
+    def _set_special_ids(self, bos: int, eos: int, pad: int | None, specials: Iterable[int] = ()) -> None:
+        """Record bos/eos/pad; ``special_ids`` = ``specials`` plus bos, eos and pad (when not ``None``)."""
+        self._bos, self._eos, self._pad = bos, eos, pad
+        specials = set(specials) | {bos, eos}
+        if pad is not None:
+            specials.add(pad)
+        self._specials = specials
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._pad
+
+    @property
+    def special_ids(self) -> set[int]:
+        return set(self._specials)
 
     def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
         if add_bos:
@@ -113,6 +136,15 @@ class BaseTokenizer:
         if add_eos:
             ids = ids + [self.eos_id]
         return ids
+
+    def _drop_bos_eos_pad(self, ids: Iterable[int]) -> list[int]:
+        return [i for i in ids if i not in (self._bos, self._eos, self._pad)]
+
+
+class BaseTokenizer(_SpecialIds):
+    """Shared helpers: bos/eos insertion, id validation and descriptor-based ``save``."""
+
+    type_name: str = "base"
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
         if isinstance(ids, torch.Tensor):
@@ -183,21 +215,17 @@ class SentencePieceTokenizer(BaseTokenizer):
         if not self.model_path.is_file():
             raise FileNotFoundError(f"SentencePiece model not found: {self.model_path}")
         self._sp = spm.SentencePieceProcessor(model_file=str(self.model_path))
-        self._bos = int(self._sp.bos_id())
-        self._eos = int(self._sp.eos_id())
+        bos = int(self._sp.bos_id())
+        eos = int(self._sp.eos_id())
         pad = int(self._sp.pad_id())
-        self._pad = pad if pad >= 0 else None
-        if self._bos < 0 or self._eos < 0:
+        if bos < 0 or eos < 0:
             raise ValueError(
-                f"{self.model_path} has no bos/eos piece (bos={self._bos}, eos={self._eos}); retrain with "
+                f"{self.model_path} has no bos/eos piece (bos={bos}, eos={eos}); retrain with "
                 "train_sentencepiece (which defines unk=0, bos=1, eos=2, pad=3)"
             )
         n = int(self._sp.get_piece_size())
         specials = {i for i in range(n) if self._sp.is_control(i) or self._sp.is_unknown(i)}
-        specials |= {self._bos, self._eos}
-        if self._pad is not None:
-            specials.add(self._pad)
-        self._specials = specials
+        self._set_special_ids(bos, eos, pad if pad >= 0 else None, specials)
         self._unk = int(self._sp.unk_id())
 
     @property
@@ -205,24 +233,8 @@ class SentencePieceTokenizer(BaseTokenizer):
         return int(self._sp.get_piece_size())
 
     @property
-    def bos_id(self) -> int:
-        return self._bos
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos
-
-    @property
-    def pad_id(self) -> int | None:
-        return self._pad
-
-    @property
     def unk_id(self) -> int:
         return self._unk
-
-    @property
-    def special_ids(self) -> set[int]:
-        return set(self._specials)
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         return self._wrap(list(self._sp.encode(text)), add_bos, add_eos)
@@ -232,8 +244,7 @@ class SentencePieceTokenizer(BaseTokenizer):
         return [list(x) for x in self._sp.encode(list(texts))]
 
     def decode(self, ids: Sequence[int]) -> str:
-        ids = [i for i in self._check_ids(ids) if i not in (self._bos, self._eos, self._pad)]
-        return self._sp.decode(ids)
+        return self._sp.decode(self._drop_bos_eos_pad(self._check_ids(ids)))
 
     def _model_file(self) -> Path:
         return self.model_path
@@ -287,38 +298,19 @@ class HFTokenizer(BaseTokenizer):
                 )
             return None
 
-        self._bos = find(bos_token, _BOS_CANDIDATES, "bos", True)
-        self._eos = find(eos_token, _EOS_CANDIDATES, "eos", True)
-        self._pad = find(pad_token, _PAD_CANDIDATES, "pad", False)
+        bos = find(bos_token, _BOS_CANDIDATES, "bos", True)
+        eos = find(eos_token, _EOS_CANDIDATES, "eos", True)
+        pad = find(pad_token, _PAD_CANDIDATES, "pad", False)
         self._tokens = {"bos_token": bos_token, "eos_token": eos_token, "pad_token": pad_token}
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self._vocab_size = max(vocab.values()) + 1
         raw = json.loads(self.path.read_text(encoding="utf-8"))
         specials = {int(t["id"]) for t in raw.get("added_tokens", []) if t.get("special", False)}
-        specials |= {self._bos, self._eos}
-        if self._pad is not None:
-            specials.add(self._pad)
-        self._specials = specials
+        self._set_special_ids(bos, eos, pad, specials)
 
     @property
     def vocab_size(self) -> int:
         return self._vocab_size
-
-    @property
-    def bos_id(self) -> int:
-        return self._bos
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos
-
-    @property
-    def pad_id(self) -> int | None:
-        return self._pad
-
-    @property
-    def special_ids(self) -> set[int]:
-        return set(self._specials)
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         return self._wrap(list(self._tok.encode(text, add_special_tokens=False).ids), add_bos, add_eos)

@@ -12,11 +12,11 @@ sequence per pass, strata over the whole split) and corruption from ``row_genera
 from __future__ import annotations
 
 import math
-import sys
 from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from duo_plugin._progress import progress_bar
 from duo_plugin.diffusion.losses import duo_nelbo
 from duo_plugin.diffusion.schedules import LogLinearSchedule, stratified_times
 from duo_plugin.diffusion.uniform import corrupt, row_generators
@@ -29,21 +29,21 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _COND_STEP_OFFSET = 1 << 40
 
 
-def _progress(progress: bool) -> bool:
-    if not progress:
-        return False
-    try:
-        return bool(sys.stderr.isatty())
-    except Exception:  # pragma: no cover
-        return False
-
-
 def _model_device(denoiser) -> torch.device:
     m = getattr(denoiser, "model", denoiser)
     if isinstance(m, torch.nn.Module):
         for p in m.parameters():
             return p.device
     return torch.device("cpu")
+
+
+def _eval_setup(denoiser, device, schedule, valid_vocab):
+    """The device (``device`` or the denoiser's), the schedule (default log-linear) and ``valid_vocab`` on it."""
+    dev = torch.device(device) if device is not None else _model_device(denoiser)
+    schedule = schedule or LogLinearSchedule()
+    if valid_vocab is not None:
+        valid_vocab = valid_vocab.to(dev)
+    return dev, schedule, valid_vocab
 
 
 @torch.no_grad()
@@ -147,18 +147,11 @@ def nelbo_perplexity(
         raise ValueError("attention_mask selects no token")
     if int(mc_passes) < 1 or int(batch_size) < 1:
         raise ValueError("mc_passes and batch_size must be >= 1")
-    dev = torch.device(device) if device is not None else _model_device(denoiser)
-    schedule = schedule or LogLinearSchedule()
-    if valid_vocab is not None:
-        valid_vocab = valid_vocab.to(dev)
+    dev, schedule, valid_vocab = _eval_setup(denoiser, device, schedule, valid_vocab)
 
     per_seq = torch.zeros(int(mc_passes), n, dtype=torch.float64)
-    bar = None
     n_batches = (n + batch_size - 1) // batch_size
-    if _progress(progress):
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=int(mc_passes) * n_batches, desc="nelbo ppl", unit="batch", leave=False)
+    bar = progress_bar(progress, total=int(mc_passes) * n_batches, desc="nelbo ppl", unit="batch", leave=False)
     try:
         for p in range(int(mc_passes)):
             for lo in range(0, n, batch_size):
@@ -273,10 +266,7 @@ def conditional_nelbo(
     indices = torch.as_tensor(indices, dtype=torch.long).flatten()
     if indices.numel() != b:
         raise ValueError(f"indices must have one entry per sequence ({b})")
-    dev = torch.device(device) if device is not None else _model_device(denoiser)
-    schedule = schedule or LogLinearSchedule()
-    if valid_vocab is not None:
-        valid_vocab = valid_vocab.to(dev)
+    dev, schedule, valid_vocab = _eval_setup(denoiser, device, schedule, valid_vocab)
     score = attention_mask & ~keep_mask
 
     # Flatten (sequence, mc sample) into rows.

@@ -11,7 +11,7 @@ model is saved with merged weights and reloads as the full model.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from torchtune.models.llama3_2 import llama3_2, lora_llama3_2
 from torchtune.models.qwen2 import lora_qwen2, qwen2
@@ -132,9 +132,22 @@ def duo_qwen2_5_0_5b(**opts: Any) -> DecoderDenoiser:
 
 _LORA_KEYS = ("lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "lora_rank", "lora_alpha",
               "lora_dropout", "use_dora", "quantize_base")
+_DENOISER_KEYS = ("time_conditioning", "shift", "cond_dim")
+_LORA_POSITIONAL = ("lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output")
 
 
-def _lora_finish(model: DecoderDenoiser, full_builder: str, cfg: Dict[str, Any]) -> DecoderDenoiser:
+def _build_lora(lora_decoder: Callable[..., Any], finish: Callable[[DecoderDenoiser, Dict[str, Any]], Any],
+                full_builder: str, cfg: Dict[str, Any]) -> DecoderDenoiser:
+    """Body of the ``duo_lora_*`` builders (``cfg``: the builder's arguments): ``lora_decoder(modules, mlp,
+    output, **every other decoder argument)`` + :func:`make_denoiser` + ``finish``; records the full twin."""
+    if cfg["quantize_base"]:
+        raise ValueError("quantize_base=True is not supported by duo_plugin's save/load (NF4 weights)")
+    dec_kwargs = {k: v for k, v in cfg.items() if k not in _LORA_POSITIONAL + _DENOISER_KEYS}
+    dec = lora_decoder(list(cfg["lora_attn_modules"]), cfg["apply_lora_to_mlp"], cfg["apply_lora_to_output"],
+                       **dec_kwargs)
+    model = make_denoiser(dec, time_conditioning=cfg["time_conditioning"], shift=cfg["shift"],
+                          cond_dim=cfg["cond_dim"])
+    finish(model, cfg)
     full_kwargs = {k: v for k, v in cfg.items() if k not in _LORA_KEYS}
     model._duo_full_builder = (full_builder, full_kwargs)
     model._duo_lora = (int(cfg["lora_rank"]), float(cfg["lora_alpha"]))
@@ -153,19 +166,7 @@ def duo_lora_llama3_2(lora_attn_modules: List[str], apply_lora_to_mlp: bool = Fa
     """LoRA Llama-3.2 denoiser (``torchtune.models.llama3_2.lora_llama3_2``). Only LoRA (and adaLN)
     parameters should be trained: use ``torchtune.modules.peft.set_trainable_params`` with
     ``get_adapter_params(model)`` and add ``model.extra_state_dict()`` params if time-conditioned."""
-    cfg = dict(locals())
-    if quantize_base:
-        raise ValueError("quantize_base=True is not supported by duo_plugin's save/load (NF4 weights)")
-    dec = lora_llama3_2(list(lora_attn_modules), apply_lora_to_mlp, apply_lora_to_output,
-                        vocab_size=vocab_size, num_layers=num_layers, num_heads=num_heads,
-                        num_kv_heads=num_kv_heads, embed_dim=embed_dim, max_seq_len=max_seq_len,
-                        intermediate_dim=intermediate_dim, attn_dropout=attn_dropout, norm_eps=norm_eps,
-                        rope_base=rope_base, scale_factor=scale_factor, lora_rank=lora_rank,
-                        lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_dora=use_dora,
-                        quantize_base=quantize_base, tie_word_embeddings=tie_word_embeddings)
-    model = make_denoiser(dec, time_conditioning=time_conditioning, shift=shift, cond_dim=cond_dim)
-    _finish_llama(model, cfg)
-    return _lora_finish(model, f"{__name__}.duo_llama3_2", cfg)
+    return _build_lora(lora_llama3_2, _finish_llama, f"{__name__}.duo_llama3_2", dict(locals()))
 
 
 @record_builder
@@ -177,16 +178,4 @@ def duo_lora_qwen2_5(lora_attn_modules: List[str], apply_lora_to_mlp: bool = Fal
                      lora_dropout: float = 0.0, use_dora: bool = False, quantize_base: bool = False,
                      time_conditioning: bool = False, shift: bool = False, cond_dim: int = 128) -> DecoderDenoiser:
     """LoRA Qwen-2.5 denoiser (``torchtune.models.qwen2.lora_qwen2``); see :func:`duo_lora_llama3_2`."""
-    cfg = dict(locals())
-    if quantize_base:
-        raise ValueError("quantize_base=True is not supported by duo_plugin's save/load (NF4 weights)")
-    dec = lora_qwen2(list(lora_attn_modules), apply_lora_to_mlp, apply_lora_to_output,
-                     vocab_size=vocab_size, num_layers=num_layers, num_heads=num_heads,
-                     num_kv_heads=num_kv_heads, embed_dim=embed_dim, intermediate_dim=intermediate_dim,
-                     max_seq_len=max_seq_len, attn_dropout=attn_dropout, norm_eps=norm_eps,
-                     rope_base=rope_base, tie_word_embeddings=tie_word_embeddings, lora_rank=lora_rank,
-                     lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_dora=use_dora,
-                     quantize_base=quantize_base)
-    model = make_denoiser(dec, time_conditioning=time_conditioning, shift=shift, cond_dim=cond_dim)
-    _finish_qwen(model, cfg)
-    return _lora_finish(model, f"{__name__}.duo_qwen2_5", cfg)
+    return _build_lora(lora_qwen2, _finish_qwen, f"{__name__}.duo_qwen2_5", dict(locals()))

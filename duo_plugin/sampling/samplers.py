@@ -22,12 +22,12 @@ log x_θ: FloatTensor[B, L, K]`` with ``sigma = -log α_t``.
 from __future__ import annotations
 
 import contextlib
-import sys
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from duo_plugin._progress import progress_bar
 from duo_plugin.diffusion.uniform import num_valid, posterior, prior_sample, row_generators, sample_categorical
 
 __all__ = [
@@ -141,15 +141,6 @@ def nucleus_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     out = torch.where(keep, probs, torch.zeros((), dtype=torch.float64, device=probs.device))
     return out / out.sum(-1, keepdim=True)
-
-
-def _progress_enabled(progress: bool) -> bool:
-    if not progress:
-        return False
-    try:
-        return bool(sys.stderr.isatty())
-    except Exception:  # pragma: no cover
-        return False
 
 
 def _as_batch(t: Optional[torch.Tensor], batch_size: int, name: str, dtype) -> Optional[torch.Tensor]:
@@ -293,11 +284,9 @@ def sample(
 
     n_chunks = (batch_size + chunk - 1) // chunk
     nfe = steps + (0 if noise_removal == "none" else 1)
-    bar = None
-    if _progress_enabled(progress):
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n_chunks * nfe, desc=f"duo sample ({noise_removal}, T={steps})", unit="nfe", leave=False)
+    bar = progress_bar(
+        progress, total=n_chunks * nfe, desc=f"duo sample ({noise_removal}, T={steps})", unit="nfe", leave=False
+    )
 
     outs, trajs = [], []
     try:

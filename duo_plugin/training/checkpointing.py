@@ -18,12 +18,13 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from duo_plugin._io import atomic_open, fsync_path
 
 __all__ = [
     "step_dir_name",
@@ -58,39 +59,16 @@ def checkpoint_step(path: str | os.PathLike) -> int:
     return int(m.group(1))
 
 
-def _fsync_path(p: Path) -> None:
-    try:
-        fd = os.open(str(p), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for dirpath, _dirnames, filenames in os.walk(root):
         for f in filenames:
-            _fsync_path(Path(dirpath) / f)
-        _fsync_path(Path(dirpath))
+            fsync_path(Path(dirpath) / f)
+        fsync_path(Path(dirpath))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_TMP_PREFIX}{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_path(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w", prefix=f"{_TMP_PREFIX}{path.name}.", fsync_dir=True) as f:
+        f.write(text)
 
 
 def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
@@ -149,7 +127,7 @@ def save_step_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_path(root)
+    fsync_path(root)
     _atomic_write_text(root / _LATEST, name + "\n")
     if keep_last is not None and int(keep_last) > 0:
         done = list_checkpoints(out_dir)
@@ -182,17 +160,8 @@ def save_training_state(path: str | os.PathLike, state: Mapping[str, Any]) -> No
     """``torch.save(state)`` atomically (temp file in the same directory + fsync + ``os.replace``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_TMP_PREFIX}{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb", prefix=f"{_TMP_PREFIX}{path.name}.") as f:
+        torch.save(dict(state), f)
 
 
 def load_training_state(path: str | os.PathLike, map_location: str | torch.device = "cpu",
