@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from duo_plugin.data.tokenizers import DESCRIPTOR_NAME, _atomic_write_text, file_sha256
+from duo_plugin.data.tokenizers import DESCRIPTOR_NAME, _atomic_write_text, _SpecialIds, file_sha256
 
 __all__ = ["TorchtuneTokenizer"]
 
@@ -27,7 +27,7 @@ def _resolve(dotpath: str):
     return getattr(importlib.import_module(mod), name)
 
 
-class TorchtuneTokenizer:
+class TorchtuneTokenizer(_SpecialIds):
     """A torchtune ``ModelTokenizer`` seen through the DuoTokenizer protocol.
 
     Args:
@@ -57,18 +57,16 @@ class TorchtuneTokenizer:
         if eos is None:
             raise ValueError(f"{type(tokenizer).__name__} has no eos_id; pass eos_id=... to TorchtuneTokenizer")
         bos = bos_id if bos_id is not None else getattr(tokenizer, "bos_id", None)
-        self._eos = int(eos)
-        self._bos = int(bos) if bos is not None else self._eos
         pad = pad_id if pad_id is not None else getattr(tokenizer, "pad_id", None)
-        self._pad = int(pad) if pad is not None and int(pad) >= 0 else None
-        specials = set()
         st = getattr(tokenizer, "special_tokens", None)
-        if isinstance(st, dict):
-            specials |= {int(v) for v in st.values()}
-        specials |= {self._bos, self._eos}
-        if self._pad is not None:
-            specials.add(self._pad)
-        self._specials = specials
+        eos = int(eos)
+        self._set_special_ids(
+            int(bos) if bos is not None else eos,
+            eos,
+            int(pad) if pad is not None and int(pad) >= 0 else None,
+            {int(v) for v in st.values()} if isinstance(st, dict) else (),
+        )
+        specials = self._specials
         vs = getattr(tokenizer, "vocab_size", None)
         if vs is None:
             base = getattr(tokenizer, "base_vocab_size", None)
@@ -90,33 +88,12 @@ class TorchtuneTokenizer:
     def vocab_size(self) -> int:
         return self._vocab_size
 
-    @property
-    def bos_id(self) -> int:
-        return self._bos
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos
-
-    @property
-    def pad_id(self) -> int | None:
-        return self._pad
-
-    @property
-    def special_ids(self) -> set[int]:
-        return set(self._specials)
-
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        ids = list(self.tt.encode(text, add_bos=False, add_eos=False))
-        if add_bos:
-            ids = [self._bos] + ids
-        if add_eos:
-            ids = ids + [self._eos]
-        return ids
+        return self._wrap(list(self.tt.encode(text, add_bos=False, add_eos=False)), add_bos, add_eos)
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
-        return self.tt.decode([i for i in ids if i not in (self._bos, self._eos, self._pad)])
+        return self.tt.decode(self._drop_bos_eos_pad(ids))
 
     def descriptor(self) -> dict:
         if self.component is None:
