@@ -67,7 +67,7 @@ def _latent_eager(keys, j, x0, a, s):
 # Inductor (C++ on CPU) fuses the ~30 integer ops of the hash + Box-Muller into one loop: ~50x faster than eager
 # PyTorch on CPU (docs/kernels.md).  Same integer bits; log/cos/sqrt may differ by an ulp (as with Triton).
 # DUO_KERNELS_COMPILE: "auto" (default: CPU chunks of >= COMPILE_MIN_ELEMENTS), "1" (always), "0" (never).
-COMPILE_MIN_ELEMENTS = 1 << 20
+COMPILE_MIN_ELEMENTS = 1 << 16
 _compiled = None
 _compile_failed = False
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 
 import pytest
@@ -241,3 +242,22 @@ def test_posterior_mixture_distribution(valid):
     p = posterior(z[:, :1], lx[:, :1].double().exp(), 0.3, 0.65, vv)[0, 0]
     freq = torch.bincount(out[0], minlength=k).double() / n
     assert float((freq - p).abs().max()) < 4 * math.sqrt(0.25 / n)
+
+
+# ------------------------------------------------------------------------- issue 9: compiled chunked noise (CPU)
+@pytest.mark.skipif(os.environ.get("DUO_TEST_COMPILE") != "1", reason="torch.compile takes ~1-2 min; DUO_TEST_COMPILE=1")
+def test_compiled_chunked_curriculum_matches_reference(monkeypatch):
+    monkeypatch.setenv("DUO_KERNELS_COMPILE", "1")
+    torch.manual_seed(7)
+    x0 = torch.randint(0, K, (B, L))
+    seeds = torch.tensor([3, 11], dtype=torch.int64)
+    wt = torch.randn(K, D, requires_grad=True)
+    args = (x0, torch.tensor([0.9, 0.4]), torch.tensor([0.45, 0.9]), 0.5, seeds)
+    e_ref, z_ref = C.curriculum_soft_embedding_reference(*args, wt, VV)
+    e, z = C.curriculum_soft_embedding_chunked(*args, wt, VV, workspace=3 * K)
+    assert torch.equal(z, z_ref)
+    torch.testing.assert_close(e, e_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(e)
+    (gr,) = torch.autograd.grad(e_ref, wt, g)
+    (gc,) = torch.autograd.grad(e, wt, g)
+    torch.testing.assert_close(gc, gr, rtol=1e-4, atol=1e-5)
