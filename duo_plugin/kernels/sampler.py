@@ -34,16 +34,22 @@ def _draw(probs, keys):
     return (probs / e).argmax(dim=-1)
 
 
-def posterior_sample_reference(log_x_theta, z_t, alpha_t, alpha_s, seeds, step: int, valid_vocab=None):
-    """``z_s`` (``Long[B, L]``) ~ q(z_s | z_t, x_θ = exp(log_x_theta)) with the counter-based exponential race."""
+def posterior_sample_reference(log_x_theta, z_t, alpha_t, alpha_s, seeds, step: int, valid_vocab=None,
+                               probs_fn=None):
+    """``z_s`` (``Long[B, L]``) ~ q(z_s | z_t, x_θ = exp(log_x_theta)) with the counter-based exponential race
+    (x_θ = ``probs_fn(log_x_theta)`` when given)."""
     b, l, _ = log_x_theta.shape
-    probs = posterior(z_t, log_x_theta.double().exp(), alpha_t, alpha_s, valid_vocab)
+    x = log_x_theta.double().exp() if probs_fn is None else probs_fn(log_x_theta)
+    probs = posterior(z_t, x, alpha_t, alpha_s, valid_vocab)
     return _draw(probs, _keys(seeds, step, b, l, log_x_theta.device))
 
 
 def posterior_sample_chunked(log_x_theta, z_t, alpha_t, alpha_s, seeds, step: int, valid_vocab=None,
-                             workspace: int = DEFAULT_WORKSPACE):
-    """Same as the reference, ``workspace // K`` positions at a time (float64 buffers ``O(workspace)``)."""
+                             workspace: int = DEFAULT_WORKSPACE, probs_fn=None):
+    """Same as the reference, ``workspace // K`` positions at a time (float64 buffers ``O(workspace)``).
+
+    ``probs_fn`` (optional): maps rows ``log_x_theta[n, K]`` to float64 probabilities ``[n, K]`` (e.g. the sampler's
+    temperature + nucleus filter); default ``exp``. It must act row by row."""
     b, l, k = log_x_theta.shape
     dev = log_x_theta.device
     keys = _keys(seeds, step, b, l, dev).reshape(-1)
@@ -55,7 +61,8 @@ def posterior_sample_chunked(log_x_theta, z_t, alpha_t, alpha_s, seeds, step: in
     rows = max(1, int(workspace) // k)
     for i in range(0, b * l, rows):
         j = min(b * l, i + rows)
-        probs = posterior(z[None, i:j], lx[None, i:j].double().exp(), at[None, i:j], as_[None, i:j], valid_vocab)
+        x = lx[i:j].double().exp() if probs_fn is None else probs_fn(lx[i:j])
+        probs = posterior(z[None, i:j], x[None], at[None, i:j], as_[None, i:j], valid_vocab)
         out[i:j] = _draw(probs[0], keys[i:j])
     return out.view(b, l)
 
@@ -112,7 +119,8 @@ def _unit_uniforms(keys: torch.Tensor, j: int) -> torch.Tensor:
     return (rng._srl(z, 11).to(torch.float64) + 0.5) * (2.0**-53)  # in (0, 1)
 
 
-def _mixture_setup(log_x_theta, z_t, alpha_t, alpha_s, seeds, step, valid_vocab):
+def _mixture_setup(log_x_theta, z_t, alpha_t, alpha_s, seeds, step, valid_vocab, probs_fn=None,
+                   workspace: int = DEFAULT_WORKSPACE):
     b, l, k = log_x_theta.shape
     dev = log_x_theta.device
     keys = _keys(seeds, step, b, l, dev).reshape(-1)
@@ -122,7 +130,12 @@ def _mixture_setup(log_x_theta, z_t, alpha_t, alpha_s, seeds, step, valid_vocab)
         raise ValueError("need 0 < alpha_t <= alpha_s <= 1")
     lx = log_x_theta.reshape(b * l, k)
     z = z_t.reshape(-1).long()
-    x_z = lx.gather(1, z[:, None])[:, 0].double().exp()
+    if probs_fn is None:
+        x_z = lx.gather(1, z[:, None])[:, 0].double().exp()
+    else:  # x_θ = probs_fn(rows) (already valid-masked and normalised): K-wide, ``workspace // K`` rows at a time
+        rows = max(1, int(workspace) // k)
+        x_z = torch.cat([_probs(probs_fn, lx[i:i + rows], valid_vocab).gather(1, z[i:i + rows, None])[:, 0]
+                         for i in range(0, b * l, rows)])
     vv, ids = None, None
     if valid_vocab is None:
         k_eff = k
@@ -132,7 +145,8 @@ def _mixture_setup(log_x_theta, z_t, alpha_t, alpha_s, seeds, step, valid_vocab)
             raise ValueError("z_t contains ids outside valid_vocab")
         ids = vv.nonzero()[:, 0]
         k_eff = int(ids.numel())
-        if k_eff < k:  # renormalise x_θ over the valid ids: Σ_valid (or 1 − Σ_invalid, whichever is narrower)
+        # renormalise x_θ over the valid ids (probs_fn output already is): Σ_valid or 1 − Σ_invalid, the narrower
+        if k_eff < k and probs_fn is None:
             inv = (~vv).nonzero()[:, 0]
             if inv.numel() <= k_eff:
                 s = 1.0 - lx[:, inv].double().exp().sum(-1)
@@ -151,33 +165,46 @@ def _mixture_setup(log_x_theta, z_t, alpha_t, alpha_s, seeds, step, valid_vocab)
     return out, pick_x, keys, lx, vv
 
 
-def _draw_x(lx_rows, keys_rows, vv):
-    """Inverse-CDF draws from exp(lx) (renormalised over valid ids), float64, one counter uniform per row."""
-    p = lx_rows.double().exp()
+def _probs(probs_fn, lx_rows, vv):
+    """float64 x_θ rows: ``probs_fn(lx_rows)`` or ``exp(lx_rows)``, zero on invalid ids (not renormalised)."""
+    p = lx_rows.double().exp() if probs_fn is None else probs_fn(lx_rows).to(torch.float64)
     if vv is not None:
-        p = torch.where(vv, p, torch.zeros((), dtype=torch.float64, device=p.device))
+        p = torch.where(vv.to(p.device), p, torch.zeros((), dtype=torch.float64, device=p.device))
+    return p
+
+
+def _draw_x(lx_rows, keys_rows, vv, probs_fn=None):
+    """Inverse-CDF draws from exp(lx) (renormalised over valid ids), float64, one counter uniform per row."""
+    p = _probs(probs_fn, lx_rows, vv)
     c = torch.cumsum(p, dim=-1)
     target = _unit_uniforms(keys_rows, -3) * c[:, -1]
     j = torch.searchsorted(c, target[:, None], right=True)[:, 0]
     return j.clamp_(max=p.shape[-1] - 1)
 
 
-def posterior_mixture_reference(log_x_theta, z_t, alpha_t, alpha_s, seeds, step: int, valid_vocab=None):
-    """Dense evaluation of the mixture stream (every row draws from x_θ; the coin selects) — the definition."""
+def posterior_mixture_reference(log_x_theta, z_t, alpha_t, alpha_s, seeds, step: int, valid_vocab=None,
+                                probs_fn=None):
+    """Dense evaluation of the mixture stream (every row draws from x_θ; the coin selects) — the definition.
+
+    ``probs_fn`` (optional, row-wise): rows ``log_x_theta[n, K]`` → float64 probabilities over the valid ids
+    (normalised), replacing ``exp`` + renormalisation (temperature / nucleus applied by the caller's function)."""
     b, l, _ = log_x_theta.shape
-    out, pick_x, keys, lx, vv = _mixture_setup(log_x_theta, z_t, alpha_t, alpha_s, seeds, step, valid_vocab)
-    return torch.where(pick_x, _draw_x(lx, keys, vv), out).view(b, l)
+    out, pick_x, keys, lx, vv = _mixture_setup(log_x_theta, z_t, alpha_t, alpha_s, seeds, step, valid_vocab,
+                                               probs_fn)
+    return torch.where(pick_x, _draw_x(lx, keys, vv, probs_fn), out).view(b, l)
 
 
 def posterior_mixture_sample(log_x_theta, z_t, alpha_t, alpha_s, seeds, step: int, valid_vocab=None,
-                             workspace: int = DEFAULT_WORKSPACE):
+                             workspace: int = DEFAULT_WORKSPACE, probs_fn=None):
     """Same stream as :func:`posterior_mixture_reference`; K-wide float64 work only on the rows whose coin picked
-    x_θ (a fraction (α_s − α_t)/N of them), ``workspace // K`` rows at a time."""
+    x_θ (a fraction (α_s − α_t)/N of them), ``workspace // K`` rows at a time.  With ``probs_fn`` the coin needs
+    x_θ at z_t, so ``probs_fn`` runs on every row once (chunked) and again on the rows that picked x_θ."""
     b, l, k = log_x_theta.shape
-    out, pick_x, keys, lx, vv = _mixture_setup(log_x_theta, z_t, alpha_t, alpha_s, seeds, step, valid_vocab)
+    out, pick_x, keys, lx, vv = _mixture_setup(log_x_theta, z_t, alpha_t, alpha_s, seeds, step, valid_vocab, probs_fn,
+                                               workspace)
     rows = pick_x.nonzero()[:, 0]
     step_rows = max(1, int(workspace) // k)
     for i in range(0, rows.numel(), step_rows):
         r = rows[i:i + step_rows]
-        out[r] = _draw_x(lx[r], keys[r], vv)
+        out[r] = _draw_x(lx[r], keys[r], vv, probs_fn)
     return out.view(b, l)

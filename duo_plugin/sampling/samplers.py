@@ -11,6 +11,22 @@ at t = t_eps:
 
 So the number of function evaluations is NFE = steps + 1 (``steps`` for ``"none"``).
 
+The posterior draw (``posterior_impl``) has three exact implementations, all float64:
+
+* ``"dense"``: the full ``float64 [B, L, K]`` posterior (:func:`~duo_plugin.diffusion.uniform.posterior`) and a race
+  of exponentials from the torch generators (:func:`~duo_plugin.diffusion.uniform.sample_categorical`) — the reference
+  and the original random stream.
+* ``"chunked"``: the same posterior and race, ``workspace // K`` positions at a time, with counter-based exponentials
+  (:func:`duo_plugin.kernels.posterior_sample_step`, ``method="race"``, ``impl="chunked"``).
+* ``"mixture"``: the posterior as the mixture stay-at-z_t / draw-from-x_θ / draw-uniform (duo-method.md §1.2), one
+  counter-based coin per position and a float64 inverse-CDF draw over x_θ only on the rows that picked x_θ
+  (``method="mixture"``). ``"auto"`` (the default) picks it: it supports every option of :func:`sample`.
+
+``chunked`` and ``mixture`` key their counter streams by a per-sequence 63-bit seed drawn from that sequence's
+generator (after the prior sample), the step index and the position, so they are deterministic and independent of
+``chunk_size`` exactly like ``dense``. With temperature ≠ 1 or top-p < 1 the filtered x_θ is computed row by row in
+float64 inside the kernels (``probs_fn``), never for the whole batch at once.
+
 Options: nucleus filtering (top-p on x_θ before the posterior), temperature (on log x_θ), prompt prefixes and
 infilling (clamped positions are held at their values in z at every step, including the initial prior sample, and
 never resampled), chunked batch sampling with a progress bar, and determinism from an explicit seed or generator.
@@ -29,9 +45,11 @@ import torch
 
 from duo_plugin._progress import progress_bar
 from duo_plugin.diffusion.uniform import num_valid, posterior, prior_sample, row_generators, sample_categorical
+from duo_plugin.kernels import posterior_sample_step
 
 __all__ = [
     "NOISE_REMOVAL_MODES",
+    "POSTERIOR_IMPLS",
     "SampleResult",
     "DenoiserFn",
     "sample",
@@ -41,6 +59,8 @@ __all__ = [
 ]
 
 NOISE_REMOVAL_MODES = ("ancestral", "greedy", "none")
+POSTERIOR_IMPLS = ("auto", "dense", "chunked", "mixture")
+_WORKSPACE = 1 << 20  # float64 elements per chunk of rows for the non-dense paths (8 MiB)
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -143,6 +163,18 @@ def nucleus_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return out / out.sum(-1, keepdim=True)
 
 
+def _row_stream_seeds(gen, rows: int, device) -> torch.Tensor:
+    """``Long[rows]`` counter-stream seeds for the kernels' posterior draws: one 63-bit draw per row from that row's
+    generator (a shared generator gives ``rows`` draws in row order), so the stream follows the generator exactly as
+    the dense path's draws do."""
+    hi = (1 << 63) - 1
+    if isinstance(gen, torch.Generator):
+        out = torch.randint(0, hi, (rows,), generator=gen, device=gen.device)
+    else:
+        out = torch.cat([torch.randint(0, hi, (1,), generator=g, device=g.device).cpu() for g in gen])
+    return out.to(device=device, dtype=torch.int64)
+
+
 def _as_batch(t: Optional[torch.Tensor], batch_size: int, name: str, dtype) -> Optional[torch.Tensor]:
     if t is None:
         return None
@@ -216,6 +248,7 @@ def sample(
     chunk_size: Optional[int] = None,
     progress: bool = True,
     return_trajectory: bool = False,
+    posterior_impl: str = "auto",
 ) -> Union[torch.Tensor, SampleResult]:
     """Ancestral sampling with the exact float64 USDM posterior (paper Eq. 4, Alg. "ancestral"; duo-method.md §5).
 
@@ -238,12 +271,19 @@ def sample(
         t_eps: final time of the grid (1e-5 in the paper). device: where z and the posterior live.
         chunk_size: max sequences per denoiser call (default: all). progress: tqdm bar (only on a TTY).
         return_trajectory: return a :class:`SampleResult` with the trajectory and the NFE count.
+        posterior_impl: ``"auto"`` (= ``"mixture"``, the fastest; every option is supported) | ``"dense"`` (full
+            float64 posterior + torch-generator race: the reference and the pre-kernel random stream) |
+            ``"chunked"`` (kernels' chunked float64 posterior + counter race) | ``"mixture"`` (kernels' exact
+            mixture draw). All are exactly posterior-distributed; the random streams differ between them.
 
     Returns:
         ``LongTensor[B, L]``, or a :class:`SampleResult` when ``return_trajectory`` is True.
     """
     if noise_removal not in NOISE_REMOVAL_MODES:
         raise ValueError(f"noise_removal must be one of {NOISE_REMOVAL_MODES}, got {noise_removal!r}")
+    if posterior_impl not in POSTERIOR_IMPLS:
+        raise ValueError(f"posterior_impl must be one of {POSTERIOR_IMPLS}, got {posterior_impl!r}")
+    impl = "mixture" if posterior_impl == "auto" else posterior_impl
     batch_size, seq_len, vocab_size, steps = int(batch_size), int(seq_len), int(vocab_size), int(steps)
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"batch_size and seq_len must be >= 1; got {batch_size}, {seq_len}")
@@ -305,40 +345,63 @@ def sample(
             def clamp(z):
                 return z if m is None else torch.where(m, v, z)
 
-            def x_theta(z, alpha):
+            def filt(lp):  # log x_θ rows [..., K] -> float64 filtered probabilities (temperature, valid, top-p)
+                probs = apply_temperature(lp, temperature).exp()
+                if valid_vocab is not None:
+                    probs = torch.where(valid_vocab, probs, torch.zeros((), dtype=torch.float64, device=probs.device))
+                    probs = probs / probs.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+                return nucleus_filter(probs, top_p)
+
+            def log_x_theta(z, alpha):
                 sigma = (-torch.log(alpha)).to(torch.float32).expand(b).to(device)
                 logp = denoiser(z, sigma)
                 if logp.shape != (b, seq_len, vocab_size):
                     raise ValueError(
                         f"denoiser returned shape {tuple(logp.shape)}; expected [B, L, K] = {[b, seq_len, vocab_size]}"
                     )
-                lp = apply_temperature(logp, temperature)
-                probs = lp.exp()
-                if valid_vocab is not None:
-                    probs = torch.where(valid_vocab, probs, torch.zeros((), dtype=torch.float64, device=probs.device))
-                    probs = probs / probs.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-                return nucleus_filter(probs, top_p)
+                return logp
 
-            def post_step(z, alpha_t, alpha_s):
-                xp = x_theta(z, alpha_t)
+            def x_theta(z, alpha):
+                return filt(log_x_theta(z, alpha))
+
+            def greedy(z, alpha):
+                if impl == "dense":
+                    return x_theta(z, alpha).argmax(-1)
+                lx = log_x_theta(z, alpha).reshape(b * seq_len, vocab_size)
+                rows = max(1, _WORKSPACE // vocab_size)
+                top = [filt(lx[i:i + rows]).argmax(-1) for i in range(0, b * seq_len, rows)]
+                return torch.cat(top).view(b, seq_len)
+
+            plain = float(temperature) == 1.0 and float(top_p) >= 1.0
+            probs_fn = None if plain else filt
+
+            def post_step(z, alpha_t, alpha_s, step_idx):
                 # Clamped positions may hold ids outside valid_vocab (BOS, prompt); the posterior is not used there.
                 z_in = z if m is None else torch.where(m, torch.full_like(z, fill_id), z)
-                probs = posterior(z_in, xp, alpha_t, alpha_s, valid_vocab=valid_vocab)
-                return clamp(sample_categorical(probs, gen))
+                if impl == "dense":
+                    probs = posterior(z_in, x_theta(z, alpha_t), alpha_t, alpha_s, valid_vocab=valid_vocab)
+                    return clamp(sample_categorical(probs, gen))
+                lx = log_x_theta(z, alpha_t)
+                out = posterior_sample_step(
+                    lx, z_in, alpha_t.item(), alpha_s.item(), seeds, step_idx, valid_vocab,
+                    impl="chunked", method="race" if impl == "chunked" else "mixture", probs_fn=probs_fn,
+                )
+                return clamp(out)
 
             z = clamp(prior_sample((b, seq_len), vocab_size, gen, valid_vocab=valid_vocab, device=device))
+            seeds = None if impl == "dense" else _row_stream_seeds(gen, b, device)
             traj = [z] if return_trajectory else None
             for i in range(steps):
-                z = post_step(z, alphas[i], alphas[i + 1])
+                z = post_step(z, alphas[i], alphas[i + 1], i)
                 if traj is not None:
                     traj.append(z)
                 if bar is not None:
                     bar.update(1)
             a_final = alphas[-1]
             if noise_removal == "ancestral":
-                z = post_step(z, a_final, torch.ones((), dtype=torch.float64))
+                z = post_step(z, a_final, torch.ones((), dtype=torch.float64), steps)
             elif noise_removal == "greedy":
-                z = clamp(x_theta(z, a_final).argmax(-1))
+                z = clamp(greedy(z, a_final))
             if noise_removal != "none":
                 if traj is not None:
                     traj.append(z)

@@ -154,8 +154,10 @@ def compare(samples: torch.Tensor, dist: dict, n_se: float = 4.0):
 
 
 N = 12000
+IMPLS = ("dense", "chunked", "mixture", "auto")
 
 
+@pytest.mark.parametrize("impl", IMPLS[:3])
 @pytest.mark.parametrize(
     "K,L,steps,mode,temperature,top_p",
     [
@@ -165,34 +167,59 @@ N = 12000
         (3, 2, 2, "ancestral", 0.7, 0.8),
     ],
 )
-def test_marginals_match_exact_chain(K, L, steps, mode, temperature, top_p):
+def test_marginals_match_exact_chain(K, L, steps, mode, temperature, top_p, impl):
     den = TableDenoiser(K, L, seed=K + L + steps)
     out = sample(den, LogLinearSchedule(), batch_size=N, seq_len=L, vocab_size=K, steps=steps, noise_removal=mode,
-                 temperature=temperature, top_p=top_p, generator=torch.Generator().manual_seed(1), progress=False)
+                 temperature=temperature, top_p=top_p, generator=torch.Generator().manual_seed(1), progress=False,
+                 posterior_impl=impl)
     dist = exact_final_distribution(den, K, L, steps, 1e-5, mode, np.ones(K), temperature, top_p)
     compare(out, dist)
 
 
-def test_marginals_with_valid_vocab_and_clamp():
+@pytest.mark.parametrize("impl", IMPLS[:3])
+@pytest.mark.parametrize("mode,temperature,top_p", [("ancestral", 1.0, 1.0), ("greedy", 1.3, 0.85)])
+def test_marginals_with_valid_vocab_and_clamp(impl, mode, temperature, top_p):
     # K=4, id 3 invalid (e.g. BOS); position 0 clamped to the invalid id 3 (a prompt), position 1 free.
     K, L, steps = 4, 2, 3
     den = TableDenoiser(K, L, seed=7)
     valid = torch.tensor([True, True, True, False])
     res = sample(den, None, batch_size=N, seq_len=L, vocab_size=K, steps=steps, prompt=torch.tensor([3]),
-                 valid_vocab=valid, generator=torch.Generator().manual_seed(3), progress=False, return_trajectory=True)
+                 valid_vocab=valid, generator=torch.Generator().manual_seed(3), progress=False, return_trajectory=True,
+                 noise_removal=mode, temperature=temperature, top_p=top_p, posterior_impl=impl)
     assert bool((res.trajectory[:, :, 0] == 3).all())
     assert not bool((res.trajectory[:, :, 1] == 3).any())
-    dist = exact_final_distribution(den, K, L, steps, 1e-5, "ancestral", valid.double().numpy(), clamp={0: 3})
+    dist = exact_final_distribution(den, K, L, steps, 1e-5, mode, valid.double().numpy(), temperature, top_p,
+                                    clamp={0: 3})
     compare(res.tokens, dist)
 
 
-def test_clamped_positions_never_change_and_are_seen_by_the_denoiser():
+@pytest.mark.parametrize("impl", IMPLS[:3])
+def test_marginals_with_infill_clamp_and_per_sequence_generators(impl):
+    # L=3, middle position clamped (infilling); one generator per sequence; seed 4 for the TableDenoiser.
+    K, L, steps = 3, 3, 2
+    den = TableDenoiser(K, L, seed=4)
+    n = 6000
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(n)]
+    out = sample(den, None, batch_size=n, seq_len=L, vocab_size=K, steps=steps,
+                 clamp_mask=torch.tensor([False, True, False]), clamp_values=torch.tensor([0, 2, 0]), generator=gens, progress=False, posterior_impl=impl,
+                 chunk_size=2500)
+    dist = exact_final_distribution(den, K, L, steps, 1e-5, "ancestral", np.ones(K), clamp={1: 2})
+    compare(out, dist)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_clamped_positions_never_change_and_are_seen_by_the_denoiser(impl, top_p):
     K, L = 6, 7
     den = TableDenoiser(K, L, seed=2)
     mask = torch.tensor([False, True, False, False, True, True, False])
     vals = torch.tensor([0, 5, 0, 0, 2, 4, 0])
+    valid = torch.tensor([True, True, True, True, False, True])  # clamped ids 4 (and prompt 1) may be invalid
+    vals[5] = 4
     res = sample(den, None, batch_size=5, seq_len=L, vocab_size=K, steps=6, clamp_mask=mask, clamp_values=vals,
-                 prompt=torch.tensor([[1]] * 5), seed=0, progress=False, return_trajectory=True)
+                 prompt=torch.tensor([[1]] * 5), seed=0, progress=False, return_trajectory=True, valid_vocab=valid,
+                 posterior_impl=impl, top_p=top_p)
+    assert not bool((res.trajectory[:, :, ~mask][:, :, 1:] == 4).any())
     assert res.trajectory.shape == (6 + 2, 5, L)
     for z in res.trajectory:  # including the initial prior sample
         assert bool((z[:, mask] == vals[mask]).all()) and bool((z[:, 0] == 1).all())
@@ -202,11 +229,12 @@ def test_clamped_positions_never_change_and_are_seen_by_the_denoiser():
     assert bool((res.trajectory[0][:, ~mask][:, 1:] != res.tokens[:, ~mask][:, 1:]).any())
 
 
-def test_greedy_tail_is_argmax_of_x_theta_at_final_call():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_greedy_tail_is_argmax_of_x_theta_at_final_call(impl):
     K, L, steps = 7, 5, 4
     den = TableDenoiser(K, L, seed=5, scale=0.3)  # flat-ish x_θ: the exact final posterior would mostly keep z
     res = sample(den, None, batch_size=64, seq_len=L, vocab_size=K, steps=steps, noise_removal="greedy", seed=3,
-                 progress=False, return_trajectory=True)
+                 progress=False, return_trajectory=True, posterior_impl=impl)
     z_last, sigma_last = den.inputs[-1]
     assert torch.equal(z_last, res.trajectory[-2])
     assert torch.allclose(sigma_last.double(), -torch.log(LogLinearSchedule().alpha(torch.tensor(1e-5))).expand(64).double())
@@ -225,8 +253,30 @@ def test_posterior_and_categorical_are_float64(monkeypatch):
 
     monkeypatch.setattr(samplers_mod, "sample_categorical", spy)
     den = TableDenoiser(5, 3)
-    sample(den, None, batch_size=4, seq_len=3, vocab_size=5, steps=3, seed=0, progress=False, top_p=0.9)
+    sample(den, None, batch_size=4, seq_len=3, vocab_size=5, steps=3, seed=0, progress=False, top_p=0.9,
+           posterior_impl="dense")
     assert len(seen) == 4 and all(d == torch.float64 for d in seen)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "mixture"])
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_kernel_paths_use_float64(monkeypatch, impl, top_p):
+    import duo_plugin.kernels.sampler as KS
+
+    seen = []
+    for name in ("posterior", "_probs", "_unit_uniforms"):
+        orig = getattr(KS, name)
+
+        def spy(*a, _orig=orig, **k):
+            out = _orig(*a, **k)
+            seen.append(out.dtype)
+            return out
+
+        monkeypatch.setattr(KS, name, spy)
+    den = TableDenoiser(5, 3)
+    sample(den, None, batch_size=4, seq_len=3, vocab_size=5, steps=3, seed=0, progress=False, top_p=top_p,
+           temperature=0.8, posterior_impl=impl)
+    assert seen and all(d == torch.float64 for d in seen)
 
 
 @pytest.mark.parametrize("mode,nfe", [("ancestral", 6), ("greedy", 6), ("none", 5)])
@@ -254,9 +304,10 @@ def test_nfe_with_chunks_and_denoiserfn():
     assert out.shape == (5, 3) and fn.nfe == 3 * 4  # 3 chunks x (steps + 1)
 
 
-def test_determinism_and_chunk_independence():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_determinism_and_chunk_independence(impl):
     den = TableDenoiser(5, 4)
-    kw = dict(batch_size=9, seq_len=4, vocab_size=5, steps=4, progress=False)
+    kw = dict(batch_size=9, seq_len=4, vocab_size=5, steps=4, progress=False, posterior_impl=impl, top_p=0.95)
     a = sample(den, None, seed=11, **kw)
     b = sample(den, None, seed=11, chunk_size=4, **kw)
     c = sample(den, None, seed=12, **kw)
@@ -266,6 +317,23 @@ def test_determinism_and_chunk_independence():
     assert torch.equal(g1, g2)
     with pytest.raises(ValueError, match="exactly one of generator"):
         sample(den, None, **kw)
+    # per-sequence generators: a row depends only on its own generator (batch composition, chunking)
+    gens = lambda ids: [torch.Generator().manual_seed(50 + i) for i in ids]  # noqa: E731
+    full = sample(den, None, generator=gens(range(9)), **dict(kw, chunk_size=2))
+    part = sample(den, None, generator=gens([3, 7]), **dict(kw, batch_size=2))
+    assert torch.equal(full[[3, 7]], part)
+    # seed=: rows keyed by their index, so a larger batch extends a smaller one
+    assert torch.equal(sample(den, None, seed=11, **dict(kw, batch_size=4)), a[:4])
+
+
+def test_impls_differ_in_stream_and_auto_is_mixture():
+    den = TableDenoiser(5, 4)
+    kw = dict(batch_size=16, seq_len=4, vocab_size=5, steps=4, progress=False, seed=2)
+    outs = {i: sample(den, None, posterior_impl=i, **kw) for i in IMPLS}
+    assert torch.equal(outs["auto"], outs["mixture"])
+    assert not torch.equal(outs["dense"], outs["mixture"]) and not torch.equal(outs["dense"], outs["chunked"])
+    with pytest.raises(ValueError, match="posterior_impl"):
+        sample(den, None, posterior_impl="triton", **kw)
 
 
 def _brute_nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
@@ -295,10 +363,11 @@ def test_nucleus_filter_against_subset_enumeration():
     assert torch.equal(nucleus_filter(p, 1.0), p.double())
 
 
-def test_top_p_one_is_no_filter_and_tiny_top_p_is_argmax():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_top_p_one_is_no_filter_and_tiny_top_p_is_argmax(impl):
     K, L = 6, 4
     den = TableDenoiser(K, L, seed=9, scale=0.8)
-    kw = dict(batch_size=32, seq_len=L, vocab_size=K, steps=4, progress=False)
+    kw = dict(batch_size=32, seq_len=L, vocab_size=K, steps=4, progress=False, posterior_impl=impl)
     base = sample(den, None, seed=5, **kw)
     assert torch.equal(sample(den, None, seed=5, top_p=1.0, **kw), base)
 
