@@ -121,7 +121,7 @@ def fused_duo_nelbo(hidden, weight, bias, z_t, x0, alpha_t, alpha_prime_t, valid
 
 
 def posterior_sample_step(log_x_theta, z_t, alpha_t, alpha_s, seeds, step: int, valid_vocab=None, *,
-                          impl: str = "auto", method: str = "race"):
+                          impl: str = "auto", method: str = "race", probs_fn=None):
     """One ancestral step ``z_s ~ q(z_s | z_t, x_θ)``.  Returns ``Long[B, L]``.
 
     ``method="race"``: float64 posterior, exponential race with counter-based exponentials keyed by (``seeds[b]``,
@@ -135,12 +135,16 @@ def posterior_sample_step(log_x_theta, z_t, alpha_t, alpha_s, seeds, step: int, 
         fn = S.posterior_mixture_reference if impl == "reference" else S.posterior_mixture_sample
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
-        return fn(log_x_theta, z_t, alpha_t, alpha_s, seeds, step, valid_vocab)
+        return fn(log_x_theta, z_t, alpha_t, alpha_s, seeds, step, valid_vocab, probs_fn=probs_fn)
     if method != "race":
         raise ValueError(f"method must be 'race' or 'mixture', got {method!r}")
     impl = resolve_impl(impl, log_x_theta.device)
     fn = {"reference": S.posterior_sample_reference, "chunked": S.posterior_sample_chunked,
           "triton": S.posterior_sample_triton}[impl]
+    if probs_fn is not None:
+        if impl == "triton":
+            raise ValueError("probs_fn is not supported by the Triton race kernel; use impl='chunked'")
+        return fn(log_x_theta, z_t, alpha_t, alpha_s, seeds, step, valid_vocab, probs_fn=probs_fn)
     return fn(log_x_theta, z_t, alpha_t, alpha_s, seeds, step, valid_vocab)
 
 
