@@ -2,7 +2,8 @@
 
 Torchtune-style recipe, a copy-and-modify of ``duo_pretrain`` (duo-method.md §4, paper Sec. 4.2, Alg. 1):
 
-* **Init.** Student θ ← the raw weights of ``init_from`` (a duo model dir); its EMA ← that dir's EMA weights
+* **Init.** Student θ ← the raw weights of ``init_from`` (a duo model dir; ``init_weights: ema`` takes its EMA
+  weights instead, for short CPU runs of a base trained at a high constant LR); its EMA ← that dir's EMA weights
   (``ema.use_warmup: false`` keeps the base EMA from being overwritten by the first updates).
 * **Rounds.** Before steps 0, M, 2M, … (M = ``distill.steps_per_round``) the teacher θ⁻ ← θ (the current student
   weights; ``distill.teacher: ema`` uses the student's EMA instead, the paper's Alg. 2 ablation).  δ = δ₀·2^round.
@@ -63,6 +64,7 @@ SCHEMA: dict[str, Any] = {
     "device": None,
     "dtype": None,
     "init_from": None,
+    "init_weights": None,
     "evaluate_only": None,
     "tokenizer": {"path": None},
     "data": {
@@ -97,6 +99,7 @@ DEFAULTS: dict[str, Any] = {
     "device": "cpu",
     "dtype": "fp32",
     "evaluate_only": False,
+    "init_weights": "model",
     "tokenizer": {"path": None},
     "gradient_accumulation_steps": 1,
     "max_steps": None,
@@ -120,7 +123,8 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # Keys that must equal the checkpoint's on resume (everything that changes the loss sequence).
-RESUME_KEYS = ("seed", "init_from", "global_batch_size", "distill", "optimizer", "lr_scheduler", "clip_grad_norm",
+RESUME_KEYS = ("seed", "init_from", "init_weights", "global_batch_size", "distill", "optimizer", "lr_scheduler",
+               "clip_grad_norm",
                "ema", "data.seq_len", "data.packing", "data.source", "data.files", "data.hub", "data.val_fraction",
                "data.val_docs")
 
@@ -165,6 +169,9 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"distill.kl must be 'bwd' (KL(student||teacher), paper default) or 'fwd', got {d.kl!r}")
     if d.teacher not in ("student", "ema"):
         raise ConfigError(f"distill.teacher must be 'student' (Alg. 1, default) or 'ema' (Alg. 2), got {d.teacher!r}")
+    if merged.init_weights not in ("model", "ema"):
+        raise ConfigError(f"init_weights must be 'model' (the base's raw weights, paper) or 'ema', got "
+                          f"{merged.init_weights!r}")
     if merged.ema.init not in ("checkpoint", "student"):
         raise ConfigError(f"ema.init must be 'checkpoint' (the base model's EMA) or 'student', got {merged.ema.init!r}")
     if d.teacher == "ema" and not merged.ema.get("decay"):
@@ -373,7 +380,7 @@ class DuoDistillRecipe:
 
         cfg = self.cfg
         torch.manual_seed(self.seed)
-        base = load_pretrained(self.init_from, weights="model", device="cpu")
+        base = load_pretrained(self.init_from, weights=str(cfg.init_weights), device="cpu")
         self.base_meta = dict(getattr(base, "duo_metadata", {}) or {})
         if self.base_meta.get("objective", "duo") != "duo":
             raise ConfigError(f"init_from={self.init_from} was trained with objective={self.base_meta['objective']!r}; "
