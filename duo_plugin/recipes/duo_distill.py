@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import difflib
 import json
 import math
 import os
@@ -49,14 +48,14 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from duo_plugin.training.recipe_utils import (ANY, COMPONENT, ConfigError, check_keys, full_tensor, is_block, is_dist,
+                                             lr_multiplier, masked_token_sum, world_rank)
 from torchtune import config as tt_config
 from torchtune import training as tt_training
 from torchtune import utils as tt_utils
 
 log = tt_utils.get_logger("INFO")
 
-COMPONENT = "<component>"
-ANY = "<any>"
 
 SCHEMA: dict[str, Any] = {
     "output_dir": None,
@@ -129,31 +128,9 @@ RESUME_KEYS = ("seed", "init_from", "init_weights", "global_batch_size", "distil
                "data.val_docs")
 
 
-class ConfigError(ValueError):
-    """A bad duo_distill config; the message names the fix."""
-
-
-def _check_keys(node: Any, schema: Any, prefix: str) -> None:
-    if schema in (COMPONENT, ANY) or schema is None:
-        return
-    if not isinstance(node, (dict, DictConfig)):
-        if node is None:
-            return
-        raise ConfigError(f"config key '{prefix}' must be a mapping, got {node!r}")
-    for key in node.keys():
-        key = str(key)
-        if key not in schema:
-            full = f"{prefix}.{key}" if prefix else key
-            close = difflib.get_close_matches(key, list(schema.keys()), n=1, cutoff=0.6)
-            hint = f"did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else (
-                f"valid keys here: {sorted(schema.keys())}")
-            raise ConfigError(f"unknown config key '{full}': {hint}")
-        _check_keys(node[key], schema[key], f"{prefix}.{key}" if prefix else key)
-
-
 def validate_config(cfg: DictConfig) -> DictConfig:
     """Check key names (suggesting the closest valid key), fill defaults, check values. Returns a new config."""
-    _check_keys(cfg, SCHEMA, "")
+    check_keys(cfg, SCHEMA, "")
     merged = OmegaConf.merge(OmegaConf.create(DEFAULTS), cfg)
     if not merged.get("init_from"):
         raise ConfigError("init_from is required: the duo model directory to distil (e.g. the 'final' dir that "
@@ -185,36 +162,6 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     if merged.resume not in (False, True, "auto") and not isinstance(merged.resume, str):
         raise ConfigError("resume must be false, true/'auto' (latest checkpoint in output_dir) or a checkpoint dir")
     return merged
-
-
-def lr_multiplier(step: int, *, warmup_steps: int) -> float:
-    """Linear warm-up over ``warmup_steps`` then constant (paper: 500 warm-up steps, constant LR 6e-5)."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return float(step + 1) / float(warmup_steps)
-    return 1.0
-
-
-def masked_token_sum(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device)).sum()
-
-
-def _is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _world_rank() -> tuple[int, int]:
-    if _is_dist():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-def _full_tensor(t: torch.Tensor) -> torch.Tensor:
-    full = getattr(t, "full_tensor", None)
-    return full() if callable(full) else t
-
-
-def _is_block(name: str, module: torch.nn.Module, *, types: set[type]) -> bool:
-    return type(module) in types
 
 
 def build_scorer(scfg, device) -> tuple[Any, Any, int, int | None, int | None] | None:
@@ -267,9 +214,9 @@ class DuoDistillRecipe:
 
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.device = tt_utils.get_device(cfg.device)
-        if self.distributed and not _is_dist():
+        if self.distributed and not is_dist():
             dist.init_process_group(backend=tt_training.get_distributed_backend(self.device.type))
-        self.world_size, self.rank = _world_rank()
+        self.world_size, self.rank = world_rank()
         self.is_rank_zero = self.rank == 0
         self.output_dir = Path(cfg.output_dir)
         self.init_from = Path(str(cfg.init_from))
@@ -309,7 +256,7 @@ class DuoDistillRecipe:
         self._maybe_resume()
 
     def _barrier(self) -> None:
-        if _is_dist():
+        if is_dist():
             dist.barrier()
 
     def _setup_tokenizer(self) -> None:
@@ -401,7 +348,7 @@ class DuoDistillRecipe:
         for m in (base, teacher):
             m.to(self.device)
             if self.distributed:
-                tt_training.shard_model(m, shard_conditions=[partial(_is_block, types=self._block_types(m))],
+                tt_training.shard_model(m, shard_conditions=[partial(is_block, types=self._block_types(m))],
                                         cpu_offload=False,
                                         reshard_after_forward=bool(cfg.fsdp.reshard_after_forward))
             if cfg.compile:
@@ -513,7 +460,7 @@ class DuoDistillRecipe:
             micro.append((x0, mask, pos))
             local_tokens += int(mask.sum())
         n_tok = torch.tensor([local_tokens], dtype=torch.float64, device=self.device)
-        if _is_dist():
+        if is_dist():
             dist.all_reduce(n_tok)
         n_global = float(n_tok.item())
         lr = self._set_lr(step)
@@ -525,7 +472,7 @@ class DuoDistillRecipe:
             loss = self._micro_loss_sum(x0, mask, pos, step) / n_global
             (loss * self.world_size).backward()  # FSDP2 averages over ranks; × world size makes it the sum
             loss_sum += loss.detach().double()
-        if _is_dist():
+        if is_dist():
             dist.all_reduce(loss_sum)
         loss_value = float(loss_sum.item())
         if not math.isfinite(loss_value):
@@ -533,7 +480,7 @@ class DuoDistillRecipe:
                                      f"{self.last_checkpoint or 'none yet'}. Lower optimizer.lr and resume")
         grad_norm = None
         if self.cfg.clip_grad_norm is not None:
-            grad_norm = float(_full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+            grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                                           float(self.cfg.clip_grad_norm))))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -791,7 +738,7 @@ def recipe_main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     finally:
-        if _is_dist():
+        if is_dist():
             dist.destroy_process_group()
 
 

@@ -29,7 +29,6 @@ Absolute imports only: torchtune runs registered recipes through ``runpy.run_pat
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
 import math
 import os
@@ -38,12 +37,14 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from duo_plugin.training.recipe_utils import (ANY, COMPONENT, ConfigError, check_keys, full_tensor, is_block, is_dist,
+                                             lr_multiplier, masked_token_sum, world_rank)
 from torchtune import config as tt_config
 from torchtune import training as tt_training
 from torchtune import utils as tt_utils
@@ -54,8 +55,6 @@ log = tt_utils.get_logger("INFO")
 # Config schema. Sections marked COMPONENT are instantiated via ``_component_`` (their keys are checked against the
 # component's signature by instantiate); every other key must appear here, so a typo is an error naming the fix.
 # ----------------------------------------------------------------------------------------------------------------
-COMPONENT = "<component>"
-ANY = "<any>"
 
 SCHEMA: dict[str, Any] = {
     "output_dir": None,
@@ -145,31 +144,9 @@ RESUME_KEYS = ("seed", "objective", "model", "init_from", "global_batch_size", "
                "data.files", "data.hub", "data.val_fraction", "data.valid_vocab", "adapt")
 
 
-class ConfigError(ValueError):
-    """A bad duo_pretrain config; the message names the fix."""
-
-
-def _check_keys(node: Any, schema: Any, prefix: str) -> None:
-    if schema in (COMPONENT, ANY) or schema is None:
-        return
-    if not isinstance(node, (dict, DictConfig)):
-        if node is None:
-            return
-        raise ConfigError(f"config key '{prefix}' must be a mapping, got {node!r}")
-    for key in node.keys():
-        key = str(key)
-        if key not in schema:
-            full = f"{prefix}.{key}" if prefix else key
-            close = difflib.get_close_matches(key, list(schema.keys()), n=1, cutoff=0.6)
-            hint = f"did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else (
-                f"valid keys here: {sorted(schema.keys())}")
-            raise ConfigError(f"unknown config key '{full}': {hint}")
-        _check_keys(node[key], schema[key], f"{prefix}.{key}" if prefix else key)
-
-
 def validate_config(cfg: DictConfig) -> DictConfig:
     """Check key names (suggesting the closest valid key), fill defaults, check values. Returns a new config."""
-    _check_keys(cfg, SCHEMA, "")
+    check_keys(cfg, SCHEMA, "")
     merged = OmegaConf.merge(OmegaConf.create(DEFAULTS), cfg)
     for req in ("output_dir", "tokenizer", "data", "model", "global_batch_size", "max_steps", "optimizer"):
         if OmegaConf.select(merged, req) is None:
@@ -208,41 +185,11 @@ def validate_config(cfg: DictConfig) -> DictConfig:
 # ----------------------------------------------------------------------------------------------------------------
 # Small pure helpers (tested directly)
 # ----------------------------------------------------------------------------------------------------------------
-def lr_multiplier(step: int, *, name: str, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.0) -> float:
-    """LR factor applied before optimizer step ``step`` (0-based): linear warm-up over ``warmup_steps`` then constant
-    (paper, ``get_constant_schedule_with_warmup``) or cosine decay to ``min_lr_ratio`` at ``max_steps``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return float(step + 1) / float(warmup_steps)  # first step already uses lr/warmup, as in HF get_*_warmup + 1
-    if name == "constant_with_warmup":
-        return 1.0
-    span = max(1, max_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def masked_token_sum(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Σ over valid tokens of a ``[B, L]`` loss; ``where`` (not a product) so garbage at pads cannot leak NaN."""
-    return torch.where(mask, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device)).sum()
 
 
 def ar_token_nll(log_probs: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     """Next-token NLL ``[B, L-1]``: −log p(x_{l+1} | x_{≤l}) from causal ``log_probs[B, L, K]`` (fp32)."""
     return -log_probs[:, :-1].gather(-1, x0[:, 1:, None]).squeeze(-1).float()
-
-
-def _is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _world_rank() -> tuple[int, int]:
-    if _is_dist():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-def _full_tensor(t: torch.Tensor) -> torch.Tensor:
-    full = getattr(t, "full_tensor", None)
-    return full() if callable(full) else t
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -256,10 +203,10 @@ class DuoPretrainRecipe:
         cfg = self.cfg
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.device = tt_utils.get_device(cfg.device)
-        if self.distributed and not _is_dist():
+        if self.distributed and not is_dist():
             backend = tt_training.get_distributed_backend(self.device.type)
             dist.init_process_group(backend=backend)
-        self.world_size, self.rank = _world_rank()
+        self.world_size, self.rank = world_rank()
         self.is_rank_zero = self.rank == 0
         self.output_dir = Path(cfg.output_dir)
         self.seed = int(cfg.seed)
@@ -302,7 +249,7 @@ class DuoPretrainRecipe:
         self._maybe_resume()
 
     def _barrier(self) -> None:
-        if _is_dist():
+        if is_dist():
             dist.barrier()
 
     def _setup_tokenizer(self) -> None:
@@ -456,7 +403,7 @@ class DuoPretrainRecipe:
                 model,
                 # issue 8: a time-conditioned DecoderDenoiser calls layer submodules directly (per-layer FSDP hooks
                 # would be bypassed), so only the root is sharded then.
-                shard_conditions=[partial(_is_block, types=set() if getattr(model, "time_conditioning", False)
+                shard_conditions=[partial(is_block, types=set() if getattr(model, "time_conditioning", False)
                                           and hasattr(model, "decoder") else self._block_types(model))],
                 cpu_offload=False,
                 reshard_after_forward=bool(cfg.fsdp.reshard_after_forward),
@@ -725,7 +672,7 @@ class DuoPretrainRecipe:
             micro.append((x0, mask, pos))
             local_tokens += self._count_tokens(mask)
         n_tok = torch.tensor([local_tokens], dtype=torch.float64)
-        if _is_dist():
+        if is_dist():
             n_tok = n_tok.to(self.device)
             dist.all_reduce(n_tok)
         n_global = float(n_tok.item())
@@ -742,7 +689,7 @@ class DuoPretrainRecipe:
             # FSDP2 averages gradients over ranks; × world size turns that into the sum (= 1-process gradient).
             (loss * self.world_size).backward()
             loss_sum += loss.detach().double()
-        if _is_dist():
+        if is_dist():
             dist.all_reduce(loss_sum)
         loss_value = float(loss_sum.item())
         if not math.isfinite(loss_value):
@@ -754,7 +701,7 @@ class DuoPretrainRecipe:
         grad_norm = None
         if self.cfg.clip_grad_norm is not None:
             gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.cfg.clip_grad_norm))
-            grad_norm = float(_full_tensor(gn))
+            grad_norm = float(full_tensor(gn))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -848,7 +795,6 @@ class DuoPretrainRecipe:
 
     def save_checkpoint(self, final: bool = False) -> Path | None:
         """Atomic step checkpoint ``output_dir/checkpoints/step_XXXXXXXX/{model/, training_state.pt}``."""
-        from duo_plugin.models.checkpoint import save_pretrained
         from duo_plugin.training import checkpointing
 
         model_sd = self._full_model_state()
@@ -1020,10 +966,6 @@ class DuoPretrainRecipe:
             self.metric_logger.close()
 
 
-def _is_block(name: str, module: torch.nn.Module, *, types: set[type]) -> bool:
-    return type(module) in types
-
-
 def run(cfg: DictConfig) -> dict:
     """Run the whole recipe in-process and return the summary (tests and scripts call this)."""
     recipe = DuoPretrainRecipe(cfg)
@@ -1040,7 +982,7 @@ def recipe_main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     finally:
-        if _is_dist():
+        if is_dist():
             dist.destroy_process_group()
 
 

@@ -22,12 +22,11 @@ the lm-eval backend read. The EMA state is restored from the newest export when 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
