@@ -27,7 +27,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import measure, ratio, run_isolated  # noqa: E402
+from _common import measure, ratio, run_isolated
 
 TAU = 1e-3
 GAMMA = -2.5  # timed steps: mid curriculum window ([-3.55, -1.85] OWT, [-3.5, -1.75] LM1B)
@@ -45,8 +45,7 @@ def topk_approximation(w, tau: float, k: int, weight):
     import torch
 
     logits = w.double() / tau
-    n, K = logits.shape
-    k = min(int(k), K)
+    k = min(int(k), logits.shape[-1])
     E = weight.detach().double()
     lse_all = torch.logsumexp(logits, dim=-1)
     top_vals, top_ids = logits.topk(k, dim=-1)
@@ -200,8 +199,8 @@ def main():
     report = {"benchmark": "curriculum_step", "device": "cpu", "tau": TAU, "gamma": GAMMA,
               "targets_vs_discrete": {"memory": 1.15, "time": 1.3}, "results": []}
     for K, L in zip(args.vocab, lens):
-        base = dict(vocab=K, seq_len=L, batch=args.batch, dim=args.dim, layers=args.layers,
-                    loss=args.loss, repeats=args.repeats, threads=args.threads)
+        base = {"vocab": K, "seq_len": L, "batch": args.batch, "dim": args.dim, "layers": args.layers,
+                "loss": args.loss, "repeats": args.repeats, "threads": args.threads}
         runs = {}
         for m in args.modes:
             if m == "topk":

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-from bench_curriculum import topk_approximation  # noqa: E402
+from bench_curriculum import topk_approximation
 
-from duo_plugin.diffusion.losses import gaussian_latent  # noqa: E402
-from duo_plugin.models.dit import SoftTopK, embed_inputs  # noqa: E402
-from duo_plugin.training.adapt import topk_curriculum_inputs  # noqa: E402
+from duo_plugin.diffusion.losses import gaussian_latent
+from duo_plugin.models.dit import SoftTopK, embed_inputs
+from duo_plugin.training.adapt import topk_curriculum_inputs
 
 
 def _brute(w_row, tau, k, E):
