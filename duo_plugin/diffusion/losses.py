@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .uniform import Generator, _check_valid_vocab, _draw, _per_token, num_valid
 
-__all__ = ["duo_nelbo", "gaussian_latent", "curriculum_inputs", "dcd_pair", "distillation_kl"]
+__all__ = ["duo_nelbo", "duo_nelbo_from_stats", "gaussian_latent", "curriculum_inputs", "dcd_pair", "distillation_kl"]
 
 
 def _check_ids(name: str, x: torch.Tensor, b: int, l: int, k: int) -> None:
@@ -81,7 +81,6 @@ def duo_nelbo(
         logx = logx.masked_fill(~vmask, float("-inf"))
         logx = logx - torch.logsumexp(logx, dim=-1, keepdim=True)
 
-    one_m = 1.0 - a
     log_r = math.log(k) + torch.log(a) - torch.log1p(-a)  # [B, L] fp64
     ell = F.softplus(logx + log_r.to(work)[..., None])  # [B, L, K]; softplus(-inf) = 0 for masked ids
     if valid_vocab is not None:
@@ -91,11 +90,24 @@ def duo_nelbo(
 
     lx_i = logx.gather(-1, z_t.long()[..., None]).squeeze(-1).double()
     lx_m = logx.gather(-1, x0.long()[..., None]).squeeze(-1).double()
+    delta = (z_t == x0).double()
+    return duo_nelbo_from_stats(lx_i, lx_m, s, a, ap, delta, k).to(torch.float32)
+
+
+def duo_nelbo_from_stats(lx_i, lx_m, s, alpha_t, alpha_prime_t, delta, k: int) -> torch.Tensor:
+    """The per-token algebra of f_Duo (see :func:`duo_nelbo`) from per-token statistics, in the input dtype (fp64).
+
+    ``lx_i``/``lx_m``: log x_θ at z_t / at x0; ``s``: Σ_j softplus(log x_θ,j + log r) over the valid ids with
+    r = Kα/(1−α); ``alpha_t``/``alpha_prime_t``: α_t, α'_t per token; ``delta``: 1[z_t = x0] as float; ``k``: K_eff.
+    Shared by :func:`duo_nelbo` and the fused kernels (``duo_plugin.kernels.nelbo``), which compute the statistics
+    in vocabulary tiles.  Differentiable in ``lx_i``, ``lx_m`` and ``s``.
+    """
+    a, ap = alpha_t, alpha_prime_t
+    one_m = 1.0 - a
+    log_r = math.log(k) + torch.log(a) - torch.log1p(-a)
     ell_i = F.softplus(lx_i + log_r)
     ell_m = F.softplus(lx_m + log_r)
     r = torch.exp(log_r)
-    delta = (z_t == x0).double()
-
     xbar_i = one_m + k * a * delta
     term1 = k / xbar_i - k / (one_m * torch.exp(ell_i))
     kappa = one_m / (k * a + one_m)
@@ -105,7 +117,7 @@ def duo_nelbo(
         - r * (1 - delta) * (ell_m - ell_i)
         + ((k - 1) * kappa * delta - (1 - delta) / kappa) * torch.log(kappa)
     )
-    return (ap / (k * a) * (term1 - term2)).to(torch.float32)
+    return ap / (k * a) * (term1 - term2)
 
 
 def _gamma_tokens(gamma, b: int, l: int, dev) -> tuple[torch.Tensor, torch.Tensor]:

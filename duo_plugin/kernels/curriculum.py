@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from duo_plugin.diffusion.uniform import _per_token
+
 from . import rng
 
 __all__ = [
@@ -26,16 +28,6 @@ __all__ = [
 DEFAULT_WORKSPACE = 1 << 20  # elements of one [rows, K] chunk in the PyTorch path
 SPARSE_MAX_DENSITY = 1.0 / 16  # above this fraction of non-zero softmax weights a chunk uses a dense matmul
 
-
-def _per_row(v, b: int, l: int, device, name: str) -> torch.Tensor:
-    t = torch.as_tensor(v, dtype=torch.float32, device=device)
-    if t.dim() == 0:
-        return t.expand(b, l)
-    if t.dim() == 1 and t.shape[0] == b:
-        return t[:, None].expand(b, l)
-    if tuple(t.shape) == (b, l):
-        return t
-    raise ValueError(f"{name} must be a scalar, [B]={b} or [B, L]={b, l}; got {tuple(t.shape)}")
 
 
 def _prep(x0, alpha_tilde, sigma_tilde, tau, seeds, vocab_size, valid_vocab):
@@ -54,8 +46,8 @@ def _prep(x0, alpha_tilde, sigma_tilde, tau, seeds, vocab_size, valid_vocab):
             raise ValueError("need at least 2 valid ids")
     dev = x0.device
     keys = rng.position_keys(seeds.to(dev), l, rng.STREAM_CURRICULUM)
-    a = _per_row(alpha_tilde, b, l, dev, "alpha_tilde")
-    s = _per_row(sigma_tilde, b, l, dev, "sigma_tilde")
+    a = _per_token(alpha_tilde, b, l, dev, "alpha_tilde").float()
+    s = _per_token(sigma_tilde, b, l, dev, "sigma_tilde").float()
     return keys, a, s
 
 

@@ -13,12 +13,12 @@ per-token coefficients obtained by differentiating the per-token algebra (``T = 
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 
-from duo_plugin.diffusion.losses import duo_nelbo
+from duo_plugin.diffusion.losses import duo_nelbo, duo_nelbo_from_stats
+from duo_plugin.diffusion.uniform import _per_token
 
 __all__ = ["fused_duo_nelbo_reference", "fused_duo_nelbo_chunked", "fused_duo_nelbo_triton", "nelbo_from_stats"]
 
@@ -30,16 +30,6 @@ def fused_duo_nelbo_reference(hidden, weight, bias, z_t, x0, alpha_t, alpha_prim
     logp = torch.log_softmax(F.linear(hidden, weight, bias).float(), dim=-1)
     return duo_nelbo(logp, z_t, x0, alpha_t, alpha_prime_t, valid_vocab)
 
-
-def _tok(v, b, l, dev, name):
-    t = torch.as_tensor(v, dtype=torch.float64, device=dev)
-    if t.dim() == 0:
-        return t.expand(b, l)
-    if t.dim() == 1 and t.shape[0] == b:
-        return t[:, None].expand(b, l)
-    if tuple(t.shape) == (b, l):
-        return t
-    raise ValueError(f"{name} must be a scalar, [B] or [B, L]; got {tuple(t.shape)}")
 
 
 class _ChunkedNelbo(torch.autograd.Function):
@@ -93,8 +83,8 @@ def _flatten(hidden, z_t, x0, alpha_t, alpha_prime_t):
     for name, t in (("z_t", z_t), ("x0", x0)):
         if tuple(t.shape) != (b, l) or t.is_floating_point():
             raise ValueError(f"{name} must be integer ids [B, L]=[{b}, {l}]")
-    a = _tok(alpha_t, b, l, hidden.device, "alpha_t").reshape(-1)
-    ap = _tok(alpha_prime_t, b, l, hidden.device, "alpha_prime_t").reshape(-1)
+    a = _per_token(alpha_t, b, l, hidden.device, "alpha_t").reshape(-1)
+    ap = _per_token(alpha_prime_t, b, l, hidden.device, "alpha_prime_t").reshape(-1)
     return hidden.reshape(b * l, d), z_t.reshape(-1).long(), x0.reshape(-1).long(), a, ap
 
 
@@ -121,21 +111,7 @@ def nelbo_from_stats(lse, lz, lm, s, a, ap, delta, k: int, z_ok=None, m_ok=None)
         lx_i = torch.where(z_ok, lx_i, torch.full_like(lx_i, float("-inf")))
     if m_ok is not None:
         lx_m = torch.where(m_ok, lx_m, torch.full_like(lx_m, float("-inf")))
-    one_m = 1.0 - a
-    log_r = math.log(k) + torch.log(a) - torch.log1p(-a)
-    ell_i = F.softplus(lx_i + log_r)
-    ell_m = F.softplus(lx_m + log_r)
-    r = torch.exp(log_r)
-    xbar_i = one_m + k * a * delta
-    term1 = k / xbar_i - k / (one_m * torch.exp(ell_i))
-    kappa = one_m / (k * a + one_m)
-    c = kappa * delta + (1 - delta)
-    term2 = (
-        -c * (s - k * ell_i)
-        - r * (1 - delta) * (ell_m - ell_i)
-        + ((k - 1) * kappa * delta - (1 - delta) / kappa) * torch.log(kappa)
-    )
-    return ap / (k * a) * (term1 - term2)
+    return duo_nelbo_from_stats(lx_i, lx_m, s, a, ap, delta, k)
 
 
 
