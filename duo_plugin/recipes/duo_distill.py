@@ -125,7 +125,7 @@ DEFAULTS: dict[str, Any] = {
 RESUME_KEYS = ("seed", "init_from", "init_weights", "global_batch_size", "distill", "optimizer", "lr_scheduler",
                "clip_grad_norm",
                "ema", "data.seq_len", "data.packing", "data.source", "data.files", "data.hub", "data.val_fraction",
-               "data.val_docs")
+               "data.val_docs", "data.sample_by")
 
 
 def validate_config(cfg: DictConfig) -> DictConfig:
@@ -258,6 +258,14 @@ class DuoDistillRecipe:
     def _barrier(self) -> None:
         if is_dist():
             dist.barrier()
+
+    def _all_ranks_agree(self, flag: bool) -> bool:
+        """``flag`` OR-ed over ranks (each rank's clock differs; a rank leaving the loop alone would hang the rest)."""
+        if not is_dist():
+            return bool(flag)
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
 
     def _setup_tokenizer(self) -> None:
         from duo_plugin.data.tokenizers import load_tokenizer
@@ -678,7 +686,7 @@ class DuoDistillRecipe:
                 self._evaluate_student(self._round_name(self.step))
             if ckpt_every > 0 and self.step % ckpt_every == 0 and self.step < self.max_steps:
                 self.save_checkpoint()
-            if cfg.max_wall_s and time.perf_counter() - t0 > float(cfg.max_wall_s):
+            if cfg.max_wall_s and self._all_ranks_agree(time.perf_counter() - t0 > float(cfg.max_wall_s)):
                 if self.is_rank_zero:
                     log.info("max_wall_s=%s reached at step %d: stopping early", cfg.max_wall_s, self.step)
                 break

@@ -141,7 +141,8 @@ DEFAULTS: dict[str, Any] = {
 # change: max_steps, gradient_accumulation_steps, world size, eval/checkpoint/logging cadence, compile, AC.
 RESUME_KEYS = ("seed", "objective", "model", "init_from", "global_batch_size", "optimizer", "lr_scheduler",
                "clip_grad_norm", "ema", "schedule", "curriculum", "data.seq_len", "data.packing", "data.source",
-               "data.files", "data.hub", "data.val_fraction", "data.valid_vocab", "adapt")
+               "data.files", "data.hub", "data.val_fraction", "data.val_docs", "data.sample_by", "data.valid_vocab",
+               "adapt")
 
 
 def validate_config(cfg: DictConfig) -> DictConfig:
@@ -251,6 +252,14 @@ class DuoPretrainRecipe:
     def _barrier(self) -> None:
         if is_dist():
             dist.barrier()
+
+    def _all_ranks_agree(self, flag: bool) -> bool:
+        """``flag`` OR-ed over ranks (each rank's clock differs; a rank leaving the loop alone would hang the rest)."""
+        if not is_dist():
+            return bool(flag)
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
 
     def _setup_tokenizer(self) -> None:
         from duo_plugin.data.tokenizers import load_tokenizer, train_sentencepiece
@@ -811,12 +820,22 @@ class DuoPretrainRecipe:
                     "first_val": self.first_val, "last_val": self.last_val,
                     "config": OmegaConf.to_container(self.cfg, resolve=True),
                     "world_size": self.world_size, "rng": checkpointing.capture_rng_state(),
+                    # a LoRA model's dir is saved MERGED (reloads as the full model): keep its own trainable
+                    # (unmerged LoRA / adaLN) tensors for resume; frozen base weights come from init_from again
+                    "trainable_state": self._trainable_state(model_sd),
                 })
             path = checkpointing.save_step_checkpoint(self.output_dir, self.step, writer=write,
                                                       keep_last=int(self.cfg.checkpoint.keep_last))
             self.last_checkpoint = path
         self._barrier()
         return path
+
+    def _trainable_state(self, model_sd: dict) -> dict | None:
+        """LoRA models only: the trainable entries of the (gathered, unmerged) model state dict, else None."""
+        if getattr(self.model, "_duo_lora", None) is None:
+            return None
+        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        return {k: v for k, v in model_sd.items() if k in names}
 
     def _save_model_dir(self, model_dir: Path, model_sd: dict, ema_sd: dict | None) -> None:
         from duo_plugin.models.checkpoint import save_pretrained
@@ -859,13 +878,24 @@ class DuoPretrainRecipe:
                                               RESUME_KEYS)
         from duo_plugin.models.checkpoint import load_pretrained
 
-        model_sd = load_pretrained(Path(ckpt) / "model", weights="model", device="cpu").state_dict()
+        if getattr(self.model, "_duo_lora", None) is not None:
+            # LoRA: model/ holds merged weights of the full twin; restore the unmerged trainable tensors instead
+            if state.get("trainable_state") is None:
+                raise ValueError(f"{ckpt} holds no unmerged LoRA weights (trainable_state); it cannot resume a LoRA "
+                                 "run exactly: start a new run with init_from=<that checkpoint's model dir>")
+            model_sd, strict = dict(state["trainable_state"]), False
+            frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
+            if set(model_sd) != {n for n, _ in self.model.named_parameters()} - frozen:
+                raise ValueError(f"{ckpt}: trainable_state does not match this model's trainable parameters")
+        else:
+            model_sd = load_pretrained(Path(ckpt) / "model", weights="model", device="cpu").state_dict()
+            strict = True
         if self.distributed:
-            tt_training.load_from_full_model_state_dict(self.model, model_sd, self.device, strict=True)
+            tt_training.load_from_full_model_state_dict(self.model, model_sd, self.device, strict=strict)
             tt_training.load_from_full_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
                                                            self.device)
         else:
-            self.model.load_state_dict(model_sd)
+            self.model.load_state_dict(model_sd, strict=strict)
             self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None:
             if state.get("ema") is None:
@@ -923,7 +953,7 @@ class DuoPretrainRecipe:
                                  tok_s=f"{metrics['tokens_per_second']:.0f}", phase=m["phase"])
             if ckpt_every > 0 and self.step % ckpt_every == 0 and self.step < self.max_steps:
                 self.save_checkpoint()
-            if cfg.max_wall_s and time.perf_counter() - t0 > float(cfg.max_wall_s):
+            if cfg.max_wall_s and self._all_ranks_agree(time.perf_counter() - t0 > float(cfg.max_wall_s)):
                 if self.is_rank_zero:
                     log.info("max_wall_s=%s reached at step %d: stopping early", cfg.max_wall_s, self.step)
                 break

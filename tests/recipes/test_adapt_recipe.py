@@ -328,3 +328,15 @@ def test_tune_run_cli_with_shipped_config_name(hf_ckpts, tiny_assets, tmp_path):
     from duo_plugin.models.checkpoint import load_pretrained
 
     assert load_pretrained(out / "final").vocab_size == K
+
+
+def test_lora_resume_reproduces_uninterrupted_losses(hf_ckpts, tiny_assets, tmp_path):
+    """`resume=true` on a LoRA adapt run: the checkpoint's model dir is saved MERGED (full model), so resume must
+    restore the LoRA model's own (unmerged) weights, not load the merged full state dict into the LoRA model."""
+    hf_dir, _ = hf_ckpts["qwen"]
+    kw = dict(eval_every=0, **{"curriculum.steps": 2})
+    full = dp.run(adapt_cfg("qwen", "qwen", True, hf_dir, tiny_assets, tmp_path / "full", max_steps=4, **kw))
+    dp.run(adapt_cfg("qwen", "qwen", True, hf_dir, tiny_assets, tmp_path / "part", max_steps=2, **kw))
+    resumed = dp.run(adapt_cfg("qwen", "qwen", True, hf_dir, tiny_assets, tmp_path / "part", max_steps=4,
+                               resume=True, **kw))
+    assert resumed["losses"] == full["losses"]

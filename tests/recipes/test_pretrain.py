@@ -273,6 +273,15 @@ def test_resume_from_incompatible_checkpoint(make_cfg):
     assert latest_checkpoint(make_cfg("incomp").output_dir).name == "step_00000002"
 
 
+def test_resume_rejects_a_changed_training_split(make_cfg):
+    """data.val_docs / data.sample_by change which blocks are trained on: a resume must not accept them silently."""
+    dp.run(make_cfg("split", max_steps=1, **{"checkpoint.every": 1}))
+    with pytest.raises(ValueError, match="data.val_docs"):
+        dp.run(make_cfg("split", max_steps=2, resume=True, **{"data.val_docs": 3}))
+    with pytest.raises(ValueError, match="data.sample_by"):
+        dp.run(make_cfg("split", max_steps=2, resume=True, **{"data.sample_by": "line"}))
+
+
 # ------------------------------------------------------------------------------------------------ shipped configs
 @pytest.mark.parametrize("name", ["tiny_cpu", "owt_small", "lm1b_small"])
 def test_shipped_configs_validate_and_instantiate(name):
@@ -297,3 +306,29 @@ def test_shipped_configs_validate_and_instantiate(name):
         assert cfg.global_batch_size == 512 and cfg.max_steps == 1_000_000
     if name == "lm1b_small":
         assert cfg.curriculum.gamma_min == -3.5 and cfg.curriculum.gamma_max == -1.75 and cfg.data.seq_len == 128
+
+
+def _agree_worker(rank, port, out):
+    import torch.distributed as tdist
+    from types import SimpleNamespace
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        me = SimpleNamespace(device=torch.device("cpu"))
+        # only rank 1's clock has passed max_wall_s: both ranks must stop together (else rank 0 hangs in a collective)
+        out[rank] = dp.DuoPretrainRecipe._all_ranks_agree(me, rank == 1)
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_max_wall_s_stop_is_agreed_across_ranks():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_agree_worker, args=(port, out), nprocs=2, join=True)
+    assert dict(out) == {0: True, 1: True}
