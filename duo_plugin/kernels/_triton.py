@@ -372,6 +372,7 @@ def _posterior_sample(logx_ptr, keys_ptr, z_ptr, c_ptr, valid_ptr, out_ptr, N, K
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
+    rows64 = rows.to(tl.int64)  # rows * K can exceed 2^31 (e.g. 64 x 1024 positions x 50k ids)
     keys = tl.load(keys_ptr + rows, mask=rmask, other=0).to(tl.uint64, bitcast=True)
     zi = tl.load(z_ptr + rows, mask=rmask, other=-1)
     xsum = tl.load(c_ptr + rows * 5 + 0, mask=rmask, other=1.0)
@@ -384,7 +385,7 @@ def _posterior_sample(logx_ptr, keys_ptr, z_ptr, c_ptr, valid_ptr, out_ptr, N, K
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         inb = (cols < K)[None, :] & rmask[:, None]
-        x = tl.exp(tl.load(logx_ptr + rows[:, None] * K + cols[None, :], mask=inb, other=float("-inf"))
+        x = tl.exp(tl.load(logx_ptr + rows64[:, None] * K + cols[None, :], mask=inb, other=float("-inf"))
                    .to(tl.float64))
         c2u = tl.zeros([BLOCK_M, BLOCK_K], tl.float64) + c2[:, None]  # ((1 - a_t|s)(1 - a_s)) / K_eff
         if HAS_VALID:

@@ -49,7 +49,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from duo_plugin.training.recipe_utils import (ANY, COMPONENT, ConfigError, check_keys, full_tensor, is_block, is_dist,
-                                             lr_multiplier, masked_token_sum, world_rank)
+                                             full_optimizer_state, lr_multiplier, masked_token_sum,
+                                             world_rank)
 from torchtune import config as tt_config
 from torchtune import training as tt_training
 from torchtune import utils as tt_utils
@@ -580,7 +581,7 @@ class DuoDistillRecipe:
         ema_sd = self._full_ema_state()
         optim_sd = (tt_training.get_full_optimizer_state_dict(self.model, self.optimizer, self.is_rank_zero,
                                                               device=self.device)
-                    if self.distributed else self.optimizer.state_dict())
+                    if self.distributed else full_optimizer_state(self.model, self.optimizer))
         path = None
         if self.is_rank_zero:
             def write(tmp: Path) -> None:
@@ -623,6 +624,9 @@ class DuoDistillRecipe:
         if self.distributed:
             tt_training.load_from_full_model_state_dict(self.model, model_sd, self.device, strict=True)
             tt_training.load_from_full_model_state_dict(self.teacher, state["teacher"], self.device, strict=True)
+            # torchtune's loader assigns NEW Parameter objects (load_state_dict(assign=True)): rebuild the optimizer
+            # over them, or it would keep stepping the stale pre-resume parameters.
+            self._setup_optimizer()
             tt_training.load_from_full_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
                                                            self.device)
         else:

@@ -44,7 +44,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from duo_plugin.training.recipe_utils import (ANY, COMPONENT, ConfigError, check_keys, full_tensor, is_block, is_dist,
-                                             lr_multiplier, masked_token_sum, world_rank)
+                                             full_optimizer_state, lr_multiplier, masked_token_sum,
+                                             world_rank)
 from torchtune import config as tt_config
 from torchtune import training as tt_training
 from torchtune import utils as tt_utils
@@ -800,7 +801,7 @@ class DuoPretrainRecipe:
         if self.distributed:
             return tt_training.get_full_optimizer_state_dict(self.model, self.optimizer, self.is_rank_zero,
                                                             device=self.device)
-        return self.optimizer.state_dict()
+        return full_optimizer_state(self.model, self.optimizer)  # name-keyed: resumable on any world size
 
     def save_checkpoint(self, final: bool = False) -> Path | None:
         """Atomic step checkpoint ``output_dir/checkpoints/step_XXXXXXXX/{model/, training_state.pt}``."""
@@ -892,6 +893,9 @@ class DuoPretrainRecipe:
             strict = True
         if self.distributed:
             tt_training.load_from_full_model_state_dict(self.model, model_sd, self.device, strict=strict)
+            # torchtune's loader assigns NEW Parameter objects (load_state_dict(assign=True)): rebuild the optimizer
+            # over them, or it would keep stepping the stale pre-resume parameters.
+            self._setup_optimizer()
             tt_training.load_from_full_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
                                                            self.device)
         else:

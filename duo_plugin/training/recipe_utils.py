@@ -87,3 +87,15 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 def is_block(name: str, module: torch.nn.Module, *, types: set[type]) -> bool:
     """FSDP2 / activation-checkpointing wrap policy: shard/checkpoint modules whose exact type is in ``types``."""
     return type(module) in types
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state keyed by parameter NAME (not position), as a full (unsharded) state dict.
+
+    One format whatever the world size: a single-process checkpoint resumes under FSDP2 on N processes (whose loader
+    matches state by parameter name) and an N-process checkpoint resumes in one process.  Single-process only; under
+    FSDP2 use torchtune's ``get_full_optimizer_state_dict`` (same key format).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))

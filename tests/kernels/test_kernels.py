@@ -261,3 +261,21 @@ def test_compiled_chunked_curriculum_matches_reference(monkeypatch):
     (gr,) = torch.autograd.grad(e_ref, wt, g)
     (gc,) = torch.autograd.grad(e, wt, g)
     torch.testing.assert_close(gc, gr, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------- review: 64-bit offsets in the Triton posterior kernel
+@pytest.mark.skipif(not torch.cuda.is_available() or not dk.triton_available("cuda"),
+                    reason="needs CUDA + Triton and ~9 GB of GPU memory")
+def test_posterior_triton_large_rows_times_vocab():
+    """rows * K >= 2^31 must not wrap the int32 offset into log x_θ: with x_θ a point mass per row and α_s = 1 the
+    draw is that id deterministically (independent reference: the point-mass ids themselves)."""
+    k = 50258
+    n = (1 << 31) // k + 64  # the last 64 rows start beyond 2^31 elements
+    dev = torch.device("cuda")
+    target = torch.randint(0, k, (n,), device=dev, generator=torch.Generator(device=dev).manual_seed(0))
+    lx = torch.full((1, n, k), float("-inf"), device=dev)
+    lx[0].scatter_(1, target[:, None], 0.0)
+    z = torch.zeros(1, n, dtype=torch.long, device=dev)
+    out = S.posterior_sample_triton(lx, z, 0.3, 1.0, torch.tensor([7], dtype=torch.int64), 0)
+    assert torch.equal(out[0, -128:], target[-128:])
+    del lx

@@ -332,3 +332,22 @@ def test_max_wall_s_stop_is_agreed_across_ranks():
     out = mp.Manager().dict()
     mp.spawn(_agree_worker, args=(port, out), nprocs=2, join=True)
     assert dict(out) == {0: True, 1: True}
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_on_two_processes(make_cfg, tmp_path):
+    """A single-process step checkpoint resumes under FSDP2 on 2 processes and continues the uninterrupted losses."""
+    single = dp.run(make_cfg("one", max_steps=4, **{"checkpoint.every": 2}))
+    ckpt = Path(make_cfg("one").output_dir) / "checkpoints" / "step_00000002"
+    assert ckpt.is_dir(), f"no step-2 checkpoint at {ckpt}"
+    cfg = make_cfg("two", max_steps=4, resume=str(ckpt), **{"checkpoint.every": 2})
+    path = tmp_path / "two.yaml"
+    OmegaConf.save(cfg, path)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    tune = Path(sys.executable).parent / "tune"
+    proc = subprocess.run([str(tune), "run", "--nproc_per_node", "2", "duo_pretrain", "--config", str(path)],
+                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    resumed = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
+    assert resumed["world_size"] == 2
+    assert resumed["losses"][-2:] == pytest.approx(single["losses"][2:4], rel=1e-5, abs=1e-6)
