@@ -27,7 +27,11 @@ What is returned (the model is a uniform-state diffusion LM, so every log-likeli
   lm-eval are **upper bounds**.
 * ``generate_until``: :func:`duo_plugin.sampling.sample` (float64 ancestral sampler, ``gen_steps`` steps,
   ``noise_removal``) with ``[BOS] + context`` clamped as prompt, ``max_gen_toks`` new tokens, cut at EOS and at the
-  first stop string in ``until``.
+  first stop string in ``until``. ``do_sample: false`` or ``temperature: 0`` ask for greedy decoding, which a
+  diffusion sampler has no exact analogue of: they select diffusion "greedy" decoding, the argmax of x_θ before each
+  posterior step (nucleus with a vanishing ``top_p``) and a Greedy-Tail final noise removal -- not autoregressive
+  greedy decoding (the posterior still mixes in the seeded uniform noise, so it is deterministic per request and
+  seed, but not the sequence an AR argmax would give).
 
 Noise is seeded per request from a hash of its token ids (``seed`` model arg), so scores do not depend on the batch
 composition, ``--limit`` or request order. ``--batch_size`` = rows (request x MC sample) per denoiser call.
@@ -53,7 +57,12 @@ log = logging.getLogger("duo_plugin.lm_eval")
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "lm_eval_tasks"
 
-__all__ = ["DuoLM", "TASKS_DIR", "parse_batch_size", "rolling_windows", "request_index", "truncate_left"]
+#: ``top_p`` used for lm-eval's greedy requests (``do_sample: false`` / ``temperature: 0``): the nucleus keeps only the
+#: argmax of x_θ, so every posterior step uses the one-hot argmax of the denoiser's prediction.
+GREEDY_TOP_P = 1e-9
+
+__all__ = ["DuoLM", "GREEDY_TOP_P", "TASKS_DIR", "parse_batch_size", "rolling_windows", "request_index",
+           "truncate_left"]
 
 
 # ----------------------------------------------------------------------------------------------- pure helpers
@@ -144,6 +153,13 @@ class DuoLM(TemplateLM):
         greedy_check: ``onepass`` | ``off``. gen_steps: sampler steps for ``generate_until`` (default 64).
         noise_removal: ``greedy`` (default) | ``ancestral`` | ``none``. max_gen_toks: default 256.
         mc_stderr_path: JSON file for the per-task MC standard-error summary.
+
+    ``generate_until`` gen_kwargs: ``until``, ``max_gen_toks``, ``temperature`` (> 0; sampling on log x_θ),
+    ``do_sample``. ``do_sample: false`` or ``temperature: 0`` (lm-eval's "greedy") select diffusion greedy decoding:
+    ``noise_removal="greedy"`` and ``top_p`` = :data:`GREEDY_TOP_P` (the argmax of x_θ before every posterior step),
+    whatever ``noise_removal`` was configured. This is *not* autoregressive greedy decoding: each reverse step still
+    draws from the exact posterior (stay / x_θ / uniform mixture, seeded per request), so it is deterministic for a
+    given request and seed but is not the AR argmax sequence. It is logged once per backend.
     """
 
     def __init__(
@@ -253,6 +269,7 @@ class DuoLM(TemplateLM):
         self.noise_removal = noise_removal
         self.max_gen_toks = int(max_gen_toks)
         self.mc_stderr_path = mc_stderr_path
+        self._greedy_logged = False
         # per task: list of (nelbo, stderr, n_tokens) for every scored request/window
         self._mc_records: Dict[str, List[Tuple[float, float, int]]] = defaultdict(list)
 
@@ -468,6 +485,22 @@ class DuoLM(TemplateLM):
         return ll
 
     # --- generation -----------------------------------------------------------------------------------------
+    def _decoding(self, do_sample, temperature) -> Tuple[float, float, str]:
+        """``(temperature, top_p, noise_removal)`` for one request's gen_kwargs (see the class docstring)."""
+        greedy = (do_sample is not None and not do_sample) or (temperature is not None and float(temperature) == 0.0)
+        if greedy:
+            if not self._greedy_logged:
+                self._greedy_logged = True
+                log.warning(
+                    "duo: do_sample=false / temperature=0 requested: using diffusion 'greedy' decoding (argmax of "
+                    "x_theta before each posterior step, top_p=%g, Greedy-Tail noise removal). This is NOT "
+                    "autoregressive greedy decoding: the posterior still mixes in seeded uniform noise.", GREEDY_TOP_P)
+            return 1.0, GREEDY_TOP_P, "greedy"
+        temp = 1.0 if temperature is None else float(temperature)
+        if not temp > 0:
+            raise ValueError(f"generate_until: temperature must be >= 0, got {temperature!r}")
+        return temp, 1.0, self.noise_removal
+
     def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
         """Sample continuations with the project's sampler; the prompt ``[BOS] + context`` is clamped."""
         from duo_plugin.diffusion.uniform import row_generators
@@ -483,17 +516,17 @@ class DuoLM(TemplateLM):
             max_gen = int(kw.pop("max_gen_toks", self.max_gen_toks))
             if not 1 <= max_gen <= self.max_length - 1:
                 raise ValueError(f"max_gen_toks={max_gen} must lie in [1, {self.max_length - 1}] for this model")
-            temperature = float(kw.pop("temperature", 1.0) or 1.0) if kw.pop("do_sample", True) else 1.0
+            decoding = self._decoding(kw.pop("do_sample", None), kw.pop("temperature", None))
             ctx = self.tok_encode(context) if context else []
             room = self.max_length - 1 - max_gen
             ctx = ctx[max(0, len(ctx) - room):]
             prompt = [self.prefix_token_id] + ctx
-            prepared.append((prompt, max_gen, until, temperature))
+            prepared.append((prompt, max_gen, until, decoding))
         results: List[Optional[str]] = [None] * len(requests)
-        groups: Dict[Tuple[int, int, float], List[int]] = defaultdict(list)
-        for i, (prompt, g, _, temp) in enumerate(prepared):
-            groups[(len(prompt), g, temp)].append(i)
-        for (p_len, g, temp), members in groups.items():
+        groups: Dict[Tuple[int, int, Tuple[float, float, str]], List[int]] = defaultdict(list)
+        for i, (prompt, g, _, decoding) in enumerate(prepared):
+            groups[(len(prompt), g, decoding)].append(i)
+        for (p_len, g, (temp, top_p, mode)), members in groups.items():
             chunk = max(1, self.batch_size)
             for lo in range(0, len(members), chunk):
                 mem = members[lo : lo + chunk]
@@ -503,7 +536,7 @@ class DuoLM(TemplateLM):
                 )
                 toks = sample(
                     self.denoiser, self.schedule, batch_size=len(mem), seq_len=p_len + g, vocab_size=self.vocab_size,
-                    steps=self.gen_steps, noise_removal=self.noise_removal, temperature=temp, prompt=prompts,
+                    steps=self.gen_steps, noise_removal=mode, temperature=temp, top_p=top_p, prompt=prompts,
                     valid_vocab=self.valid_vocab, generator=gens, device=self._device, progress=False,
                 )
                 for r, i in enumerate(mem):

@@ -35,6 +35,26 @@ from torchtune import config as tt_config
 from torchtune import utils as tt_utils
 
 from duo_plugin.recipes.duo_generate import default_seq_len, load_model_and_tokenizer
+from duo_plugin.training.recipe_utils import ConfigError, check_keys
+
+# Every key ``run`` reads (see duo_plugin/configs/duo/eval_ppl.yaml and eval_zeroshot.yaml); any other key is a typo
+# and an error naming the closest valid key, as in duo_pretrain / duo_distill.
+SCHEMA: dict[str, Any] = {
+    "checkpoint": None, "weights": None, "tokenizer": None, "output_dir": None, "device": None, "dtype": None,
+    "seed": None, "block_size": None, "mc_passes": None, "batch_size": None, "max_blocks": None, "t_min": None,
+    "alpha_eps": None, "progress_bar": None,
+    "dataset": {"source": None, "val_fraction": None, "packing": None, "files": None, "sample_by": None,
+                "column": None, "name": None, "data_files": None, "local_dir": None, "max_docs": None,
+                "cache_dir": None},
+}
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Reject unknown keys (``ConfigError`` with a "did you mean" hint) and check the required ones are set."""
+    check_keys(cfg, SCHEMA, "")
+    for req in ("checkpoint", "output_dir", "dataset", "mc_passes", "seed", "batch_size"):
+        if cfg.get(req) is None:
+            raise ConfigError(f"config key '{req}' is required (see duo_plugin/configs/duo/eval_ppl.yaml)")
 
 
 def _list(x) -> list:
@@ -110,6 +130,7 @@ def run(cfg: DictConfig) -> dict:
     from duo_plugin.eval.likelihood import nelbo_perplexity
     from duo_plugin.sampling import DenoiserFn
 
+    validate_config(cfg)
     device = tt_utils.get_device(str(cfg.get("device") or "cpu"))
     out_dir = Path(str(cfg.output_dir))
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,28 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config as tt_config
 from torchtune import utils as tt_utils
 
+from duo_plugin.training.recipe_utils import ANY, ConfigError, check_keys
+
 log = logging.getLogger("duo_plugin.recipes.duo_generate")
+
+# Every key ``run`` reads (see duo_plugin/configs/duo/generate.yaml); any other key is a typo and an error naming the
+# closest valid key, as in duo_pretrain / duo_distill.
+SCHEMA: dict[str, Any] = {
+    "checkpoint": None, "weights": None, "tokenizer": None, "output_dir": None, "device": None, "dtype": None,
+    "seed": None, "num_samples": None, "batch_size": None, "seq_len": None, "steps": None, "noise_removal": None,
+    "top_p": None, "temperature": None, "t_eps": None, "alpha_eps": None, "add_bos": None, "prompts": None,
+    "infill": None, "progress_bar": None,
+    "genppl": {"path": None, "scorer": None, "weights": None, "builder": None, "builder_kwargs": ANY,
+               "model_type": None, "tokenizer": None, "eos_id": None, "batch_size": None, "max_len": None},
+}
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Reject unknown keys (``ConfigError`` with a "did you mean" hint) and check the required ones are set."""
+    check_keys(cfg, SCHEMA, "")
+    for req in ("checkpoint", "output_dir", "steps", "num_samples"):
+        if cfg.get(req) is None:
+            raise ConfigError(f"config key '{req}' is required (see duo_plugin/configs/duo/generate.yaml)")
 
 _MASK_RE = re.compile(r"\[MASK(?::(\d+))?\]")
 
@@ -147,6 +168,7 @@ def run(cfg: DictConfig) -> dict:
     from duo_plugin.eval.genppl import gen_ppl_and_entropy, unigram_entropy
     from duo_plugin.sampling import DenoiserFn, sample
 
+    validate_config(cfg)
     device = tt_utils.get_device(str(cfg.get("device") or "cpu"))
     out_dir = Path(str(cfg.output_dir))
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -138,12 +138,27 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-# Keys that must equal the checkpoint's on resume (everything that changes the loss sequence).  Not listed, free to
-# change: max_steps, gradient_accumulation_steps, world size, eval/checkpoint/logging cadence, compile, AC.
+# Keys that must equal the checkpoint's on resume (everything that changes the loss sequence; "kernels" too: the fused
+# curriculum input draws a different noise stream than the dense one).  Not listed, free to change:
+# gradient_accumulation_steps, world size, eval/checkpoint/logging cadence, compile, AC, and max_steps (except with
+# lr_scheduler.name=cosine, whose LR sequence depends on max_steps: see check_resume_max_steps).
 RESUME_KEYS = ("seed", "objective", "model", "init_from", "global_batch_size", "optimizer", "lr_scheduler",
                "clip_grad_norm", "ema", "schedule", "curriculum", "data.seq_len", "data.packing", "data.source",
                "data.files", "data.hub", "data.val_fraction", "data.val_docs", "data.sample_by", "data.valid_vocab",
-               "adapt")
+               "adapt", "kernels")
+
+
+def check_resume_max_steps(saved_cfg: Any, cfg: Any) -> None:
+    """A cosine LR decays to ``min_lr_ratio`` at ``max_steps``: resuming with another ``max_steps`` would change every
+    later LR (not the run that was checkpointed), so refuse it.  ``constant_with_warmup`` does not depend on it."""
+    if str((cfg.get("lr_scheduler") or {}).get("name")) != "cosine":
+        return
+    old, new = saved_cfg.get("max_steps"), cfg.get("max_steps")
+    if old is not None and new is not None and int(old) != int(new):
+        raise ConfigError(
+            f"cannot resume: lr_scheduler.name=cosine decays over max_steps, and max_steps changed from {int(old)} "
+            f"(checkpoint) to {int(new)} (config), which changes the LR sequence; set max_steps={int(old)} to resume, "
+            "or start a fresh run (new output_dir) with the new max_steps")
 
 
 def validate_config(cfg: DictConfig) -> DictConfig:
@@ -877,6 +892,7 @@ class DuoPretrainRecipe:
         state = checkpointing.load_training_state(Path(ckpt) / "training_state.pt")
         checkpointing.check_resume_compatible(state["config"], OmegaConf.to_container(self.cfg, resolve=True),
                                               RESUME_KEYS)
+        check_resume_max_steps(state["config"], OmegaConf.to_container(self.cfg, resolve=True))
         from duo_plugin.models.checkpoint import load_pretrained
 
         if getattr(self.model, "_duo_lora", None) is not None:

@@ -84,7 +84,8 @@ class SampleResult:
 
 
 class DenoiserFn:
-    """Wrap a model as a sampler/eval denoiser: eval mode, ``torch.no_grad``, optional bf16 autocast (CUDA only).
+    """Wrap a model as a sampler/eval denoiser: eval mode during each call (the model's previous train/eval mode is
+    restored afterwards), ``torch.no_grad``, optional bf16 autocast (CUDA only).
 
     ``DenoiserFn(model)(z, sigma)`` returns fp32 log-probabilities ``[B, L, K]`` (re-normalised with log_softmax, so
     a model returning logits also works). ``nfe`` counts calls (one per batched forward).
@@ -112,15 +113,23 @@ class DenoiserFn:
 
     @torch.no_grad()
     def __call__(self, z: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
-        if self.model.training:
+        # The forward runs in eval mode (no dropout), then every submodule gets its previous mode back: sampling or
+        # evaluating mid-training must not leave the live model in eval mode.
+        saved = [(m, m.training) for m in self.model.modules()] if self.model.training else None
+        if saved is not None:
             self.model.eval()
-        self.nfe += 1
-        ctx = contextlib.nullcontext()
-        if self.autocast_dtype is not None and z.device.type == "cuda":
-            ctx = torch.autocast("cuda", dtype=self.autocast_dtype)
-        with ctx:
-            out = self.model(z, sigma, **kwargs)
-        return torch.log_softmax(out.float(), dim=-1)
+        try:
+            self.nfe += 1
+            ctx = contextlib.nullcontext()
+            if self.autocast_dtype is not None and z.device.type == "cuda":
+                ctx = torch.autocast("cuda", dtype=self.autocast_dtype)
+            with ctx:
+                out = self.model(z, sigma, **kwargs)
+            return torch.log_softmax(out.float(), dim=-1)
+        finally:
+            if saved is not None:
+                for m, mode in saved:
+                    m.training = mode
 
 
 def time_grid(steps: int, t_eps: float = 1e-5) -> torch.Tensor:

@@ -98,6 +98,33 @@ def test_eval_files_and_zeroshot(assets):
     assert m["sets"]["ptb"]["tokens"] > 0
 
 
+def test_generate_and_eval_reject_misspelled_keys(tmp_path):
+    """A typo (``step=8``) is an error naming the closest valid key, before any checkpoint is loaded."""
+    from duo_plugin.recipes import duo_eval, duo_generate
+    from duo_plugin.training.recipe_utils import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown config key 'step': did you mean 'steps'\?"):
+        duo_generate.run(_cfg("generate", output_dir=str(tmp_path / "g"), step=8))
+    with pytest.raises(ConfigError, match=r"'genppl.max_length'.*did you mean 'genppl.max_len'"):
+        duo_generate.run(_cfg("generate", output_dir=str(tmp_path / "g"), **{"genppl.max_length": 8}))
+    with pytest.raises(ConfigError, match=r"unknown config key 'mc_pass': did you mean 'mc_passes'"):
+        duo_eval.run(_cfg("eval_ppl", output_dir=str(tmp_path / "e"), mc_pass=4))
+    with pytest.raises(ConfigError, match=r"'dataset.names'.*did you mean 'dataset.name'"):
+        duo_eval.run(_cfg("eval_zeroshot", output_dir=str(tmp_path / "e"), **{"dataset.names": "ptb"}))
+    assert not (tmp_path / "g").exists() and not (tmp_path / "e").exists()
+
+
+def test_shipped_generate_and_eval_configs_validate():
+    """The shipped configs, with the overrides README.md "Sample and measure" shows, pass the key check."""
+    from duo_plugin.recipes import duo_eval, duo_generate
+
+    duo_generate.validate_config(_cfg("generate"))
+    duo_generate.validate_config(_cfg("generate", steps=64, noise_removal="greedy", prompts=["To be"]))
+    duo_generate.validate_config(_cfg("generate", infill="The king [MASK:6] the queen"))
+    duo_eval.validate_config(_cfg("eval_ppl", mc_passes=4))
+    duo_eval.validate_config(_cfg("eval_zeroshot", **{"dataset.name": "ptb", "dataset.data_files": ["ptb.jsonl"]}))
+
+
 @pytest.mark.slow
 def test_cli_entry_points(assets):
     root = assets["root"]

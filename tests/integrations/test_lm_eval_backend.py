@@ -250,6 +250,48 @@ def test_generate_until_clamps_prompt_and_cuts_stops():
     assert out == ["3 3 3", "3 3"]
 
 
+def test_generate_until_greedy_requests_use_argmax_x_theta(monkeypatch, caplog):
+    """do_sample=false / temperature=0 map to diffusion greedy decoding (noise_removal=greedy, vanishing top_p), not
+    to temperature-1 ancestral sampling; sampling requests keep the configured sampler; a note is logged once."""
+    import duo_plugin.sampling as sampling
+
+    k = 6
+    # argmax id 3 but only ~40% of the mass: temperature-1 ancestral sampling yields other ids too
+    lm = dl.DuoLM(model=ConstModel([0.0, -9.0, 0.0, 1.0, 0.0, 0.0]), tokenizer=IdTok(k), gen_steps=4,
+                  noise_removal="ancestral")
+
+    class Req:
+        def __init__(self, ctx, kw):
+            self.args = (ctx, kw)
+
+    calls = []
+    real = sampling.sample
+
+    def spy(*a, **kw):
+        calls.append({key: kw.get(key) for key in ("noise_removal", "top_p", "temperature")})
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sampling, "sample", spy)
+    with caplog.at_level("WARNING", logger="duo_plugin.lm_eval"):
+        greedy = lm.generate_until([Req("2", {"do_sample": False, "max_gen_toks": 6}),
+                                    Req("4", {"temperature": 0.0, "max_gen_toks": 6}),
+                                    Req("2 4", {"do_sample": False, "temperature": 0.0, "max_gen_toks": 5})])
+        lm.generate_until([Req("4 2", {"do_sample": False, "max_gen_toks": 4})])
+    assert greedy == ["3 3 3 3 3 3", "3 3 3 3 3 3", "3 3 3 3 3"]  # argmax of x_θ at every step and at the tail
+    assert calls and all(c == {"noise_removal": "greedy", "top_p": dl.GREEDY_TOP_P, "temperature": 1.0}
+                         for c in calls)
+    notes = [r for r in caplog.records if "NOT autoregressive greedy" in r.getMessage()]
+    assert len(notes) == 1
+
+    calls.clear()
+    sampled = lm.generate_until([Req("2", {"do_sample": True, "temperature": 0.7, "max_gen_toks": 6}),
+                                 Req("4", {"max_gen_toks": 6})])
+    assert sorted(map(tuple, (c.values() for c in calls))) == [("ancestral", 1.0, 0.7), ("ancestral", 1.0, 1.0)]
+    assert any(t != "3" for out in sampled for t in out.split())  # genuinely sampled, not greedy
+    with pytest.raises(ValueError, match="temperature"):
+        lm.generate_until([Req("2", {"temperature": -1.0, "max_gen_toks": 2})])
+
+
 # ------------------------------------------------------------------------------------------------ registry
 def test_registry_keeps_builtin_backends(tmp_path):
     code = (

@@ -282,6 +282,32 @@ def test_resume_rejects_a_changed_training_split(make_cfg):
         dp.run(make_cfg("split", max_steps=2, resume=True, **{"data.sample_by": "line"}))
 
 
+def test_resume_rejects_changed_kernels(make_cfg):
+    """The fused curriculum input draws a different noise stream: changing kernels.* on resume must be refused."""
+    assert "kernels" in dp.RESUME_KEYS
+    dp.run(make_cfg("kern", max_steps=1, **{"checkpoint.every": 1, "kernels.curriculum_input": "dense"}))
+    with pytest.raises(ValueError, match="kernels"):
+        dp.run(make_cfg("kern", max_steps=2, resume=True, **{"kernels.curriculum_input": "reference"}))
+
+
+def test_resume_cosine_refuses_changed_max_steps(make_cfg):
+    """cosine decays over max_steps: a changed max_steps on resume changes the LR sequence and must be refused,
+    naming the fix; the same max_steps resumes."""
+    cos = {"lr_scheduler.name": "cosine", "checkpoint.every": 1}
+    dp.run(make_cfg("cos", max_steps=1, **cos))  # checkpoint at step 1 saved with max_steps=1
+    with pytest.raises(dp.ConfigError, match=r"max_steps.*set max_steps=1"):
+        dp.run(make_cfg("cos", max_steps=2, resume=True, **cos))
+    out = dp.run(make_cfg("cos2", max_steps=3, **cos))
+    resumed = dp.run(make_cfg("cos2", max_steps=3, resume=True, **cos))  # same max_steps: accepted
+    assert resumed["losses"] == out["losses"]
+
+
+def test_resume_constant_schedule_allows_changed_max_steps(make_cfg):
+    dp.run(make_cfg("const", max_steps=2, **{"checkpoint.every": 1}))
+    out = dp.run(make_cfg("const", max_steps=3, resume=True, **{"checkpoint.every": 1}))
+    assert len(out["losses"]) == 3
+
+
 # ------------------------------------------------------------------------------------------------ shipped configs
 @pytest.mark.parametrize("name", ["tiny_cpu", "owt_small", "lm1b_small"])
 def test_shipped_configs_validate_and_instantiate(name):

@@ -304,6 +304,45 @@ def test_nfe_with_chunks_and_denoiserfn():
     assert out.shape == (5, 3) and fn.nfe == 3 * 4  # 3 chunks x (steps + 1)
 
 
+def test_denoiserfn_restores_the_models_previous_mode():
+    """The forward runs in eval mode, but sampling mid-training must leave the live model (and each submodule, e.g. a
+    deliberately frozen eval-mode part) in the mode it had; an eval-mode model stays in eval mode."""
+    seen = []
+
+    class M(torch.nn.Module):
+        vocab_size = 4
+
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Embedding(4, 4)
+            self.drop = torch.nn.Dropout(0.5)
+            self.frozen = torch.nn.Linear(4, 4)
+
+        def forward(self, x, sigma):
+            seen.append((self.training, self.drop.training, self.frozen.training))
+            return self.drop(self.lin(x))
+
+    m = M().train()
+    m.frozen.eval()
+    fn = DenoiserFn(m)
+    out = sample(fn, None, batch_size=2, seq_len=3, vocab_size=4, steps=2, seed=0, progress=False)
+    assert out.shape == (2, 3) and seen and all(s == (False, False, False) for s in seen)
+    assert m.training and m.lin.training and m.drop.training and not m.frozen.training
+
+    class Boom(M):
+        def forward(self, x, sigma):
+            raise RuntimeError("boom")
+
+    b = Boom().train()
+    with pytest.raises(RuntimeError, match="boom"):
+        DenoiserFn(b)(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1))
+    assert b.training and b.drop.training  # restored even when the forward raises
+
+    e = M().eval()
+    DenoiserFn(e)(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1))
+    assert not any(mod.training for mod in e.modules())
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_determinism_and_chunk_independence(impl):
     den = TableDenoiser(5, 4)
