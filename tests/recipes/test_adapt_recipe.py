@@ -334,7 +334,9 @@ def test_lora_resume_reproduces_uninterrupted_losses(hf_ckpts, tiny_assets, tmp_
     """`resume=true` on a LoRA adapt run: the checkpoint's model dir is saved MERGED (full model), so resume must
     restore the LoRA model's own (unmerged) weights, not load the merged full state dict into the LoRA model."""
     hf_dir, _ = hf_ckpts["qwen"]
-    kw = dict(eval_every=0, **{"curriculum.steps": 2})
+    # constant LR: the 2-step run and the 4-step run then share one LR sequence (a cosine schedule decays over
+    # max_steps, and resuming with a different max_steps is refused for it)
+    kw = dict(eval_every=0, **{"curriculum.steps": 2, "lr_scheduler.name": "constant_with_warmup"})
     full = dp.run(adapt_cfg("qwen", "qwen", True, hf_dir, tiny_assets, tmp_path / "full", max_steps=4, **kw))
     dp.run(adapt_cfg("qwen", "qwen", True, hf_dir, tiny_assets, tmp_path / "part", max_steps=2, **kw))
     resumed = dp.run(adapt_cfg("qwen", "qwen", True, hf_dir, tiny_assets, tmp_path / "part", max_steps=4,
