@@ -32,9 +32,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig
 from torchtune import config as tt_config
-from torchtune import utils as tt_utils
 
-from duo_plugin.recipes.duo_generate import default_seq_len, load_model_and_tokenizer
+from duo_plugin.recipes.duo_generate import default_seq_len, open_run
 from duo_plugin.training.recipe_utils import ConfigError, check_keys
 
 # Every key ``run`` reads (see duo_plugin/configs/duo/eval_ppl.yaml and eval_zeroshot.yaml); any other key is a typo
@@ -131,10 +130,7 @@ def run(cfg: DictConfig) -> dict:
     from duo_plugin.sampling import DenoiserFn
 
     validate_config(cfg)
-    device = tt_utils.get_device(str(cfg.get("device") or "cpu"))
-    out_dir = Path(str(cfg.output_dir))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model, tok = load_model_and_tokenizer(cfg.checkpoint, cfg.get("weights") or "ema", cfg.get("tokenizer"), device)
+    device, out_dir, model, tok = open_run(cfg)
     if getattr(model, "causal", False):
         raise ValueError(f"{cfg.checkpoint} is a causal (AR) model; duo_eval computes the diffusion NELBO")
     block_size = default_seq_len(model, cfg.get("block_size"))

@@ -58,6 +58,15 @@ def validate_config(cfg: DictConfig) -> None:
 _MASK_RE = re.compile(r"\[MASK(?::(\d+))?\]")
 
 
+def open_run(cfg: DictConfig):
+    """Common start of the generation/evaluation recipes: ``(device, output_dir (created), model, tokenizer)``."""
+    device = tt_utils.get_device(str(cfg.get("device") or "cpu"))
+    out_dir = Path(str(cfg.output_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model_and_tokenizer(cfg.checkpoint, cfg.get("weights") or "ema", cfg.get("tokenizer"), device)
+    return device, out_dir, model, tok
+
+
 def load_model_and_tokenizer(checkpoint: str, weights: str, tokenizer_path: Optional[str], device):
     """``load_pretrained`` + the tokenizer: ``tokenizer_path``, else ``<checkpoint>/tokenizer``, else the
     descriptor stored in the checkpoint's metadata."""
@@ -169,10 +178,7 @@ def run(cfg: DictConfig) -> dict:
     from duo_plugin.sampling import DenoiserFn, sample
 
     validate_config(cfg)
-    device = tt_utils.get_device(str(cfg.get("device") or "cpu"))
-    out_dir = Path(str(cfg.output_dir))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model, tok = load_model_and_tokenizer(cfg.checkpoint, cfg.get("weights") or "ema", cfg.get("tokenizer"), device)
+    device, out_dir, model, tok = open_run(cfg)
     seq_len = default_seq_len(model, cfg.get("seq_len"))
     if seq_len > int(model.max_seq_len):
         raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={model.max_seq_len}")
