@@ -48,9 +48,9 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from duo_plugin.training.recipe_utils import (ANY, COMPONENT, ConfigError, check_keys, full_tensor, is_block, is_dist,
-                                             full_optimizer_state, lr_multiplier, masked_token_sum,
-                                             world_rank)
+from duo_plugin.training.recipe_utils import (ANY, COMPONENT, ConfigError, all_ranks_agree, check_keys,
+                                             full_optimizer_state, full_tensor, is_block, is_dist,
+                                             lr_multiplier, masked_token_sum, world_rank)
 from torchtune import config as tt_config
 from torchtune import training as tt_training
 from torchtune import utils as tt_utils
@@ -260,14 +260,6 @@ class DuoDistillRecipe:
         if is_dist():
             dist.barrier()
 
-    def _all_ranks_agree(self, flag: bool) -> bool:
-        """``flag`` OR-ed over ranks (each rank's clock differs; a rank leaving the loop alone would hang the rest)."""
-        if not is_dist():
-            return bool(flag)
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
-
     def _setup_tokenizer(self) -> None:
         from duo_plugin.data.tokenizers import load_tokenizer
 
@@ -371,19 +363,10 @@ class DuoDistillRecipe:
         self.ema = None
         if cfg.ema and cfg.ema.get("decay"):
             self.ema = EMA(self.model, decay=float(cfg.ema.decay), use_warmup=bool(cfg.ema.use_warmup))
-            self._load_ema_shadow({k: ema_sd[k] for k in self.ema.shadow})
+            self.ema.load_full_state_dict({**self.ema.state_dict(), "shadow": {k: ema_sd[k] for k in self.ema.shadow}},
+                                          self.model, self.device)
         if self.is_rank_zero:
             log.info("student/teacher from %s: K=%d (K_eff=%d)", self.init_from, self.vocab_size, self.k_eff)
-
-    def _load_ema_shadow(self, full_shadow: dict) -> None:
-        if self.distributed:
-            from torch.distributed.tensor import distribute_tensor
-
-            params = dict(self.model.named_parameters())
-            full_shadow = {k: distribute_tensor(v.to(self.device), params[k].device_mesh, params[k].placements)
-                           .to_local() if hasattr(params[k], "device_mesh") else v for k, v in full_shadow.items()}
-        st = self.ema.state_dict()
-        self.ema.load_state_dict({**st, "shadow": full_shadow})
 
     @staticmethod
     def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -504,27 +487,12 @@ class DuoDistillRecipe:
             return tt_training.gather_cpu_state_dict(model, self.is_rank_zero, device=self.device)
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
-    def _full_ema_state(self) -> dict | None:
-        if self.ema is None:
-            return None
-        sd = self.ema.state_dict()
-        params = dict(self.model.named_parameters())
-        shadow = {}
-        for k, v in sd["shadow"].items():
-            p = params[k]
-            if hasattr(p, "device_mesh"):
-                from torch.distributed.tensor import DTensor
-
-                v = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
-            shadow[k] = v.detach().cpu()
-        return {**sd, "shadow": shadow}
-
     def _eval_model(self) -> torch.nn.Module | None:
         """Unsharded copy of the student with its EMA weights (rank 0; collective under FSDP)."""
         from duo_plugin.models.checkpoint import load_pretrained
 
         sd = self._full_model_state(self.model)
-        ema = self._full_ema_state()
+        ema = self.ema.full_state_dict(self.model) if self.ema is not None else None
         if not self.is_rank_zero:
             return None
         m = load_pretrained(self.init_from, weights="model", device="cpu")
@@ -578,7 +546,7 @@ class DuoDistillRecipe:
 
         model_sd = self._full_model_state(self.model)
         teacher_sd = self._full_model_state(self.teacher)
-        ema_sd = self._full_ema_state()
+        ema_sd = self.ema.full_state_dict(self.model) if self.ema is not None else None
         optim_sd = (tt_training.get_full_optimizer_state_dict(self.model, self.optimizer, self.is_rank_zero,
                                                               device=self.device)
                     if self.distributed else full_optimizer_state(self.model, self.optimizer))
@@ -635,7 +603,7 @@ class DuoDistillRecipe:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None:
             full = state["ema"]
-            self._load_ema_shadow(full["shadow"])
+            self.ema.load_full_state_dict({**self.ema.state_dict(), "shadow": full["shadow"]}, self.model, self.device)
             self.ema.num_updates = int(full["num_updates"])
         if state.get("rng") is not None and int(state.get("world_size", 1)) == self.world_size:
             checkpointing.restore_rng_state(state["rng"])
@@ -690,7 +658,7 @@ class DuoDistillRecipe:
                 self._evaluate_student(self._round_name(self.step))
             if ckpt_every > 0 and self.step % ckpt_every == 0 and self.step < self.max_steps:
                 self.save_checkpoint()
-            if cfg.max_wall_s and self._all_ranks_agree(time.perf_counter() - t0 > float(cfg.max_wall_s)):
+            if cfg.max_wall_s and all_ranks_agree(time.perf_counter() - t0 > float(cfg.max_wall_s), self.device):
                 if self.is_rank_zero:
                     log.info("max_wall_s=%s reached at step %d: stopping early", cfg.max_wall_s, self.step)
                 break

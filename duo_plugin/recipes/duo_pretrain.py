@@ -43,9 +43,9 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from duo_plugin.training.recipe_utils import (ANY, COMPONENT, ConfigError, check_keys, full_tensor, is_block, is_dist,
-                                             full_optimizer_state, lr_multiplier, masked_token_sum,
-                                             world_rank)
+from duo_plugin.training.recipe_utils import (ANY, COMPONENT, ConfigError, all_ranks_agree, check_keys,
+                                             full_optimizer_state, full_tensor, is_block, is_dist,
+                                             lr_multiplier, masked_token_sum, world_rank)
 from torchtune import config as tt_config
 from torchtune import training as tt_training
 from torchtune import utils as tt_utils
@@ -268,14 +268,6 @@ class DuoPretrainRecipe:
     def _barrier(self) -> None:
         if is_dist():
             dist.barrier()
-
-    def _all_ranks_agree(self, flag: bool) -> bool:
-        """``flag`` OR-ed over ranks (each rank's clock differs; a rank leaving the loop alone would hang the rest)."""
-        if not is_dist():
-            return bool(flag)
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
 
     def _setup_tokenizer(self) -> None:
         from duo_plugin.data.tokenizers import load_tokenizer, train_sentencepiece
@@ -785,33 +777,6 @@ class DuoPretrainRecipe:
             return tt_training.gather_cpu_state_dict(self.model, self.is_rank_zero, device=self.device)
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
-    def _full_ema_state(self) -> dict | None:
-        """EMA state with FULL (unsharded) fp32 shadows on CPU. Under FSDP2 each rank's shadow is its local shard
-        of the parameter's DTensor; the full tensor is rebuilt with the parameter's mesh and placements."""
-        if self.ema is None:
-            return None
-        sd = self.ema.state_dict()
-        params = dict(self.model.named_parameters())
-        shadow = {}
-        for k, v in sd["shadow"].items():
-            p = params[k]
-            if hasattr(p, "device_mesh"):
-                from torch.distributed.tensor import DTensor
-
-                v = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
-            shadow[k] = v.detach().cpu()
-        return {**sd, "shadow": shadow}
-
-    def _load_ema_state(self, state: dict) -> None:
-        shadow = state["shadow"]
-        if self.distributed:
-            from torch.distributed.tensor import distribute_tensor
-
-            params = dict(self.model.named_parameters())
-            shadow = {k: distribute_tensor(v.to(self.device), params[k].device_mesh, params[k].placements).to_local()
-                      if k in params and hasattr(params[k], "device_mesh") else v for k, v in shadow.items()}
-        self.ema.load_state_dict({**state, "shadow": shadow})
-
     def _full_optim_state(self) -> dict | None:
         if self.distributed:
             return tt_training.get_full_optimizer_state_dict(self.model, self.optimizer, self.is_rank_zero,
@@ -823,7 +788,7 @@ class DuoPretrainRecipe:
         from duo_plugin.training import checkpointing
 
         model_sd = self._full_model_state()
-        ema_sd = self._full_ema_state()
+        ema_sd = self.ema.full_state_dict(self.model) if self.ema is not None else None
         optim_sd = self._full_optim_state()
         path = None
         if self.is_rank_zero:
@@ -920,7 +885,7 @@ class DuoPretrainRecipe:
         if self.ema is not None:
             if state.get("ema") is None:
                 raise ValueError(f"{ckpt} holds no EMA state but ema.decay is set; set ema.decay: null to resume it")
-            self._load_ema_state(state["ema"])
+            self.ema.load_full_state_dict(state["ema"], self.model, self.device)
         from duo_plugin.training.checkpointing import restore_rng_state
 
         if state.get("rng") is not None and int(state.get("world_size", 1)) == self.world_size:
@@ -973,7 +938,7 @@ class DuoPretrainRecipe:
                                  tok_s=f"{metrics['tokens_per_second']:.0f}", phase=m["phase"])
             if ckpt_every > 0 and self.step % ckpt_every == 0 and self.step < self.max_steps:
                 self.save_checkpoint()
-            if cfg.max_wall_s and self._all_ranks_agree(time.perf_counter() - t0 > float(cfg.max_wall_s)):
+            if cfg.max_wall_s and all_ranks_agree(time.perf_counter() - t0 > float(cfg.max_wall_s), self.device):
                 if self.is_rank_zero:
                     log.info("max_wall_s=%s reached at step %d: stopping early", cfg.max_wall_s, self.step)
                 break

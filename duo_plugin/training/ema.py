@@ -126,3 +126,33 @@ class EMA:
         self.num_updates = int(state["num_updates"])
         self.shadow = {k: v.detach().to(device=self.shadow[k].device, dtype=torch.float32).clone()
                        for k, v in shadow.items()}
+
+    def full_state_dict(self, model: nn.Module) -> dict:
+        """:meth:`state_dict` with FULL (unsharded) fp32 shadows on CPU.  Under FSDP2 each rank's shadow is its local
+        shard of the parameter's DTensor; the full tensor is rebuilt with the parameter's mesh and placements (a
+        collective: call it on every rank)."""
+        sd = self.state_dict()
+        params = dict(model.named_parameters())
+        shadow = {}
+        for k, v in sd["shadow"].items():
+            p = params[k]
+            if hasattr(p, "device_mesh"):
+                from torch.distributed.tensor import DTensor
+
+                v = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+            shadow[k] = v.detach().cpu()
+        return {**sd, "shadow": shadow}
+
+    def load_full_state_dict(self, state: dict, model: nn.Module, device: torch.device | str) -> None:
+        """Inverse of :meth:`full_state_dict`: full shadows are re-sharded like ``model``'s FSDP2 parameters (plain
+        parameters take the full tensor) before :meth:`load_state_dict`."""
+        params = dict(model.named_parameters())
+        shadow = {}
+        for k, v in state["shadow"].items():
+            p = params.get(k)
+            if p is not None and hasattr(p, "device_mesh"):
+                from torch.distributed.tensor import distribute_tensor
+
+                v = distribute_tensor(v.to(device), p.device_mesh, p.placements).to_local()
+            shadow[k] = v
+        self.load_state_dict({**state, "shadow": shadow})

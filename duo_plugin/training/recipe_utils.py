@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
-__all__ = ["COMPONENT", "ANY", "ConfigError", "check_keys", "lr_multiplier", "masked_token_sum", "is_dist",
+__all__ = ["COMPONENT", "ANY", "ConfigError", "check_keys", "lr_multiplier", "masked_token_sum", "is_dist", "all_ranks_agree",
            "world_rank", "full_tensor", "is_block"]
 
 #: Schema markers: a section instantiated via ``_component_`` (its keys are checked against the component's
@@ -99,3 +99,12 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+
+
+def all_ranks_agree(flag: bool, device: torch.device | str) -> bool:
+    """``flag`` OR-ed over ranks (each rank's clock differs; a rank leaving a loop alone would hang the rest)."""
+    if not is_dist():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

@@ -336,13 +336,12 @@ def test_shipped_configs_validate_and_instantiate(name):
 
 def _agree_worker(rank, port, out):
     import torch.distributed as tdist
-    from types import SimpleNamespace
+    from duo_plugin.training.recipe_utils import all_ranks_agree
 
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        me = SimpleNamespace(device=torch.device("cpu"))
         # only rank 1's clock has passed max_wall_s: both ranks must stop together (else rank 0 hangs in a collective)
-        out[rank] = dp.DuoPretrainRecipe._all_ranks_agree(me, rank == 1)
+        out[rank] = all_ranks_agree(rank == 1, torch.device("cpu"))
     finally:
         tdist.destroy_process_group()
 
