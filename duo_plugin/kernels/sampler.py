@@ -18,7 +18,7 @@ from duo_plugin.diffusion.uniform import _per_token, posterior
 from . import rng
 
 __all__ = ["posterior_sample_reference", "posterior_sample_chunked", "posterior_sample_triton",
-           "posterior_mixture_reference", "posterior_mixture_sample"]
+           "posterior_mixture_reference", "posterior_mixture_sample", "race_sample_rows"]
 
 DEFAULT_WORKSPACE = 1 << 20
 
@@ -120,7 +120,7 @@ def _unit_uniforms(keys: torch.Tensor, j: int) -> torch.Tensor:
 
 
 def _mixture_setup(log_x_theta, z_t, alpha_t, alpha_s, seeds, step, valid_vocab, probs_fn=None,
-                   workspace: int = DEFAULT_WORKSPACE):
+                   workspace: int = DEFAULT_WORKSPACE, kappa=None):
     b, l, k = log_x_theta.shape
     dev = log_x_theta.device
     keys = _keys(seeds, step, b, l, dev).reshape(-1)
@@ -156,6 +156,12 @@ def _mixture_setup(log_x_theta, z_t, alpha_t, alpha_s, seeds, step, valid_vocab,
     norm = k_eff * at * x_z + 1 - at
     w_stay = (k_eff * at * x_z + at / as_ - at) / norm
     w_x = (as_ - at) / norm
+    if kappa is not None:
+        # Ψ step: κ q(z_s | z_t, x_θ) + (1 − κ) [α_s q(x | z_t, x_θ) + (1 − α_s) u]; the posterior to time 0 is the
+        # mixture stay (K α_t x_z / N) + x_θ ((1 − α_t) / N), so the law stays a stay / x_θ / uniform mixture.
+        kap = float(kappa)
+        w_stay = kap * w_stay + (1 - kap) * as_ * (k_eff * at * x_z / norm)
+        w_x = kap * w_x + (1 - kap) * as_ * ((1 - at) / norm)
     coin = _unit_uniforms(keys, -1)
     uidx = (_unit_uniforms(keys, -2) * k_eff).long().clamp_(max=k_eff - 1)
     uni = uidx if ids is None else ids[uidx]
@@ -195,16 +201,35 @@ def posterior_mixture_reference(log_x_theta, z_t, alpha_t, alpha_s, seeds, step:
 
 
 def posterior_mixture_sample(log_x_theta, z_t, alpha_t, alpha_s, seeds, step: int, valid_vocab=None,
-                             workspace: int = DEFAULT_WORKSPACE, probs_fn=None):
+                             workspace: int = DEFAULT_WORKSPACE, probs_fn=None, kappa=None):
     """Same stream as :func:`posterior_mixture_reference`; K-wide float64 work only on the rows whose coin picked
     x_θ (a fraction (α_s − α_t)/N of them), ``workspace // K`` rows at a time.  With ``probs_fn`` the coin needs
-    x_θ at z_t, so ``probs_fn`` runs on every row once (chunked) and again on the rows that picked x_θ."""
+    x_θ at z_t, so ``probs_fn`` runs on every row once (chunked) and again on the rows that picked x_θ.
+
+    ``kappa`` (optional, in [0, 1]): draw from the Ψ law κ q(z_s | z_t, x_θ) + (1 − κ) q_{α_s}(q(x | z_t, x_θ))
+    instead (docs/sampling.md); ``None`` is the ancestral posterior (κ = 1, same stream)."""
     b, l, k = log_x_theta.shape
     out, pick_x, keys, lx, vv = _mixture_setup(log_x_theta, z_t, alpha_t, alpha_s, seeds, step, valid_vocab, probs_fn,
-                                               workspace)
+                                               workspace, kappa)
     rows = pick_x.nonzero()[:, 0]
     step_rows = max(1, int(workspace) // k)
     for i in range(0, rows.numel(), step_rows):
         r = rows[i:i + step_rows]
         out[r] = _draw_x(lx[r], keys[r], vv, probs_fn)
     return out.view(b, l)
+
+
+# ------------------------------------------------------------------------------------------------- generic race
+def race_sample_rows(row_probs, b: int, l: int, k: int, seeds, step: int, device,
+                     workspace: int = DEFAULT_WORKSPACE) -> torch.Tensor:
+    """Draw ``Long[B, L]`` from any per-position law with the counter-based race (same keys as the ancestral race):
+    ``row_probs(i, j)`` returns float64 (unnormalised) probabilities ``[j − i, K]`` of the flattened positions
+    ``i..j−1``; it is called ``workspace // K`` positions at a time, so no ``[B, L, K]`` buffer is built."""
+    keys = _keys(seeds, step, b, l, device).reshape(-1)
+    out = torch.empty(b * l, dtype=torch.int64, device=device)
+    rows = max(1, int(workspace) // int(k))
+    for i in range(0, b * l, rows):
+        j = min(b * l, i + rows)
+        out[i:j] = _draw(row_probs(i, j).to(torch.float64), keys[i:j])
+    return out.view(b, l)
+

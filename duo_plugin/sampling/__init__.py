@@ -1,4 +1,6 @@
-"""Samplers for uniform-state diffusion LMs (ancestral / Greedy-Tail, nucleus, temperature, prompts, infilling)."""
+"""Samplers for uniform-state diffusion LMs: ancestral / Greedy-Tail and Ψ-samplers (schedulers with a ``step``),
+nucleus, temperature, prompts, infilling, prompt guidance, block (semi-autoregressive) and variable-length output.
+See docs/sampling.md."""
 
 from duo_plugin.sampling.samplers import (
     NOISE_REMOVAL_MODES,
@@ -7,15 +9,35 @@ from duo_plugin.sampling.samplers import (
     apply_temperature,
     nucleus_filter,
     sample,
+    sample_blocks,
     time_grid,
+    trim_at_eos,
+)
+from duo_plugin.sampling.schedulers import (
+    PSI_MODES,
+    AncestralScheduler,
+    PsiSchedule,
+    PsiScheduler,
+    StepNoise,
+    UniformProcess,
+    make_scheduler,
 )
 
 __all__ = [
     "NOISE_REMOVAL_MODES",
+    "PSI_MODES",
+    "AncestralScheduler",
     "DenoiserFn",
+    "PsiSchedule",
+    "PsiScheduler",
     "SampleResult",
+    "StepNoise",
+    "UniformProcess",
     "apply_temperature",
+    "make_scheduler",
     "nucleus_filter",
     "sample",
+    "sample_blocks",
     "time_grid",
+    "trim_at_eos",
 ]

@@ -1,35 +1,31 @@
-"""Ancestral sampling for uniform-state diffusion LMs (Duo paper §5 / duo-method.md §5 and §1.2).
+"""Sampling loop for uniform-state diffusion LMs: :func:`sample` (ancestral / Greedy-Tail / Ψ, nucleus,
+temperature, prompts, infilling, prompt guidance), :func:`sample_blocks` (semi-autoregressive stride generation
+beyond the context) and :func:`trim_at_eos` (variable-length output). docs/sampling.md describes all of it.
 
-The sampler starts from the uniform prior z_1 ~ U(valid ids)^L, walks a uniform time grid
-``linspace(1, t_eps, steps + 1)`` and at every step draws z_s ~ q(z_s | z_t, x_θ(z_t, σ_t)) from the exact USDM
-posterior (paper Eq. 4) in float64 with a race of exponentials. After the steps, one optional *noise-removal* call
+The loop is short: draw z_1 from the prior (clamped positions held), then for each step of the scheduler's grid call
+the denoiser once (twice with prompt guidance) and let the scheduler draw z_s
+(:meth:`~duo_plugin.sampling.schedulers.AncestralScheduler.step`); after the steps, one optional noise-removal call
 at t = t_eps:
 
 * ``"ancestral"``: one more posterior step with α_s = 1;
 * ``"greedy"`` (Greedy-Tail): z ← argmax_v x_θ(z, σ(t_eps))_v (the denoiser output, not the final posterior);
 * ``"none"``: no call.
 
-So the number of function evaluations is NFE = steps + 1 (``steps`` for ``"none"``).
+So NFE = steps + 1 (``steps`` for ``"none"``), doubled with prompt guidance (w ≠ 1).
 
-The posterior draw (``posterior_impl``) has three exact implementations, all float64:
+The update rule and the noise process live in :mod:`duo_plugin.sampling.schedulers`; the posterior draw
+(``posterior_impl``) has three exact float64 implementations:
 
-* ``"dense"``: the full ``float64 [B, L, K]`` posterior (:func:`~duo_plugin.diffusion.uniform.posterior`) and a race
-  of exponentials from the torch generators (:func:`~duo_plugin.diffusion.uniform.sample_categorical`) — the reference
-  and the original random stream.
-* ``"chunked"``: the same posterior and race, ``workspace // K`` positions at a time, with counter-based exponentials
-  (:func:`duo_plugin.kernels.posterior_sample_step`, ``method="race"``, ``impl="chunked"``).
-* ``"mixture"``: the posterior as the mixture stay-at-z_t / draw-from-x_θ / draw-uniform (duo-method.md §1.2), one
-  counter-based coin per position and a float64 inverse-CDF draw over x_θ only on the rows that picked x_θ
-  (``method="mixture"``). ``"auto"`` (the default) picks it: it supports every option of :func:`sample`.
+* ``"dense"``: the full ``float64 [B, L, K]`` law and a race of exponentials from the torch generators — the
+  reference and the original random stream.
+* ``"chunked"``: the same law and race, ``workspace // K`` positions at a time, with counter-based exponentials.
+* ``"mixture"``: the ancestral / Ψ law as the mixture stay-at-z_t / draw-from-x_θ / draw-uniform (docs/method.md), one
+  counter-based coin per position and a float64 inverse-CDF draw over x_θ only on the rows that picked x_θ.
+  ``"auto"`` (the default) picks it (``"chunked"`` with prompt guidance, whose law is not such a mixture).
 
 ``chunked`` and ``mixture`` key their counter streams by a per-sequence 63-bit seed drawn from that sequence's
 generator (after the prior sample), the step index and the position, so they are deterministic and independent of
-``chunk_size`` exactly like ``dense``. With temperature ≠ 1 or top-p < 1 the filtered x_θ is computed row by row in
-float64 inside the kernels (``probs_fn``), never for the whole batch at once.
-
-Options: nucleus filtering (top-p on x_θ before the posterior), temperature (on log x_θ), prompt prefixes and
-infilling (clamped positions are held at their values in z at every step, including the initial prior sample, and
-never resampled), chunked batch sampling with a progress bar, and determinism from an explicit seed or generator.
+``chunk_size`` exactly like ``dense``.
 
 Denoiser call convention (docs/architecture.md): ``denoiser(z: LongTensor[B, L], sigma: FloatTensor[B]) ->
 log x_θ: FloatTensor[B, L, K]`` with ``sigma = -log α_t``.
@@ -44,8 +40,18 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from duo_plugin._progress import progress_bar
-from duo_plugin.diffusion.uniform import num_valid, posterior, prior_sample, row_generators, sample_categorical
-from duo_plugin.kernels import posterior_sample_step
+from duo_plugin.diffusion.uniform import row_generators
+from duo_plugin.sampling.schedulers import (
+    POSTERIOR_IMPLS,
+    AncestralScheduler,
+    PsiSchedule,
+    StepNoise,
+    UniformProcess,
+    apply_temperature,
+    make_scheduler,
+    nucleus_filter,
+    time_grid,
+)
 
 __all__ = [
     "NOISE_REMOVAL_MODES",
@@ -53,14 +59,14 @@ __all__ = [
     "SampleResult",
     "DenoiserFn",
     "sample",
+    "sample_blocks",
+    "trim_at_eos",
     "nucleus_filter",
     "apply_temperature",
     "time_grid",
 ]
 
 NOISE_REMOVAL_MODES = ("ancestral", "greedy", "none")
-POSTERIOR_IMPLS = ("auto", "dense", "chunked", "mixture")
-_WORKSPACE = 1 << 20  # float64 elements per chunk of rows for the non-dense paths (8 MiB)
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -71,16 +77,20 @@ class SampleResult:
 
     Attributes:
         tokens: ``LongTensor[B, L]`` final samples.
-        nfe: number of denoiser evaluations per sequence (steps + 1 with a noise-removal call).
+        nfe: number of denoiser evaluations per sequence (steps + 1 with a noise-removal call; x2 with prompt
+            guidance; summed over the windows of :func:`sample_blocks`).
         trajectory: ``LongTensor[S, B, L]``: z after the prior draw (index 0), after every step and after the
             noise-removal call (S = steps + 1 + [noise_removal != "none"]), or None.
         times: ``float64 [S]`` the time of each trajectory entry (1.0, grid..., t_eps, and 0.0 for the final call).
+        lengths: ``Long[B]`` (only with ``eos_id``): the number of tokens of each sequence up to, not including,
+            its first EOS at or after the prompt (the full length when there is none); see :func:`trim_at_eos`.
     """
 
     tokens: torch.Tensor
     nfe: int
     trajectory: Optional[torch.Tensor] = None
     times: Optional[torch.Tensor] = None
+    lengths: Optional[torch.Tensor] = None
 
 
 class DenoiserFn:
@@ -130,46 +140,6 @@ class DenoiserFn:
             if saved is not None:
                 for m, mode in saved:
                     m.training = mode
-
-
-def time_grid(steps: int, t_eps: float = 1e-5) -> torch.Tensor:
-    """``float64 [steps + 1]`` uniform grid ``linspace(1, t_eps, steps + 1)`` (duo-method.md §5)."""
-    if int(steps) < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if not (0.0 < float(t_eps) < 1.0):
-        raise ValueError(f"t_eps must lie in (0, 1), got {t_eps}")
-    return torch.linspace(1.0, float(t_eps), int(steps) + 1, dtype=torch.float64)
-
-
-def apply_temperature(log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Temperature on log x_θ: ``log_softmax(log x_θ / T)`` (float64 ``[..., K]``). T = 1 is the identity."""
-    if not float(temperature) > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    lp = log_probs.to(torch.float64)
-    if float(temperature) == 1.0:
-        return lp
-    return torch.log_softmax(lp / float(temperature), dim=-1)
-
-
-def nucleus_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Top-p filter on probability vectors ``[..., K]``: keep the smallest set of ids whose mass is ≥ p, renormalise.
-
-    Ids are ranked by probability (ties broken by sort order); id i of the ranking is kept iff the mass of the ids
-    ranked before it is < p, so the argmax is always kept. ``top_p >= 1`` returns the input unchanged. float64 out.
-    """
-    p = float(top_p)
-    if not (0.0 < p <= 1.0):
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-    probs = probs.to(torch.float64)
-    if p >= 1.0:
-        return probs
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_p.cumsum(-1) - sorted_p
-    keep_sorted = mass_before < p * sorted_p.sum(-1, keepdim=True)
-    keep_sorted[..., 0] = True
-    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-    out = torch.where(keep, probs, torch.zeros((), dtype=torch.float64, device=probs.device))
-    return out / out.sum(-1, keepdim=True)
 
 
 def _row_stream_seeds(gen, rows: int, device) -> torch.Tensor:
@@ -234,6 +204,48 @@ def _build_clamp(
         raise ValueError(f"prompt/clamp ids must lie in [0, {vocab_size}); check the tokenizer matches the model")
     return mask, values
 
+def _denoise(denoiser, scheduler: AncestralScheduler, grid, z, m, v, noise: StepNoise, noise_removal: str,
+             guided: bool, traj: Optional[list], bar) -> torch.Tensor:
+    """The loop for one chunk of rows: ``z`` (prior draw, clamped) → final ids. ``m``/``v``: clamp mask / values."""
+    proc = scheduler.process
+    b, seq_len = z.shape
+    k = proc.vocab_size
+
+    def predict(z, t):  # log x_θ(z_t) and, with guidance, the prediction with the clamped positions as prior noise
+        sigma = (-torch.log(proc.alpha(t))).to(torch.float32).expand(b).to(z.device)
+        out = []
+        for zz in (z, torch.where(m, proc.prior(z.shape, noise.generator, z.device), z)) if guided else (z,):
+            lp = denoiser(zz, sigma)
+            if lp.shape != (b, seq_len, k):
+                raise ValueError(f"denoiser returned shape {tuple(lp.shape)}; expected [B, L, K] = {[b, seq_len, k]}")
+            out.append(lp)
+        return out[0], (out[1] if guided else None)
+
+    def clamp(z):
+        return z if m is None else torch.where(m, v, z)
+
+    def fill(z):  # clamped positions may hold ids outside valid_vocab (BOS, prompt): the law is not used there
+        return z if m is None else torch.where(m, torch.full_like(z, proc.fill_id), z)
+
+    steps = grid.numel() - 1
+    for i in range(steps):
+        lx, lxu = predict(z, grid[i])
+        z = clamp(scheduler.step(lx, grid[i], grid[i + 1], fill(z), StepNoise(noise.generator, noise.seeds, i),
+                                 log_x_theta_uncond=lxu))
+        if traj is not None:
+            traj.append(z)
+        if bar is not None:
+            bar.update(1)
+    if noise_removal != "none":
+        lx, lxu = predict(z, grid[-1])
+        z = clamp(scheduler.final(lx, grid[-1], fill(z), StepNoise(noise.generator, noise.seeds, steps),
+                                  noise_removal, log_x_theta_uncond=lxu))
+        if traj is not None:
+            traj.append(z)
+        if bar is not None:
+            bar.update(1)
+    return z
+
 
 def sample(
     denoiser: Denoiser,
@@ -258,8 +270,12 @@ def sample(
     progress: bool = True,
     return_trajectory: bool = False,
     posterior_impl: str = "auto",
+    predictor: str = "ancestral",
+    psi: Optional[PsiSchedule] = None,
+    guidance_weight: float = 1.0,
+    eos_id: Optional[int] = None,
 ) -> Union[torch.Tensor, SampleResult]:
-    """Ancestral sampling with the exact float64 USDM posterior (paper Eq. 4, Alg. "ancestral"; duo-method.md §5).
+    """Sample with the exact float64 USDM posterior (ancestral, paper Eq. 4) or the Ψ-sampler (docs/sampling.md).
 
     Args:
         denoiser: ``denoiser(z Long[B, L], sigma Float[B]) -> log x_θ Float[B, L, K]`` (e.g. :class:`DenoiserFn`).
@@ -267,7 +283,7 @@ def sample(
             (α_t = 1 − (1 − 1e-3) t).
         batch_size: number of sequences B to generate (processed ``chunk_size`` at a time).
         seq_len: L. vocab_size: K (the denoiser's output width).
-        steps: number of posterior steps T on the grid ``linspace(1, t_eps, T + 1)``.
+        steps: number of steps T on the grid (``linspace(1, t_eps, T + 1)``, or the Ψ time profile).
         noise_removal: ``"ancestral"`` | ``"greedy"`` | ``"none"`` (the call at t_eps after the steps).
         top_p: nucleus mass on x_θ before the posterior (1.0 = off). temperature: divides log x_θ (1.0 = off).
         prompt: ``Long[P]`` or ``Long[B, P]`` prefix ids clamped at positions ``0..P-1``.
@@ -280,28 +296,26 @@ def sample(
         t_eps: final time of the grid (1e-5 in the paper). device: where z and the posterior live.
         chunk_size: max sequences per denoiser call (default: all). progress: tqdm bar (only on a TTY).
         return_trajectory: return a :class:`SampleResult` with the trajectory and the NFE count.
-        posterior_impl: ``"auto"`` (= ``"mixture"``, the fastest; every option is supported) | ``"dense"`` (full
-            float64 posterior + torch-generator race: the reference and the pre-kernel random stream) |
-            ``"chunked"`` (kernels' chunked float64 posterior + counter race) | ``"mixture"`` (kernels' exact
-            mixture draw). All are exactly posterior-distributed; the random streams differ between them.
+        posterior_impl: ``"auto"`` | ``"dense"`` | ``"chunked"`` | ``"mixture"`` (module docstring). All are exactly
+            distributed as the step's law; the random streams differ between them.
+        predictor: ``"ancestral"`` or ``"psi"`` (then ``psi``: a :class:`PsiSchedule`, or a mapping of its keys;
+            default ``PsiSchedule()``).
+        guidance_weight: prompt guidance w (classifier-free guidance without labels): the step draws from
+            ∝ q_cond^w q_uncond^(1−w), q_uncond from the model with the clamped (prompt / infill) positions replaced
+            by prior noise. 1.0 (default) is plain conditional sampling; without clamped positions it has no effect.
+        eos_id: when set, the result is a :class:`SampleResult` with ``lengths`` (see :func:`trim_at_eos`).
 
     Returns:
-        ``LongTensor[B, L]``, or a :class:`SampleResult` when ``return_trajectory`` is True.
+        ``LongTensor[B, L]``, or a :class:`SampleResult` when ``return_trajectory`` is True or ``eos_id`` is set.
     """
     if noise_removal not in NOISE_REMOVAL_MODES:
         raise ValueError(f"noise_removal must be one of {NOISE_REMOVAL_MODES}, got {noise_removal!r}")
     if posterior_impl not in POSTERIOR_IMPLS:
         raise ValueError(f"posterior_impl must be one of {POSTERIOR_IMPLS}, got {posterior_impl!r}")
-    impl = "mixture" if posterior_impl == "auto" else posterior_impl
     batch_size, seq_len, vocab_size, steps = int(batch_size), int(seq_len), int(vocab_size), int(steps)
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"batch_size and seq_len must be >= 1; got {batch_size}, {seq_len}")
-    grid = time_grid(steps, t_eps)
-    if not (0.0 < float(top_p) <= 1.0):
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-    if not float(temperature) > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    num_valid(vocab_size, valid_vocab)  # validates valid_vocab against K
+    time_grid(steps, t_eps)  # validates steps and t_eps
     if schedule is None:
         from duo_plugin.diffusion.schedules import LogLinearSchedule
 
@@ -317,31 +331,25 @@ def sample(
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
+    process = UniformProcess(schedule, vocab_size, None if valid_vocab is None else valid_vocab.to(device))
+    scheduler = make_scheduler(predictor, process, psi=psi, posterior_impl=posterior_impl, temperature=temperature,
+                               top_p=top_p, guidance_weight=guidance_weight)
     cmask, cvals = _build_clamp(batch_size, seq_len, vocab_size, prompt, clamp_mask, clamp_values)
-    if valid_vocab is not None:
-        valid_vocab = valid_vocab.to(device)
-        fill_id = int(torch.nonzero(valid_vocab)[0])
-    else:
-        fill_id = 0
-
-    # alpha on the grid (float64) and sigma = -log alpha for the denoiser.
-    alphas = torch.as_tensor(schedule.alpha(grid), dtype=torch.float64).reshape(-1)
-    if alphas.numel() != grid.numel():
-        raise ValueError("schedule.alpha(t) must return one value per time")
+    grid = scheduler.timesteps(steps, t_eps)
+    alphas = process.alpha(grid)
     if bool(((alphas <= 0) | (alphas > 1)).any()):
         raise ValueError("schedule.alpha(t) must lie in (0, 1] on the sampling grid")
+    guided = scheduler.guidance_weight != 1.0 and cmask is not None
 
     n_chunks = (batch_size + chunk - 1) // chunk
-    nfe = steps + (0 if noise_removal == "none" else 1)
-    bar = progress_bar(
-        progress, total=n_chunks * nfe, desc=f"duo sample ({noise_removal}, T={steps})", unit="nfe", leave=False
-    )
-
+    calls = steps + (0 if noise_removal == "none" else 1)
+    nfe = calls * (2 if guided else 1)
+    bar = progress_bar(progress, total=n_chunks * calls, desc=f"duo sample ({predictor}/{noise_removal}, T={steps})",
+                       unit="step", leave=False)
     outs, trajs = [], []
     try:
         for c in range(n_chunks):
             lo, hi = c * chunk, min(batch_size, (c + 1) * chunk)
-            b = hi - lo
             if generator is None:
                 gen = row_generators(int(seed), 0, range(lo, hi), device=device)
             elif isinstance(generator, torch.Generator):
@@ -350,72 +358,12 @@ def sample(
                 gen = generator[lo:hi]
             m = cmask[lo:hi].to(device) if cmask is not None else None
             v = cvals[lo:hi].to(device) if cvals is not None else None
-
-            def clamp(z):
-                return z if m is None else torch.where(m, v, z)
-
-            def filt(lp):  # log x_θ rows [..., K] -> float64 filtered probabilities (temperature, valid, top-p)
-                probs = apply_temperature(lp, temperature).exp()
-                if valid_vocab is not None:
-                    probs = torch.where(valid_vocab, probs, torch.zeros((), dtype=torch.float64, device=probs.device))
-                    probs = probs / probs.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-                return nucleus_filter(probs, top_p)
-
-            def log_x_theta(z, alpha):
-                sigma = (-torch.log(alpha)).to(torch.float32).expand(b).to(device)
-                logp = denoiser(z, sigma)
-                if logp.shape != (b, seq_len, vocab_size):
-                    raise ValueError(
-                        f"denoiser returned shape {tuple(logp.shape)}; expected [B, L, K] = {[b, seq_len, vocab_size]}"
-                    )
-                return logp
-
-            def x_theta(z, alpha):
-                return filt(log_x_theta(z, alpha))
-
-            def greedy(z, alpha):
-                if impl == "dense":
-                    return x_theta(z, alpha).argmax(-1)
-                lx = log_x_theta(z, alpha).reshape(b * seq_len, vocab_size)
-                rows = max(1, _WORKSPACE // vocab_size)
-                top = [filt(lx[i:i + rows]).argmax(-1) for i in range(0, b * seq_len, rows)]
-                return torch.cat(top).view(b, seq_len)
-
-            plain = float(temperature) == 1.0 and float(top_p) >= 1.0
-            probs_fn = None if plain else filt
-
-            def post_step(z, alpha_t, alpha_s, step_idx):
-                # Clamped positions may hold ids outside valid_vocab (BOS, prompt); the posterior is not used there.
-                z_in = z if m is None else torch.where(m, torch.full_like(z, fill_id), z)
-                if impl == "dense":
-                    probs = posterior(z_in, x_theta(z, alpha_t), alpha_t, alpha_s, valid_vocab=valid_vocab)
-                    return clamp(sample_categorical(probs, gen))
-                lx = log_x_theta(z, alpha_t)
-                out = posterior_sample_step(
-                    lx, z_in, alpha_t.item(), alpha_s.item(), seeds, step_idx, valid_vocab,
-                    impl="chunked", method="race" if impl == "chunked" else "mixture", probs_fn=probs_fn,
-                )
-                return clamp(out)
-
-            z = clamp(prior_sample((b, seq_len), vocab_size, gen, valid_vocab=valid_vocab, device=device))
-            seeds = None if impl == "dense" else _row_stream_seeds(gen, b, device)
+            z = process.prior((hi - lo, seq_len), gen, device)
+            z = z if m is None else torch.where(m, v, z)
+            seeds = _row_stream_seeds(gen, hi - lo, device) if scheduler.uses_counter_stream else None
             traj = [z] if return_trajectory else None
-            for i in range(steps):
-                z = post_step(z, alphas[i], alphas[i + 1], i)
-                if traj is not None:
-                    traj.append(z)
-                if bar is not None:
-                    bar.update(1)
-            a_final = alphas[-1]
-            if noise_removal == "ancestral":
-                z = post_step(z, a_final, torch.ones((), dtype=torch.float64), steps)
-            elif noise_removal == "greedy":
-                z = clamp(greedy(z, a_final))
-            if noise_removal != "none":
-                if traj is not None:
-                    traj.append(z)
-                if bar is not None:
-                    bar.update(1)
+            z = _denoise(denoiser, scheduler, grid, z, m, v, StepNoise(gen, seeds, 0), noise_removal, guided, traj,
+                         bar)
             outs.append(z)
             if traj is not None:
                 trajs.append(torch.stack(traj, 0))
@@ -423,7 +371,108 @@ def sample(
         if bar is not None:
             bar.close()
     tokens = torch.cat(outs, 0)
-    if not return_trajectory:
+    if not return_trajectory and eos_id is None:
         return tokens
-    times = torch.cat([grid, torch.zeros(1, dtype=torch.float64)]) if noise_removal != "none" else grid
-    return SampleResult(tokens=tokens, nfe=nfe, trajectory=torch.cat(trajs, 1), times=times)
+    res = SampleResult(tokens=tokens, nfe=nfe)
+    if return_trajectory:
+        res.trajectory = torch.cat(trajs, 1)
+        res.times = torch.cat([grid, torch.zeros(1, dtype=torch.float64)]) if noise_removal != "none" else grid
+    if eos_id is not None:
+        start = 0 if cmask is None else _prompt_end(cmask)
+        res.lengths = trim_at_eos(tokens, eos_id, start=start)[1]
+    return res
+
+
+def _prompt_end(cmask: torch.Tensor) -> torch.Tensor:
+    """``Long[B]``: length of the clamped prefix of each row (0 when position 0 is free)."""
+    free = ~cmask
+    first_free = torch.where(free.any(1), free.float().argmax(1), torch.full((cmask.shape[0],), cmask.shape[1]))
+    return first_free.long()
+
+
+def trim_at_eos(tokens: torch.Tensor, eos_id: int, start=0) -> tuple[list[list[int]], torch.Tensor]:
+    """Variable-length output: cut each row before its first ``eos_id`` at or after ``start`` (an int or ``Long[B]``,
+    e.g. the prompt length, so a prompt's own EOS does not count). Returns ``(rows as lists, lengths Long[B])``;
+    a row without EOS keeps its full length."""
+    tokens = torch.as_tensor(tokens)
+    b, n = tokens.shape
+    st = torch.as_tensor(start, dtype=torch.long).expand(b).to(tokens.device)
+    pos = torch.arange(n, device=tokens.device)[None, :]
+    hit = (tokens == int(eos_id)) & (pos >= st[:, None])
+    lengths = torch.where(hit.any(1), hit.float().argmax(1).long(), torch.full((b,), n, device=tokens.device))
+    rows = [tokens[i, : int(lengths[i])].tolist() for i in range(b)]
+    return rows, lengths.cpu()
+
+
+def sample_blocks(
+    denoiser: Denoiser,
+    schedule=None,
+    *,
+    batch_size: int,
+    seq_len: int,
+    n_blocks: int,
+    block_len: int,
+    generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
+    seed: Optional[int] = None,
+    prompt: Optional[torch.Tensor] = None,
+    eos_id: Optional[int] = None,
+    return_trajectory: bool = False,
+    **kwargs,
+) -> SampleResult:
+    """Semi-autoregressive (stride) generation beyond the context: ``seq_len + n_blocks × block_len`` tokens.
+
+    Window 0 is :func:`sample` over ``seq_len`` positions (with the prompt). Window j ≥ 1 keeps the last
+    ``seq_len − block_len`` tokens generated so far as clamped context (positions ``0..seq_len−block_len−1``, never
+    resampled) and denoises the next ``block_len`` positions with any predictor / option of :func:`sample`
+    (``kwargs``), then appends them. With ``seed`` window j's row b draws from ``row_generators(seed, j, [b])``
+    (window 0 is exactly ``sample(seed=seed)``); with a ``generator`` the windows share it.
+
+    With ``eos_id`` generation stops early once every row has an EOS after its prompt, and ``lengths`` reports each
+    row's length up to its first EOS (:func:`trim_at_eos`). ``return_trajectory``: the per-window final tokens
+    ``Long[windows, B, seq_len]`` in ``trajectory`` (each window's clamped context equals the previous output).
+
+    Returns a :class:`SampleResult` (``tokens Long[B, seq_len + n·block_len]``, ``nfe`` summed over windows).
+    """
+    n_blocks, block_len, seq_len, batch_size = int(n_blocks), int(block_len), int(seq_len), int(batch_size)
+    if n_blocks < 0:
+        raise ValueError(f"n_blocks must be >= 0, got {n_blocks}")
+    if n_blocks and not (1 <= block_len < seq_len):
+        raise ValueError(f"block_len must lie in [1, seq_len - 1] = [1, {seq_len - 1}] (it keeps seq_len - block_len "
+                         f"tokens of context); got {block_len}")
+    if "clamp_mask" in kwargs and n_blocks:
+        raise ValueError("sample_blocks takes a prompt, not clamp_mask / clamp_values (infilling is single-window)")
+    if (generator is None) == (seed is None):
+        raise ValueError("pass exactly one of generator= (torch.Generator or one per sequence) or seed= (int)")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        generator = list(generator)
+    kwargs = dict(kwargs, return_trajectory=False, eos_id=None)
+
+    def gen_kw(j):
+        if seed is None:
+            return {"generator": generator}
+        return {"seed": int(seed)} if j == 0 else {"generator": row_generators(int(seed), j, range(batch_size))}
+
+    res = sample(denoiser, schedule, batch_size=batch_size, seq_len=seq_len, prompt=prompt, **gen_kw(0),
+                 **dict(kwargs, return_trajectory=True))
+    out, nfe, windows = res.tokens, res.nfe, [res.tokens]
+    p_len = 0 if prompt is None else int(torch.as_tensor(prompt).shape[-1])
+    ctx_len = seq_len - block_len
+    for j in range(1, n_blocks + 1):
+        if eos_id is not None and bool(((out[:, p_len:] == int(eos_id)).any(1)).all()):
+            break
+        ctx = out[:, -ctx_len:]
+        cm = torch.zeros(batch_size, seq_len, dtype=torch.bool)
+        cm[:, :ctx_len] = True
+        cv = torch.zeros(batch_size, seq_len, dtype=torch.long)
+        cv[:, :ctx_len] = ctx.cpu()
+        r = sample(denoiser, schedule, batch_size=batch_size, seq_len=seq_len, clamp_mask=cm, clamp_values=cv,
+                   **gen_kw(j), **dict(kwargs, return_trajectory=True))
+        out = torch.cat([out, r.tokens[:, ctx_len:]], 1)
+        nfe += r.nfe
+        windows.append(r.tokens)
+    result = SampleResult(tokens=out, nfe=nfe)
+    if return_trajectory:
+        result.trajectory = torch.stack(windows, 0)
+    if eos_id is not None:
+        result.lengths = trim_at_eos(out, eos_id, start=p_len)[1]
+    return result

@@ -16,7 +16,7 @@ import pytest
 import torch
 from scipy import stats
 
-import duo_plugin.sampling.samplers as samplers_mod
+import duo_plugin.sampling.schedulers as samplers_mod
 from duo_plugin.diffusion.schedules import LogLinearSchedule
 from duo_plugin.sampling import DenoiserFn, SampleResult, nucleus_filter, sample
 
