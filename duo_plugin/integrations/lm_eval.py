@@ -153,6 +153,13 @@ class DuoLM(TemplateLM):
         greedy_check: ``onepass`` | ``off``. gen_steps: sampler steps for ``generate_until`` (default 64).
         noise_removal: ``greedy`` (default) | ``ancestral`` | ``none``. max_gen_toks: default 256.
         mc_stderr_path: JSON file for the per-task MC standard-error summary.
+        predictor: ``ancestral`` (default) | ``psi`` for ``generate_until``; with ``psi`` the Ψ settings
+            ``psi_high_mode``, ``psi_middle_mode``, ``psi_low_mode`` (default ``pure-posterior``), ``psi_high_frac``,
+            ``psi_middle_frac`` (0.2 / 0.6), ``psi_time_profile`` (``linear``) (docs/sampling.md).
+        guidance_weight: prompt guidance w for ``generate_until`` (1.0 = off). posterior_impl: sampler draw path.
+        block_len: when set, a continuation that does not fit in the window is generated block by block
+            (semi-autoregressive stride sampling, ``block_len`` new tokens per window with the rest of the window as
+            clamped context); generation stops once every row of a batch has produced EOS.
 
     ``generate_until`` gen_kwargs: ``until``, ``max_gen_toks``, ``temperature`` (> 0; sampling on log x_θ),
     ``do_sample``. ``do_sample: false`` or ``temperature: 0`` (lm-eval's "greedy") select diffusion greedy decoding:
@@ -185,6 +192,16 @@ class DuoLM(TemplateLM):
         max_gen_toks: int = 256,
         mc_stderr_path: Optional[str] = None,
         t_min: float = 1e-3,
+        predictor: str = "ancestral",
+        psi_high_mode: str = "pure-posterior",
+        psi_middle_mode: str = "pure-posterior",
+        psi_low_mode: str = "pure-posterior",
+        psi_high_frac: float = 0.2,
+        psi_middle_frac: float = 0.6,
+        psi_time_profile: str = "linear",
+        guidance_weight: float = 1.0,
+        posterior_impl: str = "auto",
+        block_len: Optional[int] = None,
         **unknown,
     ):
         super().__init__()
@@ -192,7 +209,9 @@ class DuoLM(TemplateLM):
             raise ValueError(
                 f"unknown --model_args for duo: {sorted(unknown)}; valid: pretrained, weights, tokenizer, device, "
                 "dtype, mc_samples, time_sampling, batch_size, seed, max_length, rolling_context, greedy_check, "
-                "gen_steps, noise_removal, max_gen_toks, mc_stderr_path"
+                "gen_steps, noise_removal, max_gen_toks, mc_stderr_path, predictor, psi_high_mode, psi_middle_mode, "
+                "psi_low_mode, psi_high_frac, psi_middle_frac, psi_time_profile, guidance_weight, posterior_impl, "
+                "block_len"
             )
         if pretrained is not None and checkpoint is not None and pretrained != checkpoint:
             raise ValueError("pass the checkpoint once: pretrained=DIR (checkpoint= is an alias)")
@@ -269,6 +288,18 @@ class DuoLM(TemplateLM):
         self.noise_removal = noise_removal
         self.max_gen_toks = int(max_gen_toks)
         self.mc_stderr_path = mc_stderr_path
+        if predictor not in ("ancestral", "psi"):
+            raise ValueError(f"predictor must be 'ancestral' or 'psi', got {predictor!r}")
+        from duo_plugin.sampling import PsiSchedule
+
+        self.sampler_kwargs = {
+            "predictor": predictor, "guidance_weight": float(guidance_weight), "posterior_impl": str(posterior_impl),
+            "psi": PsiSchedule(str(psi_high_mode), str(psi_middle_mode), str(psi_low_mode), float(psi_high_frac),
+                               float(psi_middle_frac), str(psi_time_profile)) if predictor == "psi" else None,
+        }
+        self.block_len = int(block_len) if block_len not in (None, "", "None", 0, "0") else None
+        if self.block_len is not None and not 1 <= self.block_len < self.max_length - 1:
+            raise ValueError(f"block_len must lie in [1, {self.max_length - 2}] for this model, got {block_len}")
         self._greedy_logged = False
         # per task: list of (nelbo, stderr, n_tokens) for every scored request/window
         self._mc_records: Dict[str, List[Tuple[float, float, int]]] = defaultdict(list)
@@ -504,7 +535,7 @@ class DuoLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
         """Sample continuations with the project's sampler; the prompt ``[BOS] + context`` is clamped."""
         from duo_plugin.diffusion.uniform import row_generators
-        from duo_plugin.sampling import sample
+        from duo_plugin.sampling import sample, sample_blocks
 
         prepared = []
         for req in requests:
@@ -514,11 +545,12 @@ class DuoLM(TemplateLM):
             if isinstance(until, str):
                 until = [until]
             max_gen = int(kw.pop("max_gen_toks", self.max_gen_toks))
-            if not 1 <= max_gen <= self.max_length - 1:
-                raise ValueError(f"max_gen_toks={max_gen} must lie in [1, {self.max_length - 1}] for this model")
+            if max_gen < 1 or (self.block_len is None and max_gen > self.max_length - 1):
+                raise ValueError(f"max_gen_toks={max_gen} must lie in [1, {self.max_length - 1}] for this model "
+                                 "(set block_len in --model_args to generate beyond the window)")
             decoding = self._decoding(kw.pop("do_sample", None), kw.pop("temperature", None))
             ctx = self.tok_encode(context) if context else []
-            room = self.max_length - 1 - max_gen
+            room = self.max_length - 1 - (max_gen if self.block_len is None else min(max_gen, self.block_len))
             ctx = ctx[max(0, len(ctx) - room):]
             prompt = [self.prefix_token_id] + ctx
             prepared.append((prompt, max_gen, until, decoding))
@@ -534,11 +566,16 @@ class DuoLM(TemplateLM):
                 gens = row_generators(
                     self.seed, 1 << 43, [request_index(prepared[i][0], f"gen{g}") for i in mem], device=self._device
                 )
-                toks = sample(
-                    self.denoiser, self.schedule, batch_size=len(mem), seq_len=p_len + g, vocab_size=self.vocab_size,
-                    steps=self.gen_steps, noise_removal=mode, temperature=temp, top_p=top_p, prompt=prompts,
-                    valid_vocab=self.valid_vocab, generator=gens, device=self._device, progress=False,
-                )
+                kw = dict(batch_size=len(mem), vocab_size=self.vocab_size, steps=self.gen_steps, noise_removal=mode,
+                          temperature=temp, top_p=top_p, prompt=prompts, valid_vocab=self.valid_vocab, generator=gens,
+                          device=self._device, progress=False, **self.sampler_kwargs)
+                if p_len + g <= self.max_length:
+                    toks = sample(self.denoiser, self.schedule, seq_len=p_len + g, **kw)
+                else:  # beyond the window: stride windows of block_len new tokens, stop when all rows hit EOS
+                    n_blocks = -(-(p_len + g - self.max_length) // self.block_len)
+                    toks = sample_blocks(self.denoiser, self.schedule, seq_len=self.max_length, n_blocks=n_blocks,
+                                         block_len=self.block_len, eos_id=self.eot_token_id, **kw).tokens
+                    toks = toks[:, : p_len + g]
                 for r, i in enumerate(mem):
                     new = toks[r, p_len:].tolist()
                     if self.eot_token_id in new:

@@ -1,4 +1,5 @@
-"""duo_generate: sample text from a Duo model directory (ancestral / Greedy-Tail, nucleus, prompts, infilling).
+"""duo_generate: sample text from a Duo model directory (ancestral / Greedy-Tail / Ψ, nucleus, prompts, infilling,
+prompt guidance, block generation beyond the context, variable-length output; docs/sampling.md).
 
 Sampler: duo-method.md §5 (exact float64 USDM posterior on linspace(1, t_eps, steps + 1), log-linear α, one
 noise-removal call at t_eps; NFE = steps + 1). Writes ``output_dir/samples.jsonl`` (one line per sample: text,
@@ -42,7 +43,10 @@ SCHEMA: dict[str, Any] = {
     "checkpoint": None, "weights": None, "tokenizer": None, "output_dir": None, "device": None, "dtype": None,
     "seed": None, "num_samples": None, "batch_size": None, "seq_len": None, "steps": None, "noise_removal": None,
     "top_p": None, "temperature": None, "t_eps": None, "alpha_eps": None, "add_bos": None, "prompts": None,
-    "infill": None, "progress_bar": None,
+    "infill": None, "progress_bar": None, "predictor": None, "guidance_weight": None, "posterior_impl": None,
+    "psi": {"high_mode": None, "middle_mode": None, "low_mode": None, "high_frac": None, "middle_frac": None,
+            "time_profile": None},
+    "blocks": {"n_blocks": None, "block_len": None}, "variable_length": None,
     "genppl": {"path": None, "scorer": None, "weights": None, "builder": None, "builder_kwargs": ANY,
                "model_type": None, "tokenizer": None, "eos_id": None, "batch_size": None, "max_len": None},
 }
@@ -171,11 +175,38 @@ def load_scorer(gcfg: DictConfig, diffusion_tokenizer, device):
     return scorer, stok, eos
 
 
+def sampler_options(cfg) -> dict:
+    """The sampler keys shared by duo_generate and the lm-eval backend: ``predictor``, ``psi`` (a mapping of
+    :class:`~duo_plugin.sampling.PsiSchedule` keys), ``guidance_weight``, ``posterior_impl`` and ``blocks``
+    (``n_blocks``, ``block_len``) → keyword arguments (``n_blocks`` / ``block_len`` for :func:`sample_blocks`)."""
+    from duo_plugin.sampling import PsiSchedule
+
+    predictor = str(cfg.get("predictor") or "ancestral")
+    if predictor not in ("ancestral", "psi"):
+        raise ConfigError(f"predictor must be 'ancestral' or 'psi', got {predictor!r}")
+    psi_cfg = cfg.get("psi")
+    psi = None
+    if predictor == "psi":
+        raw = OmegaConf.to_container(psi_cfg, resolve=True) if isinstance(psi_cfg, DictConfig) else dict(psi_cfg or {})
+        try:
+            psi = PsiSchedule.from_config(raw)
+        except ValueError as e:
+            raise ConfigError(f"psi: {e}") from None
+    blocks = cfg.get("blocks") or {}
+    n_blocks = int(blocks.get("n_blocks") or 0)
+    block_len = blocks.get("block_len")
+    if n_blocks and not block_len:
+        raise ConfigError("blocks.n_blocks > 0 needs blocks.block_len (tokens added per block, < seq_len)")
+    return {"predictor": predictor, "psi": psi, "guidance_weight": float(cfg.get("guidance_weight") or 1.0),
+            "posterior_impl": str(cfg.get("posterior_impl") or "auto"), "n_blocks": n_blocks,
+            "block_len": int(block_len or 0)}
+
+
 def run(cfg: DictConfig) -> dict:
     """The recipe body (``recipe_main`` = ``@config.parse`` + this); returns the metrics dict."""
     from duo_plugin.diffusion.schedules import LogLinearSchedule
     from duo_plugin.eval.genppl import gen_ppl_and_entropy, unigram_entropy
-    from duo_plugin.sampling import DenoiserFn, sample
+    from duo_plugin.sampling import DenoiserFn, sample, sample_blocks, trim_at_eos
 
     validate_config(cfg)
     device, out_dir, model, tok = open_run(cfg)
@@ -190,11 +221,18 @@ def run(cfg: DictConfig) -> dict:
     add_bos = bool(cfg.get("add_bos", True))
     schedule = LogLinearSchedule(float(cfg.get("alpha_eps") or 1e-3))
     valid = getattr(model, "valid_vocab", None)
+    opts = sampler_options(cfg)
+    n_blocks, block_len = opts.pop("n_blocks"), opts.pop("block_len")
+    variable_length = bool(cfg.get("variable_length", False))
+    eos_id = int(tok.eos_id) if variable_length else None
 
     prompts = cfg.get("prompts")
     infill = cfg.get("infill")
     if prompts and infill:
         raise ValueError("set either prompts or infill, not both")
+    if infill and n_blocks:
+        raise ValueError("blocks.n_blocks > 0 generates beyond the context from a prompt; it cannot be combined with "
+                         "infill (set blocks.n_blocks=0)")
     jobs: list[dict[str, Any]] = []
     if infill:
         m, v = build_infill(str(infill), tok, seq_len, add_bos)
@@ -209,20 +247,32 @@ def run(cfg: DictConfig) -> dict:
 
     all_ids, records = [], []
     t0 = time.perf_counter()
+    nfe, lengths_all = 0, []
     for j, job in enumerate(jobs):
-        res = sample(
-            den, schedule, batch_size=num, seq_len=seq_len, vocab_size=int(model.vocab_size), steps=steps,
+        kw = dict(
+            batch_size=num, seq_len=seq_len, vocab_size=int(model.vocab_size), steps=steps,
             noise_removal=mode, top_p=float(cfg.get("top_p") or 1.0), temperature=float(cfg.get("temperature") or 1.0),
-            prompt=job.get("prompt_ids"), clamp_mask=job.get("clamp_mask"), clamp_values=job.get("clamp_values"),
-            valid_vocab=valid, seed=seed + j, t_eps=float(cfg.get("t_eps") or 1e-5), device=device,
-            chunk_size=int(cfg.get("batch_size") or num), progress=bool(cfg.get("progress_bar", True)),
-            return_trajectory=False,
+            prompt=job.get("prompt_ids"), valid_vocab=valid, seed=seed + j, t_eps=float(cfg.get("t_eps") or 1e-5),
+            device=device, chunk_size=int(cfg.get("batch_size") or num), progress=bool(cfg.get("progress_bar", True)),
+            eos_id=eos_id, **opts,
         )
-        ids = res.cpu()
+        if n_blocks:
+            res = sample_blocks(den, schedule, n_blocks=n_blocks, block_len=block_len, **kw)
+        else:
+            res = sample(den, schedule, clamp_mask=job.get("clamp_mask"), clamp_values=job.get("clamp_values"),
+                         return_trajectory=True, **kw)
+        nfe = res.nfe
+        ids = res.tokens.cpu()
         all_ids.append(ids)
-        for row in ids.tolist():
-            records.append({"text": tok.decode(row), "ids": row, "steps": steps, "mode": mode, "prompt": job["prompt"],
-                            "prompt_index": j if job["prompt"] is not None else None, "seed": seed + j})
+        p_len = len(job["prompt_ids"]) if job.get("prompt_ids") is not None else 0
+        rows, lengths = trim_at_eos(ids, eos_id, start=p_len) if eos_id is not None else (ids.tolist(), None)
+        for i, row in enumerate(rows):
+            rec = {"text": tok.decode(row), "ids": row, "steps": steps, "mode": mode, "prompt": job["prompt"],
+                   "prompt_index": j if job["prompt"] is not None else None, "seed": seed + j}
+            if lengths is not None:
+                rec["length"] = int(lengths[i])
+                lengths_all.append(int(lengths[i]))
+            records.append(rec)
     seconds = time.perf_counter() - t0
     ids = torch.cat(all_ids, 0)
     with open(out_dir / "samples.jsonl", "w", encoding="utf-8") as f:
@@ -234,7 +284,11 @@ def run(cfg: DictConfig) -> dict:
         "seq_len": seq_len,
         "steps": steps,
         "noise_removal": mode,
-        "nfe": steps + (0 if mode == "none" else 1),
+        "nfe": nfe,
+        "predictor": opts["predictor"],
+        "guidance_weight": opts["guidance_weight"],
+        "n_blocks": n_blocks,
+        "tokens_per_sample": int(ids.shape[1]),
         "top_p": float(cfg.get("top_p") or 1.0),
         "temperature": float(cfg.get("temperature") or 1.0),
         "seed": seed,
@@ -243,6 +297,10 @@ def run(cfg: DictConfig) -> dict:
         "entropy": float(ent.mean()),
         "checkpoint": str(cfg.checkpoint),
     }
+    if opts["psi"] is not None:
+        metrics["psi"] = dict(vars(opts["psi"]))
+    if lengths_all:
+        metrics["mean_length"] = sum(lengths_all) / len(lengths_all)
     gcfg = cfg.get("genppl")
     if gcfg and gcfg.get("path"):
         scorer, stok, eos = load_scorer(gcfg, tok, device)
