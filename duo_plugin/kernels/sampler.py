@@ -1,4 +1,4 @@
-"""Ancestral sampler step (duo-method.md §1.2, §5): float64 posterior q(z_s | z_t, x_θ) + categorical draw by the race
+"""Ancestral sampler step (docs/method.md; docs/sampling.md): float64 posterior q(z_s | z_t, x_θ) + categorical draw by the race
 of exponentials ``argmax_j p_j / E_j``, with ``E`` from the counter-based stream keyed by
 (row seed, step, position, vocab id) (:mod:`duo_plugin.kernels.rng`, stream ``STREAM_SAMPLER``).
 
@@ -102,7 +102,7 @@ def posterior_sample_triton(log_x_theta, z_t, alpha_t, alpha_s, seeds, step: int
 
 
 # ------------------------------------------------------------------------------------------------------ mixture
-# The posterior is linear in x (duo-method.md §1.2; uniform.posterior's docstring), so with N = K α_t x_z + 1 − α_t
+# The posterior is linear in x (docs/method.md; uniform.posterior's docstring), so with N = K α_t x_z + 1 − α_t
 #   q(z_s | z_t, x_θ) = w_stay δ_{z_t} + w_x x_θ(valid, renormalised) + w_u Uniform(valid),
 #   w_stay = (K α_t x_z + α_t/α_s − α_t) / N,  w_x = (α_s − α_t) / N,  w_u = (1 − α_t/α_s)(1 − α_s) / N.
 # A draw = one coin per position (which component) + an O(1) uniform id or, only on the rows that picked x_θ, an

@@ -1,7 +1,7 @@
 """duo_generate: sample text from a Duo model directory (ancestral / Greedy-Tail / Ψ, nucleus, prompts, infilling,
 prompt guidance, block generation beyond the context, variable-length output; docs/sampling.md).
 
-Sampler: duo-method.md §5 (exact float64 USDM posterior on linspace(1, t_eps, steps + 1), log-linear α, one
+Sampler: docs/sampling.md (exact float64 USDM posterior on linspace(1, t_eps, steps + 1), log-linear α, one
 noise-removal call at t_eps; NFE = steps + 1). Writes ``output_dir/samples.jsonl`` (one line per sample: text,
 ids, steps, mode, prompt index, seed) and ``output_dir/metrics.json`` (NFE, timing, mean unigram entropy, and Gen
 PPL when ``genppl`` is configured; Gen PPL is always reported together with entropy).
@@ -304,8 +304,12 @@ def run(cfg: DictConfig) -> dict:
     gcfg = cfg.get("genppl")
     if gcfg and gcfg.get("path"):
         scorer, stok, eos = load_scorer(gcfg, tok, device)
+        # our AR-objective DiTs are trained on [BOS] + text blocks: score them the same way (without the BOS their
+        # first positions are far out of distribution and Gen PPL explodes)
+        bos = getattr(stok, "bos_id", None) if str(gcfg.get("scorer") or "dit") == "dit" else None
         g = gen_ppl_and_entropy(ids, diffusion_tokenizer=tok, scorer=scorer, scorer_tokenizer=stok, eos_id_scorer=eos,
-                                batch_size=int(gcfg.get("batch_size") or 8), max_len=int(gcfg.get("max_len") or 1024))
+                                batch_size=int(gcfg.get("batch_size") or 8), max_len=int(gcfg.get("max_len") or 1024),
+                                bos_id_scorer=None if bos is None else int(bos))
         metrics.update({"gen_ppl": g["gen_ppl"], "gen_nll": g["gen_nll"], "gen_ppl_tokens": g["tokens"]})
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     summary = {k: metrics[k] for k in ("num_samples", "steps", "noise_removal", "nfe", "entropy") if k in metrics}
