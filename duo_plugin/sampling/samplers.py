@@ -450,7 +450,8 @@ def sample_blocks(
     def gen_kw(j):
         if seed is None:
             return {"generator": generator}
-        return {"seed": int(seed)} if j == 0 else {"generator": row_generators(int(seed), j, range(batch_size))}
+        return {"seed": int(seed)} if j == 0 else {
+            "generator": row_generators(int(seed), j, range(batch_size), device=kwargs.get("device"))}
 
     res = sample(denoiser, schedule, batch_size=batch_size, seq_len=seq_len, prompt=prompt, **gen_kw(0),
                  **dict(kwargs, return_trajectory=True))

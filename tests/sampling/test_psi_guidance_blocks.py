@@ -365,3 +365,36 @@ def test_trim_at_eos_against_python():
     for r, n, row, st in zip(rows, lengths.tolist(), toks.tolist(), start.tolist()):
         cut = next((i for i in range(st, 9) if row[i] == 3), 9)
         assert n == cut and r == row[:cut]
+
+
+def test_guided_psi_law_guides_both_posteriors():
+    K = 5
+    valid = np.ones(K)
+    g = torch.Generator().manual_seed(8)
+    lc, lu = (torch.log_softmax(torch.randn(K, generator=g, dtype=torch.float64) * 2, -1) for _ in range(2))
+    proc = UniformProcess(LogLinearSchedule(), K)
+    sch = PsiScheduler(proc, PsiSchedule(), guidance_weight=1.7, posterior_impl="dense")
+    a_t, a_s, kap = alpha(0.6), alpha(0.4), 0.35
+    for zt in range(K):
+        got = sch.law(torch.full((1, 1), zt), lc[None, None], torch.tensor(a_t, dtype=torch.float64),
+                      torch.tensor(a_s, dtype=torch.float64), kap, lu[None, None])[0, 0].numpy()
+        c, u = lc.exp().numpy(), lu.exp().numpy()
+        gs = ref_guided(bayes_posterior(zt, c, a_t, a_s, valid), bayes_posterior(zt, u, a_t, a_s, valid), 1.7)
+        g0 = ref_guided(bayes_posterior(zt, c, a_t, 1.0, valid), bayes_posterior(zt, u, a_t, 1.0, valid), 1.7)
+        np.testing.assert_allclose(got, kap * gs + (1 - kap) * g0 @ fwd_matrix(a_s, valid), atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked", "mixture"])
+def test_psi_linear_constant_linear_profile_runs_with_t_equal_s_steps(impl):
+    den = SpyTable(6, 4, seed=3)
+    psi = PsiSchedule(high_mode="pure-posterior", middle_mode="constant-remdm-0.05", low_mode="pure-posterior",
+                      high_frac=0.45, middle_frac=0.5, time_profile="linear-constant-linear-0.9-inv")
+    res = sample(den, None, batch_size=6, seq_len=4, vocab_size=6, steps=19, seed=0, progress=False,
+                 predictor="psi", psi=psi, posterior_impl=impl, prompt=torch.tensor([5]), return_trajectory=True)
+    assert res.nfe == 20 and len(den.inputs) == 20
+    c = (1 - 0.9) / (1 - EPS)
+    assert res.times[9:19].tolist() == pytest.approx([c] * 10)
+    assert bool((res.trajectory[:, :, 0] == 5).all())
+    # in the constant phase (t = s) the ancestral part stays put: every move there comes from re-noising
+    moved = (res.trajectory[10:20] != res.trajectory[9:19]).any()
+    assert bool(moved)
