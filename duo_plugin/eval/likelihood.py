@@ -5,28 +5,49 @@ with the log-linear schedule α_t = 1 − (1 − 1e-3) t, t ∈ [1e-3, 1], no pr
 paper's code): for one sequence x, ``NELBO(x) = E_t E_{z_t ~ q_t(·|x)} Σ_ℓ f_Duo(x_θ(z_t), z_t^ℓ, x^ℓ, α_t)`` with
 t ~ U[t_min, 1] (the (1 − t_min) interval factor is part of the paper's estimator, not applied here either).
 
-Noise is reproducible and batch-size independent: times come from ``stratified_times`` (one stratified t per
-sequence per pass, strata over the whole split) and corruption from ``row_generators(seed, pass, index)``.
+Noise is reproducible and batch-size independent. :func:`nelbo_perplexity` draws, for every pass, a fresh seeded
+permutation of the sequence → stratum map (so each sequence's t is marginally uniform whatever the order of the
+split) and corruption from ``row_generators(seed, pass, index)``. :func:`conditional_nelbo` stratifies the M times of
+one sequence over its MC samples. docs/evaluation.md describes the estimators, their standard errors and the modes.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional
+import sys
+import time
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
 from duo_plugin._progress import progress_bar
 from duo_plugin.diffusion.losses import duo_nelbo
 from duo_plugin.diffusion.schedules import LogLinearSchedule, stratified_times
-from duo_plugin.diffusion.uniform import corrupt, row_generators
+from duo_plugin.diffusion.uniform import corrupt, row_generators, stable_seed
 
-__all__ = ["nelbo_perplexity", "conditional_nelbo", "ConditionalNELBO", "sequence_nelbo"]
+__all__ = [
+    "nelbo_perplexity",
+    "conditional_nelbo",
+    "ConditionalNELBO",
+    "sequence_nelbo",
+    "official_harness_nll",
+    "stratum_permutation",
+    "effective_alpha",
+    "CONDITIONING_MODES",
+]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-# Offsets that keep the (seed, step) streams of the two estimators apart.
+# Offsets that keep the (seed, step) streams of the estimators apart.
 _COND_STEP_OFFSET = 1 << 40
+_IID_STEP_OFFSET = 1 << 41
+_ROUND_STRIDE = 1 << 48  # adaptive MC: round r >= 1 of request i uses step (offset + i + r * _ROUND_STRIDE)
+_PERM_TAG = 0x5EED_9E4D
+
+#: ``alpha_t``: the network sees σ = −log α_t (every position noised at α_t; the training condition).
+#: ``clean_fraction``: the network sees σ = −log α_eff with α_eff = (n_ctx + α_t · n_cont) / n, the expected
+#: fraction of clean positions when n_ctx of the n real positions are kept clean (the bound still uses α_t, α'_t).
+CONDITIONING_MODES = ("alpha_t", "clean_fraction")
 
 
 def _model_device(denoiser) -> torch.device:
@@ -46,6 +67,47 @@ def _eval_setup(denoiser, device, schedule, valid_vocab):
     return dev, schedule, valid_vocab
 
 
+def stratum_permutation(seed: int, mc_pass: int, n: int) -> torch.Tensor:
+    """The seeded permutation of ``range(n)`` giving sequence i its stratum ``perm[i]`` in pass ``mc_pass``.
+
+    A fresh permutation per pass makes every sequence's time marginally U[t_min, 1] (the strata are still each
+    used once per pass), so the estimate does not depend on the order of the split.
+    """
+    g = torch.Generator().manual_seed(stable_seed(seed, mc_pass, _PERM_TAG) % (1 << 63))
+    return torch.randperm(int(n), generator=g)
+
+
+def effective_alpha(alpha: torch.Tensor, n_clean: torch.Tensor, n_noised: torch.Tensor) -> torch.Tensor:
+    """α_eff = (n_clean + α · n_noised) / (n_clean + n_noised): the expected clean fraction of the sequence."""
+    n_clean = n_clean.to(torch.float64)
+    n_noised = n_noised.to(torch.float64)
+    return (n_clean + alpha.to(torch.float64) * n_noised) / (n_clean + n_noised).clamp_min(1.0)
+
+
+def _vocab_check(x0: torch.Tensor, scored: torch.Tensor, k: int, valid_vocab: Optional[torch.Tensor]):
+    """``(x0_safe, row_oov)``: ids outside the model's vocabulary in scored positions make their row +∞.
+
+    A token the model cannot produce (an id ≥ K, or one outside ``valid_vocab``) has probability 0 under the model,
+    so its NELBO (and −log p) is +∞. Such ids are replaced by a valid id for the forward pass and the row is flagged.
+    Unscored positions (a kept context) with an id ≥ K cannot be embedded: ``ValueError``.
+    """
+    bad = (x0 < 0) | (x0 >= k)
+    if valid_vocab is not None:
+        bad = bad | ~valid_vocab[x0.clamp(0, k - 1)]
+    if not bool(bad.any()):
+        return x0, None
+    unembeddable = ((x0 < 0) | (x0 >= k)) & ~scored
+    if bool(unembeddable.any()):
+        r, c = (int(v) for v in unembeddable.nonzero()[0])
+        raise ValueError(
+            f"token id {int(x0[r, c])} at row {r}, position {c} is outside the model's vocabulary (K={k}) and is "
+            "not scored (context): use the tokenizer the checkpoint was trained with"
+        )
+    fill = int(valid_vocab.nonzero()[0]) if valid_vocab is not None else 0
+    row_oov = (bad & scored).any(-1)
+    return torch.where(bad, torch.full_like(x0, fill), x0), row_oov
+
+
 @torch.no_grad()
 def sequence_nelbo(
     denoiser: Denoiser,
@@ -58,6 +120,7 @@ def sequence_nelbo(
     padding_mask: Optional[torch.Tensor] = None,
     schedule=None,
     valid_vocab: Optional[torch.Tensor] = None,
+    conditioning: str = "alpha_t",
 ) -> torch.Tensor:
     """One-sample NELBO estimate per sequence: ``Σ_ℓ score_mask · f_Duo`` at the given times (float64 ``[B]``).
 
@@ -67,7 +130,15 @@ def sequence_nelbo(
             corrupted (they stay clean in z_t; the caller usually also excludes them from ``score_mask``).
         padding_mask: ``Bool[B, L]`` True = real token; padding is neither corrupted nor (if the caller masks it)
             scored, and is passed to the denoiser as ``padding_mask=`` when any position is padding.
+        conditioning: what the network is told (see :data:`CONDITIONING_MODES`): ``alpha_t`` (σ = −log α_t) or
+            ``clean_fraction`` (σ = −log α_eff, α_eff = (n_kept + α_t n_noised)/n over the real positions). f_Duo
+            always uses α_t and α'_t, so the bound is valid either way.
+
+    A scored id the model cannot produce (≥ K or outside ``valid_vocab``) makes its row's value +∞ (its probability
+    under the model is 0).
     """
+    if conditioning not in CONDITIONING_MODES:
+        raise ValueError(f"conditioning must be one of {CONDITIONING_MODES}, got {conditioning!r}")
     schedule = schedule or LogLinearSchedule()
     dev = x0.device
     t64 = t.to(device=dev, dtype=torch.float64)
@@ -78,15 +149,24 @@ def sequence_nelbo(
     vocab_size = getattr(denoiser, "vocab_size", None)
     if valid_vocab is None and vocab_size is None:
         raise ValueError("the denoiser has no .vocab_size attribute; pass valid_vocab=BoolTensor[K] (all True is fine)")
+    k_model = int(valid_vocab.numel()) if valid_vocab is not None else int(vocab_size)
+    real = padding_mask.to(dev).bool() if padding_mask is not None else torch.ones_like(x0, dtype=torch.bool)
+    scored = (score_mask.to(dev).bool() if score_mask is not None else torch.ones_like(real)) & real
+    x0, row_oov = _vocab_check(x0, scored, k_model, valid_vocab)
     z = corrupt(x0, alpha, generators, valid_vocab, vocab_size=None if valid_vocab is not None else int(vocab_size))
+    kept = torch.zeros_like(real) if keep_mask is None else keep_mask.to(dev).bool()
     if keep_mask is not None:
-        z = torch.where(keep_mask.to(dev), x0, z)
+        z = torch.where(kept, x0, z)
     if padding_mask is not None:
-        padding_mask = padding_mask.to(dev).bool()
-        z = torch.where(padding_mask, z, x0)  # padding stays as is
-    sigma = (-torch.log(alpha)).to(torch.float32)
-    if padding_mask is not None and not bool(padding_mask.all()):
-        log_x = denoiser(z, sigma, padding_mask=padding_mask)
+        z = torch.where(real, z, x0)  # padding stays as is
+    if conditioning == "clean_fraction":
+        n_clean = (kept & real).sum(-1)
+        n_noised = (~kept & real).sum(-1)
+        sigma = (-torch.log(effective_alpha(alpha, n_clean, n_noised))).to(torch.float32)
+    else:
+        sigma = (-torch.log(alpha)).to(torch.float32)
+    if padding_mask is not None and not bool(real.all()):
+        log_x = denoiser(z, sigma, padding_mask=real)
     else:
         log_x = denoiser(z, sigma)
     k = log_x.shape[-1]
@@ -95,7 +175,36 @@ def sequence_nelbo(
     f = duo_nelbo(log_x.float(), z, x0, alpha, alpha_prime, valid_vocab=valid_vocab).to(torch.float64)
     if score_mask is not None:
         f = f * score_mask.to(dev, torch.float64)
-    return f.sum(-1)
+    out = f.sum(-1)
+    if row_oov is not None:
+        out = torch.where(row_oov, torch.full_like(out, float("inf")), out)
+    return out
+
+
+class _Eta:
+    """Progress with an ETA: a tqdm bar on a terminal, else one line on stderr every ``every_s`` seconds."""
+
+    def __init__(self, progress: bool, total: int, desc: str, every_s: float = 30.0):
+        self.total, self.desc, self.every_s, self.done = int(total), desc, float(every_s), 0
+        self.bar = progress_bar(progress, total=total, desc=desc, unit="batch", leave=False)
+        self.log = bool(progress) and self.bar is None
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.log:
+            now = time.perf_counter()
+            if now - self.last >= self.every_s and self.done < self.total:
+                self.last = now
+                eta = (now - self.t0) / self.done * (self.total - self.done)
+                print(f"{self.desc}: {self.done}/{self.total} batches, {now - self.t0:.0f} s elapsed, "
+                      f"ETA {eta:.0f} s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 @torch.no_grad()
@@ -112,25 +221,41 @@ def nelbo_perplexity(
     t_min: float = 1e-3,
     device=None,
     progress: bool = True,
+    special_ids: Optional[Sequence[int]] = None,
 ) -> dict:
-    """NELBO perplexity of a split (duo-method.md §8): PPL = exp(Σ token NELBO / #tokens), an upper bound.
+    """NELBO perplexity of a split (duo-method.md §8): PPL = exp(Σ NELBO / #tokens), an upper bound.
 
-    Each pass gives every sequence n one stratified time t_n (``stratified_times(seed, pass, n, N)``: the N strata
-    of [t_min, 1] hold one sequence each) and corruption noise from ``row_generators(seed, pass, [n])``, so the
-    result does not depend on ``batch_size``. Token NELBOs are summed over the split and divided by the token count
-    (positions where ``attention_mask`` is True; all positions by default), averaged over ``mc_passes`` passes.
+    Each pass draws a fresh seeded permutation π of the sequences (:func:`stratum_permutation`) and gives sequence
+    n the time of stratum π(n) of [t_min, 1] (``stratified_times(seed, pass, π(n), N)``: each of the N strata holds
+    one sequence, and every sequence's t is marginally uniform, whatever the order of the split) and corruption noise
+    from ``row_generators(seed, pass, [n])``, so the result does not depend on ``batch_size``. The per-pass
+    estimates are i.i.d. unbiased estimates of the NELBO, so their spread gives a standard error that covers the time
+    assignment.
+
+    Two normalisations of the same summed NELBO (the bound on −log p of every block, BOS/EOS included):
+
+    * ``nll_per_token`` / ``ppl`` (headline): **content tokens**: Σ NELBO / #content tokens, where content tokens are
+      the counted positions whose id is not in ``special_ids`` (e.g. BOS, EOS, pad). The BOS/EOS of every block are
+      nearly free (~0 nats), so counting them in the denominator makes a perplexity look better than it is.
+      It is an upper bound on the per-content-token perplexity (−log p(blocks) ≥ −log p(content tokens)).
+    * ``nll_per_token_all`` / ``ppl_all_tokens``: Σ NELBO / #counted positions (every position, the paper's
+      convention for wrapped OWT blocks). Without ``special_ids`` the two are equal.
 
     Args:
         denoiser: ``denoiser(z Long[B, L], sigma Float[B]) -> log x_θ Float[B, L, K]`` (e.g. ``DenoiserFn(model)``);
             needs ``.vocab_size`` unless ``valid_vocab`` is given.
         blocks: ``Long[N, L]`` token blocks. attention_mask: ``Bool[N, L]`` positions that count (and padding).
+        special_ids: ids not counted as content (default none).
+
+    Raises:
+        ValueError when a counted token is outside the model's vocabulary (its NELBO would be +∞).
 
     Returns:
-        dict with ``ppl``, ``nll_per_token`` (nats), ``stderr`` (standard error of ``nll_per_token``: from the spread
-        of the pass estimates when ``mc_passes >= 2``, else from the per-sequence estimates treated as independent,
-        which also includes the sequence-to-sequence spread and is therefore conservative), ``stderr_method``,
-        ``ppl_ci`` ([lo, hi] = exp(nll ± 1.96 stderr)), ``tokens``, ``sequences``, ``passes``,
-        ``per_pass_nll`` (list).
+        dict with ``ppl``, ``nll_per_token`` (content tokens, nats), ``stderr`` (standard error of ``nll_per_token``:
+        from the spread of the pass estimates when ``mc_passes >= 2``, else from the per-sequence estimates treated
+        as independent, conservative), ``stderr_method``, ``ppl_ci`` ([lo, hi] = exp(nll ± 1.96 stderr)),
+        ``ppl_all_tokens``, ``nll_per_token_all``, ``stderr_all``, ``tokens`` (content), ``tokens_all``,
+        ``sequences``, ``passes``, ``per_pass_nll`` (list, content tokens), ``estimator`` (a one-line description).
     """
     if blocks.dim() != 2 or blocks.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"blocks must be an integer tensor [N, L]; got {tuple(blocks.shape)} {blocks.dtype}")
@@ -142,44 +267,66 @@ def nelbo_perplexity(
     if tuple(attention_mask.shape) != (n, length):
         raise ValueError(f"attention_mask must have the shape of blocks {n, length}; got {tuple(attention_mask.shape)}")
     attention_mask = attention_mask.bool()
-    tokens = int(attention_mask.sum())
-    if tokens == 0:
+    tokens_all = int(attention_mask.sum())
+    if tokens_all == 0:
         raise ValueError("attention_mask selects no token")
+    content = attention_mask.clone()
+    for sid in special_ids or ():
+        if sid is not None:
+            content &= blocks != int(sid)
+    tokens = int(content.sum())
+    if tokens == 0:
+        raise ValueError("the split has no content token (every counted position is a special id)")
     if int(mc_passes) < 1 or int(batch_size) < 1:
         raise ValueError("mc_passes and batch_size must be >= 1")
     dev, schedule, valid_vocab = _eval_setup(denoiser, device, schedule, valid_vocab)
+    k = int(valid_vocab.numel()) if valid_vocab is not None else int(getattr(denoiser, "vocab_size", 0) or 0)
+    if k:
+        bad = ((blocks < 0) | (blocks >= k)) & attention_mask
+        if valid_vocab is not None:
+            bad |= ~valid_vocab.cpu()[blocks.clamp(0, k - 1)] & attention_mask
+        if bool(bad.any()):
+            r, c = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(
+                f"token id {int(blocks[r, c])} (block {r}, position {c}) is outside the model's valid vocabulary "
+                f"(K={k}): its NELBO is +inf. Use the tokenizer the checkpoint was trained with (or mask the token)"
+            )
 
     per_seq = torch.zeros(int(mc_passes), n, dtype=torch.float64)
     n_batches = (n + batch_size - 1) // batch_size
-    bar = progress_bar(progress, total=int(mc_passes) * n_batches, desc="nelbo ppl", unit="batch", leave=False)
+    bar = _Eta(progress, int(mc_passes) * n_batches, "nelbo ppl")
     try:
         for p in range(int(mc_passes)):
+            perm = stratum_permutation(seed, p, n)
             for lo in range(0, n, batch_size):
                 idx = range(lo, min(n, lo + batch_size))
                 x0 = blocks[lo : lo + batch_size].to(dev).long()
                 am = attention_mask[lo : lo + batch_size].to(dev)
-                t = stratified_times(seed, p, idx, n, t_min=t_min, dtype=torch.float64)
+                t = stratified_times(seed, p, perm[lo : lo + len(idx)], n, t_min=t_min, dtype=torch.float64)
                 gens = row_generators(seed, p, idx, device=dev)
                 per_seq[p, lo : lo + len(idx)] = sequence_nelbo(
                     denoiser, x0, t, gens, score_mask=am, padding_mask=am, schedule=schedule, valid_vocab=valid_vocab
                 ).cpu()
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
-    per_pass = per_seq.sum(1) / tokens  # [P]
-    nll = float(per_pass.mean())
-    if mc_passes >= 2:
-        stderr = float(per_pass.std(unbiased=True) / math.sqrt(mc_passes))
-        method = "between-pass"
-    elif n >= 2:
-        seq_est = per_seq.mean(0)  # [N]
-        stderr = float(seq_est.std(unbiased=True) * math.sqrt(n) / tokens)
-        method = "per-sequence"
-    else:
-        stderr, method = float("nan"), "none"
+    def summary(count: int):
+        per_pass = per_seq.sum(1) / count  # [P]
+        nll = float(per_pass.mean())
+        if mc_passes >= 2:
+            se = float(per_pass.std(unbiased=True) / math.sqrt(mc_passes))
+            method = "between-pass"
+        elif n >= 2:
+            seq_est = per_seq.mean(0)  # [N]
+            se = float(seq_est.std(unbiased=True) * math.sqrt(n) / count)
+            method = "per-sequence"
+        else:
+            se, method = float("nan"), "none"
+        return nll, se, method, per_pass
+
+    nll, stderr, method, per_pass = summary(tokens)
+    nll_all, stderr_all, _, _ = summary(tokens_all)
     lo_ci = math.exp(nll - 1.96 * stderr) if math.isfinite(stderr) else float("nan")
     hi_ci = math.exp(nll + 1.96 * stderr) if math.isfinite(stderr) else float("nan")
     return {
@@ -188,10 +335,17 @@ def nelbo_perplexity(
         "stderr": stderr,
         "stderr_method": method,
         "ppl_ci": [lo_ci, hi_ci],
+        "ppl_all_tokens": math.exp(nll_all),
+        "nll_per_token_all": nll_all,
+        "stderr_all": stderr_all,
         "tokens": tokens,
+        "tokens_all": tokens_all,
         "sequences": n,
         "passes": int(mc_passes),
         "per_pass_nll": per_pass.tolist(),
+        "estimator": (f"NELBO (f_Duo, log-linear alpha), one time per sequence per pass, stratified over the split "
+                      f"with a fresh permutation per pass; {int(mc_passes)} pass(es); stderr {method}; "
+                      f"per content token (all-token figure beside it)"),
     }
 
 
@@ -199,13 +353,36 @@ class ConditionalNELBO(NamedTuple):
     """Result of :func:`conditional_nelbo` (all ``[B]``, float64 / int64, on CPU).
 
     nelbo: NELBO summed over the scored positions, averaged over the MC samples (nats; an upper bound on
-    −log p(x[scored] | x[kept])). stderr: its Monte-Carlo standard error (std over MC samples / sqrt(M); NaN when
-    M = 1). num_tokens: number of scored positions per sequence.
+    −log p(x[scored] | x[kept]); +∞ when a scored token is outside the model's vocabulary). stderr: its Monte-Carlo
+    standard error (std over MC samples / sqrt(M); NaN when M = 1). num_tokens: number of scored positions per
+    sequence. mc_samples: the number of MC samples used for each sequence (adaptive mode: varies per sequence).
     """
 
     nelbo: torch.Tensor
     stderr: torch.Tensor
     num_tokens: torch.Tensor
+    mc_samples: Optional[torch.Tensor] = None
+
+
+def _round_times_and_gens(seed, index, r, m, t_min, time_sampling, device):
+    """Times ``[m]`` and generators for MC round ``r`` (samples ``r·m … r·m + m − 1``) of sequence ``index``.
+
+    Round 0 keeps the streams of the non-adaptive estimator: stratified times ``stratified_times(seed,
+    _COND_STEP_OFFSET + index, range(m), m)`` (or i.i.d. times from a generator seeded by ``seed·1000003 + index``)
+    and corruption generators ``row_generators(seed, offset + index, [j])``. Later rounds shift the time stream by
+    ``r · 2^48`` and continue the sample index j.
+    """
+    index = int(index)
+    if time_sampling == "stratified":
+        times = stratified_times(seed, _COND_STEP_OFFSET + index + r * _ROUND_STRIDE, range(m), m, t_min=t_min,
+                                 dtype=torch.float64)
+        step = _COND_STEP_OFFSET + index
+    else:
+        g = torch.Generator().manual_seed((seed * 1_000_003 + index + r * _ROUND_STRIDE) % (1 << 63))
+        times = t_min + (1 - t_min) * torch.rand(m, generator=g, dtype=torch.float64)
+        step = _IID_STEP_OFFSET + index
+    gens = row_generators(seed, step, range(r * m, r * m + m), device=device)
+    return times, gens
 
 
 @torch.no_grad()
@@ -223,25 +400,35 @@ def conditional_nelbo(
     t_min: float = 1e-3,
     indices: Optional[torch.Tensor] = None,
     device=None,
+    conditioning: str = "alpha_t",
+    time_sampling: str = "stratified",
+    target_stderr: Optional[float] = None,
+    max_mc_samples: Optional[int] = None,
 ) -> ConditionalNELBO:
     """Conditional NELBO of the non-kept positions given the kept ones (for loglikelihood requests).
 
     Positions in ``keep_mask`` (e.g. the context of an lm-eval request) are never corrupted and not scored; the
     remaining positions where ``attention_mask`` is True (default all) are corrupted with the forward process and
     scored with f_Duo. For each sequence the M = ``mc_samples`` times are stratified across the MC samples
-    (``stratified_times(seed, _COND_STEP_OFFSET + index, range(M), M)``) and the corruption of MC sample j of
-    sequence ``index`` comes from its own generator, so a sequence's result depends only on (seed, index, its
-    content) and not on the batch it is in.
+    (``time_sampling="stratified"``: ``stratified_times(seed, _COND_STEP_OFFSET + index, range(M), M)``) or drawn
+    i.i.d. (``"iid"``), and the corruption of MC sample j of sequence ``index`` comes from its own generator, so a
+    sequence's result depends only on (seed, index, its content) and not on the batch it is in.
+
+    Adaptive mode (``target_stderr`` set): after the first M samples, every sequence whose MC standard error (of the
+    summed NELBO, nats) is above ``target_stderr`` gets another round of M samples (a new stratified set), until it
+    is below the target or ``max_mc_samples`` (default 32·M) samples are used. The standard error is the pooled
+    std / sqrt(#samples) (conservative for stratified rounds).
 
     Args:
         denoiser: denoiser callable (see :func:`nelbo_perplexity`).
         x0: ``Long[B, L]`` ids (context + continuation, padded). keep_mask: ``Bool[B, L]`` or ``[L]``.
         attention_mask: ``Bool[B, L]``; False = padding (neither scored nor corrupted).
-        mc_samples: M ≥ 1. batch_size: rows (sequence × MC sample) per denoiser call.
+        mc_samples: M ≥ 1 (per round in adaptive mode). batch_size: rows (sequence × MC sample) per denoiser call.
         indices: ``Long[B]`` global ids of the sequences for the noise (default ``arange(B)``).
+        conditioning: ``alpha_t`` | ``clean_fraction`` (see :func:`sequence_nelbo`).
 
     Returns:
-        :class:`ConditionalNELBO` ``(nelbo[B], stderr[B], num_tokens[B])``.
+        :class:`ConditionalNELBO` ``(nelbo[B], stderr[B], num_tokens[B], mc_samples[B])``.
     """
     if x0.dim() == 1:
         x0 = x0[None]
@@ -261,6 +448,15 @@ def conditional_nelbo(
     m = int(mc_samples)
     if m < 1 or int(batch_size) < 1:
         raise ValueError("mc_samples and batch_size must be >= 1")
+    if time_sampling not in ("stratified", "iid"):
+        raise ValueError(f"time_sampling must be 'stratified' or 'iid', got {time_sampling!r}")
+    if conditioning not in CONDITIONING_MODES:
+        raise ValueError(f"conditioning must be one of {CONDITIONING_MODES}, got {conditioning!r}")
+    if target_stderr is not None and not float(target_stderr) > 0:
+        raise ValueError(f"target_stderr must be > 0 nats, got {target_stderr}")
+    cap = int(max_mc_samples) if max_mc_samples is not None else 32 * m
+    if target_stderr is not None and cap < m:
+        raise ValueError(f"max_mc_samples={cap} must be >= mc_samples={m}")
     if indices is None:
         indices = torch.arange(b)
     indices = torch.as_tensor(indices, dtype=torch.long).flatten()
@@ -269,32 +465,122 @@ def conditional_nelbo(
     dev, schedule, valid_vocab = _eval_setup(denoiser, device, schedule, valid_vocab)
     score = attention_mask & ~keep_mask
 
-    # Flatten (sequence, mc sample) into rows.
-    rows_seq = torch.arange(b).repeat_interleave(m)
-    rows_j = torch.arange(m).repeat(b)
-    times = torch.cat(
-        [stratified_times(seed, _COND_STEP_OFFSET + int(i), range(m), m, t_min=t_min, dtype=torch.float64) for i in indices]
-    )
-    est = torch.zeros(b * m, dtype=torch.float64)
-    for lo in range(0, b * m, int(batch_size)):
-        sl = slice(lo, min(b * m, lo + int(batch_size)))
-        seqs = rows_seq[sl]
-        gens = [
-            row_generators(seed, _COND_STEP_OFFSET + int(indices[s]), [int(j)], device=dev)[0]
-            for s, j in zip(seqs.tolist(), rows_j[sl].tolist())
-        ]
-        est[sl] = sequence_nelbo(
-            denoiser,
-            x0[seqs].to(dev).long(),
-            times[sl],
-            gens,
-            score_mask=score[seqs].to(dev),
-            keep_mask=keep_mask[seqs].to(dev),
-            padding_mask=attention_mask[seqs].to(dev),
-            schedule=schedule,
-            valid_vocab=valid_vocab,
-        ).cpu()
-    est = est.view(b, m)
-    nelbo = est.mean(1)
-    stderr = est.std(1, unbiased=True) / math.sqrt(m) if m >= 2 else torch.full((b,), float("nan"), dtype=torch.float64)
-    return ConditionalNELBO(nelbo=nelbo, stderr=stderr, num_tokens=score.sum(1).long())
+    samples: list[list[torch.Tensor]] = [[] for _ in range(b)]
+    active = list(range(b))
+    r = 0
+    while active:
+        # Flatten (active sequence, mc sample of this round) into rows.
+        tg = [_round_times_and_gens(seed, int(indices[s]), r, m, t_min, time_sampling, dev) for s in active]
+        rows_seq = torch.tensor(active).repeat_interleave(m)
+        times = torch.cat([t for t, _ in tg])
+        gens_all = [g for _, gs in tg for g in gs]
+        est = torch.zeros(len(active) * m, dtype=torch.float64)
+        for lo in range(0, len(active) * m, int(batch_size)):
+            sl = slice(lo, min(len(active) * m, lo + int(batch_size)))
+            seqs = rows_seq[sl]
+            est[sl] = sequence_nelbo(
+                denoiser,
+                x0[seqs].to(dev).long(),
+                times[sl],
+                gens_all[sl],
+                score_mask=score[seqs].to(dev),
+                keep_mask=keep_mask[seqs].to(dev),
+                padding_mask=attention_mask[seqs].to(dev),
+                schedule=schedule,
+                valid_vocab=valid_vocab,
+                conditioning=conditioning,
+            ).cpu()
+        est = est.view(len(active), m)
+        for a, s in enumerate(active):
+            samples[s].append(est[a])
+        r += 1
+        if target_stderr is None:
+            break
+        nxt = []
+        for s in active:
+            v = torch.cat(samples[s])
+            if v.numel() + m > cap or not bool(torch.isfinite(v).all()):
+                continue
+            se = float(v.std(unbiased=True) / math.sqrt(v.numel())) if v.numel() >= 2 else float("inf")
+            if se > float(target_stderr):
+                nxt.append(s)
+        active = nxt
+
+    nelbo = torch.zeros(b, dtype=torch.float64)
+    stderr = torch.full((b,), float("nan"), dtype=torch.float64)
+    used = torch.zeros(b, dtype=torch.long)
+    for s in range(b):
+        v = torch.cat(samples[s])
+        nelbo[s] = v.mean()
+        used[s] = v.numel()
+        if not bool(torch.isfinite(v).all()):
+            nelbo[s], stderr[s] = float("inf"), 0.0
+        elif v.numel() >= 2:
+            stderr[s] = v.std(unbiased=True) / math.sqrt(v.numel())
+    return ConditionalNELBO(nelbo=nelbo, stderr=stderr, num_tokens=score.sum(1).long(), mc_samples=used)
+
+
+@torch.no_grad()
+def official_harness_nll(
+    denoiser: Denoiser,
+    prefix: Sequence[int],
+    target: Sequence[int],
+    *,
+    mode: str = "full",
+    mc_samples: int = 1024,
+    batch_size: int = 64,
+    seed: int = 0,
+    index: int = 0,
+    valid_vocab: Optional[torch.Tensor] = None,
+    schedule=None,
+    t_min: float = 1e-3,
+    device=None,
+) -> tuple[float, float]:
+    """The score of the official Duo lm-eval harness (``discrete_diffusion_harness.py``, main branch), for comparison
+    with the Chapter II multiple-choice tables. Returns ``(mean per-token NELBO, its MC standard error)``; the
+    official log-likelihood is the negative of the first value.
+
+    ``prefix`` = ``[BOS] + context`` ids and ``target`` = ``continuation + [EOS]`` ids (the official tokenisation).
+    With ``mode="full"`` (the official default, ``loss_avg_mode=full``) the whole ``prefix + target`` is noised at
+    α_t, the network is conditioned on α_t and the value is the f_Duo mean over **all** positions. With
+    ``mode="suffix"`` the prefix is kept clean, the network is conditioned on the realised clean fraction
+    α̂ = mean(z_t = x), f is evaluated with α̂ in place of α_t (as the official code does; this is not a bound) and
+    averaged over the target positions (α̂ is capped at α(t_min) so a draw with every position clean stays
+    finite). Times are stratified over the ``mc_samples`` samples.
+    """
+    if mode not in ("full", "suffix"):
+        raise ValueError(f"official harness mode must be 'full' or 'suffix', got {mode!r}")
+    dev, schedule, valid_vocab = _eval_setup(denoiser, device, schedule, valid_vocab)
+    ids = torch.tensor(list(prefix) + list(target), dtype=torch.long, device=dev)
+    n_pre, length = len(prefix), ids.numel()
+    k = int(valid_vocab.numel()) if valid_vocab is not None else int(denoiser.vocab_size)
+    scored = torch.ones(1, length, dtype=torch.bool, device=dev)
+    if mode == "suffix":
+        scored[:, :n_pre] = False
+    x_safe, oov = _vocab_check(ids[None], scored, k, valid_vocab)
+    if oov is not None and bool(oov.any()):
+        return float("inf"), 0.0
+    m = int(mc_samples)
+    times = stratified_times(seed, _COND_STEP_OFFSET + int(index), range(m), m, t_min=t_min, dtype=torch.float64)
+    gens = row_generators(seed, _COND_STEP_OFFSET + int(index), range(m), device=dev)
+    vals = []
+    for lo in range(0, m, int(batch_size)):
+        t = times[lo : lo + int(batch_size)].to(dev)
+        bsz = t.numel()
+        x0 = x_safe.expand(bsz, -1)
+        alpha = schedule.alpha(t)
+        alpha_prime = schedule.alpha_prime(t)
+        if alpha_prime.dim() == 0:
+            alpha_prime = alpha_prime.expand_as(alpha)
+        z = corrupt(x0, alpha, gens[lo : lo + bsz], valid_vocab, vocab_size=None if valid_vocab is not None else k)
+        if mode == "suffix":
+            z[:, :n_pre] = x0[:, :n_pre]
+            # the realised clean fraction; capped at α(t_min) so that a fully clean draw stays finite
+            alpha = (z == x0).to(torch.float64).mean(-1).clamp(max=float(schedule.alpha(torch.tensor(t_min))))
+        sigma = (-torch.log(alpha)).to(torch.float32)
+        log_x = denoiser(z, sigma)
+        f = duo_nelbo(log_x.float(), z, x0, alpha, alpha_prime, valid_vocab=valid_vocab).to(torch.float64)
+        vals.append(f[:, n_pre:].mean(-1) if mode == "suffix" else f.mean(-1))
+    v = torch.cat(vals).cpu()
+    se = float(v.std(unbiased=True) / math.sqrt(m)) if m >= 2 else float("nan")
+    return float(v.mean()), se

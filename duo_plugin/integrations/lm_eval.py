@@ -53,6 +53,8 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from duo_plugin._progress import progress_bar
+
 log = logging.getLogger("duo_plugin.lm_eval")
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "lm_eval_tasks"
@@ -61,8 +63,49 @@ TASKS_DIR = Path(__file__).resolve().parent.parent / "lm_eval_tasks"
 #: argmax of x_θ, so every posterior step uses the one-hot argmax of the denoiser's prediction.
 GREEDY_TOP_P = 1e-9
 
-__all__ = ["DuoLM", "GREEDY_TOP_P", "TASKS_DIR", "parse_batch_size", "rolling_windows", "request_index",
-           "truncate_left"]
+#: ``likelihood`` modes: ``nelbo`` (our conditional NELBO, summed over the continuation), ``official`` (the official
+#: harness' ``loss_avg_mode=full``: −mean f over the whole noised ``[BOS] + context + continuation + [EOS]``) and
+#: ``official_suffix`` (its ``loss_avg_mode=suffix``).
+LIKELIHOOD_MODES = ("nelbo", "official", "official_suffix")
+#: What the network is told for the conditional NELBO (docs/evaluation.md has the measurement behind the default).
+DEFAULT_CONDITIONING = "clean_fraction"
+#: Rows (request x MC sample) per forward when lm-eval passes its default batch size of 1.
+DEFAULT_BATCH_SIZE = 64
+
+__all__ = ["DuoLM", "GREEDY_TOP_P", "TASKS_DIR", "LIKELIHOOD_MODES", "check_scorable", "parse_batch_size",
+           "rolling_windows", "request_index", "truncate_left"]
+
+
+def _as_bool(v) -> bool:
+    if isinstance(v, str):
+        if v.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if v.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean (true/false), got {v!r}")
+    return bool(v)
+
+
+def check_scorable(model, name=None) -> bool:
+    """``True`` for a causal (AR-objective) model, ``False`` for a diffusion denoiser; ``ValueError`` otherwise.
+
+    The backend scores two kinds of model: a Duo denoiser ``model(z, sigma) -> log x_θ`` (bidirectional) and an
+    AR-objective model built with ``causal=True`` (``model(x, 0)[i]`` = next-token distribution of position i).
+    """
+    what = f"{name}" if name is not None else type(model).__name__
+    for attr in ("vocab_size", "max_seq_len"):
+        if not isinstance(getattr(model, attr, None), int):
+            raise ValueError(f"{what} is not a model the duo backend can score: it has no integer .{attr} (expected a "
+                             "duo_plugin model directory: a Duo denoiser or an objective=ar DiT)")
+    meta = getattr(model, "duo_metadata", None) or {}
+    objective = str(meta.get("objective", "") or "")
+    causal = bool(getattr(model, "causal", False))
+    if objective == "ar" and not causal:
+        raise ValueError(f"{what}: metadata says objective=ar but the model is not causal; cannot score it")
+    if causal and objective not in ("", "ar"):
+        raise ValueError(f"{what}: a causal model trained with objective={objective!r}; the duo backend scores "
+                         "causal models only as AR (next-token) models")
+    return causal
 
 
 # ----------------------------------------------------------------------------------------------- pure helpers
@@ -202,6 +245,12 @@ class DuoLM(TemplateLM):
         guidance_weight: float = 1.0,
         posterior_impl: str = "auto",
         block_len: Optional[int] = None,
+        likelihood: str = "nelbo",
+        conditioning: str = DEFAULT_CONDITIONING,
+        mc_target_stderr: Optional[float] = None,
+        mc_max_samples: Optional[int] = None,
+        window_eos: bool = True,
+        progress: bool = True,
         **unknown,
     ):
         super().__init__()
@@ -211,7 +260,7 @@ class DuoLM(TemplateLM):
                 "dtype, mc_samples, time_sampling, batch_size, seed, max_length, rolling_context, greedy_check, "
                 "gen_steps, noise_removal, max_gen_toks, mc_stderr_path, predictor, psi_high_mode, psi_middle_mode, "
                 "psi_low_mode, psi_high_frac, psi_middle_frac, psi_time_profile, guidance_weight, posterior_impl, "
-                "block_len"
+                "block_len, likelihood, conditioning, mc_target_stderr, mc_max_samples, window_eos, progress"
             )
         if pretrained is not None and checkpoint is not None and pretrained != checkpoint:
             raise ValueError("pass the checkpoint once: pretrained=DIR (checkpoint= is an alias)")
@@ -226,6 +275,10 @@ class DuoLM(TemplateLM):
             raise ValueError(f"greedy_check must be 'onepass' or 'off', got {greedy_check!r}")
         if int(mc_samples) < 1:
             raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
+        if likelihood not in LIKELIHOOD_MODES:
+            raise ValueError(f"likelihood must be one of {LIKELIHOOD_MODES}, got {likelihood!r}")
+        if conditioning not in ("alpha_t", "clean_fraction"):
+            raise ValueError(f"conditioning must be 'alpha_t' or 'clean_fraction', got {conditioning!r}")
         dt = {"float32": None, "fp32": None, "auto": None, "bfloat16": "bf16", "bf16": "bf16"}
         if str(dtype) not in dt:
             raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
@@ -242,6 +295,7 @@ class DuoLM(TemplateLM):
             model = load_pretrained(pretrained, weights=weights, device=str(self._device))
         model = model.to(self._device).eval()
         self.model = model
+        self.is_ar = check_scorable(model, pretrained)
         if tokenizer is None:
             if pretrained is None:
                 raise ValueError("pass tokenizer= (a DuoTokenizer or a path) together with model=")
@@ -278,7 +332,20 @@ class DuoLM(TemplateLM):
         )
         self.mc_samples = int(mc_samples)
         self.time_sampling = time_sampling
-        self.batch_size = parse_batch_size(batch_size)
+        self.likelihood = likelihood
+        self.conditioning = conditioning
+        self.mc_target_stderr = None if mc_target_stderr in (None, "", "none", "None") else float(mc_target_stderr)
+        self.mc_max_samples = None if mc_max_samples in (None, "", "none", "None") else int(mc_max_samples)
+        self.window_eos = _as_bool(window_eos)
+        self.progress = _as_bool(progress)
+        if batch_size in (None, 1, "1"):
+            # lm-eval passes batch_size=1 unless told otherwise, which would be one row (request x MC sample) per
+            # forward; scores do not depend on the batch size, so pick a sensible one.
+            self.batch_size = DEFAULT_BATCH_SIZE
+            log.info("duo: batch_size %r -> %d rows (request x MC sample) per forward; scores do not depend on it "
+                     "(pass --batch_size N >= 2 or max_batch_size=N to change it)", batch_size, DEFAULT_BATCH_SIZE)
+        else:
+            self.batch_size = parse_batch_size(batch_size)
         if max_batch_size is not None:
             self.batch_size = min(self.batch_size, parse_batch_size(max_batch_size))
         self.seed = int(seed)
@@ -303,6 +370,9 @@ class DuoLM(TemplateLM):
         self._greedy_logged = False
         # per task: list of (nelbo, stderr, n_tokens) for every scored request/window
         self._mc_records: Dict[str, List[Tuple[float, float, int]]] = defaultdict(list)
+        # per task: [decisions, decisions whose top-2 margin is within 1.96 MC standard errors of the difference]
+        self._mc_decisions: Dict[str, List[int]] = defaultdict(lambda: [0, 0])
+        self._mc_used: List[int] = []
 
     # --- TemplateLM plumbing --------------------------------------------------------------------------------
     @property
@@ -324,12 +394,18 @@ class DuoLM(TemplateLM):
         return self.tokenizer.decode(list(ids))
 
     # --- scoring core ---------------------------------------------------------------------------------------
-    def _score_windows(self, windows: List[Tuple[List[int], int, int]]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Conditional NELBO of each window ``(ids, n_keep, index)``: positions ``< n_keep`` are kept clean.
+    def _bar(self, total: int, desc: str, disable: bool = False):
+        """A tqdm bar over requests/windows on a terminal (``progress=false`` or lm-eval's ``disable_tqdm`` off)."""
+        return progress_bar(self.progress and not disable, total=total, desc=desc, unit="req", leave=False)
+
+    def _score_windows(self, windows, disable_tqdm: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Conditional NELBO of each window ``(ids, n_keep, index, n_tail)``: positions ``< n_keep`` and the last
+        ``n_tail`` positions (a window-closing ``[EOS]``) are kept clean and not scored.
 
         Windows of **equal length** are batched ``max(1, batch_size // mc_samples)`` at a time (no padding: the
         corruption noise of a row depends on its length, so padding would make a score depend on its batch
-        neighbours). Returns float64 ``(nelbo[N], stderr[N])`` in the input order.
+        neighbours). Returns float64 ``(nelbo[N], stderr[N])`` in the input order (+inf for a window with a token
+        outside the model's vocabulary). AR models: exact causal NLL, stderr 0.
         """
         from duo_plugin.eval.likelihood import conditional_nelbo
 
@@ -337,7 +413,7 @@ class DuoLM(TemplateLM):
         nelbo = torch.zeros(n, dtype=torch.float64)
         stderr = torch.zeros(n, dtype=torch.float64)
         order = sorted(range(n), key=lambda i: -len(windows[i][0]))
-        per_call = max(1, self.batch_size // self.mc_samples)
+        per_call = max(1, self.batch_size // (1 if self.is_ar else self.mc_samples))
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else self.eot_token_id
         groups, cur = [], []
         for i in order:
@@ -347,76 +423,93 @@ class DuoLM(TemplateLM):
             cur.append(i)
         if cur:
             groups.append(cur)
+        bar = self._bar(n, "duo: scoring", disable_tqdm)
         for grp in groups:
             length = max(len(windows[i][0]) for i in grp)
             x0 = torch.full((len(grp), length), int(pad), dtype=torch.long)
             keep = torch.zeros(len(grp), length, dtype=torch.bool)
             att = torch.zeros(len(grp), length, dtype=torch.bool)
             for r, i in enumerate(grp):
-                ids, n_keep, _ = windows[i]
+                ids, n_keep, _, n_tail = windows[i]
                 x0[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
                 keep[r, :n_keep] = True
+                keep[r, len(ids) - n_tail : len(ids)] = True
                 att[r, : len(ids)] = True
             idx = torch.tensor([windows[i][2] for i in grp], dtype=torch.long)
-            if self.time_sampling == "stratified":
+            if self.is_ar:
+                nl = self._ar_nll(x0, keep, att)
+                se = torch.zeros_like(nl)
+            else:
                 res = conditional_nelbo(
                     self.denoiser, x0, keep, attention_mask=att, mc_samples=self.mc_samples,
                     batch_size=self.batch_size, seed=self.seed, valid_vocab=self.valid_vocab,
                     schedule=self.schedule, t_min=self.t_min, indices=idx, device=self._device,
+                    conditioning=self.conditioning, time_sampling=self.time_sampling,
+                    target_stderr=self.mc_target_stderr, max_mc_samples=self.mc_max_samples,
                 )
                 nl, se = res.nelbo, res.stderr
-            else:
-                nl, se = self._iid_nelbo(x0, keep, att, idx)
+                self._mc_used.extend(int(v) for v in res.mc_samples)
             nelbo[grp] = nl.to(torch.float64)
             stderr[grp] = se.to(torch.float64)
+            if bar is not None:
+                bar.update(len(grp))
+        if bar is not None:
+            bar.close()
         return nelbo, stderr
 
     @torch.no_grad()
-    def _iid_nelbo(self, x0, keep, att, idx):
-        """``time_sampling=iid``: t_j ~ U[t_min, 1) i.i.d. per MC sample (seeded per request), same f_Duo sum."""
-        from duo_plugin.diffusion.uniform import row_generators
-        from duo_plugin.eval.likelihood import sequence_nelbo
+    def _ar_log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Causal model: ``log p(x_{i+1} | x_{≤i})`` at position i, float64 ``[B, L, K]`` (invalid ids at −inf)."""
+        out = self.model(x.to(self._device), torch.zeros(x.shape[0], device=self._device))
+        out = out.to(torch.float64)
+        if self.valid_vocab is not None:
+            out = out.masked_fill(~self.valid_vocab, float("-inf"))
+        return torch.log_softmax(out, -1)
 
-        b, m = x0.shape[0], self.mc_samples
-        rows_seq = torch.arange(b).repeat_interleave(m)
-        rows_j = torch.arange(m).repeat(b)
-        times = []
-        for i in idx.tolist():
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + i) % (1 << 63))
-            times.append(self.t_min + (1 - self.t_min) * torch.rand(m, generator=g, dtype=torch.float64))
-        times = torch.cat(times)
-        est = torch.zeros(b * m, dtype=torch.float64)
-        for lo in range(0, b * m, self.batch_size):
-            sl = slice(lo, min(b * m, lo + self.batch_size))
-            seqs = rows_seq[sl]
-            gens = [
-                row_generators(self.seed, (1 << 41) + int(idx[s]), [int(j)], device=self._device)[0]
-                for s, j in zip(seqs.tolist(), rows_j[sl].tolist())
-            ]
-            est[sl] = sequence_nelbo(
-                self.denoiser, x0[seqs].to(self._device), times[sl], gens,
-                score_mask=(att & ~keep)[seqs].to(self._device), keep_mask=keep[seqs].to(self._device),
-                padding_mask=att[seqs].to(self._device), schedule=self.schedule, valid_vocab=self.valid_vocab,
-            ).cpu()
-        est = est.view(b, m)
-        se = est.std(1, unbiased=True) / math.sqrt(m) if m >= 2 else torch.full((b,), float("nan"), dtype=torch.float64)
-        return est.mean(1), se
+    def _ar_nll(self, x0, keep, att) -> torch.Tensor:
+        """Exact −log p(scored tokens | preceding tokens) under the causal model (float64 ``[B]``)."""
+        k = int(self.vocab_size)
+        score = (att & ~keep)[:, 1:]
+        tgt = x0[:, 1:]
+        bad = (tgt < 0) | (tgt >= k)
+        logp = self._ar_log_probs(x0.clamp(0, k - 1))[:, :-1].cpu()
+        tok = logp.gather(-1, tgt.clamp(0, k - 1)[..., None]).squeeze(-1)
+        tok = torch.where(bad, torch.full_like(tok, float("-inf")), tok)
+        nll = -(torch.where(score, tok, torch.zeros_like(tok))).sum(-1)
+        return nll
 
-    def _windows_for(self, ctx: List[int], cont: List[int]) -> List[Tuple[List[int], int, int]]:
+    def _window_room(self) -> int:
+        """Tokens a loglikelihood window may hold (BOS included): ``max_length − 1`` for a diffusion model, which
+        always saw ``[EOS]`` at the last position in training; ``max_length`` for an AR model."""
+        return self.max_length if self.is_ar else self.max_length - 1
+
+    def _windows_for(self, ctx: List[int], cont: List[int]) -> List[Tuple[List[int], int, int, int]]:
         """Windows scoring every token of ``cont`` once given ``[BOS] + ctx`` (left-truncated when too long)."""
         bos = [self.prefix_token_id]
-        if len(cont) + 1 <= self.max_length:
-            kept, dropped = truncate_left(ctx, cont, self.max_length, prefix_len=1)
+        room = self._window_room()
+        if len(cont) + 1 <= room:
+            kept, dropped = truncate_left(ctx, cont, room, prefix_len=1)
             if dropped:
                 log.debug("duo: truncated %d context tokens from the left", dropped)
             ids = bos + kept + cont
-            return [(ids, 1 + len(kept), request_index(ids))]
+            return [(ids, 1 + len(kept), request_index(ids), 0)]
         # continuation alone exceeds the window: roll over it, each window conditioned on its preceding tokens
-        full = list(ctx) + list(cont)
+        return self._rolling(list(ctx) + list(cont), first=len(ctx), tag="")
+
+    def _rolling(self, full: List[int], first: int, tag: str) -> List[Tuple[List[int], int, int, int]]:
+        """Rolling windows over ``full[first:]``: ``[BOS] + clean context + scored tokens (+ clean [EOS])``.
+
+        A diffusion model was trained on blocks ``[BOS] + (L − 2) tokens + [EOS]``, so with ``window_eos`` (default)
+        every window ends with a clean, unscored ``[EOS]`` at most at position ``max_length − 1`` and no scored token
+        sits where the model always saw ``[EOS]``. AR models use the whole window.
+        """
+        bos = [self.prefix_token_id]
+        eos = [] if (self.is_ar or not self.window_eos) else [self.eot_token_id]
+        room = self.max_length - len(eos) if (self.is_ar or self.window_eos) else self.max_length - 1
         out = []
-        for cs, ps, pe in rolling_windows(len(full), self.max_length, 1, self.rolling_context, first=len(ctx)):
-            ids = bos + full[cs:pe]
-            out.append((ids, 1 + (ps - cs), request_index(ids)))
+        for cs, ps, pe in rolling_windows(len(full), room, 1, self.rolling_context, first=first):
+            ids = bos + full[cs:pe] + eos
+            out.append((ids, 1 + (ps - cs), request_index(ids, tag), len(eos)))
         return out
 
     def _record(self, task: str, nelbo: float, se: float, n_tok: int):
@@ -424,7 +517,7 @@ class DuoLM(TemplateLM):
 
     # --- loglikelihood --------------------------------------------------------------------------------------
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> List[Tuple[float, bool]]:
-        new_reqs, tasks = [], []
+        new_reqs, tasks, docs = [], [], []
         for req in requests:
             context, continuation = req.args
             if context == "":
@@ -433,9 +526,12 @@ class DuoLM(TemplateLM):
                 ctx_enc, cont_enc = self._encode_pair(context, continuation)
             new_reqs.append(((context, continuation), ctx_enc, cont_enc))
             tasks.append(getattr(req, "task_name", None))
-        return self._loglikelihood_tokens(new_reqs, task_names=tasks, disable_tqdm=disable_tqdm)
+            docs.append(getattr(req, "doc_id", None))
+        if self.likelihood != "nelbo" and not self.is_ar:
+            return self._official_loglikelihood(new_reqs, tasks, docs, disable_tqdm)
+        return self._loglikelihood_tokens(new_reqs, task_names=tasks, doc_ids=docs, disable_tqdm=disable_tqdm)
 
-    def _loglikelihood_tokens(self, requests, task_names=None, disable_tqdm: bool = False, **kwargs):
+    def _loglikelihood_tokens(self, requests, task_names=None, doc_ids=None, disable_tqdm: bool = False, **kwargs):
         """``[((ctx_str, cont_str), ctx_ids, cont_ids)] -> [(-NELBO summed over cont, is_greedy)]``.
 
         ``ctx_ids`` excludes BOS (prepended here). An empty continuation scores exactly 0.0 (log 1).
@@ -448,47 +544,135 @@ class DuoLM(TemplateLM):
             for w in self._windows_for(list(ctx), list(cont)):
                 windows.append(w)
                 owner.append(r)
-        nelbo, se = self._score_windows(windows) if windows else (torch.zeros(0), torch.zeros(0))
+        nelbo, se = self._score_windows(windows, disable_tqdm) if windows else (torch.zeros(0), torch.zeros(0))
         ll = [0.0] * len(requests)
         var = [0.0] * len(requests)
         for w, r in enumerate(owner):
             ll[r] -= float(nelbo[w])
-            var[r] += float(se[w]) ** 2
+            var[r] += float(se[w]) ** 2 if math.isfinite(float(se[w])) else float("nan")
         greedy = self._is_greedy(requests) if self.greedy_check == "onepass" else [False] * len(requests)
         for r, (_, _, cont) in enumerate(requests):
             if len(cont):
                 self._record(task_names[r], -ll[r], math.sqrt(var[r]), len(cont))
+        self._count_decisions(task_names, doc_ids, ll, [math.sqrt(v) for v in var])
         self._flush_mc_summary("loglikelihood")
-        return [(ll[r], bool(greedy[r])) for r in range(len(requests))]
+        return [(ll[r], bool(greedy[r]) and math.isfinite(ll[r])) for r in range(len(requests))]
+
+    def _official_loglikelihood(self, requests, task_names, doc_ids, disable_tqdm: bool = False):
+        """``likelihood=official`` / ``official_suffix``: the official harness' score (see the class docstring)."""
+        from duo_plugin.eval.likelihood import official_harness_nll
+
+        mode = "full" if self.likelihood == "official" else "suffix"
+        out, lls, ses, skipped = [], [], [], 0
+        bar = self._bar(len(requests), "duo: scoring (official)", disable_tqdm)
+        for r, (_, ctx, cont) in enumerate(requests):
+            prefix = [self.prefix_token_id] + list(ctx)
+            target = list(cont) + [self.eot_token_id]
+            if len(prefix) + len(target) > self.max_length:
+                skipped += 1  # the official harness scores these 0.0 / not greedy
+                out.append((0.0, False))
+                lls.append(0.0)
+                ses.append(float("nan"))
+            else:
+                nll, se = official_harness_nll(
+                    self.denoiser, prefix, target, mode=mode, mc_samples=self.mc_samples, batch_size=self.batch_size,
+                    seed=self.seed, index=request_index(prefix + target, "official"), valid_vocab=self.valid_vocab,
+                    schedule=self.schedule, t_min=self.t_min, device=self._device)
+                greedy = self._official_is_greedy(prefix, target) if self.greedy_check == "onepass" else False
+                out.append((-nll, bool(greedy) and math.isfinite(nll)))
+                lls.append(-nll)
+                ses.append(se)
+                self._record(task_names[r], nll, se, len(target))
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        if skipped:
+            log.warning("duo (likelihood=%s): %d request(s) longer than max_length=%d scored 0.0 as the official "
+                        "harness does", self.likelihood, skipped, self.max_length)
+        self._count_decisions(task_names, doc_ids, lls, ses)
+        self._flush_mc_summary("loglikelihood")
+        return out
+
+    @torch.no_grad()
+    def _official_is_greedy(self, prefix: List[int], target: List[int]) -> bool:
+        """The official one-pass check: target replaced by uniform noise except its final [EOS], the network
+        conditioned on the realised clean fraction, argmax at every target position."""
+        from duo_plugin.diffusion.uniform import prior_sample, row_generators
+
+        ids = torch.tensor(prefix + target, dtype=torch.long, device=self._device)
+        gen = row_generators(self.seed, (1 << 42) + 1, [request_index(ids.tolist())], device=self._device)
+        z = ids.clone()[None]
+        z[0, len(prefix):] = prior_sample((1, len(target)), self.vocab_size, gen, valid_vocab=self.valid_vocab,
+                                          device=self._device)[0]
+        z[0, -1] = ids[-1]
+        alpha = (z[0] == ids).to(torch.float64).mean()[None]
+        logp = self.denoiser(z, (-torch.log(alpha)).to(torch.float32))
+        if self.valid_vocab is not None:
+            logp = logp.masked_fill(~self.valid_vocab, float("-inf"))
+        return bool((logp[0, len(prefix):].argmax(-1) == ids[len(prefix):]).all())
 
     @torch.no_grad()
     def _is_greedy(self, requests) -> List[bool]:
-        """One-pass greedy check at t = 1 with the continuation replaced by seeded uniform noise (see module doc)."""
+        """Is the continuation the model's greedy choice? AR: argmax of the next-token distribution at every
+        continuation position (exact). Diffusion: one pass at t = 1 with the continuation replaced by seeded uniform
+        noise and the context clean; the network is conditioned on the effective clean fraction
+        α_eff = (n_ctx + α_1 · n_cont) / n (see the module doc)."""
         from duo_plugin.diffusion.uniform import prior_sample, row_generators
+        from duo_plugin.eval.likelihood import effective_alpha
 
         out = [True] * len(requests)
         t1 = torch.ones(1, dtype=torch.float64)
-        sigma = (-torch.log(self.schedule.alpha(t1))).to(torch.float32)
+        alpha1 = self.schedule.alpha(t1)
+        room = self._window_room()
         for r, (_, ctx, cont) in enumerate(requests):
             if len(cont) == 0:
                 continue
-            if len(cont) + 1 > self.max_length:
+            if len(cont) + 1 > room:
                 out[r] = False  # cannot be produced in one window
                 continue
-            kept, _ = truncate_left(list(ctx), list(cont), self.max_length, 1)
+            kept, _ = truncate_left(list(ctx), list(cont), room, 1)
             ids = torch.tensor([self.prefix_token_id] + kept + list(cont), dtype=torch.long, device=self._device)
             n_keep = 1 + len(kept)
+            if bool((ids >= self.vocab_size).any()):
+                out[r] = False
+                continue
+            if self.is_ar:
+                pred = self._ar_log_probs(ids[None])[0, n_keep - 1 : -1].argmax(-1)
+                out[r] = bool((pred == ids[n_keep:]).all())
+                continue
             gen = row_generators(self.seed, (1 << 42), [request_index(ids.tolist())], device=self._device)
             noise = prior_sample((1, len(cont)), self.vocab_size, gen, valid_vocab=self.valid_vocab,
                                  device=self._device)
             z = ids.clone()[None]
             z[0, n_keep:] = noise[0]
+            a_eff = effective_alpha(alpha1, torch.tensor([n_keep]), torch.tensor([len(cont)]))
+            sigma = (-torch.log(a_eff)).to(torch.float32)
             logp = self.denoiser(z, sigma.to(self._device))
             if self.valid_vocab is not None:
                 logp = logp.masked_fill(~self.valid_vocab, float("-inf"))
             pred = logp[0, n_keep:].argmax(-1)
             out[r] = bool((pred == ids[n_keep:]).all())
         return out
+
+    def _count_decisions(self, task_names, doc_ids, ll, se) -> None:
+        """Multiple-choice decisions (requests sharing a task and ``doc_id``): count those whose top-2 margin is
+        within 1.96 MC standard errors of the difference (the choice could flip with other MC noise)."""
+        if doc_ids is None:
+            return
+        groups: Dict[Tuple[str, int], List[int]] = defaultdict(list)
+        for r, d in enumerate(doc_ids):
+            if d is not None:
+                groups[(task_names[r] or "unknown", d)].append(r)
+        for (task, _), rs in groups.items():
+            if len(rs) < 2:
+                continue
+            top = sorted(rs, key=lambda r: -ll[r])[:2]
+            margin = ll[top[0]] - ll[top[1]]
+            noise = math.sqrt(se[top[0]] ** 2 + se[top[1]] ** 2)
+            c = self._mc_decisions[task]
+            c[0] += 1
+            c[1] += int(math.isfinite(noise) and margin <= 1.96 * noise) if math.isfinite(margin) else 0
 
     # --- rolling --------------------------------------------------------------------------------------------
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> List[float]:
@@ -498,18 +682,17 @@ class DuoLM(TemplateLM):
             (text,) = req.args[:1]
             toks = self.tok_encode(text)
             tasks.append(getattr(req, "task_name", None))
-            for cs, ps, pe in rolling_windows(len(toks), self.max_length, 1, self.rolling_context):
-                ids = [self.prefix_token_id] + toks[cs:pe]
-                windows.append((ids, 1 + (ps - cs), request_index(ids, "rolling")))
+            for w in self._rolling(toks, first=0, tag="rolling"):
+                windows.append(w)
                 owner.append(r)
-        nelbo, se = self._score_windows(windows) if windows else (torch.zeros(0), torch.zeros(0))
+        nelbo, se = self._score_windows(windows, disable_tqdm) if windows else (torch.zeros(0), torch.zeros(0))
         ll = [0.0] * len(requests)
         var = [0.0] * len(requests)
         ntok = [0] * len(requests)
         for w, r in enumerate(owner):
             ll[r] -= float(nelbo[w])
             var[r] += float(se[w]) ** 2
-            ntok[r] += len(windows[w][0]) - windows[w][1]
+            ntok[r] += len(windows[w][0]) - windows[w][1] - windows[w][3]
         for r in range(len(requests)):
             self._record(tasks[r], -ll[r], math.sqrt(var[r]), ntok[r])
         self._flush_mc_summary("loglikelihood_rolling")
@@ -532,11 +715,58 @@ class DuoLM(TemplateLM):
             raise ValueError(f"generate_until: temperature must be >= 0, got {temperature!r}")
         return temp, 1.0, self.noise_removal
 
+    @torch.no_grad()
+    def _ar_generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
+        """AR models: token-by-token decoding from ``[BOS] + context`` (greedy for ``do_sample: false`` /
+        ``temperature: 0``, else float64 categorical sampling at ``temperature`` seeded per request), cut at EOS
+        and at the first stop string."""
+        from duo_plugin.diffusion.uniform import row_generators
+
+        out = []
+        bar = self._bar(len(requests), "duo: generating (AR)", disable_tqdm)
+        for req in requests:
+            context, gen_kwargs = req.args
+            kw = dict(gen_kwargs or {})
+            until = kw.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_gen = int(kw.pop("max_gen_toks", self.max_gen_toks))
+            if not 1 <= max_gen <= self.max_length - 1:
+                raise ValueError(f"max_gen_toks={max_gen} must lie in [1, {self.max_length - 1}] for this model")
+            do_sample, temperature = kw.pop("do_sample", None), kw.pop("temperature", None)
+            greedy = (do_sample is not None and not do_sample) or (temperature is not None and float(temperature) == 0)
+            temp = 1.0 if temperature is None or greedy else float(temperature)
+            ctx = self.tok_encode(context) if context else []
+            ctx = ctx[max(0, len(ctx) - (self.max_length - 1 - max_gen)):]
+            ids = [self.prefix_token_id] + ctx
+            gen = row_generators(self.seed, 1 << 44, [request_index(ids, f"ar{max_gen}")])[0]
+            new: List[int] = []
+            for _ in range(max_gen):
+                logp = self._ar_log_probs(torch.tensor([ids + new]))[0, -1].cpu()
+                if greedy:
+                    nxt = int(logp.argmax())
+                else:
+                    nxt = int(torch.multinomial(torch.softmax(logp / temp, -1), 1, generator=gen))
+                if nxt == self.eot_token_id:
+                    break
+                new.append(nxt)
+            text = self.tok_decode(new)
+            for stop in until:
+                if stop and stop in text:
+                    text = text[: text.index(stop)]
+            out.append(text)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return out
+
     def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
         """Sample continuations with the project's sampler; the prompt ``[BOS] + context`` is clamped."""
         from duo_plugin.diffusion.uniform import row_generators
         from duo_plugin.sampling import sample, sample_blocks
 
+        if self.is_ar:
+            return self._ar_generate_until(requests, disable_tqdm)
         prepared = []
         for req in requests:
             context, gen_kwargs = req.args
@@ -588,12 +818,29 @@ class DuoLM(TemplateLM):
         return results  # type: ignore[return-value]
 
     # --- MC standard error summary --------------------------------------------------------------------------
+    def estimator(self) -> str:
+        """One line naming the estimator behind every number this backend returns."""
+        if self.is_ar:
+            return "exact causal log-likelihood (AR model, no Monte Carlo)"
+        if self.likelihood != "nelbo":
+            return (f"official-harness score ({self.likelihood}: -mean per-token f_Duo), M={self.mc_samples} "
+                    f"stratified times")
+        m = (f"adaptive M (rounds of {self.mc_samples} until the MC stderr < {self.mc_target_stderr:g} nats, at most "
+             f"{self.mc_max_samples or 32 * self.mc_samples})" if self.mc_target_stderr is not None
+             else f"M={self.mc_samples}")
+        return (f"-conditional NELBO (f_Duo, log-linear alpha, network conditioned on {self.conditioning}), {m} "
+                f"{self.time_sampling} times per request")
+
     def mc_summary(self) -> Dict[str, dict]:
         """Per task: number of scored items, mean NELBO, mean / RMS / max MC standard error of the summed
-        log-likelihoods, and the standard error of the task's total (sqrt of the summed variances), in nats."""
+        log-likelihoods, the standard error of the task's total (sqrt of the summed variances), in nats; the number
+        of multiple-choice decisions and the fraction whose top-2 margin is within 1.96 MC standard errors of the
+        difference; the estimator and the MC sample counts."""
         out = {}
+        used = self._mc_used
         for task, rec in sorted(self._mc_records.items()):
             se = [s for _, s, _ in rec if math.isfinite(s)]
+            dec = self._mc_decisions.get(task, [0, 0])
             out[task] = {
                 "n": len(rec),
                 "tokens": int(sum(n for _, _, n in rec)),
@@ -603,18 +850,35 @@ class DuoLM(TemplateLM):
                 "max_stderr": max(se) if se else float("nan"),
                 "total_stderr": math.sqrt(sum(s * s for s in se)) if se else float("nan"),
                 "mc_samples": self.mc_samples,
+                "mc_samples_mean": (sum(used) / len(used)) if used else (0 if self.is_ar else self.mc_samples),
+                "mc_target_stderr": self.mc_target_stderr,
                 "time_sampling": self.time_sampling,
+                "conditioning": self.conditioning,
+                "likelihood": "ar" if self.is_ar else self.likelihood,
+                "estimator": self.estimator(),
+                "decisions": dec[0],
+                "decisions_within_noise": dec[1],
+                "frac_decisions_within_noise": (dec[1] / dec[0]) if dec[0] else None,
             }
         return out
 
     def _flush_mc_summary(self, kind: str) -> None:
         summary = self.mc_summary()
         for task, s in summary.items():
+            if self.is_ar:
+                log.info("duo [%s] %s: n=%d, %s", kind, task, s["n"], s["estimator"])
+                continue
             log.info(
-                "duo MC stderr [%s] %s: n=%d mean=%.4g rms=%.4g max=%.4g nats (M=%d, %s)",
-                kind, task, s["n"], s["mean_stderr"], s["rms_stderr"], s["max_stderr"], s["mc_samples"],
-                s["time_sampling"],
+                "duo MC stderr [%s] %s: n=%d mean=%.4g rms=%.4g max=%.4g nats (%s)",
+                kind, task, s["n"], s["mean_stderr"], s["rms_stderr"], s["max_stderr"], s["estimator"],
             )
+            if s["decisions"]:
+                level = logging.WARNING if s["frac_decisions_within_noise"] > 0.05 else logging.INFO
+                log.log(level,
+                        "duo MC noise [%s] %s: %d of %d multiple-choice decisions (%.0f%%) have a top-2 margin within "
+                        "1.96 MC standard errors of the difference (mean MC stderr %.3g nats, %s); raise mc_samples "
+                        "or set mc_target_stderr", kind, task, s["decisions_within_noise"], s["decisions"],
+                        100 * s["frac_decisions_within_noise"], s["mean_stderr"], s["estimator"])
         if self.mc_stderr_path:
             p = Path(self.mc_stderr_path)
             p.parent.mkdir(parents=True, exist_ok=True)
