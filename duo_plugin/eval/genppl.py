@@ -8,18 +8,23 @@
   deceptively low Gen PPL.
 
 The scorer is any causal LM callable ``scorer(tokens Long[B, T]) -> logits Float[B, T, V]`` where position i
-predicts token i + 1. Loaders: :func:`load_dit_scorer` (our AR-objective DiT checkpoints) and
-``duo_plugin.integrations.torchtune_scorer.load_torchtune_scorer`` (torchtune builder + HF-format checkpoint).
+predicts token i + 1. Loaders: :func:`load_dit_scorer` (our AR-objective DiT checkpoints), :func:`load_hf_scorer`
+(any local Hugging Face causal-LM directory through ``transformers``, e.g. GPT-2 Large as in the paper; optional
+extra ``duo-plugin[hf]``, offline) and ``duo_plugin.integrations.torchtune_scorer.load_torchtune_scorer`` (torchtune
+builder + HF-format checkpoint). Every result carries the scorer's name (``scorer``): a Gen PPL is only comparable
+with Gen PPLs from the same scorer.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["unigram_entropy", "retokenize", "gen_ppl_and_entropy", "causal_nll", "load_dit_scorer", "DiTScorer"]
+__all__ = ["unigram_entropy", "retokenize", "gen_ppl_and_entropy", "causal_nll", "load_dit_scorer", "DiTScorer",
+           "HFScorer", "load_hf_scorer", "scorer_name"]
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -134,12 +139,13 @@ def gen_ppl_and_entropy(
     batch_size: int = 8,
     max_len: int = 1024,
     bos_id_scorer: Optional[int] = None,
+    name: Optional[str] = None,
 ) -> dict:
     """Gen PPL (re-tokenised, scored by a causal LM) and mean unigram entropy of ``sample_ids Long[N, L]``.
 
     Returns:
         ``dict(gen_ppl, gen_nll (nats/token), entropy (mean nats), entropy_per_sample (list), n_samples, tokens
-        (#scored scorer tokens))``.
+        (#scored scorer tokens), scorer (``name`` or :func:`scorer_name`), estimator)``.
     """
     if sample_ids.dim() != 2 or sample_ids.shape[0] == 0:
         raise ValueError(f"sample_ids must be a non-empty [N, L] tensor; got {tuple(sample_ids.shape)}")
@@ -156,7 +162,14 @@ def gen_ppl_and_entropy(
         "entropy_per_sample": ent.tolist(),
         "n_samples": int(sample_ids.shape[0]),
         "tokens": count,
+        "scorer": name or scorer_name(scorer),
+        "estimator": "exp(token-weighted mean causal NLL of the re-tokenised samples up to the first EOS)",
     }
+
+
+def scorer_name(scorer) -> str:
+    """The label printed next to a Gen PPL: the scorer's ``name`` attribute, else its class name."""
+    return str(getattr(scorer, "name", None) or type(scorer).__name__)
 
 
 class DiTScorer:
@@ -166,10 +179,11 @@ class DiTScorer:
     distribution of token i + 1 (next-token convention of the AR objective).
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, name: Optional[str] = None):
         if not getattr(model, "causal", False):
             raise ValueError("the Gen PPL scorer must be a causal (AR-objective) model: build the DiT with causal=True")
         self.model = model.eval()
+        self.name = name or "duo AR DiT"
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -183,4 +197,71 @@ def load_dit_scorer(path, *, weights: str = "ema", device: str = "cpu") -> DiTSc
     """Load our own AR-objective DiT checkpoint (``save_pretrained`` dir of a model built with ``causal=True``)."""
     from duo_plugin.models.checkpoint import load_pretrained
 
-    return DiTScorer(load_pretrained(path, weights=weights, device=device))
+    return DiTScorer(load_pretrained(path, weights=weights, device=device), name=f"duo AR DiT ({Path(path).name})")
+
+
+class _HFTokenizer:
+    """``encode(text, add_bos=False, add_eos=False)`` / ``decode`` over a ``transformers`` tokenizer (no special
+    tokens added: the Gen PPL protocol adds EOS itself)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.eos_id = tok.eos_token_id
+        self.bos_id = tok.bos_token_id
+        self.pad_id = tok.pad_token_id
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        ids = list(self.tok.encode(text, add_special_tokens=False))
+        if add_bos and self.bos_id is not None:
+            ids = [int(self.bos_id)] + ids
+        if add_eos and self.eos_id is not None:
+            ids = ids + [int(self.eos_id)]
+        return ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids))
+
+
+class HFScorer:
+    """Causal scorer from a local Hugging Face causal-LM directory: ``tokens -> logits`` (float32).
+
+    Attributes: ``tokenizer`` (encode/decode without special tokens), ``eos_id``, ``name`` (``hf:<dir name>``, e.g.
+    ``hf:gpt2-large``), ``max_len`` (the model's ``n_positions`` / ``max_position_embeddings``).
+    """
+
+    def __init__(self, model, tokenizer, name: str):
+        self.model = model.eval()
+        self.tokenizer = _HFTokenizer(tokenizer)
+        if self.tokenizer.eos_id is None:
+            raise ValueError(f"{name}: the tokenizer has no eos_token_id; the Gen PPL protocol needs one")
+        self.eos_id = int(self.tokenizer.eos_id)
+        self.name = name
+        cfg = model.config
+        self.max_len = int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 1024)
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        dev = next(self.model.parameters()).device
+        return self.model(input_ids=tokens.to(dev)).logits.float()
+
+
+def load_hf_scorer(path, *, device: str = "cpu", dtype: str = "float32") -> HFScorer:
+    """Load a local Hugging Face causal LM (``config.json`` + weights + tokenizer files) as a Gen PPL scorer.
+
+    Offline only (``local_files_only=True``) and without ``trust_remote_code``: the directory is data, no code in it
+    is run. Needs the optional extra ``pip install 'duo-plugin[hf]'`` (``transformers``).
+    """
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p} is not a Hugging Face model directory (no config.json); pass a local dir "
+                                "saved with save_pretrained (e.g. a downloaded gpt2-large)")
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("the Hugging Face Gen PPL scorer needs transformers: pip install 'duo-plugin[hf]'") from e
+    torch_dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                   "bf16": torch.bfloat16}[str(dtype)]
+    model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
+    model = model.to(device=device, dtype=torch_dtype)
+    tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
+    return HFScorer(model, tok, name=f"hf:{p.name}")

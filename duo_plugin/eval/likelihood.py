@@ -248,7 +248,9 @@ def nelbo_perplexity(
         special_ids: ids not counted as content (default none).
 
     Raises:
-        ValueError when a counted token is outside the model's vocabulary (its NELBO would be +∞).
+        ValueError when a counted content token is outside the model's vocabulary (its NELBO would be +∞). A
+        special id (``special_ids``) outside ``valid_vocab`` (the model never produces it) is kept clean and not
+        scored: a structural marker known in advance.
 
     Returns:
         dict with ``ppl``, ``nll_per_token`` (content tokens, nats), ``stderr`` (standard error of ``nll_per_token``:
@@ -281,10 +283,15 @@ def nelbo_perplexity(
         raise ValueError("mc_passes and batch_size must be >= 1")
     dev, schedule, valid_vocab = _eval_setup(denoiser, device, schedule, valid_vocab)
     k = int(valid_vocab.numel()) if valid_vocab is not None else int(getattr(denoiser, "vocab_size", 0) or 0)
+    structural = None  # special ids the model cannot produce: kept clean (known markers), neither noised nor scored
     if k:
-        bad = ((blocks < 0) | (blocks >= k)) & attention_mask
+        invalid = (blocks < 0) | (blocks >= k)
         if valid_vocab is not None:
-            bad |= ~valid_vocab.cpu()[blocks.clamp(0, k - 1)] & attention_mask
+            invalid |= ~valid_vocab.cpu()[blocks.clamp(0, k - 1)]
+        bad = invalid & content
+        if bool((invalid & ~content & attention_mask).any()):
+            structural = invalid & ~content & attention_mask & (blocks >= 0) & (blocks < k)
+            bad |= invalid & ~content & attention_mask & ~structural
         if bool(bad.any()):
             r, c = (int(v) for v in bad.nonzero()[0])
             raise ValueError(
@@ -304,8 +311,13 @@ def nelbo_perplexity(
                 am = attention_mask[lo : lo + batch_size].to(dev)
                 t = stratified_times(seed, p, perm[lo : lo + len(idx)], n, t_min=t_min, dtype=torch.float64)
                 gens = row_generators(seed, p, idx, device=dev)
+                kw = {}
+                if structural is not None:
+                    st = structural[lo : lo + batch_size].to(dev)
+                    kw = {"keep_mask": st, "score_mask": am & ~st}
                 per_seq[p, lo : lo + len(idx)] = sequence_nelbo(
-                    denoiser, x0, t, gens, score_mask=am, padding_mask=am, schedule=schedule, valid_vocab=valid_vocab
+                    denoiser, x0, t, gens, **{"score_mask": am, **kw}, padding_mask=am, schedule=schedule,
+                    valid_vocab=valid_vocab,
                 ).cpu()
                 bar.update(1)
     finally:

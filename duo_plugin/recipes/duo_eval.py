@@ -1,8 +1,14 @@
 """duo_eval: NELBO perplexity of a Duo model directory on a held-out split, text files or zero-shot sets.
 
-Estimator (duo-method.md §8): one stratified t per block per pass (strata over the whole split), log-linear α,
-f_Duo summed over the tokens of the split and divided by the token count; PPL = exp(mean), an upper bound.
-``mc_passes`` passes are averaged and give a standard error. Writes ``output_dir/metrics.json``.
+Estimator (duo-method.md §8, docs/evaluation.md): one stratified t per block per pass (strata over the whole split,
+a fresh seeded sequence → stratum permutation every pass), log-linear α, f_Duo summed over the split. The headline
+perplexity is per **content token** (BOS/EOS/pad not counted in the denominator); the all-token figure (the paper's
+convention for wrapped blocks) is printed beside it. Both are upper bounds. ``mc_passes`` passes are averaged and
+give a standard error. Writes ``output_dir/metrics.json`` with the estimator, pass count and standard errors.
+
+With ``dataset.packing: pad`` (one sentence per row) a sentence longer than ``block_size − 2`` tokens does not fit:
+``dataset.overlong: split`` (default) cuts it into several rows, ``truncate`` drops its tail (with a warning naming
+the count); either way the count is written to ``metrics.json``.
 
 Datasets (``dataset.source``):
 
@@ -44,7 +50,7 @@ SCHEMA: dict[str, Any] = {
     "alpha_eps": None, "progress_bar": None,
     "dataset": {"source": None, "val_fraction": None, "packing": None, "files": None, "sample_by": None,
                 "column": None, "name": None, "data_files": None, "local_dir": None, "max_docs": None,
-                "cache_dir": None},
+                "cache_dir": None, "overlong": None},
 }
 
 
@@ -64,7 +70,34 @@ def _list(x) -> list:
     return [str(x)]
 
 
-def _heldout_blocks(docs, tok, block_size: int, frac: float, packing: str):
+def _split_overlong(docs, room: int, overlong: str):
+    """``(docs, n_overlong)``: documents longer than ``room`` tokens cut into ``room``-token pieces (``split``) or
+    left for ``pad_sentences`` to truncate (``truncate``, with a warning)."""
+    from duo_plugin.data import text as data_text
+
+    td = data_text._as_docs(docs)
+    lens = [int(b - a) for a, b in zip(td.offsets[:-1], td.offsets[1:])]
+    n_long = sum(1 for n in lens if n > room)
+    if not n_long:
+        return td, 0
+    if overlong == "truncate":
+        lost = sum(n - room for n in lens if n > room)
+        print(f"duo_eval: WARNING: packing=pad truncates {n_long} of {len(lens)} documents longer than "
+              f"block_size-2={room} tokens ({lost} tokens not evaluated); set dataset.overlong: split to keep them",
+              file=sys.stderr)
+        return td, n_long
+    if overlong != "split":
+        raise ValueError(f"dataset.overlong must be 'split' or 'truncate', got {overlong!r}")
+    pieces = []
+    for i, n in enumerate(lens):
+        d = td.tokens[int(td.offsets[i]) : int(td.offsets[i + 1])].tolist()
+        pieces += [d[j : j + room] for j in range(0, max(n, 1), room)] if n > room else [d]
+    print(f"duo_eval: packing=pad: {n_long} of {len(lens)} documents are longer than block_size-2={room} tokens; "
+          "each is split into several rows (dataset.overlong: split)", file=sys.stderr)
+    return data_text.TokenizedDocs.from_lists(pieces), n_long
+
+
+def _heldout_blocks(docs, tok, block_size: int, frac: float, packing: str, overlong: str = "split", info=None):
     from duo_plugin.data import text as data_text
 
     if frac > 0:
@@ -73,15 +106,20 @@ def _heldout_blocks(docs, tok, block_size: int, frac: float, packing: str):
         _, docs = data_text.split_heldout(docs, fraction=frac)
     if packing == "pad":
         pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+        docs, n_long = _split_overlong(docs, block_size - 2, overlong)
+        if info is not None:
+            info["overlong_docs"], info["overlong"] = n_long, overlong
         return data_text.pad_sentences(docs, block_size, tok.bos_id, tok.eos_id, pad)
     if packing != "wrap":
         raise ValueError(f"dataset.packing must be 'wrap' or 'pad', got {packing!r}")
     return data_text.wrap_blocks(docs, block_size, tok.bos_id, tok.eos_id, drop_remainder=False, return_mask=True)
 
 
-def build_eval_sets(cfg: DictConfig, tok, block_size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{name: (blocks Long[N, L], attention_mask Bool[N, L])}`` for the configured dataset."""
+def build_eval_sets(cfg: DictConfig, tok, block_size: int, info=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{name: (blocks Long[N, L], attention_mask Bool[N, L])}`` for the configured dataset (``info``: a dict
+    that receives the count of over-long documents with ``packing: pad``)."""
     d = cfg.dataset
+    overlong = str(d.get("overlong") or "split")
     src = str(d.get("source") or "corpus")
     frac = float(d.get("val_fraction") if d.get("val_fraction") is not None else 0.0)
     packing = str(d.get("packing") or "wrap")
@@ -89,7 +127,7 @@ def build_eval_sets(cfg: DictConfig, tok, block_size: int) -> dict[str, tuple[to
         from duo_plugin.data.corpora import load_shakespeare
 
         docs = load_shakespeare(tok, unit="paragraph", cache_dir=d.get("cache_dir"))
-        return {"shakespeare_heldout": _heldout_blocks(docs, tok, block_size, frac, packing)}
+        return {"shakespeare_heldout": _heldout_blocks(docs, tok, block_size, frac, packing, overlong, info)}
     if src == "files":
         from duo_plugin.data.text import load_tokenized
 
@@ -98,7 +136,7 @@ def build_eval_sets(cfg: DictConfig, tok, block_size: int) -> dict[str, tuple[to
             raise ValueError("dataset.source=files needs dataset.files: [path, ...]")
         docs = load_tokenized(files, tok, cache_dir=d.get("cache_dir"), sample_by=str(d.get("sample_by") or "paragraph"),
                               column=str(d.get("column") or "text"))
-        return {"files": _heldout_blocks(docs, tok, block_size, frac, packing)}
+        return {"files": _heldout_blocks(docs, tok, block_size, frac, packing, overlong, info)}
     if src == "zeroshot":
         from duo_plugin.eval.zeroshot import zeroshot_blocks
 
@@ -138,24 +176,30 @@ def run(cfg: DictConfig) -> dict:
         raise ValueError(f"block_size={block_size} exceeds the model's max_seq_len={model.max_seq_len}")
     den = DenoiserFn(model, dtype=cfg.get("dtype"))
     schedule = LogLinearSchedule(float(cfg.get("alpha_eps") or 1e-3))
-    sets = build_eval_sets(cfg, tok, block_size)
+    info: dict[str, Any] = {}
+    sets = build_eval_sets(cfg, tok, block_size, info)
     metrics: dict[str, Any] = {"checkpoint": str(cfg.checkpoint), "weights": str(cfg.get("weights") or "ema"),
                                "block_size": block_size, "mc_passes": int(cfg.mc_passes), "seed": int(cfg.seed),
-                               "sets": {}}
-    for name, (blocks, mask) in sets.items():
+                               **info, "sets": {}}
+    for i, (name, (blocks, mask)) in enumerate(sets.items()):
         if cfg.get("max_blocks"):
             blocks, mask = blocks[: int(cfg.max_blocks)], mask[: int(cfg.max_blocks)]
         t0 = time.perf_counter()
+        print(f"duo_eval: set {i + 1}/{len(sets)} {name}: {int(blocks.shape[0])} blocks x {int(cfg.mc_passes)} "
+              f"pass(es)", file=sys.stderr, flush=True)
         res = nelbo_perplexity(den, blocks, mask, batch_size=int(cfg.batch_size), mc_passes=int(cfg.mc_passes),
                                seed=int(cfg.seed), valid_vocab=getattr(model, "valid_vocab", None), schedule=schedule,
                                t_min=float(cfg.get("t_min") or 1e-3), device=device,
-                               progress=bool(cfg.get("progress_bar", True)))
+                               progress=bool(cfg.get("progress_bar", True)),
+                               special_ids=(tok.bos_id, tok.eos_id, tok.pad_id))
         res["blocks"] = int(blocks.shape[0])
         res["seconds"] = time.perf_counter() - t0
         metrics["sets"][name] = res
-        print(f"duo_eval: {name}: ppl {res['ppl']:.3f} (95% CI {res['ppl_ci'][0]:.3f}-{res['ppl_ci'][1]:.3f}), "
-              f"nll/token {res['nll_per_token']:.4f} ± {res['stderr']:.4f}, {res['tokens']} tokens, "
-              f"{res['passes']} pass(es)")
+        print(f"duo_eval: {name}: NELBO ppl {res['ppl']:.3f} per content token (95% CI {res['ppl_ci'][0]:.3f}-"
+              f"{res['ppl_ci'][1]:.3f}; nll/token {res['nll_per_token']:.4f} ± {res['stderr']:.4f} "
+              f"[{res['stderr_method']} stderr], {res['tokens']} content tokens); all-token ppl "
+              f"{res['ppl_all_tokens']:.3f} ({res['tokens_all']} tokens incl. BOS/EOS); estimator: one stratified t "
+              f"per block per pass, {res['passes']} pass(es), {res['seconds']:.1f} s")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 

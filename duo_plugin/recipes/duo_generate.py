@@ -144,6 +144,12 @@ def load_scorer(gcfg: DictConfig, diffusion_tokenizer, device):
     path = gcfg.get("path")
     if not path:
         raise ValueError("genppl.path is required: a causal scorer checkpoint dir")
+    if kind == "hf":  # any local Hugging Face causal-LM dir (e.g. gpt2-large, the paper's scorer); brings its tokenizer
+        from duo_plugin.eval.genppl import load_hf_scorer
+
+        scorer = load_hf_scorer(str(path), device=str(device))
+        eos = gcfg.get("eos_id")
+        return scorer, scorer.tokenizer, int(eos) if eos is not None else scorer.eos_id
     if kind == "dit":
         from duo_plugin.eval.genppl import load_dit_scorer
 
@@ -159,7 +165,7 @@ def load_scorer(gcfg: DictConfig, diffusion_tokenizer, device):
                                        builder_kwargs=kw, device=device)
         default_tok = Path(str(path))
     else:
-        raise ValueError(f"genppl.scorer must be 'dit' or 'torchtune', got {kind!r}")
+        raise ValueError(f"genppl.scorer must be 'dit', 'torchtune' or 'hf', got {kind!r}")
     tpath = gcfg.get("tokenizer")
     if tpath:
         stok = load_tokenizer(str(tpath))
@@ -310,11 +316,13 @@ def run(cfg: DictConfig) -> dict:
         g = gen_ppl_and_entropy(ids, diffusion_tokenizer=tok, scorer=scorer, scorer_tokenizer=stok, eos_id_scorer=eos,
                                 batch_size=int(gcfg.get("batch_size") or 8), max_len=int(gcfg.get("max_len") or 1024),
                                 bos_id_scorer=None if bos is None else int(bos))
-        metrics.update({"gen_ppl": g["gen_ppl"], "gen_nll": g["gen_nll"], "gen_ppl_tokens": g["tokens"]})
+        metrics.update({"gen_ppl": g["gen_ppl"], "gen_nll": g["gen_nll"], "gen_ppl_tokens": g["tokens"],
+                        "gen_ppl_scorer": g["scorer"]})
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     summary = {k: metrics[k] for k in ("num_samples", "steps", "noise_removal", "nfe", "entropy") if k in metrics}
     if "gen_ppl" in metrics:
         summary["gen_ppl"] = metrics["gen_ppl"]
+        summary["gen_ppl_scorer"] = metrics["gen_ppl_scorer"]
     print(f"duo_generate: wrote {len(records)} samples to {out_dir / 'samples.jsonl'}; {json.dumps(summary)}")
     return metrics
 

@@ -755,17 +755,28 @@ class DuoPretrainRecipe:
                     log_p = self.model(x0, torch.zeros(x0.shape[0], device=self.device), **kw)
                     tm = m[:, 1:] & m[:, :-1]
                     tot += float(masked_token_sum(ar_token_nll(log_p, x0).double(), tm))
-                    n += int(tm.sum())
+                    # per content token, as the diffusion NELBO: every target's NLL over the non-special targets
+                    tk = self.tokenizer
+                    content = tm & (x0[:, 1:] != tk.bos_id) & (x0[:, 1:] != tk.eos_id)
+                    if tk.pad_id is not None:
+                        content &= x0[:, 1:] != tk.pad_id
+                    n += int(content.sum())
                 nll = tot / max(n, 1)
             else:
                 from duo_plugin.eval.likelihood import nelbo_perplexity
 
+                # content-token NELBO (BOS/EOS/pad not counted; the all-token figure is kept beside it)
+                tk = self.tokenizer
                 res = nelbo_perplexity(self.model, blocks, mask, batch_size=bs, seed=self.seed,
                                        valid_vocab=self.valid_vocab, schedule=self.loglinear, t_min=self.t_min,
-                                       device=self.device, progress=False)
+                                       device=self.device, progress=False,
+                                       special_ids=(tk.bos_id, tk.eos_id, tk.pad_id))
                 nll = float(res["nll_per_token"])
+                nll_all = float(res["nll_per_token_all"])
         self.model.train()
         out = {"val_nll": nll, "val_ppl": math.exp(min(nll, 700.0))}
+        if self.objective != "ar":
+            out["val_ppl_all_tokens"] = math.exp(min(nll_all, 700.0))
         if self.first_val is None:
             self.first_val = dict(out, step=self.step)
         self.last_val = dict(out, step=self.step)

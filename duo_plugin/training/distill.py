@@ -266,7 +266,8 @@ def sample_quality_table(
                                             scorer_tokenizer=scorer_tokenizer, eos_id_scorer=int(eos_id_scorer),
                                             batch_size=int(score_batch_size), max_len=int(max_len),
                                             bos_id_scorer=bos_id_scorer)
-                    row.update(gen_ppl=r["gen_ppl"], gen_nll=r["gen_nll"], entropy=r["entropy"])
+                    row.update(gen_ppl=r["gen_ppl"], gen_nll=r["gen_nll"], entropy=r["entropy"],
+                               gen_ppl_scorer=r["scorer"])
                 else:
                     row.update(gen_ppl=None, gen_nll=None, entropy=float(unigram_entropy(toks.cpu()).mean()))
                 rows.append(row)
@@ -298,6 +299,9 @@ def quality_table_markdown(rows: Sequence[dict], title: str = "") -> str:
         anc = cells.get("ancestral")
         secs = f"{anc['sample_seconds']:.2f}" if anc else "–"
         lines.append(f"| {key[0]} | {key[1]} | {_cell(anc)} | {_cell(cells.get('greedy'))} | {secs} |")
+    scorers = sorted({str(r["gen_ppl_scorer"]) for r in rows if r.get("gen_ppl_scorer")})
+    if scorers:  # a Gen PPL is only comparable with Gen PPLs from the same scorer
+        lines += ["", f"Gen PPL scorer: {', '.join(scorers)}; entropy: mean per-sample unigram entropy (nats)."]
     return "\n".join(lines) + "\n"
 
 
