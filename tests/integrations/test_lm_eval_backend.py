@@ -148,7 +148,9 @@ def test_loglikelihood_matches_exact_conditional_nelbo():
     k = 6
     model = _tiny_dit(k, 8)
     # the integrand is heavy-tailed near t -> 0 (f ~ 1/(1-α) with probability ~(1-α)), hence many MC samples
-    lm = dl.DuoLM(model=model, tokenizer=IdTok(k), mc_samples=512, batch_size="512", greedy_check="off")
+    # the reference conditions the network on alpha_t (the clean-fraction default is tested separately)
+    lm = dl.DuoLM(model=model, tokenizer=IdTok(k), mc_samples=512, batch_size="512", greedy_check="off",
+                  conditioning="alpha_t")
     reqs = [(("", ""), [3, 4], [5, 2]), (("", ""), [2], [4, 3])]
     out = lm._loglikelihood_tokens(reqs)
     summ = lm.mc_summary()["unknown"]
@@ -161,7 +163,7 @@ def test_loglikelihood_matches_exact_conditional_nelbo():
         assert abs(-ll - exact) < 4.5 * se, (ll, exact, se)
     # iid time sampling estimates the same quantity (larger variance)
     lm2 = dl.DuoLM(model=model, tokenizer=IdTok(k), mc_samples=256, batch_size=128, greedy_check="off",
-                   time_sampling="iid")
+                   time_sampling="iid", conditioning="alpha_t")
     ll2, _ = lm2._loglikelihood_tokens(reqs[:1])[0]
     se2 = lm2._mc_records["unknown"][0][1]
     exact = exact_conditional_nelbo(model, [0, 3, 4, 5, 2], 3, k)
@@ -369,3 +371,175 @@ def test_cli_lm_eval_model_duo(sp_tokenizer, tmp_path):
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "duo_shakespeare_ppl" in r.stdout and "word_perplexity" in r.stdout
+
+
+# ------------------------------------------------------------------------------------------------ publishable numbers
+class SigmaSpy(ConstModel):
+    """ConstModel that records (z, sigma) of every call."""
+
+    def __init__(self, logits, max_seq_len=16):
+        super().__init__(logits, max_seq_len)
+        self.calls = []
+
+    def forward(self, x, sigma, padding_mask=None):
+        self.calls.append((x.clone(), sigma.clone()))
+        return super().forward(x, sigma, padding_mask)
+
+
+def test_greedy_check_and_nelbo_condition_on_the_clean_fraction():
+    """The network sees sigma = -log((n_ctx + alpha_t n_cont) / n), n_ctx counting BOS + context."""
+    k = 6
+    m = SigmaSpy([0.0] * k)
+    lm = dl.DuoLM(model=m, tokenizer=IdTok(k), mc_samples=4, batch_size=4)
+    lm._is_greedy([(("", ""), [2, 3, 4], [5, 2])])
+    (z, sigma), = m.calls
+    n_ctx, n_cont = 4, 2
+    assert float(sigma[0]) == pytest.approx(-math.log((n_ctx + 1e-3 * n_cont) / (n_ctx + n_cont)), rel=1e-5)
+    m.calls.clear()
+    lm._loglikelihood_tokens([(("", ""), [2, 3, 4], [5, 2])])
+    sig = torch.cat([s for z, s in m.calls if z.shape[1] == 6]).double()
+    alpha_t = ((torch.exp(-sig) * 6 - n_ctx) / n_cont)  # invert the formula: must be a log-linear alpha in range
+    assert bool(((alpha_t > 1e-3 - 1e-6) & (alpha_t < 1 - 1e-3 * (1 - 1e-3) + 1e-6)).all())
+    assert float(torch.exp(-sig).min()) >= n_ctx / 6 - 1e-6  # never "almost nothing is clean"
+
+
+def test_rolling_windows_never_score_the_last_position():
+    """Training blocks end with [EOS] at position L-1: every rolling window ends with a clean, unscored EOS."""
+    k = 6
+    m = SigmaSpy([0.5, -1.0, 2.0, 0.0, 1.0, 0.3], max_seq_len=8)
+    lm = dl.DuoLM(model=m, tokenizer=IdTok(k), mc_samples=2, batch_size=64, rolling_context=2)
+
+    class Req:
+        args, task_name = (" ".join(["2", "3", "4", "5", "0"] * 6),), "roll"
+
+    lm.loglikelihood_rolling([Req()])
+    assert lm.mc_summary()["roll"]["tokens"] == 30
+    for z, _ in m.calls:
+        assert z.shape[1] <= 8 and bool((z[:, -1] == 1).all())  # EOS (id 1) kept clean at the end
+
+
+def test_out_of_vocabulary_continuation_is_minus_infinity():
+    k = 6
+    lm = dl.DuoLM(model=ConstModel([0.0] * k), tokenizer=IdTok(k + 0), mc_samples=2)
+    lm.valid_vocab = torch.tensor([True] * 5 + [False])  # id 5: a special id the model never produces
+    (ll_ok, _), (ll_bad, g_bad) = lm._loglikelihood_tokens([(("", ""), [2], [3, 4]), (("", ""), [2], [3, 5])])
+    assert math.isfinite(ll_ok) and ll_bad == -math.inf and g_bad is False
+
+
+def test_default_batch_size_and_progress_bar(monkeypatch):
+    k = 5
+    m = ConstModel([0.0] * k)
+    assert dl.DuoLM(model=m, tokenizer=IdTok(k), batch_size=1).batch_size == dl.DEFAULT_BATCH_SIZE
+    assert dl.DuoLM(model=m, tokenizer=IdTok(k), batch_size="1").batch_size == dl.DEFAULT_BATCH_SIZE
+    assert dl.DuoLM(model=m, tokenizer=IdTok(k), batch_size="8").batch_size == 8
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    lm = dl.DuoLM(model=m, tokenizer=IdTok(k))
+    bar = lm._bar(3, "x")
+    assert bar is not None and bar.total == 3
+    bar.close()
+    assert dl.DuoLM(model=m, tokenizer=IdTok(k), progress="false")._bar(3, "x") is None
+
+
+def test_mc_noise_of_multiple_choice_decisions_is_reported(caplog):
+    """With x_θ uniform all choices have the same expected score: most decisions are inside the MC noise, and the
+    warning says so with the estimator and the sample count."""
+    k = 6
+    lm = dl.DuoLM(model=ConstModel([0.0] * k), tokenizer=IdTok(k), mc_samples=8)
+
+    class Req:
+        def __init__(self, ctx, cont, doc):
+            self.args, self.task_name, self.doc_id = (ctx, cont), "mc", doc
+
+    reqs = [Req(f"{d % 4 + 2} 3", f" {c + 2} {c + 2}", d) for d in range(10) for c in range(3)]
+    with caplog.at_level("INFO", logger="duo_plugin.lm_eval"):
+        lm.loglikelihood(reqs)
+    s = lm.mc_summary()["mc"]
+    assert s["decisions"] == 10 and s["frac_decisions_within_noise"] >= 0.5
+    assert "M=8" in s["estimator"] and "clean_fraction" in s["estimator"]
+    msgs = [r.getMessage() for r in caplog.records if "multiple-choice decisions" in r.getMessage()]
+    assert msgs and "M=8" in msgs[-1] and any(r.levelname == "WARNING" for r in caplog.records)
+
+
+def _ar_dit(k=7, length=12, seed=0):
+    from duo_plugin.models.dit import duo_dit_tiny
+
+    torch.manual_seed(seed)
+    m = duo_dit_tiny(k, length, causal=True)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.3)
+    return m.eval()
+
+
+def test_ar_checkpoints_are_scored_as_causal_models():
+    k = 7
+    m = _ar_dit(k)
+    lm = dl.DuoLM(model=m, tokenizer=IdTok(k))
+    assert lm.is_ar
+    ctx, cont = [2, 3, 4], [5, 6]
+    (ll, greedy), = lm._loglikelihood_tokens([(("", ""), ctx, cont)])
+    ids = torch.tensor([[0] + ctx + cont])
+    with torch.no_grad():
+        logp = torch.log_softmax(m(ids, torch.zeros(1)).double(), -1)[0]
+    ref = sum(float(logp[i - 1, ids[0, i]]) for i in range(4, 6))
+    assert ll == pytest.approx(ref, abs=1e-6)
+    # greedy: the argmax continuation is reported greedy, another one not
+    pred = [int(logp[3].argmax())]
+    with torch.no_grad():
+        pred.append(int(torch.log_softmax(m(torch.tensor([[0] + ctx + pred]), torch.zeros(1)), -1)[0, 4].argmax()))
+    out = lm._loglikelihood_tokens([(("", ""), ctx, pred[:1]), (("", ""), ctx, [(pred[0] + 1) % k])])
+    assert out[0][1] is True and out[1][1] is False
+
+    class Req:
+        def __init__(self, ctx, kw):
+            self.args = (ctx, kw)
+
+    text = lm.generate_until([Req("2 3 4", {"do_sample": False, "max_gen_toks": 2})])[0]
+    want = [p for p in pred if p != 1]
+    if pred[0] != 1:  # generation stops at EOS (id 1)
+        assert text.split()[: len(want)] == [str(p) for p in want][: len(text.split())]
+    # rolling: exact sum of next-token log-probs (every token once) with one window
+    class RReq:
+        args, task_name = ("2 3 4 5",), "ar_roll"
+
+    (lr,) = lm.loglikelihood_rolling([RReq()])
+    ids = torch.tensor([[0, 2, 3, 4, 5]])
+    with torch.no_grad():
+        lp = torch.log_softmax(m(ids, torch.zeros(1)).double(), -1)[0]
+    assert lr == pytest.approx(sum(float(lp[i - 1, ids[0, i]]) for i in range(1, 5)), abs=1e-6)
+
+
+def test_unscorable_models_are_refused():
+    class NotAModel(torch.nn.Module):
+        vocab_size = 5
+
+        def forward(self, x, s):
+            return x
+
+    with pytest.raises(ValueError, match="not a model the duo backend can score"):
+        dl.DuoLM(model=NotAModel(), tokenizer=IdTok(5))
+    m = ConstModel([0.0] * 5)
+    m.duo_metadata = {"objective": "ar"}  # claims AR but is bidirectional
+    with pytest.raises(ValueError, match="objective=ar"):
+        dl.DuoLM(model=m, tokenizer=IdTok(5))
+
+
+def test_official_likelihood_mode_is_mean_per_token_over_the_whole_sequence():
+    k = 6
+    m = SigmaSpy([0.0] * k)
+    lm = dl.DuoLM(model=m, tokenizer=IdTok(k), likelihood="official", mc_samples=64, batch_size=64)
+
+    class Req:
+        def __init__(self, ctx, cont, doc):
+            self.args, self.task_name, self.doc_id = (ctx, cont), "off", doc
+
+    (ll, _), = lm.loglikelihood([Req("2 3", " 4 5", 0)])
+    shapes = {z.shape[1] for z, _ in m.calls}
+    assert 6 in shapes  # [BOS] 2 3 4 5 [EOS]
+    z6 = torch.cat([z for z, _ in m.calls if z.shape[1] == 6])
+    assert bool((z6[:, :3] != torch.tensor([0, 2, 3])).any())  # the context is noised too (loss_avg_mode=full)
+    # uniform x_θ: the per-token NELBO is the same for every position, so -ll is the one-token value
+    one = exact_conditional_nelbo(ConstModel([0.0] * k), [0, 4], 1, k)
+    se = lm.mc_summary()["off"]["mean_stderr"]
+    assert abs(-ll - one) < 4 * se + 1e-9

@@ -13,3 +13,11 @@ def load(**kwargs):
     import datasets
 
     return datasets.load_dataset("json", data_files={"test": str(DATA)})
+
+
+def load_next_line(**kwargs):
+    """``custom_dataset`` hook of ``duo_shakespeare_next_line``: 150 four-way next-line items (``test`` split) built
+    from the held-out Shakespeare paragraphs by ``build_next_line.py``."""
+    import datasets
+
+    return datasets.load_dataset("json", data_files={"test": str(Path(__file__).with_name("next_line_mc.jsonl"))})
