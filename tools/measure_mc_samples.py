@@ -1,6 +1,6 @@
 """Measure the lm-eval backend's Monte-Carlo settings on a real multiple-choice task (docs/evaluation.md table).
 
-    python tools/measure_mc_samples.py CHECKPOINT_DIR [--ref 512] [--out table.json]
+    python tools/measure_mc_samples.py CHECKPOINT_DIR [--items 60] [--ref 128] [--out table.json]
 
 Task: ``duo_shakespeare_next_line`` (150 four-way items from the held-out Shakespeare paragraphs; requests built
 exactly as lm-eval builds them: context + " " + choice). For every setting it reports accuracy, agreement of the
@@ -26,8 +26,9 @@ class Req:
         self.args, self.task_name, self.doc_id = (ctx, cont), "duo_shakespeare_next_line", doc_id
 
 
-def requests():
+def requests(n_items=None):
     rows = [json.loads(x) for x in (TASKS_DIR / "shakespeare" / "next_line_mc.jsonl").read_text().splitlines()]
+    rows = rows[:n_items] if n_items else rows
     reqs, labels = [], []
     for i, r in enumerate(rows):
         reqs += [Req(r["context"], " " + c, i) for c in r["choices"]]
@@ -51,20 +52,20 @@ def run(ckpt, labels, reqs, **kw):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint")
-    ap.add_argument("--ref", type=int, default=512)
+    ap.add_argument("--ref", type=int, default=128)
+    ap.add_argument("--items", type=int, default=60)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    reqs, labels = requests()
+    reqs, labels = requests(args.items)
     settings = [
-        ("ref", {"mc_samples": args.ref}),
+        (f"M={args.ref} (reference)", {"mc_samples": args.ref}),
         ("M=8", {"mc_samples": 8}),
         ("M=32", {"mc_samples": 32}),
-        ("M=128", {"mc_samples": 128}),
-        ("adaptive 16/0.5/512", {"mc_samples": 16, "mc_target_stderr": 0.5, "mc_max_samples": 512}),
-        ("adaptive 16/1.0/256", {"mc_samples": 16, "mc_target_stderr": 1.0, "mc_max_samples": 256}),
-        ("M=128 alpha_t", {"mc_samples": 128, "conditioning": "alpha_t"}),
-        ("official M=128", {"mc_samples": 128, "likelihood": "official"}),
+        ("adaptive: rounds of 16, SE < 1 nat, cap 128", {"mc_samples": 16, "mc_target_stderr": 1.0,
+                                                         "mc_max_samples": 128}),
+        ("M=32, conditioning=alpha_t", {"mc_samples": 32, "conditioning": "alpha_t"}),
+        ("M=32, likelihood=official", {"mc_samples": 32, "likelihood": "official"}),
     ]
     ref_pred, table = None, []
     for name, kw in settings:

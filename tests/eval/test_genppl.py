@@ -104,3 +104,48 @@ def test_dit_scorer_requires_causal_model():
     b = torch.tensor([[1, 2, 7, 0]])
     sa, sb = DiTScorer(m)(a), DiTScorer(m)(b)
     assert torch.allclose(sa[:, :2], sb[:, :2], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ HF scorer
+def test_hf_causal_lm_scorer_matches_a_direct_forward(tmp_path):
+    """A tiny GPT-2 written locally (config + random weights + a word-level tokenizer) scores samples with the Gen PPL
+    protocol: re-tokenised, later EOS dropped, token-weighted; the result is labelled with the scorer's name."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from duo_plugin.eval.genppl import gen_ppl_and_entropy, load_hf_scorer
+
+    words = ["<eos>", "the", "king", "queen", "sings", "of", "love", "war"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<eos>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
+    d = tmp_path / "gpt2-tiny"
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(words), n_positions=32, n_embd=16,
+                                                                 n_layer=1, n_head=2, bos_token_id=0,
+                                                                 eos_token_id=0))
+    model.eval().save_pretrained(d)
+    hf_tok.save_pretrained(d)
+
+    class DiffTok:  # diffusion-side tokenizer: id i <-> word i (1..7), EOS = 0
+        eos_id, bos_id, pad_id = 0, None, None
+
+        def decode(self, ids):
+            return " ".join(words[i] for i in ids)
+
+    scorer = load_hf_scorer(d)
+    assert scorer.name == "hf:gpt2-tiny" and scorer.eos_id == 0
+    samples = torch.tensor([[1, 2, 4, 5, 6, 0, 3, 3], [1, 3, 4, 5, 7, 5, 6, 0]])
+    r = gen_ppl_and_entropy(samples, diffusion_tokenizer=DiffTok(), scorer=scorer, scorer_tokenizer=scorer.tokenizer,
+                            eos_id_scorer=scorer.eos_id)
+    assert r["scorer"] == "hf:gpt2-tiny"
+    # reference (module protocol): targets = positions 1.., every non-EOS token and the first EOS
+    tot, cnt = 0.0, 0
+    for row in ([1, 2, 4, 5, 6, 0, 3, 3], [1, 3, 4, 5, 7, 5, 6, 0]):
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([row])).logits.double(), -1)[0]
+        tot -= sum(float(lp[i - 1, row[i]]) for i in range(1, len(row)))
+        cnt += len(row) - 1
+    assert r["tokens"] == cnt and r["gen_ppl"] == pytest.approx(math.exp(tot / cnt), rel=1e-5)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_hf_scorer(tmp_path)
