@@ -18,11 +18,12 @@ What is returned (the model is a uniform-state diffusion LM, so every log-likeli
   continuation``; a too long context is truncated from the left (never scored as a free 0).
 * ``is_greedy`` (``greedy_check``): ``onepass`` (default) = every continuation token is the argmax of the denoiser
   in **one** forward pass at t = 1 (α_1 = 1e-3) with the continuation replaced by uniform noise (seeded per request)
-  and the context clean -- i.e. the continuation equals the per-position mode of the model's prediction given the
+  and the context clean, the network conditioned on the clean fraction α_eff = (n_ctx + α_1 n_cont) / n -- i.e. the continuation equals the per-position mode of the model's prediction given the
   context alone (exact for single-token continuations, a mean-field approximation for longer ones, as in the Duo
   harness). ``off`` = always False (then lambada ``acc`` is meaningless).
 * ``loglikelihood_rolling``: the document is cut into windows (:func:`rolling_windows`): each window is
-  ``[BOS] + up to rolling_context clean preceding tokens + new tokens``; every document token is scored exactly once,
+  ``[BOS] + up to rolling_context clean preceding tokens + new tokens + [EOS]`` (the EOS clean and unscored, where
+  training put it); every document token is scored exactly once,
   so the summed value is a lower bound on log p(document) and word/byte perplexity and bits per byte reported by
   lm-eval are **upper bounds**.
 * ``generate_until``: :func:`duo_plugin.sampling.sample` (float64 ancestral sampler, ``gen_steps`` steps,
@@ -203,6 +204,15 @@ class DuoLM(TemplateLM):
         block_len: when set, a continuation that does not fit in the window is generated block by block
             (semi-autoregressive stride sampling, ``block_len`` new tokens per window with the rest of the window as
             clamped context); generation stops once every row of a batch has produced EOS.
+        likelihood: ``nelbo`` (default) | ``official`` | ``official_suffix`` (the official harness' score,
+            docs/evaluation.md). conditioning: ``clean_fraction`` (default: σ = −log α_eff) | ``alpha_t``.
+        mc_target_stderr / mc_max_samples: adaptive MC (rounds of ``mc_samples`` until the per-request MC standard
+            error is below the target, nats, at most ``mc_max_samples`` samples).
+        window_eos: rolling windows end with a clean ``[EOS]`` (default true). progress: tqdm bar on a terminal.
+        batch_size 1 (lm-eval's default) means "unset": :data:`DEFAULT_BATCH_SIZE` rows per forward.
+
+    AR-objective (causal) checkpoints are scored exactly (causal log-likelihood, argmax greedy check, token-by-token
+    generation); any other model is refused (:func:`check_scorable`).
 
     ``generate_until`` gen_kwargs: ``until``, ``max_gen_toks``, ``temperature`` (> 0; sampling on log x_θ),
     ``do_sample``. ``do_sample: false`` or ``temperature: 0`` (lm-eval's "greedy") select diffusion greedy decoding:
