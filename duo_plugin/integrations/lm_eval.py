@@ -69,7 +69,7 @@ GREEDY_TOP_P = 1e-9
 #: ``official_suffix`` (its ``loss_avg_mode=suffix``).
 LIKELIHOOD_MODES = ("nelbo", "official", "official_suffix")
 #: What the network is told for the conditional NELBO (docs/evaluation.md has the measurement behind the default).
-DEFAULT_CONDITIONING = "clean_fraction"
+DEFAULT_CONDITIONING = "alpha_t"
 #: Rows (request x MC sample) per forward when lm-eval passes its default batch size of 1.
 DEFAULT_BATCH_SIZE = 64
 
@@ -190,7 +190,7 @@ class DuoLM(TemplateLM):
             ``duo_plugin.data.tokenizers.load_tokenizer``; or a tokenizer object.
         device: ``cpu`` (default) / ``cuda`` / ``cuda:N``. dtype: ``float32`` (default) or ``bfloat16`` (autocast,
             CUDA only; the NELBO itself is fp32/fp64).
-        mc_samples: Monte-Carlo times per request (default 32). time_sampling: ``stratified`` | ``iid``.
+        mc_samples: Monte-Carlo times per request (default 128; docs/evaluation.md has the measurement). time_sampling: ``stratified`` | ``iid``.
         batch_size: rows (request x MC sample) per forward (string from the CLI; ``auto`` -> 32).
         seed: noise seed (default 0). max_length: window (default and maximum: the model's ``max_seq_len``).
         rolling_context: clean preceding tokens per later rolling window (default ``max_length // 4``).
@@ -205,7 +205,8 @@ class DuoLM(TemplateLM):
             (semi-autoregressive stride sampling, ``block_len`` new tokens per window with the rest of the window as
             clamped context); generation stops once every row of a batch has produced EOS.
         likelihood: ``nelbo`` (default) | ``official`` | ``official_suffix`` (the official harness' score,
-            docs/evaluation.md). conditioning: ``clean_fraction`` (default: σ = −log α_eff) | ``alpha_t``.
+            docs/evaluation.md). conditioning: ``alpha_t`` (default, measured slightly tighter) | ``clean_fraction``
+            (σ = −log α_eff); the greedy check always uses the clean fraction.
         mc_target_stderr / mc_max_samples: adaptive MC (rounds of ``mc_samples`` until the per-request MC standard
             error is below the target, nats, at most ``mc_max_samples`` samples).
         window_eos: rolling windows end with a clean ``[EOS]`` (default true). progress: tqdm bar on a terminal.
@@ -232,7 +233,7 @@ class DuoLM(TemplateLM):
         weights: str = "ema",
         device: Optional[str] = None,
         dtype: str = "float32",
-        mc_samples: int = 32,
+        mc_samples: int = 128,
         time_sampling: str = "stratified",
         batch_size=None,
         max_batch_size=None,

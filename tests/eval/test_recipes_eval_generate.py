@@ -87,6 +87,8 @@ def test_eval_files_and_zeroshot(assets):
     r = m["sets"]["files"]
     assert r["passes"] == 2 and r["tokens"] > 0 and r["stderr"] > 0 and r["ppl"] > 1
     assert json.loads((root / "ev" / "metrics.json").read_text())["sets"]["files"]["ppl"] == r["ppl"]
+    # content-token headline with the all-token figure, estimator and pass count beside it
+    assert r["tokens"] < r["tokens_all"] and r["ppl_all_tokens"] < r["ppl"] and "pass" in r["estimator"]
     # an untrained model is near the uniform prior: its NELBO per token is about log K (well within 2x)
     k = assets["tok"].vocab_size - 1
     assert 0.5 * torch.log(torch.tensor(float(k))) < r["nll_per_token"] < 2 * torch.log(torch.tensor(float(k)))

@@ -387,10 +387,11 @@ class SigmaSpy(ConstModel):
 
 
 def test_greedy_check_and_nelbo_condition_on_the_clean_fraction():
-    """The network sees sigma = -log((n_ctx + alpha_t n_cont) / n), n_ctx counting BOS + context."""
+    """The network sees sigma = -log((n_ctx + alpha_t n_cont) / n), n_ctx counting BOS + context: always in the
+    greedy check, and in the NELBO with conditioning=clean_fraction."""
     k = 6
     m = SigmaSpy([0.0] * k)
-    lm = dl.DuoLM(model=m, tokenizer=IdTok(k), mc_samples=4, batch_size=4)
+    lm = dl.DuoLM(model=m, tokenizer=IdTok(k), mc_samples=4, batch_size=4, conditioning="clean_fraction")
     lm._is_greedy([(("", ""), [2, 3, 4], [5, 2])])
     (z, sigma), = m.calls
     n_ctx, n_cont = 4, 2
@@ -455,7 +456,7 @@ def test_mc_noise_of_multiple_choice_decisions_is_reported(caplog):
         lm.loglikelihood(reqs)
     s = lm.mc_summary()["mc"]
     assert s["decisions"] == 10 and s["frac_decisions_within_noise"] >= 0.5
-    assert "M=8" in s["estimator"] and "clean_fraction" in s["estimator"]
+    assert "M=8" in s["estimator"] and "alpha_t" in s["estimator"]
     msgs = [r.getMessage() for r in caplog.records if "multiple-choice decisions" in r.getMessage()]
     assert msgs and "M=8" in msgs[-1] and any(r.levelname == "WARNING" for r in caplog.records)
 
