@@ -194,12 +194,16 @@ def run(cfg: DictConfig) -> dict:
                                special_ids=(tok.bos_id, tok.eos_id, tok.pad_id))
         res["blocks"] = int(blocks.shape[0])
         res["seconds"] = time.perf_counter() - t0
+        if str(cfg.dataset.get("packing") or "wrap") == "pad" and str(cfg.dataset.get("source") or "corpus") != "zeroshot":
+            # pads stay clean and masked from attention: the model is told each sentence's length
+            res["estimator"] += "; LENGTH-CONDITIONAL (packing=pad: pads clean and not attended)"
         metrics["sets"][name] = res
         print(f"duo_eval: {name}: NELBO ppl {res['ppl']:.3f} per content token (95% CI {res['ppl_ci'][0]:.3f}-"
               f"{res['ppl_ci'][1]:.3f}; nll/token {res['nll_per_token']:.4f} ± {res['stderr']:.4f} "
               f"[{res['stderr_method']} stderr], {res['tokens']} content tokens); all-token ppl "
               f"{res['ppl_all_tokens']:.3f} ({res['tokens_all']} tokens incl. BOS/EOS); estimator: one stratified t "
-              f"per block per pass, {res['passes']} pass(es), {res['seconds']:.1f} s")
+              f"per block per pass, {res['passes']} pass(es), {res['seconds']:.1f} s"
+              + ("; length-conditional (packing=pad)" if "LENGTH-CONDITIONAL" in res["estimator"] else ""))
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 

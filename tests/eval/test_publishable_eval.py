@@ -200,3 +200,11 @@ def test_duo_eval_pad_packing_keeps_overlong_sentences():
     info = {}
     blocks, mask = _heldout_blocks(docs, Tok(), 10, 0.0, "pad", "truncate", info)
     assert info["overlong_docs"] == 1 and blocks.shape[0] == 3
+
+
+def test_quality_table_names_the_gen_ppl_scorer():
+    from duo_plugin.training.distill import quality_table_markdown
+
+    rows = [{"model": "base", "steps": 8, "sampler": "ancestral", "gen_ppl": 50.0, "entropy": 4.0,
+             "sample_seconds": 1.0, "gen_ppl_scorer": "hf:gpt2-large"}]
+    assert "Gen PPL scorer: hf:gpt2-large" in quality_table_markdown(rows)
