@@ -6,13 +6,17 @@ is ``c_p p_j + c_s σ_j + c_z 1[j=z_t] + c_m 1[j=x0]`` with p = softmax, σ_j = 
 per-token coefficients obtained by differentiating the per-token algebra (``T = Σ_j σ_j`` enters ``c_p``).
 
 * ``reference``: ``duo_nelbo(log_softmax(F.linear(h, W, b).float()), ...)`` (dense).
-* ``chunked``: the same, token chunk by token chunk (``workspace // K`` tokens), backward recomputes each chunk.
+* ``chunked``: token tiles (``workspace // K`` tokens, two fp32 ``[rows, K]`` buffers); one vocabulary matmul per
+  tile, the closed-form logit gradient, weight gradient accumulated into one buffer, computed in the forward when a
+  gradient will be needed (see :class:`_ChunkedNelbo`: exact for any upstream gradient, recomputes only tokens whose
+  upstream weight differs from the most common one).
 * ``triton``: a stats kernel (two passes over vocabulary tiles: online logsumexp, then S and T), the per-token
   algebra in fp64 PyTorch, and two backward kernels (dh over token blocks, dW/db over vocabulary tiles).
 """
 
 from __future__ import annotations
 
+import math
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +26,7 @@ from duo_plugin.diffusion.uniform import _per_token
 
 __all__ = ["fused_duo_nelbo_reference", "fused_duo_nelbo_chunked", "fused_duo_nelbo_triton", "nelbo_from_stats"]
 
-DEFAULT_WORKSPACE = 1 << 21
+DEFAULT_WORKSPACE = 1 << 22  # fp32 elements per work buffer (two buffers): ~83 tokens per tile at K = 50k
 
 
 def fused_duo_nelbo_reference(hidden, weight, bias, z_t, x0, alpha_t, alpha_prime_t, valid_vocab=None):
@@ -32,48 +36,173 @@ def fused_duo_nelbo_reference(hidden, weight, bias, z_t, x0, alpha_t, alpha_prim
 
 
 
+def _logits_into(buf, hc, weight, bias, valid):
+    """``buf[:r] = hc @ weightᵀ + bias`` in fp32 (written in place when the dtypes allow), invalid ids → −inf."""
+    r = hc.shape[0]
+    out = buf[:r]
+    if hc.dtype == torch.float32 and weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):
+        if bias is None:
+            torch.mm(hc, weight.t(), out=out)
+        else:
+            torch.addmm(bias, hc, weight.t(), out=out)
+    else:
+        out.copy_(F.linear(hc, weight, bias))
+    if valid is not None:
+        out.masked_fill_(~valid, float("-inf"))
+    return out
+
+
+def _tile(buf, buf2, hc, wd, bd, valid, r_t, z_t, m_t, coef_fn=None, gh=None, gw=None, gb=None):
+    """One token tile: statistics ``(lse, lz, lm, S)`` and, with ``coef_fn(lse, lz, lm, S) → (f_lse, f_lz, f_lm,
+    f_S)``, the closed-form logit gradient ``G = c_p p + c_s σ + f_lz 1[z_t] + f_lm 1[x0]`` (c_p = f_lse − f_S T,
+    c_s = f_S, T = Σσ) applied to the projection: ``gh = G W`` (written), ``gw += Gᵀ h``, ``gb += Σ G`` (in place).
+    ``buf``/``buf2``: ``[rows, K]`` fp32 work buffers (the only K-wide memory).  Returns ``(stats, coefs)``."""
+    lg = _logits_into(buf, hc, wd, bd, valid)
+    n = lg.shape[0]
+    lz = lg.gather(1, z_t[:, None])[:, 0].double()
+    lm = lg.gather(1, m_t[:, None])[:, 0].double()
+    mx = lg.amax(1, keepdim=True)
+    lg.sub_(mx).exp_()  # exp(l − max); invalid ids → 0
+    se = lg.sum(1, dtype=torch.float64)
+    lse = mx[:, 0].double() + torch.log(se)
+    lg.mul_((1.0 / se).float()[:, None])  # p = softmax over the valid ids
+    q = buf2[:n]
+    torch.mul(lg, r_t.float()[:, None], out=q)  # r p = exp(l − lse + log r)
+    q.log1p_()  # softplus(l − lse + log r)
+    s = q.sum(1, dtype=torch.float64)
+    stats = (lse, lz, lm, s)
+    if coef_fn is None:
+        return stats, None
+    f_lse, f_lz, f_lm, f_s = coefs = coef_fn(*stats)
+    q.neg_().exp_()  # 1 / (1 + r p);  σ = r p / (1 + r p)
+    t = torch.linalg.vecdot(lg, q, dim=1).double() * r_t  # T = Σ σ
+    q.mul_((f_s * r_t).float()[:, None]).add_((f_lse - f_s * t).float()[:, None]).mul_(lg)  # c_p p + c_s σ
+    q.scatter_add_(1, z_t[:, None], f_lz.float()[:, None])
+    q.scatter_add_(1, m_t[:, None], f_lm.float()[:, None])
+    if gh is not None:
+        w32 = wd if wd.dtype == torch.float32 else wd.float()
+        torch.mm(q, w32, out=gh)
+    if gw is not None:
+        gw.addmm_(q.t(), hc if hc.dtype == torch.float32 else hc.float())
+    if gb is not None:
+        gb += q.sum(0)
+    return stats, coefs
+
+
+def _coef_fn(g, a, ap, delta, k_eff, z_ok, m_ok):
+    """``(lse, lz, lm, S) → ∂(Σ g f)/∂(lse, lz, lm, S)`` from the fp64 per-token algebra (autograd on N scalars);
+    also keeps the values ``f`` (``fn.f``)."""
+    def fn(lse, lz, lm, s):
+        with torch.enable_grad():
+            ins = [t.detach().double().requires_grad_() for t in (lse, lz, lm, s)]
+            f = nelbo_from_stats(*ins, a, ap, delta, k_eff, z_ok, m_ok)
+            fn.f = f.detach()
+            return torch.autograd.grad(f, ins, grad_outputs=g.double())
+    return fn
+
+
 class _ChunkedNelbo(torch.autograd.Function):
+    """Token tiles of ``rows`` tokens, each doing one ``[rows, d] × [d, K]`` product and a few in-place passes over
+    two ``rows × K`` fp32 buffers.
+
+    When a gradient will be needed (``grads``), the forward also computes the gradient of ``Σ_i f_i`` (unit
+    upstream weights): ``dh`` per token and one fp32 ``K × d`` weight-gradient buffer accumulated with ``addmm_``.
+    Since ``dh_i`` is linear in the upstream ``g_i`` and ``dW = Σ_i g_i Ĝ_iᵀ h_i``, the backward is exact for
+    any ``g``: ``dh = g ⊙ dĥ``, ``dW = c·dŴ + Σ_{g_i ≠ c} (g_i − c) Ĝ_iᵀ h_i`` with ``c`` the most common value of
+    ``g`` — only the tokens whose weight differs from ``c`` (e.g. padding under a masked mean) are recomputed, so the
+    usual training step makes three vocabulary-sized matmuls, as dense autograd does.  Without ``grads`` (no_grad
+    evaluation) the forward computes statistics only."""
+
     @staticmethod
-    def forward(ctx, h, weight, bias, z, x0, a, ap, valid, rows):
-        n = h.shape[0]
-        out = torch.empty(n, dtype=torch.float32, device=h.device)
-        with torch.no_grad():
-            for i in range(0, n, rows):
-                j = min(n, i + rows)
-                logp = torch.log_softmax(F.linear(h[i:j], weight, bias).float(), dim=-1)
-                out[i:j] = duo_nelbo(logp[None], z[None, i:j], x0[None, i:j], a[None, i:j], ap[None, i:j], valid)[0]
-        ctx.save_for_backward(h, weight, bias if bias is not None else torch.empty(0), z, x0, a, ap)
-        ctx.has_bias, ctx.valid, ctx.rows = bias is not None, valid, rows
-        return out
+    def forward(ctx, h, weight, bias, z, x0, a, ap, valid, rows, k_eff, grads):
+        n, d = h.shape
+        k = weight.shape[0]
+        dev = h.device
+        hd, wd = h.detach(), weight.detach()
+        bd = bias.detach() if bias is not None else None
+        r = torch.exp(math.log(k_eff) + torch.log(a) - torch.log1p(-a))  # fp64 [N]
+        z_ok = valid[z] if valid is not None else None
+        m_ok = valid[x0] if valid is not None else None
+        delta = (z == x0).double()
+        need_h, need_w, need_b = grads
+        need_b = need_b and bias is not None
+        rows = min(rows, n)
+        buf = torch.empty(rows, k, dtype=torch.float32, device=dev)
+        buf2 = torch.empty(rows, k, dtype=torch.float32, device=dev)
+        stats = [torch.empty(n, dtype=torch.float64, device=dev) for _ in range(4)]
+        f = torch.empty(n, dtype=torch.float64, device=dev)
+        spec = need_h or need_w or need_b
+        gh = torch.empty(n, d, dtype=torch.float32, device=dev) if need_h else None
+        gw = torch.zeros(k, d, dtype=torch.float32, device=dev) if need_w else None
+        gb = torch.zeros(k, dtype=torch.float32, device=dev) if need_b else None
+        ones = torch.ones(n, dtype=torch.float64, device=dev)
+        for i in range(0, n, rows):
+            j = min(n, i + rows)
+            sl = slice(i, j)
+            fn = _coef_fn(ones[sl], a[sl], ap[sl], delta[sl], k_eff, None if z_ok is None else z_ok[sl],
+                          None if m_ok is None else m_ok[sl])
+            st, _ = _tile(buf, buf2, hd[sl], wd, bd, valid, r[sl], z[sl], x0[sl], fn if spec else None,
+                          gh[sl] if need_h else None, gw, gb)
+            for dst, src in zip(stats, st):
+                dst[sl] = src
+            f[sl] = fn.f if spec else nelbo_from_stats(*st, a[sl], ap[sl], delta[sl], k_eff,
+                                                       None if z_ok is None else z_ok[sl],
+                                                       None if m_ok is None else m_ok[sl])
+        del buf, buf2
+        ctx.save_for_backward(h, weight, bias if bias is not None else torch.empty(0), z, x0, a, ap, delta, r, *stats)
+        ctx.has_bias, ctx.valid, ctx.rows, ctx.k_eff = bias is not None, valid, rows, k_eff
+        ctx.pre = (gh, gw, gb) if spec else None
+        return f.float()
 
     @staticmethod
     def backward(ctx, g):
-        h, weight, bias, z, x0, a, ap = ctx.saved_tensors
+        h, weight, bias, z, x0, a, ap, delta, r, lse, lz, lm, s = ctx.saved_tensors
         bias = bias if ctx.has_bias else None
+        valid = ctx.valid
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        gh = torch.zeros_like(h) if need_h else None
-        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        gb = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if (need_b and bias is not None) else None
-        wd = weight.detach().requires_grad_(need_w)
-        bd = bias.detach().requires_grad_(need_b) if bias is not None else None
-        n, rows = h.shape[0], ctx.rows
-        for i in range(0, n, rows):
-            j = min(n, i + rows)
-            hc = h[i:j].detach().requires_grad_(need_h)
-            with torch.enable_grad():
-                logp = torch.log_softmax(F.linear(hc, wd, bd).float(), dim=-1)
-                f = duo_nelbo(logp[None], z[None, i:j], x0[None, i:j], a[None, i:j], ap[None, i:j], ctx.valid)[0]
-                inputs = [t for t, need in ((hc, need_h), (wd, need_w), (bd, need_b and bd is not None)) if need]
-                grads = torch.autograd.grad(f, inputs, grad_outputs=g[i:j].float())
-            it = iter(grads)
+        need_b = need_b and bias is not None
+        n, d = h.shape
+        k = weight.shape[0]
+        dev = h.device
+        g = g.reshape(-1).float()
+        gh, gw, gb = ctx.pre if ctx.pre is not None else (None, None, None)
+        ctx.pre = None
+        full = (need_h and gh is None) or (need_w and gw is None) or (need_b and gb is None)
+        if full:  # nothing precomputed for a needed input: recompute every tile with the actual g
+            c = g.new_zeros(())
+            gh = torch.empty(n, d, dtype=torch.float32, device=dev) if need_h else None
+            gw = torch.zeros(k, d, dtype=torch.float32, device=dev) if need_w else None
+            gb = torch.zeros(k, dtype=torch.float32, device=dev) if need_b else None
+            rest = torch.arange(n, device=dev)
+        else:
+            c = torch.mode(g).values if n else g.new_zeros(())
             if need_h:
-                gh[i:j] = next(it)
+                gh.mul_(g[:, None])
             if need_w:
-                gw += next(it)
-            if need_b and bd is not None:
-                gb += next(it)
-        return (gh, gw.to(weight.dtype) if gw is not None else None, gb.to(bias.dtype) if gb is not None else None,
-                None, None, None, None, None, None)
+                gw.mul_(c)
+            if need_b:
+                gb.mul_(c)
+            rest = (g != c).nonzero()[:, 0] if (need_w or need_b) else g.new_empty(0, dtype=torch.long)
+        if rest.numel():
+            z_ok = valid[z] if valid is not None else None
+            m_ok = valid[x0] if valid is not None else None
+            gd = (g - c).double()
+            rows = ctx.rows
+            buf = torch.empty(rows, k, dtype=torch.float32, device=dev)
+            buf2 = torch.empty(rows, k, dtype=torch.float32, device=dev)
+            hd, wd = h.detach(), weight.detach()
+            bd = bias.detach() if bias is not None else None
+            for i in range(0, rest.numel(), rows):
+                idx = rest[i:i + rows]
+                fn = _coef_fn(gd[idx], a[idx], ap[idx], delta[idx], ctx.k_eff,
+                              None if z_ok is None else z_ok[idx], None if m_ok is None else m_ok[idx])
+                ghc = torch.empty(idx.numel(), d, dtype=torch.float32, device=dev) if (full and need_h) else None
+                _tile(buf, buf2, hd[idx], wd, bd, valid, r[idx], z[idx], x0[idx], fn, ghc,
+                      gw if need_w else None, gb if need_b else None)
+                if ghc is not None:
+                    gh[idx] = ghc
+        return (gh.to(h.dtype) if need_h else None, gw.to(weight.dtype) if need_w else None,
+                gb.to(bias.dtype) if need_b else None, None, None, None, None, None, None, None, None)
 
 
 def _flatten(hidden, z_t, x0, alpha_t, alpha_prime_t):
@@ -93,9 +222,17 @@ def fused_duo_nelbo_chunked(hidden, weight, bias, z_t, x0, alpha_t, alpha_prime_
     """Token-chunked PyTorch path (peak extra memory ``O(workspace)`` instead of several ``B·L·K`` tensors)."""
     b, l = z_t.shape
     h, z, x, a, ap = _flatten(hidden, z_t, x0, alpha_t, alpha_prime_t)
-    rows = max(1, int(workspace) // weight.shape[0])
+    if bool(((a <= 0) | (a >= 1) | torch.isnan(a)).any()) or bool(((ap > 0) | ~torch.isfinite(ap)).any()):
+        raise ValueError("alpha_t must lie in (0, 1) and alpha_prime_t must be finite and <= 0")
+    k = weight.shape[0]
+    rows = max(1, int(workspace) // k)
     vv = None if valid_vocab is None else valid_vocab.to(hidden.device)
-    return _ChunkedNelbo.apply(h, weight, bias, z, x, a, ap, vv, rows).view(b, l)
+    k_eff = k if vv is None else int(vv.sum())
+    if k_eff < 2:
+        raise ValueError("the NELBO needs at least 2 valid ids")
+    grads = (torch.is_grad_enabled() and hidden.requires_grad, torch.is_grad_enabled() and weight.requires_grad,
+             torch.is_grad_enabled() and bias is not None and bias.requires_grad)
+    return _ChunkedNelbo.apply(h, weight, bias, z, x, a, ap, vv, rows, k_eff, grads).view(b, l)
 
 
 def nelbo_from_stats(lse, lz, lm, s, a, ap, delta, k: int, z_ok=None, m_ok=None):

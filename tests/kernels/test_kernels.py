@@ -157,6 +157,42 @@ def test_fused_nelbo_matches_reference(impl, valid, with_bias):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("upstream", ["mean", "masked", "random", "zero"])
+@pytest.mark.parametrize("needs", ["all", "hidden_only", "weight_only"])
+def test_chunked_nelbo_gradient_for_any_upstream_weights(upstream, needs):
+    """The chunked path precomputes the gradient for unit upstream weights in the forward and corrects the tokens
+    whose weight differs from the most common one: every weighting and every subset of inputs needing a gradient
+    must equal dense autograd (tiles of 4 tokens so that corrections span several tiles)."""
+    torch.manual_seed(3)
+    n = 13
+    h = torch.randn(1, n, D, requires_grad=needs != "weight_only")
+    W = (torch.randn(K, D) * 0.5).requires_grad_(needs != "hidden_only")
+    b = torch.randn(K).requires_grad_(needs == "all")
+    x0 = torch.randint(1, K, (1, n))
+    z = torch.where(torch.rand(1, n) < 0.5, x0, torch.randint(1, K, (1, n)))
+    a = torch.rand(1, n, dtype=torch.float64) * 0.9 + 0.05
+    g = {"mean": torch.full((1, n), 1.0 / n), "masked": (torch.rand(1, n) < 0.7).float() / 9,
+         "random": torch.rand(1, n), "zero": torch.zeros(1, n)}[upstream]
+    params = [t for t in (h, W, b) if t.requires_grad]
+    f_ref = N.fused_duo_nelbo_reference(h, W, b, z, x0, a, -1.3, VV)
+    gr_ref = torch.autograd.grad((f_ref * g).sum(), params)
+    f = N.fused_duo_nelbo_chunked(h, W, b, z, x0, a, -1.3, VV, workspace=4 * K)
+    gr = torch.autograd.grad((f * g).sum(), params)
+    torch.testing.assert_close(f, f_ref, rtol=1e-5, atol=1e-4)
+    for p, q in zip(gr, gr_ref):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_nelbo_without_grad_matches_reference():
+    torch.manual_seed(4)
+    h, W = torch.randn(2, 7, D), torch.randn(K, D)
+    x0 = torch.randint(0, K, (2, 7))
+    with torch.no_grad():
+        f = N.fused_duo_nelbo_chunked(h, W, None, x0, x0.flip(1), 0.4, -1.0, workspace=3 * K)
+    torch.testing.assert_close(f, N.fused_duo_nelbo_reference(h, W, None, x0, x0.flip(1), 0.4, -1.0),
+                               rtol=1e-5, atol=1e-4)
+
+
 @needs_triton
 def test_nelbo_small_alpha_precision():
     """Tiny α makes every softplus term ≈ r·x_θ ≪ 1: the Triton log1p must stay accurate."""
