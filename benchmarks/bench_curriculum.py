@@ -1,7 +1,8 @@
 """Curriculum training step (dense / fused chunked / sparse top-k input) versus a plain discrete step: peak memory
 and time, CPU; plus the measured approximation error of the top-k soft input.
 
-One fresh subprocess per configuration; peak memory = peak RSS during the step minus RSS after setup.
+Time: all modes interleaved in one process (median of per-round CPU-time ratios against ``discrete``); memory: one
+fresh subprocess per mode (peak RSS during a step minus RSS before it).  Ratios are reported with ``d``.
 ``python benchmarks/bench_curriculum.py [--vocab 50258 --seq-len 1024 --batch 1 --dim 64 --layers 2 --loss dense
 --modes discrete dense fused topk --topk 64 8]``
 Prints one JSON object; ratios are against the discrete step of the same run.
@@ -27,7 +28,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import measure, ratio, run_isolated
+from _common import configure_cpu, interleaved, measure_memory, ratio, run_isolated
 
 TAU = 1e-3
 GAMMA = -2.5  # timed steps: mid curriculum window ([-3.55, -1.85] OWT, [-3.5, -1.75] LM1B)
@@ -115,7 +116,7 @@ def approximation_worker(cfg):
     print(json.dumps(out))
 
 
-def worker(cfg):
+def _make_step(cfg):
     import contextlib
 
     import torch
@@ -124,14 +125,12 @@ def worker(cfg):
     from duo_plugin.diffusion.losses import curriculum_inputs, duo_nelbo
     from duo_plugin.training.adapt import topk_curriculum_inputs
 
-    if cfg["mode"] == "approx":
-        return approximation_worker(cfg)
-    torch.set_num_threads(cfg["threads"])
     K, L, Bsz, tau = cfg["vocab"], cfg["seq_len"], cfg["batch"], TAU
+    nelbo_impl = cfg.get("nelbo_impl", "chunked")
 
     def setup():
         model = _model(cfg)
-        x0 = torch.randint(0, K, (Bsz, L))
+        x0 = torch.randint(0, K, (Bsz, L), generator=torch.Generator().manual_seed(5))
         return model, x0
 
     def loss_of(model, x_in, z, x0, a, ap, sigma, override=None):
@@ -140,12 +139,12 @@ def worker(cfg):
             if cfg["loss"] == "fused":
                 h = model.forward_hidden(x_in, sigma)
                 proj = model.output_projection
-                f = dk.fused_duo_nelbo(h, proj.weight, proj.bias, z, x0, a, ap, impl="chunked")
+                f = dk.fused_duo_nelbo(h, proj.weight, proj.bias, z, x0, a, ap, impl=nelbo_impl)
             else:
                 f = duo_nelbo(model(x_in, sigma), z, x0, a, ap)
         return f.mean()
 
-    def step(state):
+    def step(state, mode, k=None):
         model, x0 = state
         model.zero_grad(set_to_none=True)
         a = torch.full((Bsz,), 0.6)
@@ -153,23 +152,33 @@ def worker(cfg):
         sigma = -torch.log(a)
         gamma = torch.full((Bsz,), GAMMA)
         at, st = torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt()
-        if cfg["mode"] == "discrete":
-            z = torch.where(torch.rand(Bsz, L) < 0.6, x0, torch.randint(0, K, (Bsz, L)))
+        gen = torch.Generator().manual_seed(1)
+        if mode == "discrete":
+            z = torch.where(torch.rand(Bsz, L, generator=gen) < 0.6, x0, torch.randint(0, K, (Bsz, L), generator=gen))
             loss = loss_of(model, z, z, x0, a, ap, sigma)
-        elif cfg["mode"] == "dense":
-            z, soft = curriculum_inputs(x0, gamma, tau, K, torch.Generator().manual_seed(1))
+        elif mode == "dense":
+            z, soft = curriculum_inputs(x0, gamma, tau, K, gen)
             loss = loss_of(model, soft, z, x0, a, ap, sigma)
             del soft
-        elif cfg["mode"] == "topk":
-            z, soft = topk_curriculum_inputs(x0, gamma, tau, cfg["k"], K, torch.Generator().manual_seed(1))
+        elif mode == "topk":
+            z, soft = topk_curriculum_inputs(x0, gamma, tau, k, K, gen)
             loss = loss_of(model, soft, z, x0, a, ap, sigma)
         else:
             seeds = torch.arange(Bsz, dtype=torch.int64)
-            emb, z = dk.curriculum_soft_embedding(x0, at, st, tau, seeds, model.vocab_embed.weight, impl="chunked")
+            emb, z = dk.curriculum_soft_embedding(x0, at, st, tau, seeds, model.vocab_embed.weight,
+                                                  impl=cfg.get("curriculum_impl", "chunked"))
             loss = loss_of(model, z, z, x0, a, ap, sigma, override=emb)
         loss.backward()
 
-    print(json.dumps(measure(setup, step, cfg["repeats"])))
+    return setup, step
+
+
+def worker(cfg):
+    if cfg["mode"] == "approx":
+        return approximation_worker(cfg)
+    configure_cpu(cfg["threads"])
+    setup, step = _make_step(cfg)
+    print(json.dumps(measure_memory(setup, lambda st: step(st, cfg["mode"], cfg.get("k")))))
 
 
 def main():
@@ -187,8 +196,9 @@ def main():
     p.add_argument("--approx-tokens", type=int, default=64, help="tokens in the approximation sample (0: skip)")
     p.add_argument("--approx-gammas", type=float, nargs="+", default=[-3.55, GAMMA, -1.75])
     p.add_argument("--approx-taus", type=float, nargs="+", default=[1e-3, 1e-2, 1e-1])
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-memory", action="store_true")
     p.add_argument("--worker")
     args = p.parse_args()
     if args.worker:
@@ -198,22 +208,32 @@ def main():
     lens = args.seq_len if len(args.seq_len) == len(args.vocab) else [args.seq_len[0]] * len(args.vocab)
     report = {"benchmark": "curriculum_step", "device": "cpu", "tau": TAU, "gamma": GAMMA,
               "targets_vs_discrete": {"memory": 1.15, "time": 1.3}, "results": []}
+    configure_cpu(args.threads)
     for K, L in zip(args.vocab, lens):
         base = {"vocab": K, "seq_len": L, "batch": args.batch, "dim": args.dim, "layers": args.layers,
-                "loss": args.loss, "repeats": args.repeats, "threads": args.threads}
-        runs = {}
-        for m in args.modes:
-            if m == "topk":
-                for k in args.topk:
-                    runs[f"topk{k}"] = run_isolated(__file__, dict(base, mode="topk", k=k))
-            else:
-                runs[m] = run_isolated(__file__, dict(base, mode=m))
-        d = runs["discrete"]
-        res = {"config": base, **runs}
-        for name, r in runs.items():
-            if name != "discrete":
-                mem, t = ratio(r["peak_delta_mb"], d["peak_delta_mb"]), ratio(r["time_s"], d["time_s"])
-                res[f"{name}_vs_discrete"] = {"memory": mem, "time": t, "meets_targets": mem <= 1.15 and t <= 1.3}
+                "loss": args.loss, "threads": args.threads}
+        names = [(f"topk{k}", "topk", k) for k in args.topk] if "topk" in args.modes else []
+        names = [(m, m, None) for m in args.modes if m != "topk"] + names
+        setup, step = _make_step(base)
+        state = setup()
+        t = interleaved({n: (lambda m=m, k=k: step(state, m, k)) for n, m, k in names}, reference="discrete",
+                        rounds=args.rounds)
+        del state
+        res = {"config": base, "time": t}
+        mem = {}
+        if not args.no_memory:
+            mem = {n: run_isolated(__file__, dict(base, mode=m, k=k)) for n, m, k in names}
+            res["memory"] = mem
+        for n, _, _ in names:
+            if n == "discrete":
+                continue
+            r = {"time": t[n]["ratio"]}
+            if mem:
+                r["memory"] = ratio(mem[n]["peak_delta_mb"], mem["discrete"]["peak_delta_mb"])
+            r["meets_targets"] = r["time"] <= 1.3 and r.get("memory", 0) <= 1.15
+            res[f"{n}_vs_discrete"] = r
+        print(json.dumps({k: v for k, v in res.items() if k.endswith("_vs_discrete")} | {"config": base}),
+              file=sys.stderr, flush=True)
         if args.approx_tokens > 0:
             res["approximation"] = run_isolated(__file__, dict(
                 base, mode="approx", topk=args.topk, approx_tokens=args.approx_tokens,

@@ -90,6 +90,41 @@ def _latent_fast(keys, j, x0, a, s):
     return _latent_eager(keys, j, x0, a, s)
 
 
+def _softmax_chunk_eager(keys, j, x0, a, s, tau: float, valid):
+    """One chunk's ``(e = exp(w/τ − m), z = argmax w, m = max w/τ, Σe, nnz(e))`` with ``w`` the latent (invalid ids −inf):
+    one fused loop under ``torch.compile`` (no fp32 ``w`` round trip, and the vectorised ``exp`` of the very negative
+    arguments τ = 1e-3 produces is fast; eager ``exp`` takes a slow path on them)."""
+    w = _latent_eager(keys, j, x0, a, s)
+    if valid is not None:
+        w = torch.where(valid[None, :], w, float("-inf"))
+    z = w.argmax(1)
+    lg = w / tau
+    m = lg.amax(1, keepdim=True)
+    e = torch.exp(lg - m)
+    return e, z, m, e.sum(1, keepdim=True), (e > 0).sum()
+
+
+_compiled_softmax = {}
+
+
+def _softmax_chunk(keys, x0, a, s, tau: float, k: int, valid):
+    global _compile_failed
+    j = torch.arange(0, int(k), dtype=torch.int64, device=keys.device)
+    args = (keys, j, x0.long(), a.float(), s.float(), float(tau), valid)
+    if _use_compile(keys.numel() * int(k), keys.device):
+        try:
+            key = valid is None
+            if key not in _compiled_softmax:
+                _compiled_softmax[key] = torch.compile(_softmax_chunk_eager, dynamic=True)
+            return _compiled_softmax[key](*args)
+        except Exception as e:  # no C++ compiler etc.: eager from now on
+            import warnings
+
+            _compile_failed = True
+            warnings.warn(f"duo_plugin.kernels: torch.compile of the curriculum softmax failed ({e!r}); using eager")
+    return _softmax_chunk_eager(*args)
+
+
 def _latent_rows(keys, x0, a, s, k, valid, start=0, stop=None, fast=False):
     """fp32 ``w`` for flattened rows: ``[N, K]`` (σ̃ ε + α̃ onehot(x0), invalid ids −inf).  ``fast``: the
     compiled path where enabled (chunked implementation only; the reference stays eager)."""
@@ -136,16 +171,10 @@ class _ChunkedSoftEmbedding(torch.autograd.Function):
         saved = []  # per chunk: (start, stop, rows_idx, cols_idx, p) sparse, or (start, stop, m, sum) dense
         for i in range(0, n, rows):
             j = min(n, i + rows)
-            w = _latent_rows(keys[i:j], x0[i:j], a[i:j], s[i:j], k, valid, fast=True)
-            z[i:j] = w.argmax(1)
-            lg = w.div_(tau)
-            m = lg.amax(1, keepdim=True)
-            e = torch.exp(lg.sub_(m))
-            ssum = e.sum(1, keepdim=True)
-            nz = e > 0
-            nnz = int(nz.sum())
-            if nnz <= SPARSE_MAX_DENSITY * e.numel():
-                r, c = nz.nonzero(as_tuple=True)
+            e, zc, m, ssum, nnz = _softmax_chunk(keys[i:j], x0[i:j], a[i:j], s[i:j], tau, k, valid)
+            z[i:j] = zc
+            if int(nnz) <= SPARSE_MAX_DENSITY * e.numel():
+                r, c = e.nonzero(as_tuple=True)
                 p = e[r, c] / ssum[r, 0]
                 out = torch.zeros(j - i, d, dtype=torch.float32, device=weight.device)
                 out.index_add_(0, r, p[:, None] * wf[c])
@@ -154,7 +183,7 @@ class _ChunkedSoftEmbedding(torch.autograd.Function):
             else:
                 emb[i:j] = e.div_(ssum) @ wf
                 saved.append(("dense", i, j, m, ssum))
-            del w, lg, e
+            del e
         ctx.saved_chunks = saved
         ctx.save_for_backward(keys, x0, a, s)
         ctx.tau, ctx.valid, ctx.k, ctx.wdtype = tau, valid, k, weight.dtype
@@ -175,8 +204,7 @@ class _ChunkedSoftEmbedding(torch.autograd.Function):
                 grad.index_add_(0, c, p[:, None] * g[i:j][r])
             else:
                 _, i, j, m, ssum = entry
-                w = _latent_rows(keys[i:j], x0[i:j], a[i:j], s[i:j], k, ctx.valid, fast=True)
-                pmat = torch.exp(w.div_(ctx.tau).sub_(m)).div_(ssum)
+                pmat = _softmax_chunk(keys[i:j], x0[i:j], a[i:j], s[i:j], ctx.tau, k, ctx.valid)[0].div_(ssum)
                 grad.addmm_(pmat.t(), g[i:j])
         return grad.to(ctx.wdtype), None, None, None, None, None, None, None
 

@@ -225,7 +225,9 @@ def fused_duo_nelbo_chunked(hidden, weight, bias, z_t, x0, alpha_t, alpha_prime_
     if bool(((a <= 0) | (a >= 1) | torch.isnan(a)).any()) or bool(((ap > 0) | ~torch.isfinite(ap)).any()):
         raise ValueError("alpha_t must lie in (0, 1) and alpha_prime_t must be finite and <= 0")
     k = weight.shape[0]
-    rows = max(1, int(workspace) // k)
+    n = b * l
+    # tiles of at most `workspace` elements, and at least 8 tiles per call (bounded memory at small B·L too)
+    rows = max(1, min(int(workspace) // k, max(16, -(-n // 8))))
     vv = None if valid_vocab is None else valid_vocab.to(hidden.device)
     k_eff = k if vv is None else int(vv.sum())
     if k_eff < 2:
