@@ -226,8 +226,9 @@ def fused_duo_nelbo_chunked(hidden, weight, bias, z_t, x0, alpha_t, alpha_prime_
         raise ValueError("alpha_t must lie in (0, 1) and alpha_prime_t must be finite and <= 0")
     k = weight.shape[0]
     n = b * l
-    # tiles of at most `workspace` elements, and at least 8 tiles per call (bounded memory at small B·L too)
-    rows = max(1, min(int(workspace) // k, max(16, -(-n // 8))))
+    # tiles of at most `workspace` elements; at least 64 tokens (the weight is re-read once per tile), and about 8
+    # tiles per call above that (bounded memory at small B·L too)
+    rows = max(1, min(int(workspace) // k, max(64, -(-n // 8))))
     vv = None if valid_vocab is None else valid_vocab.to(hidden.device)
     k_eff = k if vv is None else int(vv.sum())
     if k_eff < 2:

@@ -105,7 +105,9 @@ SCHEMA: dict[str, Any] = {
     "progress_bar": None,
     "max_wall_s": None,
     # issue 9 (fused kernels): auto|dense|reference|chunked|triton per path; see duo_plugin/kernels/select.py
-    "kernels": {"curriculum_input": None, "nelbo": None, "auto_min_row_elements": None},
+    "kernels": {"curriculum_input": None, "nelbo": None, "auto_min_row_elements": None, "ram_fraction": None,
+                "memory_budget_mb": None},
+    "cpu_threads": None,  # auto | N intra-op threads on CPU (duo_plugin/runtime.py)
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -134,7 +136,9 @@ DEFAULTS: dict[str, Any] = {
     "progress_bar": True,
     "max_wall_s": None,
     # issue 9: `auto` keeps the dense paths at small L*K on CPU (the existing behaviour), fused where it pays off
-    "kernels": {"curriculum_input": "auto", "nelbo": "auto", "auto_min_row_elements": 1 << 22},
+    "kernels": {"curriculum_input": "auto", "nelbo": "auto", "auto_min_row_elements": 1 << 22, "ram_fraction": 0.25,
+                "memory_budget_mb": None},
+    "cpu_threads": "auto",
 }
 
 
@@ -193,7 +197,15 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     for key in ("curriculum_input", "nelbo"):
         if merged.kernels[key] not in KERNEL_CHOICES:
             raise ConfigError(f"kernels.{key} must be one of {KERNEL_CHOICES}, got {merged.kernels[key]!r}")
+    if not (0 < float(merged.kernels.ram_fraction) <= 1):
+        raise ConfigError(f"kernels.ram_fraction must be in (0, 1], got {merged.kernels.ram_fraction!r}")
     # --- issue 9 (kernels) end
+    from duo_plugin.runtime import choose_cpu_threads
+
+    try:
+        choose_cpu_threads(merged.cpu_threads, n_params=0)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if merged.resume not in (False, True, "auto") and not isinstance(merged.resume, str):
         raise ConfigError("resume must be false, true/'auto' (latest checkpoint in output_dir) or a checkpoint dir")
     return merged
@@ -434,22 +446,36 @@ class DuoPretrainRecipe:
         from duo_plugin.kernels.select import choose_paths
 
         kc = cfg.kernels
+        why: dict = {}
         try:
+            budget = kc.get("memory_budget_mb")
             self.kernel_paths = choose_paths(str(kc.curriculum_input), str(kc.nelbo), model=model,
                                              device=self.device, seq_len=int(cfg.data.seq_len), vocab_size=k,
                                              soft_input=str(cfg.curriculum.get("input", "dense")),
-                                             auto_min_row_elements=int(kc.auto_min_row_elements))
+                                             auto_min_row_elements=int(kc.auto_min_row_elements),
+                                             micro_batch_rows=self.global_batch_size // (self.world_size * self.accum),
+                                             ram_fraction=float(kc.get("ram_fraction", 0.25)),
+                                             memory_budget_bytes=None if budget is None else int(float(budget) * 2**20),
+                                             explain=why)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if self.is_rank_zero:
-            log.info("kernels: curriculum_input=%s, nelbo=%s", self.kernel_paths["curriculum_input"],
-                     self.kernel_paths["nelbo"])
+            log.info("kernels: curriculum_input=%s, nelbo=%s (auto would be %s: %s)",
+                     self.kernel_paths["curriculum_input"], self.kernel_paths["nelbo"], why.get("auto"),
+                     why.get("reason"))
         # --- issue 9 (kernels) end
         from duo_plugin.training.ema import EMA
 
         self.ema = EMA(model, decay=float(cfg.ema.decay)) if cfg.ema and cfg.ema.get("decay") else None
+        n = sum(p.numel() for p in model.parameters())
+        if self.device.type == "cpu":  # intra-op threads + denormal flushing (duo_plugin/runtime.py)
+            from duo_plugin.runtime import configure_cpu
+
+            local_ws = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            choice = configure_cpu(cfg.cpu_threads, n_params=n, local_world_size=local_ws)
+            if self.is_rank_zero:
+                log.info("%s", choice.log_line())
         if self.is_rank_zero:
-            n = sum(p.numel() for p in model.parameters())
             log.info("model: %s, K=%d (K_eff=%d), params=%.2fM", type(model).__name__, k, self.k_eff, n / 1e6)
 
     # ---------------------------------------------------------------- issue 8 (LLM adaptation), see training/adapt.py
