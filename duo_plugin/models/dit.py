@@ -156,9 +156,13 @@ def _rotary_cos_sin(seq_len: int, head_dim: int, base: float, device) -> Tuple[t
 def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``x``: ``[B, H, L, hd]``; rotate-half RoPE computed in fp32, returned in ``x.dtype``."""
     xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rot = torch.cat([-x2, x1], dim=-1)
-    return (xf * cos + rot * sin).to(x.dtype)
+    h = xf.shape[-1] // 2
+    x1, x2 = xf[..., :h], xf[..., h:]
+    out = xf * cos
+    # rotate_half(x) = [-x2, x1]; cos/sin repeat their first half, so multiply by the half-width tables only
+    out[..., :h].addcmul_(x2, sin[..., :h], value=-1.0)
+    out[..., h:].addcmul_(x1, sin[..., h:])
+    return out.to(x.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -171,12 +175,20 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            y = F.layer_norm(x.float(), (self.dim,), eps=self.eps) * self.weight.float()
+            y = F.layer_norm(x.float(), (self.dim,), self.weight.float(), None, self.eps)
         return y.to(x.dtype)
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
+    """``x * (1 + scale) + shift`` as one fused op (shift/scale are ``[B, 1, d]``)."""
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+def _gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``x + gate * dropout(y)`` (no dropout kernel when it is the identity)."""
+    if training and p > 0:
+        y = F.dropout(y, p, True)
+    return torch.addcmul(x, gate, y)
 
 
 class TimestepEmbedder(nn.Module):
@@ -228,9 +240,9 @@ class DiTBlock(nn.Module):
             q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=self.causal and attn_mask is None
         )
         a = self.attn_out(a.transpose(1, 2).reshape(B, L, D))
-        x = x + gate1 * F.dropout(a, self.dropout, self.training)
+        x = _gated_residual(x, gate1, a, self.dropout, self.training)
         m = self.mlp(_modulate(self.norm2(x), shift2, scale2))
-        return x + gate2 * F.dropout(m, self.dropout, self.training)
+        return _gated_residual(x, gate2, m, self.dropout, self.training)
 
 
 class DiTFinalLayer(nn.Module):
