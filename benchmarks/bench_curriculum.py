@@ -3,7 +3,7 @@ and time, CPU; plus the measured approximation error of the top-k soft input.
 
 Time: all modes interleaved in one process (median of per-round CPU-time ratios against ``discrete``); memory: one
 fresh subprocess per mode (peak RSS during a step minus RSS before it).  Ratios are reported with ``d``.
-``python benchmarks/bench_curriculum.py [--vocab 50258 --seq-len 1024 --batch 1 --dim 64 --layers 2 --loss dense
+``python benchmarks/bench_curriculum.py [--vocab 50258 --seq-len 1024 --batch 1 --dim 64 768 --layers 2 --loss dense
 --modes discrete dense fused topk --topk 64 8]``
 Prints one JSON object; ratios are against the discrete step of the same run.
 
@@ -187,7 +187,7 @@ def main():
     p.add_argument("--seq-len", type=int, nargs="+", default=[1024],
                    help="one value, or one per --vocab entry (e.g. --vocab 50258 151936 --seq-len 1024 256)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--dim", type=int, nargs="+", default=[64, 768])
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--loss", choices=["dense", "fused"], default="dense")
     p.add_argument("--modes", nargs="+", choices=["discrete", "dense", "fused", "topk"],
@@ -209,8 +209,8 @@ def main():
     report = {"benchmark": "curriculum_step", "device": "cpu", "tau": TAU, "gamma": GAMMA,
               "targets_vs_discrete": {"memory": 1.15, "time": 1.3}, "results": []}
     configure_cpu(args.threads)
-    for K, L in zip(args.vocab, lens):
-        base = {"vocab": K, "seq_len": L, "batch": args.batch, "dim": args.dim, "layers": args.layers,
+    for K, L, d in [(K, L, d) for K, L in zip(args.vocab, lens) for d in args.dim]:
+        base = {"vocab": K, "seq_len": L, "batch": args.batch, "dim": d, "layers": args.layers,
                 "loss": args.loss, "threads": args.threads}
         names = [(f"topk{k}", "topk", k) for k in args.topk] if "topk" in args.modes else []
         names = [(m, m, None) for m in args.modes if m != "topk"] + names

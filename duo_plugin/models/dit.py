@@ -317,6 +317,10 @@ class DiT(nn.Module):
             max period (10,000).
     """
 
+    # ``forward`` already returns normalised fp32 log-probabilities: wrappers (e.g. a sampler's denoiser) can skip
+    # a second log_softmax over [B, L, K] when this is True.
+    output_is_log_probs = True
+
     def __init__(self, vocab_size: int, max_seq_len: int, *, dim: int = 768, n_layers: int = 12,
                  n_heads: int = 12, cond_dim: int = 128, mlp_ratio: int = 4, dropout: float = 0.1,
                  causal: bool = False, time_conditioning: bool = True, rope_base: float = 10_000.0,

@@ -33,3 +33,15 @@ def test_layernorm_modulate_and_gated_residual_match_definitions():
     torch.manual_seed(2)
     torch.testing.assert_close(out, x + gate * F.dropout(y, 0.5, True))
     torch.testing.assert_close(D._gated_residual(x, gate, y, 0.5, False), x + gate * y, rtol=1e-6, atol=1e-6)
+
+
+def test_output_is_log_probs_flag_is_truthful():
+    """Wrappers may skip a second log_softmax when ``output_is_log_probs``: the forward must already be normalised."""
+    torch.manual_seed(3)
+    model = D.duo_dit_tiny(50, 6).eval()
+    with torch.no_grad():
+        model.output_projection.weight.normal_()
+        out = model(torch.randint(0, 50, (2, 6)), torch.tensor([0.3, 1.2]))
+    assert D.DiT.output_is_log_probs and out.dtype == torch.float32
+    torch.testing.assert_close(out.logsumexp(-1), torch.zeros(2, 6), rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.log_softmax(out, -1), out, rtol=0, atol=1e-5)
