@@ -28,8 +28,9 @@ import torch
 
 __all__ = ["AUTO_MULTI_THREAD_MIN_PARAMS", "ThreadChoice", "available_cpus", "choose_cpu_threads", "configure_cpu"]
 
-# Measured (benchmarks/bench_threads.py, docs/performance.md): below ~20M parameters one thread is within a few percent
-# of two on an idle 2-core machine and several times faster under a concurrent load.
+# Measured (benchmarks/bench_threads.py, docs/performance.md) at 0.2M and 8.3M parameters on a shared 2-core machine:
+# one thread beats two spinning threads 7-14x and is on par with two passive ones; the 20M threshold above which
+# more threads are used is a conservative guess (re-measure on an idle multi-core machine).
 AUTO_MULTI_THREAD_MIN_PARAMS = 20_000_000
 
 
