@@ -52,6 +52,19 @@ def _logits_into(buf, hc, weight, bias, valid):
     return out
 
 
+def _row_sum64(x: torch.Tensor, block: int = 2048) -> torch.Tensor:
+    """Row sums of an fp32 ``[r, K]`` tensor with an fp64 accumulator across blocks of ``block`` columns (fp32
+    cascade sums inside a block), without the fp64 copy of ``x`` that ``sum(dtype=float64)`` allocates."""
+    r, k = x.shape
+    nb = k // block
+    out = torch.zeros(r, dtype=torch.float64, device=x.device)
+    if nb:
+        out += x[:, : nb * block].view(r, nb, block).sum(2).double().sum(1)
+    if k > nb * block:
+        out += x[:, nb * block:].sum(1).double()
+    return out
+
+
 def _tile(buf, buf2, hc, wd, bd, valid, r_t, z_t, m_t, coef_fn=None, gh=None, gw=None, gb=None):
     """One token tile: statistics ``(lse, lz, lm, S)`` and, with ``coef_fn(lse, lz, lm, S) → (f_lse, f_lz, f_lm,
     f_S)``, the closed-form logit gradient ``G = c_p p + c_s σ + f_lz 1[z_t] + f_lm 1[x0]`` (c_p = f_lse − f_S T,
@@ -63,19 +76,19 @@ def _tile(buf, buf2, hc, wd, bd, valid, r_t, z_t, m_t, coef_fn=None, gh=None, gw
     lm = lg.gather(1, m_t[:, None])[:, 0].double()
     mx = lg.amax(1, keepdim=True)
     lg.sub_(mx).exp_()  # exp(l − max); invalid ids → 0
-    se = lg.sum(1, dtype=torch.float64)
+    se = _row_sum64(lg)
     lse = mx[:, 0].double() + torch.log(se)
     lg.mul_((1.0 / se).float()[:, None])  # p = softmax over the valid ids
     q = buf2[:n]
     torch.mul(lg, r_t.float()[:, None], out=q)  # r p = exp(l − lse + log r)
     q.log1p_()  # softplus(l − lse + log r)
-    s = q.sum(1, dtype=torch.float64)
+    s = _row_sum64(q)
     stats = (lse, lz, lm, s)
     if coef_fn is None:
         return stats, None
     f_lse, f_lz, f_lm, f_s = coefs = coef_fn(*stats)
     q.neg_().exp_()  # 1 / (1 + r p);  σ = r p / (1 + r p)
-    t = torch.linalg.vecdot(lg, q, dim=1).double() * r_t  # T = Σ σ
+    t = torch.bmm(lg[:, None, :], q[:, :, None]).view(-1).double() * r_t  # T = Σ σ (no [rows, K] temporary)
     q.mul_((f_s * r_t).float()[:, None]).add_((f_lse - f_s * t).float()[:, None]).mul_(lg)  # c_p p + c_s σ
     q.scatter_add_(1, z_t[:, None], f_lz.float()[:, None])
     q.scatter_add_(1, m_t[:, None], f_lm.float()[:, None])

@@ -183,6 +183,24 @@ def test_chunked_nelbo_gradient_for_any_upstream_weights(upstream, needs):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
+def test_row_sum64_and_chunked_nelbo_at_a_vocabulary_wider_than_one_block():
+    torch.manual_seed(5)
+    x = torch.rand(3, 5000) * torch.logspace(-8, 2, 5000)
+    torch.testing.assert_close(N._row_sum64(x), x.double().sum(1), rtol=1e-6, atol=0)
+    k, n = 4500, 6
+    h = torch.randn(1, n, 8, requires_grad=True)
+    W = torch.randn(k, 8, requires_grad=True)
+    x0 = torch.randint(0, k, (1, n))
+    z = x0.roll(1, 1)
+    f_ref = N.fused_duo_nelbo_reference(h, W, None, z, x0, 0.2, -1.0)
+    gr_ref = torch.autograd.grad(f_ref.mean(), (h, W))
+    f = N.fused_duo_nelbo_chunked(h, W, None, z, x0, 0.2, -1.0)
+    gr = torch.autograd.grad(f.mean(), (h, W))
+    torch.testing.assert_close(f, f_ref, rtol=1e-5, atol=1e-4)
+    for p, q in zip(gr, gr_ref):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
 def test_chunked_nelbo_without_grad_matches_reference():
     torch.manual_seed(4)
     h, W = torch.randn(2, 7, D), torch.randn(K, D)
