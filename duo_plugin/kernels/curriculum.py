@@ -56,11 +56,11 @@ def _latent_eager(keys, j, x0, a, s):
     return torch.where(j[None, :] == x0[:, None], w + a[:, None], w)
 
 
-# Inductor (C++ on CPU) fuses the ~30 integer ops of the hash + Box-Muller into one loop: ~50x faster than eager
+# Inductor (C++ on CPU) fuses the ~30 integer ops of the hash + Box-Muller with argmax, max and exp of a chunk into one
+# loop (_softmax_chunk): ~50x faster than eager
 # PyTorch on CPU (docs/kernels.md).  Same integer bits; log/cos/sqrt may differ by an ulp (as with Triton).
 # DUO_KERNELS_COMPILE: "auto" (default: CPU chunks of >= COMPILE_MIN_ELEMENTS), "1" (always), "0" (never).
 COMPILE_MIN_ELEMENTS = 1 << 16
-_compiled = None
 _compile_failed = False
 
 
@@ -73,21 +73,6 @@ def _use_compile(numel: int, device) -> bool:
     if mode in ("1", "true", "yes"):
         return True
     return torch.device(device).type == "cpu" and numel >= COMPILE_MIN_ELEMENTS
-
-
-def _latent_fast(keys, j, x0, a, s):
-    global _compiled, _compile_failed
-    if _use_compile(keys.numel() * j.numel(), keys.device):
-        try:
-            if _compiled is None:
-                _compiled = torch.compile(_latent_eager, dynamic=True)
-            return _compiled(keys, j, x0, a, s)
-        except Exception as e:  # no C++ compiler etc.: eager from now on
-            import warnings
-
-            _compile_failed = True
-            warnings.warn(f"duo_plugin.kernels: torch.compile of the curriculum noise failed ({e!r}); using eager")
-    return _latent_eager(keys, j, x0, a, s)
 
 
 def _softmax_chunk_eager(keys, j, x0, a, s, tau: float, valid):
@@ -125,16 +110,8 @@ def _softmax_chunk(keys, x0, a, s, tau: float, k: int, valid):
     return _softmax_chunk_eager(*args)
 
 
-def _latent_rows(keys, x0, a, s, k, valid, start=0, stop=None, fast=False):
-    """fp32 ``w`` for flattened rows: ``[N, K]`` (σ̃ ε + α̃ onehot(x0), invalid ids −inf).  ``fast``: the
-    compiled path where enabled (chunked implementation only; the reference stays eager)."""
-    if fast:
-        stop = int(k) if stop is None else int(stop)
-        j = torch.arange(int(start), stop, dtype=torch.int64, device=keys.device)
-        w = _latent_fast(keys, j, x0.long(), a.float(), s.float())
-        if valid is not None:
-            w.masked_fill_(~valid, float("-inf"))
-        return w
+def _latent_rows(keys, x0, a, s, k, valid, start=0, stop=None):
+    """fp32 ``w`` for flattened rows: ``[N, K]`` (σ̃ ε + α̃ onehot(x0), invalid ids −inf); eager (the reference)."""
     w = rng.counter_normal(keys, k, start, stop) * s[:, None]
     w.scatter_add_(1, x0.long()[:, None], a[:, None])
     if valid is not None:
