@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from duo_plugin.diffusion.uniform import _per_token
+from duo_plugin.diffusion.uniform import per_token as _per_token
 
 from . import rng
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from duo_plugin.diffusion.losses import duo_nelbo, duo_nelbo_from_stats
-from duo_plugin.diffusion.uniform import _per_token
+from duo_plugin.diffusion.uniform import per_token as _per_token
 
 __all__ = ["fused_duo_nelbo_reference", "fused_duo_nelbo_chunked", "fused_duo_nelbo_triton", "nelbo_from_stats"]
 

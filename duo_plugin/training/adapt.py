@@ -26,7 +26,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from duo_plugin.diffusion.uniform import _check_valid_vocab, _draw, num_valid
+from duo_plugin.diffusion.uniform import check_valid_vocab, draw, num_valid
 
 __all__ = [
     "anneal_progress",
@@ -84,7 +84,7 @@ def top_order_statistics(n: int, k: int, batch_shape, generator: Generator, devi
     """
     if not (1 <= k <= n):
         raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
-    u = _draw("rand", (*batch_shape, k), generator, device, dtype=torch.float64)
+    u = draw("rand", (*batch_shape, k), generator, device, dtype=torch.float64)
     e = -torch.log1p(-u)  # Exp(1), finite since u < 1
     denom = n - torch.arange(k, dtype=torch.float64, device=e.device)
     neg_log_u = torch.cumsum(e / denom, dim=-1)  # −log U_(n), −log U_(n−1), ... increasing
@@ -94,7 +94,7 @@ def top_order_statistics(n: int, k: int, batch_shape, generator: Generator, devi
 
 def _distinct_ranks(n: int, k: int, batch_shape, generator: Generator, device=None) -> torch.Tensor:
     """k distinct ranks uniform in [0, n), in uniformly random order: Floyd's algorithm + a random permutation."""
-    u = _draw("rand", (*batch_shape, 2 * k), generator, device, dtype=torch.float64)
+    u = draw("rand", (*batch_shape, 2 * k), generator, device, dtype=torch.float64)
     chosen = torch.empty((*batch_shape, k), dtype=torch.long, device=u.device)
     for s, j in enumerate(range(n - k, n)):
         t = torch.clamp((u[..., s] * (j + 1)).long(), max=j)  # uniform in [0, j]
@@ -127,7 +127,7 @@ def topk_curriculum_inputs(
     if x0.dim() != 2:
         raise ValueError(f"x0 must be [B, L] ids; got {tuple(x0.shape)}")
     K = int(vocab_size)
-    _check_valid_vocab(K, valid_vocab)
+    check_valid_vocab(K, valid_vocab)
     k_eff = num_valid(K, valid_vocab)
     if k_eff < 2:
         raise ValueError("need at least 2 valid ids")
@@ -158,7 +158,7 @@ def topk_curriculum_inputs(
 
     n_other = k_eff - 1
     k_noise = min(k, n_other)
-    eps_x = _draw("randn", (B, L), generator, dev, dtype=torch.float64)
+    eps_x = draw("randn", (B, L), generator, dev, dtype=torch.float64)
     noise = top_order_statistics(n_other, k_noise, (B, L), generator, dev).to(dev)
     ranks = _distinct_ranks(n_other, k_noise, (B, L), generator, dev).to(dev)
     ranks = ranks + (ranks >= pos_x[..., None]).long()  # skip the clean token's own rank

@@ -147,3 +147,29 @@ def test_distill_tiny_cpu_golden_losses(tiny_assets, tmp_path):
     })
     s = dd.run(cfg)
     _check("distill_tiny_cpu", s["losses"])
+
+
+# ------------------------------------------------------------------------------------------------ component spelling
+def test_component_form_reproduces_the_short_form(tiny_assets, tmp_path):
+    """``objective: {_component_: DuoObjective, ...}`` and ``data: {_component_: text_blocks, ...}`` are the same
+    run as the shipped short form (``objective: duo`` + curriculum/kernels sections): same golden losses."""
+    from duo_plugin.recipes import duo_pretrain as dp
+
+    cfg = _tiny_cpu(tiny_assets, tmp_path / "comp")
+    for sec in ("curriculum", "kernels", "schedule"):
+        cfg.pop(sec, None)
+    cfg.objective = {"_component_": "duo_plugin.objectives.DuoObjective", "curriculum_steps": 3, "tau": 1e-3,
+                     "table_points": 65, "kernels_curriculum_input": "dense", "kernels_nelbo": "dense",
+                     "alpha_eps": 1e-3, "t_min": 1e-3}
+    cfg.data["_component_"] = "duo_plugin.data.text_blocks"
+    s = dp.run(cfg)
+    assert s["losses"] == json.loads(GOLDEN.read_text())["tiny_cpu_dense"]
+
+
+def test_component_form_rejects_old_method_keys(tiny_assets, tmp_path):
+    from duo_plugin.recipes import duo_pretrain as dp
+
+    cfg = _tiny_cpu(tiny_assets, tmp_path / "comp2")
+    cfg.objective = {"_component_": "duo_plugin.objectives.DuoObjective", "curriculum_steps": 3}
+    with pytest.raises(dp.ConfigError, match="objective.curriculum_steps"):
+        dp.DuoPretrainRecipe(cfg)
