@@ -10,7 +10,7 @@ Every tokenizer used by duo-plugin satisfies :class:`DuoTokenizer`:
   :func:`load_tokenizer` (``dir``) rebuilds the same tokenizer;
 * ``descriptor() -> dict``: JSON-able identity (type, special ids, sha256 of the model file) used as cache key.
 
-The model's vocabulary and the uniform-noise support (duo-method.md §0, architecture.md "Shared conventions")
+The model's vocabulary and the uniform-noise support (docs/method.md §0, architecture.md "Shared conventions")
 are tied to the tokenizer by :func:`check_vocab`, which returns ``valid_vocab: BoolTensor[K_model]``.
 
 This module never imports torchtune; the torchtune wrapper lives in
@@ -504,7 +504,7 @@ def check_vocab(
     """Check the model's vocabulary against the tokenizer and build ``valid_vocab: BoolTensor[K_model]``.
 
     ``valid_vocab[i]`` is True for the ids the data can contain, i.e. the uniform-noise support of
-    duo-method.md §1 (``K_eff = valid_vocab.sum()``): every tokenizer id, **except** padded embedding rows
+    docs/method.md §1 (``K_eff = valid_vocab.sum()``): every tokenizer id, **except** padded embedding rows
     ``tokenizer.vocab_size <= i < model_vocab_size``, the pad id (unless ``include_pad``) and special ids other
     than bos/eos (unless ``include_special``). bos and eos stay valid because ``wrap_blocks`` / ``pad_sentences``
     put them in every sequence the model must reconstruct.

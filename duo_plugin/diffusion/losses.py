@@ -1,6 +1,6 @@
 """Duo losses: the continuous-time USDM NELBO in Duo's form, curriculum inputs, DCD pairs and distillation KL.
 
-References: duo-method.md §1.3 (f_Duo, paper Eq. 17/50; UDLM Eq. 48–49), §3.1 (curriculum, paper Eq. 21), §4/§11.7
+References: docs/method.md §1.3 (f_Duo, paper Eq. 17/50; UDLM Eq. 48–49), §3.1 (curriculum, paper Eq. 21), §4/§11.7
 (Discrete Consistency Distillation pairs from one shared Gaussian ε).
 """
 
@@ -13,7 +13,12 @@ import torch.nn.functional as F
 
 from .uniform import Generator, check_valid_vocab, draw, per_token, num_valid
 
-__all__ = ["duo_nelbo", "duo_nelbo_from_stats", "gaussian_latent", "curriculum_inputs", "dcd_pair", "distillation_kl"]
+__all__ = ["masked_token_sum", "duo_nelbo", "duo_nelbo_from_stats", "gaussian_latent", "curriculum_inputs", "dcd_pair", "distillation_kl"]
+
+
+def masked_token_sum(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ over valid tokens of a ``[B, L]`` loss; ``where`` (not a product) so garbage at pads cannot leak NaN."""
+    return torch.where(mask, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device)).sum()
 
 
 def _check_ids(name: str, x: torch.Tensor, b: int, l: int, k: int) -> None:
@@ -31,7 +36,7 @@ def duo_nelbo(
     alpha_prime_t,
     valid_vocab: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-token continuous-time USDM NELBO integrand f_Duo (paper Eq. 17/50; duo-method.md §1.3).
+    """Per-token continuous-time USDM NELBO integrand f_Duo (paper Eq. 17/50; docs/method.md §1.3).
 
     Pointwise equal to the UDLM form
     ``f = α'/(Kα) · [K/x̄_i − K/(x̄_θ)_i − Σ_j (x̄_j/x̄_i) log((x̄_θ)_i x̄_j / ((x̄_θ)_j x̄_i))]`` with
@@ -166,7 +171,7 @@ def curriculum_inputs(
     generator: Generator,
     valid_vocab: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Curriculum inputs from ONE Gaussian sample (paper Eq. 21, duo-method.md §3.1).
+    """Curriculum inputs from ONE Gaussian sample (paper Eq. 21, docs/method.md §3.1).
 
     Returns ``(z_t, soft_logits)``: the hard latent z_t = argmax(w) (``Long[B, L]``, the loss's z_t) and the soft
     network input w/τ (``float32 [B, L, K]`` logits; the embedding applies the softmax).  τ > 0.

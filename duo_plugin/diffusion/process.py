@@ -1,4 +1,4 @@
-"""The noise-process interface an objective (and later a sampler) is written against (docs/method.md §2).
+"""The noise-process interface an objective (and later a sampler) is written against (docs/method.md §1, §7.4).
 
 A discrete diffusion process is fixed by a schedule ``α_t`` (signal level, ``α_0 = 1`` clean, ``α_1 ≈ 0`` prior)
 and a noise distribution: the uniform-state process (USDM, this package's Duo) replaces a token by a uniform
@@ -49,7 +49,7 @@ class NoiseProcess(Protocol):
 
 
 class UniformProcess:
-    """Uniform-state process over the valid ids (docs/method.md §2.1), with a schedule (default log-linear).
+    """Uniform-state process over the valid ids (docs/method.md §1.1), with a schedule (default log-linear).
 
     Args:
         vocab_size: K. valid_vocab: ``Bool[K]`` (ids noise may produce) or None (all).

@@ -1,4 +1,4 @@
-"""Noise schedules and time sampling (duo-method.md §0, §1.1, §3.1).
+"""Noise schedules and time sampling (docs/method.md §0, §1.1, §3.1).
 
 * Log-linear discrete schedule α_t = 1 − (1 − ε) t, α'_t = −(1 − ε)   (code ``LogLinear``; ε = 1e-3).
 * Gaussian γ-parameterisation: α̃ = sqrt(sigmoid(−γ)), σ̃ = sqrt(sigmoid(γ)), γ_t = γ_min + t (γ_max − γ_min).

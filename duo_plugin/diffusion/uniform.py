@@ -270,7 +270,7 @@ def posterior(
     alpha_s,
     valid_vocab: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Exact USDM posterior q(z_s | z_t, x) for s < t (paper Eq. 4; duo-method.md §1.2), in float64.
+    """Exact USDM posterior q(z_s | z_t, x) for s < t (paper Eq. 4; docs/method.md §1.2), in float64.
 
     With α_{t|s} = α_t / α_s and K = K_eff::
 

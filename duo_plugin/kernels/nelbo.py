@@ -1,4 +1,4 @@
-"""Fused output projection + log-softmax + Duo NELBO (duo-method.md §1.3) without full ``[B, L, K]`` fp32 logits.
+"""Fused output projection + log-softmax + Duo NELBO (docs/method.md §1.3) without full ``[B, L, K]`` fp32 logits.
 
 f_Duo needs, per token, only: ``lse`` = logsumexp of the (valid) logits, the logits at z_t and at x0, and
 ``S = Σ_j softplus(logit_j − lse + log r)`` (``ℓ_j = log(x̄_θ,j / (1−α))``, r = Kα/(1−α)).  Its gradient w.r.t. logit_j

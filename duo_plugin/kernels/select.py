@@ -67,7 +67,7 @@ def choose_paths(curriculum_input: str, nelbo: str, *, model: torch.nn.Module, d
     Explicit fused choices that cannot apply raise ``ValueError`` naming the reason; ``auto`` falls back to
     ``dense`` instead.
     """
-    from . import triton_available
+    from ._env import triton_available
 
     for name, v in (("curriculum_input", curriculum_input), ("nelbo", nelbo)):
         if v not in KERNEL_CHOICES:

@@ -25,16 +25,13 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
+from duo_plugin.diffusion.losses import masked_token_sum
+
 __all__ = ["ObjectiveContext", "Objective", "masked_token_sum", "nullcontext_factory"]
 
 
 def nullcontext_factory():
     return contextlib.nullcontext()
-
-
-def masked_token_sum(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Σ over valid tokens of a ``[B, L]`` loss; ``where`` (not a product) so garbage at pads cannot leak NaN."""
-    return torch.where(mask, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device)).sum()
 
 
 @dataclass

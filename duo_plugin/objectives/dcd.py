@@ -1,4 +1,4 @@
-"""Discrete Consistency Distillation (DCD; paper Sec. 4.2, Alg. 1; docs/method.md §6): the objective and its math.
+"""Discrete Consistency Distillation (DCD; paper Sec. 4.2, Alg. 1; docs/method.md §4): the objective and its math.
 
 * :class:`DistillSchedule`: rounds of ``steps_per_round`` steps; the teacher is refreshed (θ⁻ ← θ, the *current
   student weights*, or the student's EMA for the paper's Alg. 2 ablation) before steps 0, M, 2M, …; the time gap

@@ -1,16 +1,16 @@
-"""The Duo training objective (docs/method.md §3–§5): Gaussian-relaxed curriculum, then the discrete NELBO.
+"""The Duo training objective (docs/method.md §3, §7.1): Gaussian-relaxed curriculum, then the discrete NELBO.
 
-* **Curriculum phase** (§4; paper Eq. 21): per sequence a stratified ``t`` over the global batch, ``γ_t = γ_min +
+* **Curriculum phase** (§3.1; paper Eq. 21): per sequence a stratified ``t`` over the global batch, ``γ_t = γ_min +
   t (γ_max − γ_min)``, one Gaussian latent ``w = α̃ x + σ̃ ε``; the network sees the soft input ``w/τ``, the loss is
   the discrete NELBO ``f_Duo`` (Eq. 17) at ``z_t = argmax w`` with ``α = T(γ_t)`` and ``α' = dT/dγ · (γ_max −
-  γ_min)`` (the duality schedule, §3); ``σ = −log α`` conditions the network.
-  The soft input has three interchangeable paths (``curriculum_input``/``kernels_curriculum_input``, §4.2):
+  γ_min)`` (the duality schedule, §2); ``σ = −log α`` conditions the network.
+  The soft input has three interchangeable paths (``curriculum_input``/``kernels_curriculum_input``, §3.3):
   ``dense`` (``losses.curriculum_inputs``: ``[B, L, K]`` logits), ``topk`` (exact ``z_t`` law, sparse soft input,
   for large K) and the fused kernels (``kernels.curriculum_soft_embedding``, counter-based noise).
 * **Discrete phase**: the uniform process with the log-linear ``α_t = 1 − (1 − ε) t``, hard ``z_t ~ q(z_t | x0)``.
 * The NELBO is either dense (``model(...)`` + ``duo_nelbo``) or fused on the hidden states
   (``kernels.fused_duo_nelbo``), chosen once per run (``kernels.choose_paths``).
-* **Attention annealing** (adapted decoders, §5.2): a causal → bidirectional mask over ``attn_anneal_steps``.
+* **Attention annealing** (adapted decoders, §7.1): a causal → bidirectional mask over ``attn_anneal_steps``.
   (The AR shift of adapted decoders — logits at ``i`` read from ``h[i−1]`` — is a property of the denoiser,
   ``models.make_denoiser(shift=True)``, so the objective treats shifted and unshifted models alike.)
 
@@ -48,7 +48,7 @@ class DuoObjective:
         curriculum_steps: steps ``[0, curriculum_steps)`` use the curriculum (0: none, a Duo-base run).
         tau: curriculum temperature τ (paper 1e-3). With ``tau_end`` set, τ follows the reference code's
             log-linear anneal from ``tau`` to ``tau_end`` (``training.curriculum.CurriculumPhase``) and the phase
-            switch is ``curriculum_start``/``curriculum_end`` instead (the fairseq2 trainer's convention).
+            switch is ``curriculum_start``/``curriculum_end`` instead (the fairseq2 trainer's convention, §3.2).
         gamma_min, gamma_max: the Gaussian γ window (both None: ``duality.gamma_window(K_eff)``).
         table: a ``duo-duality build`` file for T; else built (``table_points``), cached on disk if ``table_cache``
             (True: ``$DUO_CACHE_DIR``; a string: that directory). ``table_points=None`` and no ``table``: T is
@@ -110,7 +110,7 @@ class DuoObjective:
 
     def setup(self, model: torch.nn.Module, ctx: ObjectiveContext) -> None:
         """Build the duality schedule (T table) for K_eff, choose the kernel paths, check the model."""
-        from duo_plugin.training.curriculum import CurriculumPhase
+        from .curriculum import CurriculumPhase
 
         self.ctx = ctx
         self.process = UniformProcess(ctx.vocab_size, ctx.valid_vocab, self.loglinear)
@@ -179,7 +179,7 @@ class DuoObjective:
         """Bool ``[L, L]`` attention mask while annealing causal → full, else None (the flash path)."""
         if self.anneal_steps <= 0:
             return None
-        from duo_plugin.training.adapt import anneal_progress, annealed_attention_mask
+        from .adapt import anneal_progress, annealed_attention_mask
 
         prog = anneal_progress(step, self.anneal_steps)
         gen = (torch.Generator().manual_seed(stable_seed(self.ctx.seed, step, streams.ATTN_ANNEAL))
@@ -201,7 +201,7 @@ class DuoObjective:
             gamma = sched.gamma(t).to(dev)
             tau = self.tau_at(step)
             if self.curriculum_input == "topk":
-                from duo_plugin.training.adapt import topk_curriculum_inputs
+                from .adapt import topk_curriculum_inputs
 
                 z_t, model_in = topk_curriculum_inputs(x0, gamma, tau, self.topk, K, gens, vv)
             elif self.kernel_paths["curriculum_input"] != "dense":

@@ -1,6 +1,6 @@
 """duo_distill: Discrete Consistency Distillation (DCD) of a Duo checkpoint into a few-step sampler.
 
-Torchtune-style recipe (docs/method.md §6, paper Sec. 4.2, Alg. 1); the loss is :class:`duo_plugin.objectives.
+Torchtune-style recipe (docs/method.md §4, paper Sec. 4.2, Alg. 1); the loss is :class:`duo_plugin.objectives.
 DCDObjective` (built from the ``distill:`` section, or ``objective: {_component_: ...}``), the data
 :func:`duo_plugin.data.text_blocks`, the shared steps :mod:`duo_plugin.recipes.common`:
 

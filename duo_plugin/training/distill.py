@@ -1,4 +1,4 @@
-"""Discrete Consistency Distillation (DCD; paper Sec. 4.2, Alg. 1; docs/method.md §6): the recipe's helpers.
+"""Discrete Consistency Distillation (DCD; paper Sec. 4.2, Alg. 1; docs/method.md §4): the recipe's helpers.
 
 The method itself (schedule, times, pairs, per-token loss and :class:`~duo_plugin.objectives.DCDObjective`) lives
 in :mod:`duo_plugin.objectives.dcd` and is re-exported here; this module adds the teacher refresh and the
