@@ -316,6 +316,7 @@ class DuoLM(TemplateLM):
                     f"{tokenizer} not found: the checkpoint has no tokenizer/ subdir; pass tokenizer=PATH in --model_args"
                 )
         if isinstance(tokenizer, (str, os.PathLike)):
+            import duo_plugin.integrations.torchtune_tokenizer  # noqa: F401  (registers the 'torchtune' descriptor)
             from duo_plugin.data.tokenizers import load_tokenizer
 
             tokenizer = load_tokenizer(tokenizer)

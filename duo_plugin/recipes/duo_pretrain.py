@@ -180,6 +180,7 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"adapt.trainable must be auto, all or lora, got {merged.adapt.trainable!r}")
     if merged.resume not in (False, True, "auto") and not isinstance(merged.resume, str):
         raise ConfigError("resume must be false, true/'auto' (latest checkpoint in output_dir) or a checkpoint dir")
+    build_objective(merged)  # the objective's own checks (curriculum / kernels / adapt values), naming the key
     return merged
 
 
