@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["TextBlocks", "text_blocks", "text_documents", "resolve_files"]
+__all__ = ["TextBlocks", "text_blocks", "text_documents", "resolve_files", "eval_blocks"]
 
 
 @dataclass
@@ -101,20 +101,28 @@ def text_blocks(tokenizer, *, seq_len: int, source: str = "files", files: Sequen
         else:
             split = {"num_heldout": n_val} if n_val > 0 else {"fraction": frac}
             docs, val_docs_list = data_text.split_heldout(docs, **split)
-    if not build_val:
-        val_docs_list = None
     tok = tokenizer
-    val = None
     if packing == "wrap":
         train = data_text.TokenBlockDataset(data_text.wrap_blocks(docs, seq_len, tok.bos_id, tok.eos_id))
-        if val_docs_list is not None:
-            vb, vm = data_text.wrap_blocks(val_docs_list, seq_len, tok.bos_id, tok.eos_id, drop_remainder=False,
-                                           return_mask=True)
-            val = data_text.TokenBlockDataset(vb, vm)
     else:
         pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
         train = data_text.TokenBlockDataset(*data_text.pad_sentences(docs, seq_len, tok.bos_id, tok.eos_id, pad))
-        if val_docs_list is not None:
-            val = data_text.TokenBlockDataset(*data_text.pad_sentences(val_docs_list, seq_len, tok.bos_id,
-                                                                       tok.eos_id, pad))
+    val = None
+    if build_val and val_docs_list is not None:
+        val = data_text.TokenBlockDataset(*eval_blocks(val_docs_list, tokenizer, seq_len=seq_len, packing=packing))
     return TextBlocks(train, val, seq_len)
+
+
+def eval_blocks(docs, tokenizer, *, seq_len: int, packing: str = "wrap"):
+    """Evaluation blocks ``(ids Long[N, L], attention_mask Bool[N, L])`` of tokenized documents: ``wrap`` keeps the
+    last partial block (masked), ``pad`` gives one padded sentence per row. The validation split of
+    :func:`text_blocks` and the held-out sets of duo_eval are built by this one function."""
+    from duo_plugin.data import text as data_text
+
+    tok = tokenizer
+    if packing == "pad":
+        pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+        return data_text.pad_sentences(docs, int(seq_len), tok.bos_id, tok.eos_id, pad)
+    if packing != "wrap":
+        raise ValueError(f"packing must be 'wrap' or 'pad', got {packing!r}")
+    return data_text.wrap_blocks(docs, int(seq_len), tok.bos_id, tok.eos_id, drop_remainder=False, return_mask=True)
