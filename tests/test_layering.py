@@ -89,3 +89,31 @@ def test_kernel_submodules_do_not_import_the_package_init():
                 if mod == "duo_plugin.kernels" and name not in submodules:
                     bad.append((rel, name))
     assert not bad, bad
+
+
+def test_no_import_cycle_among_kernel_modules():
+    """Module graph of kernels/ (lazy imports included, the package __init__ excluded): acyclic."""
+    names = {p.stem for p in (PKG / "kernels").glob("*.py")} - {"__init__"}
+    graph = {n: set() for n in names}
+    for rel, tree in _modules():
+        if rel.startswith("kernels/") and rel != "kernels/__init__.py":
+            src = rel.split("/")[1][:-3]
+            for mod, name in _imports(tree, rel):
+                if mod.startswith("duo_plugin.kernels."):
+                    graph[src].add(mod.split(".")[2])
+                elif mod == "duo_plugin.kernels" and name in names:
+                    graph[src].add(name)
+    state: dict[str, int] = {}
+
+    def visit(n, path):
+        if state.get(n) == 1:
+            raise AssertionError(f"import cycle in kernels/: {' -> '.join(path + [n])}")
+        if state.get(n) == 2:
+            return
+        state[n] = 1
+        for m in graph[n]:
+            visit(m, path + [n])
+        state[n] = 2
+
+    for n in sorted(graph):
+        visit(n, [])
