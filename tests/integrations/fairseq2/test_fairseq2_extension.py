@@ -74,7 +74,7 @@ def test_extension_registers_family_and_archs_on_init(f2):
      ("duo_medium", duo_dit_medium, {})],
 )
 def test_arch_configs_match_core_builders(f2, arch, builder, kwargs):
-    """Each named arch builds exactly the parameter shapes of the core builder (paper sizes, duo-method §6)."""
+    """Each named arch builds exactly the parameter shapes of the core builder (paper sizes, docs/method.md §6)."""
     from duo_plugin.integrations.fairseq2.extension import get_duo_model_hub
 
     cfg = get_duo_model_hub().get_arch_config(arch)
