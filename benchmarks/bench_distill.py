@@ -1,5 +1,5 @@
 """CPU demo of DCD, measured in one command: Gen PPL + entropy of the base model at many steps and at few steps vs
-the DCD student at the same few steps, and the wall-clock ratio of sampling (issue 6 "done when").
+the DCD student at the same few steps, and the wall-clock ratio of sampling.
 
     python benchmarks/bench_distill.py                                  # everything, assets under outputs/bench_distill
     python benchmarks/bench_distill.py --base DIR --scorer DIR          # reuse a base Duo model and an AR scorer

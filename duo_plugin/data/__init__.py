@@ -21,3 +21,4 @@ from duo_plugin.data.text import (  # noqa: F401
     wrap_blocks,
 )
 from duo_plugin.data.corpora import load_shakespeare, shakespeare_documents  # noqa: F401
+from duo_plugin.data.blocks import TextBlocks, text_blocks, text_documents  # noqa: F401

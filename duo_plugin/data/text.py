@@ -1,6 +1,6 @@
 """Text → token documents → fixed-length blocks, with a deterministic, resumable, topology-free order.
 
-Pipeline (duo-method.md §6 "Data", §8 "Zero-shot"):
+Pipeline (docs/method.md §6 "Data", §8 "Zero-shot"):
 
 1. :func:`load_documents` reads raw documents from local ``.txt`` / ``.json`` / ``.jsonl`` / ``.csv`` /
    ``.parquet`` files (column configurable) or a hub dataset name (offline-safe: a clear error when the hub
@@ -377,7 +377,7 @@ def wrap_blocks(
     pad_id: int | None = None,
     return_mask: bool = False,
 ):
-    """OWT-style wrapping (duo-method.md §6 Data, §8 zero-shot).
+    """OWT-style wrapping (docs/method.md §6 Data, §8 zero-shot).
 
     The documents are concatenated into one stream (``doc_0 [EOS] doc_1 [EOS] ...`` when ``insert_eos``, plain
     concatenation otherwise, as for zero-shot sets), cut into chunks of ``L-2`` tokens, and each chunk becomes
@@ -434,7 +434,7 @@ def wrap_blocks(
 
 
 def pad_sentences(docs, block_size: int, bos_id: int, eos_id: int, pad_id: int):
-    """LM1B-style (no packing, duo-method.md §6 Data (a)): row i = ``[BOS] + doc_i[:L-2] + [EOS] + [PAD]*``.
+    """LM1B-style (no packing, docs/method.md §6 Data (a)): row i = ``[BOS] + doc_i[:L-2] + [EOS] + [PAD]*``.
 
     Returns:
         ``(ids: LongTensor[N, L], attention_mask: BoolTensor[N, L])``; the mask is True on BOS, tokens and EOS.

@@ -10,11 +10,12 @@ Every tokenizer used by duo-plugin satisfies :class:`DuoTokenizer`:
   :func:`load_tokenizer` (``dir``) rebuilds the same tokenizer;
 * ``descriptor() -> dict``: JSON-able identity (type, special ids, sha256 of the model file) used as cache key.
 
-The model's vocabulary and the uniform-noise support (duo-method.md §0, architecture.md "Shared conventions")
+The model's vocabulary and the uniform-noise support (docs/method.md §0, architecture.md "Shared conventions")
 are tied to the tokenizer by :func:`check_vocab`, which returns ``valid_vocab: BoolTensor[K_model]``.
 
 This module never imports torchtune; the torchtune wrapper lives in
-``duo_plugin.integrations.torchtune_tokenizer`` and is imported lazily by :func:`load_tokenizer`.
+``duo_plugin.integrations.torchtune_tokenizer``, which registers its descriptor loader
+(:func:`register_descriptor_loader`) when imported; this module never imports an integration.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Iterable, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from duo_plugin._io import atomic_open
+from duo_plugin._io import atomic_write_text
 
 __all__ = [
     "DESCRIPTOR_NAME",
@@ -42,6 +43,9 @@ __all__ = [
     "load_tokenizer",
     "check_vocab",
     "file_sha256",
+    "SpecialIds",
+    "DESCRIPTOR_LOADERS",
+    "register_descriptor_loader",
     "main",
 ]
 
@@ -88,13 +92,17 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(path, "w", prefix=f".{path.name}.", suffix=".tmp", encoding="utf-8") as f:
-        f.write(text)
+#: descriptor ``type`` -> ``loader(descriptor) -> DuoTokenizer`` for tokenizer families defined outside this module
+#: (integrations fill it: ``duo_plugin.integrations.torchtune_tokenizer`` registers ``"torchtune"`` on import).
+DESCRIPTOR_LOADERS: dict = {}
 
 
-class _SpecialIds:
+def register_descriptor_loader(kind: str, loader) -> None:
+    """Let :func:`load_tokenizer` rebuild descriptors of ``type: kind`` with ``loader(descriptor)``."""
+    DESCRIPTOR_LOADERS[str(kind)] = loader
+
+
+class SpecialIds:
     """bos/eos/pad/special-id bookkeeping shared by every tokenizer (here and the torchtune wrapper).
 
     Subclasses call :meth:`_set_special_ids` once in ``__init__``; it stores the ids behind the
@@ -141,7 +149,7 @@ class _SpecialIds:
         return [i for i in ids if i not in (self._bos, self._eos, self._pad)]
 
 
-class BaseTokenizer(_SpecialIds):
+class BaseTokenizer(SpecialIds):
     """Shared helpers: bos/eos insertion, id validation and descriptor-based ``save``."""
 
     type_name: str = "base"
@@ -187,7 +195,7 @@ class BaseTokenizer(_SpecialIds):
         dst = out / src.name
         if src.resolve() != dst.resolve():
             shutil.copyfile(src, dst)
-        _atomic_write_text(out / DESCRIPTOR_NAME, json.dumps(self.descriptor(), indent=2, sort_keys=True))
+        atomic_write_text(out / DESCRIPTOR_NAME, json.dumps(self.descriptor(), indent=2, sort_keys=True))
         return out
 
     def __repr__(self) -> str:
@@ -414,7 +422,7 @@ def train_sentencepiece(
     os.replace(tmp, model_path)
     tok = SentencePieceTokenizer(model_path)
     vocab_txt = "".join(f"{tok._sp.id_to_piece(i)}\t{tok._sp.get_score(i)}\n" for i in range(tok.vocab_size))
-    _atomic_write_text(out / "tokenizer.vocab", vocab_txt)
+    atomic_write_text(out / "tokenizer.vocab", vocab_txt)
     tok.save(out)
     return tok
 
@@ -468,12 +476,15 @@ def _from_descriptor(desc: dict, base: Path) -> DuoTokenizer:
             eos_token=desc.get("eos_token"),
             pad_token=desc.get("pad_token"),
         )
+    elif kind in DESCRIPTOR_LOADERS:
+        return DESCRIPTOR_LOADERS[kind](desc)
     elif kind == "torchtune":
-        from duo_plugin.integrations.torchtune_tokenizer import TorchtuneTokenizer
-
-        return TorchtuneTokenizer.from_descriptor(desc)
+        raise ValueError("a 'torchtune' tokenizer descriptor needs the torchtune integration: `import "
+                         "duo_plugin.integrations.torchtune_tokenizer` (the recipes and the lm-eval backend do) and "
+                         "install torchtune")
     else:
-        raise ValueError(f"unknown tokenizer type {kind!r} in descriptor (expected sentencepiece, hf, torchtune)")
+        raise ValueError(f"unknown tokenizer type {kind!r} in descriptor (expected sentencepiece, hf, "
+                         f"{', '.join(sorted(DESCRIPTOR_LOADERS)) or 'torchtune'})")
     sha = desc.get("sha256")
     if sha is not None and file_sha256(tok._model_file()) != sha:
         raise ValueError(
@@ -493,7 +504,7 @@ def check_vocab(
     """Check the model's vocabulary against the tokenizer and build ``valid_vocab: BoolTensor[K_model]``.
 
     ``valid_vocab[i]`` is True for the ids the data can contain, i.e. the uniform-noise support of
-    duo-method.md §1 (``K_eff = valid_vocab.sum()``): every tokenizer id, **except** padded embedding rows
+    docs/method.md §1 (``K_eff = valid_vocab.sum()``): every tokenizer id, **except** padded embedding rows
     ``tokenizer.vocab_size <= i < model_vocab_size``, the pad id (unless ``include_pad``) and special ids other
     than bos/eos (unless ``include_special``). bos and eos stay valid because ``wrap_blocks`` / ``pad_sentences``
     put them in every sequence the model must reconstruct.
@@ -556,3 +567,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+_SpecialIds = SpecialIds  # old private spelling

@@ -1,4 +1,4 @@
-"""The Diffusion Duality operator T (paper Eq. 11, App. A.1; duo-method.md §2).
+"""The Diffusion Duality operator T (paper Eq. 11, App. A.1; docs/method.md §2).
 
 For the Gaussian latent w = α̃ x + σ̃ ε (γ-parameterised, m = α̃/σ̃ = e^{−γ/2}), argmax(w) has the uniform-state
 marginal with discrete signal level::

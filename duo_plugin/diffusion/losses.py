@@ -1,6 +1,6 @@
 """Duo losses: the continuous-time USDM NELBO in Duo's form, curriculum inputs, DCD pairs and distillation KL.
 
-References: duo-method.md §1.3 (f_Duo, paper Eq. 17/50; UDLM Eq. 48–49), §3.1 (curriculum, paper Eq. 21), §4/§11.7
+References: docs/method.md §1.3 (f_Duo, paper Eq. 17/50; UDLM Eq. 48–49), §3.1 (curriculum, paper Eq. 21), §4/§11.7
 (Discrete Consistency Distillation pairs from one shared Gaussian ε).
 """
 
@@ -11,9 +11,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .uniform import Generator, _check_valid_vocab, _draw, _per_token, num_valid
+from .uniform import Generator, check_valid_vocab, draw, per_token, num_valid
 
-__all__ = ["duo_nelbo", "duo_nelbo_from_stats", "gaussian_latent", "curriculum_inputs", "dcd_pair", "distillation_kl"]
+__all__ = ["masked_token_sum", "duo_nelbo", "duo_nelbo_from_stats", "gaussian_latent", "curriculum_inputs", "dcd_pair", "distillation_kl"]
+
+
+def masked_token_sum(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ over valid tokens of a ``[B, L]`` loss; ``where`` (not a product) so garbage at pads cannot leak NaN."""
+    return torch.where(mask, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device)).sum()
 
 
 def _check_ids(name: str, x: torch.Tensor, b: int, l: int, k: int) -> None:
@@ -31,7 +36,7 @@ def duo_nelbo(
     alpha_prime_t,
     valid_vocab: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-token continuous-time USDM NELBO integrand f_Duo (paper Eq. 17/50; duo-method.md §1.3).
+    """Per-token continuous-time USDM NELBO integrand f_Duo (paper Eq. 17/50; docs/method.md §1.3).
 
     Pointwise equal to the UDLM form
     ``f = α'/(Kα) · [K/x̄_i − K/(x̄_θ)_i − Σ_j (x̄_j/x̄_i) log((x̄_θ)_i x̄_j / ((x̄_θ)_j x̄_i))]`` with
@@ -59,13 +64,13 @@ def duo_nelbo(
     b, l, k_full = log_x_theta.shape
     _check_ids("z_t", z_t, b, l, k_full)
     _check_ids("x0", x0, b, l, k_full)
-    _check_valid_vocab(k_full, valid_vocab)
+    check_valid_vocab(k_full, valid_vocab)
     k = num_valid(k_full, valid_vocab)
     if k < 2:
         raise ValueError("the NELBO needs at least 2 valid ids")
     dev = log_x_theta.device
-    a = _per_token(alpha_t, b, l, dev, "alpha_t")
-    ap = _per_token(alpha_prime_t, b, l, dev, "alpha_prime_t")
+    a = per_token(alpha_t, b, l, dev, "alpha_t")
+    ap = per_token(alpha_prime_t, b, l, dev, "alpha_prime_t")
     if bool(((a <= 0) | (a >= 1) | torch.isnan(a)).any()):
         raise ValueError(
             f"alpha_t must lie in (0, 1) for the NELBO; got [{a.min().item():.4g}, {a.max().item():.4g}]. "
@@ -121,7 +126,7 @@ def duo_nelbo_from_stats(lx_i, lx_m, s, alpha_t, alpha_prime_t, delta, k: int) -
 
 
 def _gamma_tokens(gamma, b: int, l: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
-    g = _per_token(gamma, b, l, dev, "gamma")
+    g = per_token(gamma, b, l, dev, "gamma")
     if not bool(torch.isfinite(g).all()):
         raise ValueError("gamma must be finite")
     return torch.sigmoid(-g).sqrt(), torch.sigmoid(g).sqrt()
@@ -133,10 +138,10 @@ def _noise(x0: torch.Tensor, vocab_size: int, generator: Generator, valid_vocab)
     if x0.dim() != 2:
         raise ValueError(f"x0 must be [B, L] ids; got {tuple(x0.shape)}")
     _check_ids("x0", x0, x0.shape[0], x0.shape[1], k_full)
-    _check_valid_vocab(k_full, valid_vocab)
+    check_valid_vocab(k_full, valid_vocab)
     if num_valid(k_full, valid_vocab) < 2:
         raise ValueError("need at least 2 valid ids")
-    eps = _draw("randn", (x0.shape[0], x0.shape[1], k_full), generator, x0.device, dtype=torch.float32)
+    eps = draw("randn", (x0.shape[0], x0.shape[1], k_full), generator, x0.device, dtype=torch.float32)
     if valid_vocab is not None:
         eps = eps.masked_fill(~valid_vocab.to(x0.device), float("-inf"))
     return eps
@@ -166,7 +171,7 @@ def curriculum_inputs(
     generator: Generator,
     valid_vocab: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Curriculum inputs from ONE Gaussian sample (paper Eq. 21, duo-method.md §3.1).
+    """Curriculum inputs from ONE Gaussian sample (paper Eq. 21, docs/method.md §3.1).
 
     Returns ``(z_t, soft_logits)``: the hard latent z_t = argmax(w) (``Long[B, L]``, the loss's z_t) and the soft
     network input w/τ (``float32 [B, L, K]`` logits; the embedding applies the softmax).  τ > 0.
@@ -197,8 +202,8 @@ def dcd_pair(
     """
     b, l = x0.shape if x0.dim() == 2 else (None, None)
     eps = _noise(x0, vocab_size, generator, valid_vocab)
-    gt = _per_token(gamma_t, b, l, x0.device, "gamma_t")
-    gs = _per_token(gamma_s, b, l, x0.device, "gamma_s")
+    gt = per_token(gamma_t, b, l, x0.device, "gamma_t")
+    gs = per_token(gamma_s, b, l, x0.device, "gamma_s")
     if bool((gs > gt).any()):
         raise ValueError("dcd_pair needs gamma_s <= gamma_t (s is the less noisy time)")
     idx = x0.long()[..., None]

@@ -1,4 +1,4 @@
-"""Noise schedules and time sampling (duo-method.md §0, §1.1, §3.1).
+"""Noise schedules and time sampling (docs/method.md §0, §1.1, §3.1).
 
 * Log-linear discrete schedule α_t = 1 − (1 − ε) t, α'_t = −(1 − ε)   (code ``LogLinear``; ε = 1e-3).
 * Gaussian γ-parameterisation: α̃ = sqrt(sigmoid(−γ)), σ̃ = sqrt(sigmoid(γ)), γ_t = γ_min + t (γ_max − γ_min).
@@ -16,7 +16,8 @@ from typing import Iterable
 
 import torch
 
-from .uniform import stable_seed
+from . import streams
+from .uniform import row_generators, stable_seed
 
 __all__ = [
     "log_linear_alpha",
@@ -24,11 +25,12 @@ __all__ = [
     "gaussian_coefficients",
     "gamma_at",
     "stratified_times",
+    "micro_batch_times",
+    "micro_batch_generators",
     "LogLinearSchedule",
     "DualitySchedule",
 ]
 
-_TIME_TAG = 0x74696D65  # "time": separates the time-sampler stream from the per-row noise streams
 
 
 def _as_f64(x) -> torch.Tensor:
@@ -87,11 +89,30 @@ def stratified_times(
     idx = idx.flatten().cpu()
     if idx.numel() and int(idx.min()) < 0:
         raise ValueError("indices must be non-negative global sample positions")
-    u = (stable_seed(seed, step, _TIME_TAG) >> 10) / float(1 << 53)  # 53-bit uniform in [0, 1)
+    u = (stable_seed(seed, step, streams.TIME) >> 10) / float(1 << 53)  # 53-bit uniform in [0, 1)
     strata = (idx % n).to(torch.float64)
     t = torch.remainder(u / n + strata / n, 1.0)
     t = (1.0 - t_min) * t + t_min
     return t.to(dtype=dtype, device=device)
+
+
+def micro_batch_times(seed: int, step: int, positions: Iterable[int] | torch.Tensor, global_batch_size: int,
+                      t_min: float = 1e-3, *, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """:func:`stratified_times` for the samples at ``positions`` (``0..N-1`` inside the global batch of ``step``, as
+    returned by :func:`duo_plugin.data.text.shard`); raises ValueError for a position outside ``[0, N)``."""
+    pos = torch.as_tensor(list(positions) if not isinstance(positions, torch.Tensor) else positions,
+                          dtype=torch.int64).flatten()
+    if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= int(global_batch_size)):
+        raise ValueError(f"positions must lie in [0, {global_batch_size}) (positions inside the global batch, "
+                         "as returned by duo_plugin.data.text.shard), got range "
+                         f"[{int(pos.min())}, {int(pos.max())}]")
+    return stratified_times(seed, step, pos, global_batch_size, t_min, dtype=dtype, device=device)
+
+
+def micro_batch_generators(seed: int, step: int, positions: Iterable[int] | torch.Tensor,
+                           device=None) -> list[torch.Generator]:
+    """One generator per sample keyed by (seed, step, position in the global batch) (= :func:`row_generators`)."""
+    return row_generators(seed, step, positions, device=device)
 
 
 class LogLinearSchedule:

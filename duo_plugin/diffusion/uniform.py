@@ -30,6 +30,9 @@ __all__ = [
     "prior_sample",
     "posterior",
     "sample_categorical",
+    "draw",
+    "per_token",
+    "check_valid_vocab",
 ]
 
 _MASK64 = (1 << 64) - 1
@@ -93,7 +96,7 @@ def _check_generator(generator: Generator, rows: int) -> None:
         )
 
 
-def _draw(kind: str, shape: Sequence[int], generator: Generator, device, dtype=None, high: int | None = None):
+def draw(kind: str, shape: Sequence[int], generator: Generator, device, dtype=None, high: int | None = None):
     """Draw ``kind`` in {"rand", "randn", "randint"} of ``shape``; a generator list splits along dim 0."""
     shape = tuple(int(s) for s in shape)
     device = torch.device(device) if device is not None else None
@@ -121,7 +124,7 @@ def _draw(kind: str, shape: Sequence[int], generator: Generator, device, dtype=N
 # ----------------------------------------------------------------------------------------------------------------
 # Valid vocabulary helpers
 # ----------------------------------------------------------------------------------------------------------------
-def _check_valid_vocab(vocab_size: int, valid_vocab: torch.Tensor | None) -> None:
+def check_valid_vocab(vocab_size: int, valid_vocab: torch.Tensor | None) -> None:
     if valid_vocab is None:
         return
     if not isinstance(valid_vocab, torch.Tensor) or valid_vocab.dtype != torch.bool or valid_vocab.dim() != 1:
@@ -138,7 +141,7 @@ def num_valid(vocab_size: int, valid_vocab: torch.Tensor | None = None) -> int:
     vocab_size = int(vocab_size)
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
-    _check_valid_vocab(vocab_size, valid_vocab)
+    check_valid_vocab(vocab_size, valid_vocab)
     k = vocab_size if valid_vocab is None else int(valid_vocab.sum().item())
     if k < 1:
         raise ValueError("valid_vocab marks no id as valid; at least one id must be True")
@@ -147,7 +150,7 @@ def num_valid(vocab_size: int, valid_vocab: torch.Tensor | None = None) -> int:
 
 def valid_ids(vocab_size: int, valid_vocab: torch.Tensor | None = None, device=None) -> torch.Tensor:
     """Sorted ``LongTensor[K_eff]`` of valid ids."""
-    _check_valid_vocab(int(vocab_size), valid_vocab)
+    check_valid_vocab(int(vocab_size), valid_vocab)
     if valid_vocab is None:
         return torch.arange(int(vocab_size), device=device)
     return torch.nonzero(valid_vocab, as_tuple=False).flatten().to(device if device is not None else valid_vocab.device)
@@ -165,14 +168,14 @@ def _resolve_vocab(vocab_size, valid_vocab):
                 f"vocab_size={vocab_size} disagrees with len(valid_vocab)={valid_vocab.numel()}; valid_vocab must "
                 "cover all K embedding rows"
             )
-        _check_valid_vocab(valid_vocab.numel(), valid_vocab)
+        check_valid_vocab(valid_vocab.numel(), valid_vocab)
         return int(valid_vocab.numel()), valid_vocab
     if vocab_size is None:
         raise ValueError("the vocabulary size is unknown: pass vocab_size=K or a valid_vocab BoolTensor[K]")
     return int(vocab_size), None
 
 
-def _per_token(alpha, batch: int, length: int, device, name: str = "alpha_t") -> torch.Tensor:
+def per_token(alpha, batch: int, length: int, device, name: str = "alpha_t") -> torch.Tensor:
     """Broadcast a scalar / [B] / [B, L] schedule value to float64 [B, L]."""
     a = torch.as_tensor(alpha, dtype=torch.float64, device=device)
     if a.dim() == 0:
@@ -209,7 +212,7 @@ def prior_sample(
     """Sample ``LongTensor[shape]`` from the uniform prior over the valid ids (the t = 1 marginal, Eq. 1 with α = 0)."""
     k = num_valid(vocab_size, valid_vocab)
     shape = tuple(int(s) for s in shape)
-    idx = _draw("randint", shape, generator, device, high=k)
+    idx = draw("randint", shape, generator, device, high=k)
     if valid_vocab is None:
         return idx
     return valid_ids(vocab_size, valid_vocab, device=idx.device)[idx]
@@ -246,13 +249,13 @@ def corrupt(
     k_full, vv = _resolve_vocab(vocab_size, valid_vocab)
     k = num_valid(k_full, vv)
     b, l = x0.shape
-    a = _per_token(alpha_t, b, l, x0.device)
+    a = per_token(alpha_t, b, l, x0.device)
     if bool(((a < 0) | (a > 1) | torch.isnan(a)).any()):
         raise ValueError("alpha_t must lie in [0, 1]")
     if x0.numel() and (int(x0.min()) < 0 or int(x0.max()) >= k_full):
         raise ValueError(f"x0 has ids outside [0, {k_full}); check the tokenizer / vocab_size")
-    u = _draw("rand", (b, l), generator, x0.device, dtype=torch.float64)
-    idx = _draw("randint", (b, l), generator, x0.device, high=k)
+    u = draw("rand", (b, l), generator, x0.device, dtype=torch.float64)
+    idx = draw("randint", (b, l), generator, x0.device, high=k)
     noise = idx if vv is None else valid_ids(k_full, vv, device=x0.device)[idx]
     return torch.where(u < a, x0.long(), noise)
 
@@ -267,7 +270,7 @@ def posterior(
     alpha_s,
     valid_vocab: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Exact USDM posterior q(z_s | z_t, x) for s < t (paper Eq. 4; duo-method.md §1.2), in float64.
+    """Exact USDM posterior q(z_s | z_t, x) for s < t (paper Eq. 4; docs/method.md §1.2), in float64.
 
     With α_{t|s} = α_t / α_s and K = K_eff::
 
@@ -298,11 +301,11 @@ def posterior(
     if x0_probs.dim() != 3 or tuple(x0_probs.shape[:2]) != (b, l):
         raise ValueError(f"x0_probs must be [B, L, K] matching z_t [B, L]={b, l}; got {tuple(x0_probs.shape)}")
     k_full = x0_probs.shape[-1]
-    _check_valid_vocab(k_full, valid_vocab)
+    check_valid_vocab(k_full, valid_vocab)
     k = num_valid(k_full, valid_vocab)
     dev = x0_probs.device
-    at = _per_token(alpha_t, b, l, dev, "alpha_t")
-    as_ = _per_token(alpha_s, b, l, dev, "alpha_s")
+    at = per_token(alpha_t, b, l, dev, "alpha_t")
+    as_ = per_token(alpha_s, b, l, dev, "alpha_s")
     _check_unit_interval(at, "alpha_t")
     _check_unit_interval(as_, "alpha_s")
     if bool((at > as_ * (1 + 1e-12)).any()):
@@ -348,6 +351,10 @@ def sample_categorical(probs: torch.Tensor, generator: Generator) -> torch.Tenso
     if probs.dim() < 1:
         raise ValueError("probs must have a trailing vocabulary dimension")
     p = probs.to(torch.float64)
-    u = _draw("rand", tuple(p.shape), generator, p.device, dtype=torch.float64)
+    u = draw("rand", tuple(p.shape), generator, p.device, dtype=torch.float64)
     e = (-torch.log1p(-u)).clamp_min(torch.finfo(torch.float64).tiny)
     return (p / e).argmax(dim=-1)
+
+
+# Old private spellings, kept so that code written against them keeps importing; use the public names.
+_draw, _per_token, _check_valid_vocab = draw, per_token, check_valid_vocab

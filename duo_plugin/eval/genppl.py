@@ -1,4 +1,4 @@
-"""Generative perplexity and unigram entropy of samples (Duo paper §5.2; duo-method.md §5 "Gen PPL and entropy").
+"""Generative perplexity and unigram entropy of samples (Duo paper §5.2; docs/method.md §5 "Gen PPL and entropy").
 
 * Gen PPL: samples are decoded with the diffusion tokenizer, re-tokenised with the scorer's tokenizer, and scored
   by a causal LM. NLL targets are every non-EOS token plus the first EOS (later EOS tokens are dropped);

@@ -1,4 +1,4 @@
-"""Likelihood evaluation: NELBO perplexity over a split and the conditional NELBO (duo-method.md §1.3 and §8).
+"""Likelihood evaluation: NELBO perplexity over a split and the conditional NELBO (docs/method.md §1.3 and §8).
 
 Both use the continuous-time USDM NELBO integrand f_Duo (paper Eq. 17/50, ``duo_plugin.diffusion.losses.duo_nelbo``)
 with the log-linear schedule α_t = 1 − (1 − 1e-3) t, t ∈ [1e-3, 1], no prior and no reconstruction term (as the
@@ -223,7 +223,7 @@ def nelbo_perplexity(
     progress: bool = True,
     special_ids: Optional[Sequence[int]] = None,
 ) -> dict:
-    """NELBO perplexity of a split (duo-method.md §8): PPL = exp(Σ NELBO / #tokens), an upper bound.
+    """NELBO perplexity of a split (docs/method.md §8): PPL = exp(Σ NELBO / #tokens), an upper bound.
 
     Each pass draws a fresh seeded permutation π of the sequences (:func:`stratum_permutation`) and gives sequence
     n the time of stratum π(n) of [t_min, 1] (``stratified_times(seed, pass, π(n), N)``: each of the N strata holds

@@ -1,4 +1,4 @@
-"""The paper's seven zero-shot likelihood sets (Duo Table 2; duo-method.md §7.3 and §8).
+"""The paper's seven zero-shot likelihood sets (Duo Table 2; docs/method.md §8).
 
 Each set is described by a :class:`ZeroShotSet` (hub id / config / split / text column / detokenizers). Texts are
 loaded by name through ``datasets`` when the hub (or its local cache) is available, or from local files with the
@@ -145,7 +145,7 @@ ZERO_SHOT_SETS: dict[str, ZeroShotSet] = {
     s.name: s
     for s in [
         ZeroShotSet("ptb", "ptb_text_only", None, "validation", "sentence", ("ptb",), "PTB"),
-        # WikiText-2 and -103 validation texts are identical (duo-method.md §8); "wikitext" = the 103 config.
+        # WikiText-2 and -103 validation texts are identical (docs/method.md §8); "wikitext" = the 103 config.
         ZeroShotSet("wikitext", "wikitext", "wikitext-103-raw-v1", "validation", "text", ("wikitext",), "Wikitext"),
         ZeroShotSet("wikitext2", "wikitext", "wikitext-2-raw-v1", "validation", "text", ("wikitext",), "Wikitext"),
         ZeroShotSet("lm1b", "lm1b", None, "test", "text", ("lm1b",), "LM1B"),

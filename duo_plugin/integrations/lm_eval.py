@@ -9,7 +9,7 @@ Usage (after ``pip install duo-plugin``; lm-eval 0.4.13)::
 What is returned (the model is a uniform-state diffusion LM, so every log-likelihood is a *bound*):
 
 * ``loglikelihood``: ``-NELBO(continuation | context)``, the conditional NELBO of the continuation tokens with the
-  context tokens kept clean (never corrupted, not scored), **summed** over continuation tokens (duo-method.md §1.3,
+  context tokens kept clean (never corrupted, not scored), **summed** over continuation tokens (docs/method.md §1.3,
   f_Duo = paper Eq. 17/50, log-linear α_t), averaged over ``mc_samples`` times t stratified over the MC samples
   (``time_sampling=stratified``, via :func:`duo_plugin.eval.likelihood.conditional_nelbo`) or drawn i.i.d.
   (``time_sampling=iid``). It is a Monte-Carlo estimate of a lower bound on log p(continuation | context); its MC
@@ -49,7 +49,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import lm_eval.models  # noqa: F401  -- MUST precede @register_model (registry-empty pitfall, docs/lm-eval.md §1)
+import lm_eval.models  # noqa: F401  -- MUST precede @register_model (else the registry is left holding only our entry)
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -316,6 +316,7 @@ class DuoLM(TemplateLM):
                     f"{tokenizer} not found: the checkpoint has no tokenizer/ subdir; pass tokenizer=PATH in --model_args"
                 )
         if isinstance(tokenizer, (str, os.PathLike)):
+            import duo_plugin.integrations.torchtune_tokenizer  # noqa: F401  (registers the 'torchtune' descriptor)
             from duo_plugin.data.tokenizers import load_tokenizer
 
             tokenizer = load_tokenizer(tokenizer)

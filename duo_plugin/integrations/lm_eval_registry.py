@@ -17,7 +17,7 @@ def register() -> None:
     """Idempotently add the ``duo`` placeholder to ``lm_eval.api.registry.model_registry``.
 
     Imports ``lm_eval.models`` first (a no-op when called from the hook) so that the registry is
-    never left holding only our entry (the registry-empty pitfall, docs/lm-eval.md §1).
+    never left holding only our entry (the registry-empty pitfall).
     """
     import lm_eval.models  # noqa: F401  -- must precede our registration
     from lm_eval.api.registry import model_registry

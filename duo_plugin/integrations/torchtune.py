@@ -4,7 +4,7 @@ torchtune 0.6.1 has no plugin mechanism: ``tune`` resolves names by a linear sca
 module-level list ``torchtune._recipe_registry._ALL_RECIPES`` and joins each entry's
 ``file_path`` onto ``<site-packages>/recipes[/configs]``. ``pathlib`` lets an **absolute**
 right operand win, so entries whose ``file_path`` is absolute work unchanged in every subcommand
-(see ``/work/shared/docs/torchtune.md`` §1).
+(torchtune 0.6.1 `_recipe_registry` and `tune run` path handling).
 
 :func:`register` appends one ``Recipe`` per recipe file that exists in ``duo_plugin/recipes/``
 with the configs found by globbing ``duo_plugin/configs/duo/**/*.yaml``; a new YAML registers

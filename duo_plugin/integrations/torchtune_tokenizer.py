@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from duo_plugin.data.tokenizers import DESCRIPTOR_NAME, _atomic_write_text, _SpecialIds, file_sha256
+from duo_plugin._io import atomic_write_text
+from duo_plugin.data.tokenizers import DESCRIPTOR_NAME, SpecialIds, file_sha256, register_descriptor_loader
 
 __all__ = ["TorchtuneTokenizer"]
 
@@ -27,7 +28,7 @@ def _resolve(dotpath: str):
     return getattr(importlib.import_module(mod), name)
 
 
-class TorchtuneTokenizer(_SpecialIds):
+class TorchtuneTokenizer(SpecialIds):
     """A torchtune ``ModelTokenizer`` seen through the DuoTokenizer protocol.
 
     Args:
@@ -120,8 +121,11 @@ class TorchtuneTokenizer(_SpecialIds):
         desc = self.descriptor()
         desc["kwargs"] = {k: (str(Path(v).resolve()) if isinstance(v, str) and Path(v).exists() else v)
                           for k, v in desc["kwargs"].items()}
-        _atomic_write_text(out / DESCRIPTOR_NAME, json.dumps(desc, indent=2, sort_keys=True))
+        atomic_write_text(out / DESCRIPTOR_NAME, json.dumps(desc, indent=2, sort_keys=True))
         return out
 
     def __repr__(self) -> str:
         return f"TorchtuneTokenizer({type(self.tt).__name__}, vocab_size={self.vocab_size})"
+
+
+register_descriptor_loader("torchtune", TorchtuneTokenizer.from_descriptor)

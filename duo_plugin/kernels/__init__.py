@@ -13,12 +13,11 @@ the definition), ``"chunked"`` (PyTorch, bounded workspace; the CPU default) or 
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 
 import torch
 
 from . import rng
+from ._env import IMPLS, resolve_impl, triton_available  # noqa: F401
 from .rng import row_seeds
 
 __all__ = [
@@ -37,47 +36,9 @@ __all__ = [
     "projection_params",
 ]
 
-IMPLS = ("auto", "reference", "chunked", "triton")
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def triton_available(device: torch.device | str | None = None) -> bool:
-    """Whether the Triton path can run on ``device`` (CUDA, or any device under ``TRITON_INTERPRET=1``)."""
-    if not _triton_importable():
-        return False
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return True
-    dev = torch.device(device) if device is not None else None
-    return dev is not None and dev.type == "cuda" and torch.cuda.is_available()
-
-
-def resolve_impl(impl: str, device) -> str:
-    """Map ``impl`` to a concrete implementation for tensors on ``device`` (``"auto"``: Triton on CUDA only)."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
-    dev = torch.device(device)
-    if impl == "auto":
-        return "triton" if dev.type == "cuda" and triton_available(dev) else "chunked"
-    if impl == "triton" and not triton_available(dev):
-        raise RuntimeError(
-            "impl='triton' needs triton (pip install 'duo-plugin[triton]') and a CUDA tensor, or TRITON_INTERPRET=1 "
-            "for CPU; use impl='chunked' (the CPU default) or 'auto'"
-        )
-    return impl
-
-
 def curriculum_soft_embedding(x0, alpha_tilde, sigma_tilde, tau: float, seeds, weight, valid_vocab=None, *,
                               impl: str = "auto"):
-    """Curriculum input from one Gaussian latent (duo-method.md §3.1), never materialising ``[B, L, K]``.
+    """Curriculum input from one Gaussian latent (docs/method.md §3.1), never materialising ``[B, L, K]``.
 
     ``w = α̃ onehot(x0) + σ̃ ε`` with ε the counter-based normal keyed by (``seeds[b]``, position, vocab id)
     (:mod:`duo_plugin.kernels.rng`); invalid ids (``valid_vocab`` False) get −inf.

@@ -307,7 +307,7 @@ def _nelbo_bwd_w(h_ptr, w_ptr, b_ptr, z_ptr, x_ptr, logr_ptr, valid_ptr, lse_ptr
 class TritonNelbo(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, z, x0, a, ap, valid, k_eff):
-        from .nelbo import nelbo_from_stats
+        from .stats import nelbo_from_stats
 
         n, d = h.shape
         k = weight.shape[0]
@@ -333,7 +333,7 @@ class TritonNelbo(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        from .nelbo import nelbo_from_stats
+        from .stats import nelbo_from_stats
 
         hc, wc, bc, z, x0, a, ap, delta, logr, vptr, lse, lz, lm, s, t = ctx.saved_tensors
         valid = ctx.valid

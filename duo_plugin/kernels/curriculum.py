@@ -1,4 +1,4 @@
-"""Fused curriculum input (duo-method.md §3.1): the soft embedding ``softmax((α̃ onehot(x0) + σ̃ ε)/τ) @ E`` and the
+"""Fused curriculum input (docs/method.md §3.1): the soft embedding ``softmax((α̃ onehot(x0) + σ̃ ε)/τ) @ E`` and the
 hard latent ``z_t = argmax(w)`` without a dense ``[B, L, K]`` tensor.
 
 ε is the counter-based normal of :mod:`duo_plugin.kernels.rng` keyed by (row seed, position, vocab id), so the
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from duo_plugin.diffusion.uniform import _per_token
+from duo_plugin.diffusion.uniform import per_token as _per_token
 
 from . import rng
 

@@ -1,4 +1,4 @@
-"""Fused output projection + log-softmax + Duo NELBO (duo-method.md §1.3) without full ``[B, L, K]`` fp32 logits.
+"""Fused output projection + log-softmax + Duo NELBO (docs/method.md §1.3) without full ``[B, L, K]`` fp32 logits.
 
 f_Duo needs, per token, only: ``lse`` = logsumexp of the (valid) logits, the logits at z_t and at x0, and
 ``S = Σ_j softplus(logit_j − lse + log r)`` (``ℓ_j = log(x̄_θ,j / (1−α))``, r = Kα/(1−α)).  Its gradient w.r.t. logit_j
@@ -21,8 +21,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from duo_plugin.diffusion.losses import duo_nelbo, duo_nelbo_from_stats
-from duo_plugin.diffusion.uniform import _per_token
+from duo_plugin.diffusion.losses import duo_nelbo
+from duo_plugin.diffusion.uniform import per_token as _per_token
+
+from .stats import nelbo_from_stats  # noqa: F401  (moved to stats.py so _triton.py need not import this module)
 
 __all__ = ["fused_duo_nelbo_reference", "fused_duo_nelbo_chunked", "fused_duo_nelbo_triton", "nelbo_from_stats"]
 
@@ -249,23 +251,6 @@ def fused_duo_nelbo_chunked(hidden, weight, bias, z_t, x0, alpha_t, alpha_prime_
     grads = (torch.is_grad_enabled() and hidden.requires_grad, torch.is_grad_enabled() and weight.requires_grad,
              torch.is_grad_enabled() and bias is not None and bias.requires_grad)
     return _ChunkedNelbo.apply(h, weight, bias, z, x, a, ap, vv, rows, k_eff, grads).view(b, l)
-
-
-def nelbo_from_stats(lse, lz, lm, s, a, ap, delta, k: int, z_ok=None, m_ok=None):
-    """f_Duo (fp64 per-token algebra, identical to :func:`duo_nelbo`) from per-token statistics.
-
-    lse: logsumexp of the valid logits; lz/lm: logits at z_t / x0; s: Σ_valid softplus(logit − lse + log r);
-    a, ap: α_t, α'_t; delta: 1[z_t = x0] (fp64); k: K_eff; z_ok/m_ok: whether z_t / x0 are valid ids (else their
-    log-prob is −inf).  Differentiable w.r.t. lse, lz, lm, s.  Returns fp64 ``[N]``.
-    """
-    lx_i = lz - lse
-    lx_m = lm - lse
-    if z_ok is not None:
-        lx_i = torch.where(z_ok, lx_i, torch.full_like(lx_i, float("-inf")))
-    if m_ok is not None:
-        lx_m = torch.where(m_ok, lx_m, torch.full_like(lx_m, float("-inf")))
-    return duo_nelbo_from_stats(lx_i, lx_m, s, a, ap, delta, k)
-
 
 
 def fused_duo_nelbo_triton(hidden, weight, bias, z_t, x0, alpha_t, alpha_prime_t, valid_vocab=None):

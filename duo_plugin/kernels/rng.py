@@ -26,6 +26,8 @@ from typing import Sequence
 
 import torch
 
+from duo_plugin.diffusion import streams
+
 __all__ = [
     "GOLDEN",
     "C1",
@@ -57,8 +59,8 @@ C1 = 0xBF58476D1CE4E5B9
 C2 = 0x94D049BB133111EB
 _G64, _C1_64, _C2_64 = _s64(GOLDEN), _s64(C1), _s64(C2)
 
-STREAM_CURRICULUM = 1
-STREAM_SAMPLER = 2
+STREAM_CURRICULUM = streams.CURRICULUM  # the stream-tag table: duo_plugin/diffusion/streams.py
+STREAM_SAMPLER = streams.SAMPLER
 
 
 def _srl(z: torch.Tensor, s: int) -> torch.Tensor:

@@ -120,7 +120,7 @@ def choose_paths(curriculum_input: str, nelbo: str, *, model: torch.nn.Module, d
     ``dense`` instead.  ``micro_batch_rows`` (sequences per forward; default 1) sizes the dense estimate;
     ``explain`` (a dict) receives ``{"auto": ..., "reason": ...}`` for the run's log line.
     """
-    from . import triton_available
+    from ._env import triton_available
 
     for name, v in (("curriculum_input", curriculum_input), ("nelbo", nelbo)):
         if v not in KERNEL_CHOICES:

@@ -1,6 +1,6 @@
 """Turn a stock torchtune ``TransformerDecoder`` into a Duo denoiser without forking it.
 
-:func:`make_denoiser` does three things (torchtune.md §3):
+:func:`make_denoiser` does three things:
 
 1. every ``MultiHeadAttention`` gets ``is_causal = False``: with ``mask=None`` and no KV cache
    torchtune then calls SDPA with ``is_causal=False`` and no mask tensor (flash-capable);
@@ -41,7 +41,7 @@ from duo_plugin.models.dit import (
     DenoiserInput,
     SoftTopK,
     TimestepEmbedder,
-    _sigma_batch,
+    sigma_batch,
     check_padding_mask,
     embed_inputs,
     input_batch_shape,
@@ -139,7 +139,7 @@ class DecoderDenoiser(nn.Module):
             pad = keys[:, None, :] | eye  # [B, L, L], True = attend; a query always sees itself
         if attn_mask is None:
             return pad
-        # issue 8 (attention-mask annealing): an extra Bool [L, L] or [B, L, L] mask (True = attend), ANDed
+        # attention-mask annealing: an extra Bool [L, L] or [B, L, L] mask (True = attend), ANDed
         # with the padding mask; the diagonal is always kept so no query row is empty.
         if attn_mask.dtype != torch.bool or attn_mask.shape[-2:] != (L, L) or attn_mask.dim() not in (2, 3):
             raise ValueError(f"attn_mask must be Bool [L, L] or [B, L, L] with L={L}; got "
@@ -168,7 +168,7 @@ class DecoderDenoiser(nn.Module):
                 h = layer(h, mask=mask)
             h = dec.norm(h)
         else:
-            s = _sigma_batch(sigma, B, h.device, True)
+            s = sigma_batch(sigma, B, h.device, True)
             c = F.silu(self.sigma_map(s))
             for layer, ada in zip(dec.layers, self.adaln):
                 sh1, sc1, g1, sh2, sc2, g2 = ada(c)[:, None].chunk(6, dim=-1)

@@ -21,19 +21,16 @@ deleted afterwards).
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
 
+from duo_plugin._io import atomic_dir
 from duo_plugin.models.dit import DiT
 
 __all__ = ["CONFIG_NAME", "save_pretrained", "load_pretrained", "read_duo_config", "encode_valid_vocab",
@@ -148,30 +145,12 @@ def _full_state(partial: Dict[str, torch.Tensor], reference: Dict[str, torch.Ten
     return {k: (partial[k] if k in partial else reference[k]) for k in reference}
 
 
-@contextlib.contextmanager
-def _atomic_dir(out_dir: Path) -> Iterator[Path]:
-    parent = out_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise FileExistsError(f"{out_dir} exists and is not a directory")
-        if any(out_dir.iterdir()) and not (out_dir / CONFIG_NAME).exists():
-            raise FileExistsError(f"refusing to replace {out_dir}: non-empty and not a duo model directory "
-                                  f"(no {CONFIG_NAME}); choose another out_dir")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
-    try:
-        os.chmod(tmp, 0o755)
-        yield tmp
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=parent))
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _atomic_dir(out_dir: Path):
+    """:func:`duo_plugin._io.atomic_dir`, refusing to replace a non-empty directory that is not a model dir."""
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / CONFIG_NAME).exists():
+        raise FileExistsError(f"refusing to replace {out_dir}: non-empty and not a duo model directory "
+                              f"(no {CONFIG_NAME}); choose another out_dir")
+    return atomic_dir(out_dir)
 
 
 def _save_safetensors(sd: Dict[str, torch.Tensor], path: Path) -> None:

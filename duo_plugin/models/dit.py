@@ -1,4 +1,4 @@
-"""The Duo / MDLM "DDiT" denoiser (duo-method.md §6), written from the description, no torchtune.
+"""The Duo / MDLM "DDiT" denoiser (docs/method.md §6), written from the description, no torchtune.
 
 Architecture (Sahoo et al. 2025, Sec. 5 / App. C.2; the SEDD/MDLM DiT):
 
@@ -35,6 +35,7 @@ __all__ = [
     "SoftTopK",
     "DenoiserInput",
     "DiT",
+    "sigma_batch",
     "duo_dit_tiny",
     "duo_dit_small",
     "duo_dit_medium",
@@ -274,7 +275,8 @@ class DiTEmbedding(nn.Module):
         return embed_inputs(x, self.weight)
 
 
-def _sigma_batch(sigma: Optional[torch.Tensor], B: int, device, time_conditioning: bool) -> torch.Tensor:
+def sigma_batch(sigma: Optional[torch.Tensor], B: int, device, time_conditioning: bool) -> torch.Tensor:
+    """The time input as ``Float[B]`` (scalar / ``[B]`` / ``[B, 1]`` accepted); zeros without time conditioning."""
     if not time_conditioning:
         return torch.zeros(B, device=device)
     if sigma is None:
@@ -369,7 +371,7 @@ class DiT(nn.Module):
             raise ValueError(f"sequence length {L} exceeds max_seq_len={self._max_seq_len} of this model")
         padding_mask = check_padding_mask(padding_mask, B, L)
         h = self.vocab_embed(x)
-        s = _sigma_batch(sigma, B, h.device, self.time_conditioning)
+        s = sigma_batch(sigma, B, h.device, self.time_conditioning)
         c = F.silu(self.sigma_map(s))
         cos, sin = _rotary_cos_sin(L, self.dim // self.n_heads, self.rope_base, h.device)
         mask = self._attn_mask(padding_mask, L)

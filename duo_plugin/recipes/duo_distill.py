@@ -1,6 +1,8 @@
 """duo_distill: Discrete Consistency Distillation (DCD) of a Duo checkpoint into a few-step sampler.
 
-Torchtune-style recipe, a copy-and-modify of ``duo_pretrain`` (duo-method.md §4, paper Sec. 4.2, Alg. 1):
+Torchtune-style recipe (docs/method.md §4, paper Sec. 4.2, Alg. 1); the loss is :class:`duo_plugin.objectives.
+DCDObjective` (built from the ``distill:`` section, or ``objective: {_component_: ...}``), the data
+:func:`duo_plugin.data.text_blocks`, the shared steps :mod:`duo_plugin.recipes.common`:
 
 * **Init.** Student θ ← the raw weights of ``init_from`` (a duo model dir; ``init_weights: ema`` takes its EMA
   weights instead, for short CPU runs of a base trained at a high constant LR); its EMA ← that dir's EMA weights
@@ -32,30 +34,23 @@ Absolute imports only: torchtune runs registered recipes through ``runpy.run_pat
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import math
-import os
-import shutil
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from duo_plugin.training.recipe_utils import (ANY, COMPONENT, ConfigError, all_ranks_agree, check_keys,
-                                             full_optimizer_state, full_tensor, is_block, is_dist,
-                                             lr_multiplier, masked_token_sum, world_rank)
+from duo_plugin.objectives import objective_from_config
+from duo_plugin.objectives.config import DISTILL_KEYS, legacy_conflicts
+from duo_plugin.recipes.common import RecipeBase, log
+from duo_plugin.training import loop
+from duo_plugin.training.recipe_utils import ANY, COMPONENT, ConfigError, all_ranks_agree, check_keys, is_dist
 from torchtune import config as tt_config
-from torchtune import training as tt_training
-from torchtune import utils as tt_utils
-
-log = tt_utils.get_logger("INFO")
 
 
 SCHEMA: dict[str, Any] = {
@@ -66,8 +61,10 @@ SCHEMA: dict[str, Any] = {
     "init_from": None,
     "init_weights": None,
     "evaluate_only": None,
+    "objective": COMPONENT,  # optional: {_component_: duo_plugin.objectives.DCDObjective, ...} instead of distill.*
     "tokenizer": {"path": None},
     "data": {
+        "_component_": None,
         "source": None, "files": None, "hub": ANY, "seq_len": None, "packing": None, "sample_by": None,
         "val_fraction": None, "val_docs": None, "cache_dir": None,
     },
@@ -132,6 +129,10 @@ RESUME_KEYS = ("seed", "init_from", "init_weights", "global_batch_size", "distil
 def validate_config(cfg: DictConfig) -> DictConfig:
     """Check key names (suggesting the closest valid key), fill defaults, check values. Returns a new config."""
     check_keys(cfg, SCHEMA, "")
+    if cfg.get("objective") is not None:
+        bad = legacy_conflicts(OmegaConf.to_container(cfg, resolve=False), DISTILL_KEYS)
+        if bad:
+            raise ConfigError(bad[0])
     merged = OmegaConf.merge(OmegaConf.create(DEFAULTS), cfg)
     if not merged.get("init_from"):
         raise ConfigError("init_from is required: the duo model directory to distil (e.g. the 'final' dir that "
@@ -205,33 +206,24 @@ def build_scorer(scfg, device) -> tuple[Any, Any, int, int | None, int | None] |
     return scorer, tok, int(tok.eos_id), bos, (int(max_len) if max_len else None)
 
 
-class DuoDistillRecipe:
+class DuoDistillRecipe(RecipeBase):
     """Setup → (evaluate base) → rounds of DCD steps with teacher refresh → evaluate after each round → summary."""
 
     def __init__(self, cfg: DictConfig):
         self.cfg = validate_config(cfg)
         cfg = self.cfg
-        from duo_plugin.training.distill import DistillSchedule
-
-        self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        self.device = tt_utils.get_device(cfg.device)
-        if self.distributed and not is_dist():
-            dist.init_process_group(backend=tt_training.get_distributed_backend(self.device.type))
-        self.world_size, self.rank = world_rank()
-        self.is_rank_zero = self.rank == 0
-        self.output_dir = Path(cfg.output_dir)
+        try:
+            self.objective = objective_from_config(OmegaConf.to_container(cfg, resolve=True), recipe="distill")
+        except (ValueError, TypeError) as e:
+            raise ConfigError(str(e)) from None
+        self.schedule = self.objective.schedule
+        self._open_run(cfg)
         self.init_from = Path(str(cfg.init_from))
-        self.seed = int(cfg.seed)
-        self.accum = int(cfg.gradient_accumulation_steps)
-        d = cfg.distill
-        self.schedule = DistillSchedule(int(d.rounds), int(d.steps_per_round), float(d.delta0), float(d.growth))
         self.max_steps = int(cfg.max_steps) if cfg.max_steps is not None else self.schedule.total_steps
-        self.autocast_bf16 = cfg.dtype == "bf16" and self.device.type == "cuda"
         self.step = 0
         self.losses: list[float] = []
         self.events: list[dict] = []  # teacher refreshes: {"step", "round", "delta", "source"}
         self.quality_rows: list[dict] = []
-        self.last_checkpoint: Path | None = None
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -240,25 +232,21 @@ class DuoDistillRecipe:
             raise FileNotFoundError(
                 f"init_from={self.init_from} is not a duo model directory (no duo_config.json); point it at the "
                 "'final' dir of a duo_pretrain run (e.g. outputs/duo_tiny_cpu/final) or a checkpoint's model/ dir")
-        if self.is_rank_zero:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._barrier()
-        self.metric_logger = tt_config.instantiate(cfg.metric_logger) if (self.is_rank_zero and cfg.get(
-            "metric_logger")) else None
-        if self.metric_logger is not None:
-            self.metric_logger.log_config(cfg)
+        self._open_output()
         self._setup_tokenizer()
         self._setup_model()
         if cfg.evaluate_only:
             return
-        self._setup_data()
+        self.seq_len = int(cfg.data.seq_len) if cfg.data.get("seq_len") else int(self.base_meta.get("seq_len") or 0)
+        if self.seq_len <= 0:
+            raise ConfigError("data.seq_len is required (the init_from model records no seq_len)")
+        self.global_batch_size = int(cfg.global_batch_size)
+        self._check_batch_split(self.global_batch_size)
+        self._setup_data(build_val=False)
         self._setup_optimizer()
-        self._setup_distill()
+        self.objective.setup(self.model, self._objective_context(teacher=self.teacher))
+        self.gamma_min, self.gamma_max = self.objective.gamma_min, self.objective.gamma_max
         self._maybe_resume()
-
-    def _barrier(self) -> None:
-        if is_dist():
-            dist.barrier()
 
     def _setup_tokenizer(self) -> None:
         from duo_plugin.data.tokenizers import load_tokenizer
@@ -268,59 +256,6 @@ class DuoDistillRecipe:
             raise FileNotFoundError(f"tokenizer not found at {path}; set tokenizer.path (duo_pretrain saves it as "
                                     "<model dir>/tokenizer)")
         self.tokenizer = load_tokenizer(path)
-
-    def _files(self) -> list[str]:
-        files = self.cfg.data.get("files")
-        if not files:
-            raise ConfigError("data.source=files needs data.files: [path, ...] (text/jsonl/parquet files)")
-        return [str(f) for f in (files if isinstance(files, (list, ListConfig)) else [files])]
-
-    def _setup_data(self) -> None:
-        """Documents → tokenize once (cached) → drop the held-out split (last documents) → training blocks."""
-        from duo_plugin.data import text as data_text
-
-        d = self.cfg.data
-        self.seq_len = int(d.seq_len) if d.get("seq_len") else int(self.base_meta.get("seq_len") or 0)
-        if self.seq_len <= 0:
-            raise ConfigError("data.seq_len is required (the init_from model records no seq_len)")
-        src = d.get("source") or "files"
-        cache = d.get("cache_dir")
-        if src == "shakespeare":
-            from duo_plugin.data.corpora import load_shakespeare
-
-            docs = load_shakespeare(self.tokenizer, unit="paragraph", cache_dir=cache)
-        elif src == "files":
-            docs = data_text.load_tokenized(self._files(), self.tokenizer, cache_dir=cache,
-                                            sample_by=d.get("sample_by") or "paragraph")
-        elif src == "hub":
-            hub = dict(OmegaConf.to_container(d.hub, resolve=True))
-            docs = data_text.load_tokenized(hub.pop("path"), self.tokenizer, cache_dir=cache, **hub)
-        else:
-            raise ConfigError(f"data.source must be shakespeare, files or hub; got {src!r}")
-        if len(docs) == 0 or docs.num_tokens == 0:
-            raise ValueError("empty dataset: the data source produced no tokens; check data.files / data.source")
-        frac, n_val = float(d.get("val_fraction") or 0.0), int(d.get("val_docs") or 0)
-        if (frac > 0 or n_val > 0) and len(docs) >= 2:
-            docs, _ = data_text.split_heldout(docs, **({"num_heldout": n_val} if n_val > 0 else {"fraction": frac}))
-        tok = self.tokenizer
-        packing = d.get("packing") or "wrap"
-        if packing == "wrap":
-            self.train_set = data_text.TokenBlockDataset(data_text.wrap_blocks(docs, self.seq_len, tok.bos_id,
-                                                                               tok.eos_id))
-        elif packing == "pad":
-            pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
-            self.train_set = data_text.TokenBlockDataset(*data_text.pad_sentences(docs, self.seq_len, tok.bos_id,
-                                                                                   tok.eos_id, pad))
-        else:
-            raise ConfigError(f"data.packing must be 'wrap' or 'pad', got {packing!r}")
-        gbs = int(self.cfg.global_batch_size)
-        if gbs % (self.world_size * self.accum) != 0:
-            raise ConfigError(f"global_batch_size={gbs} is not divisible by world_size×gradient_accumulation_steps="
-                              f"{self.world_size}×{self.accum}")
-        self.global_batch_size = gbs
-        self.sampler = data_text.GlobalBatchSampler(len(self.train_set), gbs, seed=self.seed)
-        if self.is_rank_zero:
-            log.info("data: %d blocks of %d tokens", len(self.train_set), self.seq_len)
 
     def _setup_model(self) -> None:
         from duo_plugin.models.checkpoint import load_pretrained
@@ -349,11 +284,9 @@ class DuoDistillRecipe:
         for m in (base, teacher):
             m.to(self.device)
             if self.distributed:
-                tt_training.shard_model(m, shard_conditions=[partial(is_block, types=self._block_types(m))],
-                                        cpu_offload=False,
-                                        reshard_after_forward=bool(cfg.fsdp.reshard_after_forward))
+                self._shard(m, loop.block_types(m))
             if cfg.compile:
-                for block in self._blocks(m):
+                for block in loop.model_blocks(m):
                     block.compile()
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -368,49 +301,7 @@ class DuoDistillRecipe:
         if self.is_rank_zero:
             log.info("student/teacher from %s: K=%d (K_eff=%d)", self.init_from, self.vocab_size, self.k_eff)
 
-    @staticmethod
-    def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-        for name in ("blocks", "layers"):
-            mods = getattr(model, name, None)
-            if isinstance(mods, torch.nn.ModuleList):
-                return list(mods)
-        inner = getattr(model, "decoder", None)
-        return DuoDistillRecipe._blocks(inner) if inner is not None else []
-
-    @classmethod
-    def _block_types(cls, model: torch.nn.Module) -> set[type]:
-        return {type(b) for b in cls._blocks(model)}
-
-    def _setup_optimizer(self) -> None:
-        self.optimizer = tt_config.instantiate(self.cfg.optimizer, self.model.parameters())
-        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-
-    def _set_lr(self, step: int) -> float:
-        f = lr_multiplier(step, warmup_steps=int(self.cfg.lr_scheduler.warmup_steps))
-        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
-            g["lr"] = base * f
-        return self.base_lrs[0] * f
-
-    def _setup_distill(self) -> None:
-        from duo_plugin.diffusion.duality import DualityTable
-        from duo_plugin.training.distill import distill_gamma_window
-
-        d = self.cfg.distill
-        self.gamma_min, self.gamma_max = distill_gamma_window(self.k_eff, d.gamma_min, d.gamma_max)
-        self.t_min = float(d.t_min)
-        self.table = DualityTable.build(self.k_eff, self.gamma_min, self.gamma_max, num_points=int(d.table_points))
-        if self.is_rank_zero:
-            a = self.table.alpha(torch.tensor([self.gamma_min, self.gamma_max], dtype=torch.float64))
-            log.info("distillation window gamma in [%.4f, %.4f] -> discrete alpha in [%.4f, %.4f]; %d rounds x %d "
-                     "steps, delta0=%g, teacher=%s, kl=%s", self.gamma_min, self.gamma_max, float(a[1]), float(a[0]),
-                     self.schedule.rounds, self.schedule.steps_per_round, self.schedule.delta0, d.teacher, d.kl)
-
     # ------------------------------------------------------------------------------------------------ DCD step
-    def _autocast(self):
-        if self.autocast_bf16:
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def refresh_teacher(self, step: int) -> None:
         """θ⁻ ← θ (current student weights) or θ⁻ ← EMA(θ) (``distill.teacher: ema``)."""
         from duo_plugin.training.distill import copy_weights_
@@ -422,71 +313,14 @@ class DuoDistillRecipe:
         self.events.append({"step": step, "round": self.schedule.round_of(step), "delta": self.schedule.delta(step),
                             "source": source})
 
-    def _micro_loss_sum(self, x0, mask, positions, step) -> torch.Tensor:
-        from duo_plugin.diffusion.uniform import row_generators
-        from duo_plugin.training.distill import dcd_batch, dcd_token_losses, distill_times
-
-        t, s = distill_times(self.seed, step, positions, self.global_batch_size, self.schedule.delta(step), self.t_min)
-        gens = row_generators(self.seed, step, positions, device=self.device)
-        b = dcd_batch(x0, t, s, gamma_min=self.gamma_min, gamma_max=self.gamma_max, alpha_fn=self.table.alpha,
-                      vocab_size=self.vocab_size, generator=gens, valid_vocab=self.valid_vocab)
-        padded = not bool(mask.all())
-        if padded:  # padding stays clean and is neither attended to nor scored
-            b = b._replace(z_t=torch.where(mask, b.z_t, x0), z_s=torch.where(mask, b.z_s, x0))
-        kl = dcd_token_losses(self.model, self.teacher, b, direction=self.cfg.distill.kl,
-                              padding_mask=mask if padded else None, autocast=self._autocast)
-        return masked_token_sum(kl, mask)
-
     def train_step(self, step: int) -> dict:
-        """Refresh the teacher if a round starts here, then one optimizer step on the global batch of ``step``."""
-        from duo_plugin.data.text import shard
-
+        """Teacher refresh at round starts, then one optimizer step on the global batch of ``step``."""
         if self.schedule.refreshes_teacher(step):
             self.refresh_teacher(step)
-        batch_idx = self.sampler.indices(step)
-        micro, local_tokens = [], 0
-        for m in range(self.accum):
-            idx, pos = shard(batch_idx, self.rank, self.world_size, m, self.accum)
-            bt = self.train_set.batch(idx)
-            x0, mask = bt["tokens"].to(self.device), bt["attention_mask"].to(self.device)
-            micro.append((x0, mask, pos))
-            local_tokens += int(mask.sum())
-        n_tok = torch.tensor([local_tokens], dtype=torch.float64, device=self.device)
-        if is_dist():
-            dist.all_reduce(n_tok)
-        n_global = float(n_tok.item())
-        lr = self._set_lr(step)
-        self.model.train()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for i, (x0, mask, pos) in enumerate(micro):
-            if self.distributed and hasattr(self.model, "set_requires_gradient_sync"):
-                self.model.set_requires_gradient_sync(i == len(micro) - 1)
-            loss = self._micro_loss_sum(x0, mask, pos, step) / n_global
-            (loss * self.world_size).backward()  # FSDP2 averages over ranks; × world size makes it the sum
-            loss_sum += loss.detach().double()
-        if is_dist():
-            dist.all_reduce(loss_sum)
-        loss_value = float(loss_sum.item())
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"non-finite distillation loss at step {step}; last good checkpoint: "
-                                     f"{self.last_checkpoint or 'none yet'}. Lower optimizer.lr and resume")
-        grad_norm = None
-        if self.cfg.clip_grad_norm is not None:
-            grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                                          float(self.cfg.clip_grad_norm))))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.model)
-        return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "delta": self.schedule.delta(step),
-                "round": self.schedule.round_of(step)}
+        m = self.optimizer_step_on(step)
+        return dict(m, delta=self.schedule.delta(step), round=self.schedule.round_of(step))
 
     # ------------------------------------------------------------------------------------------------ evaluation
-    def _full_model_state(self, model) -> dict:
-        if self.distributed:
-            return tt_training.gather_cpu_state_dict(model, self.is_rank_zero, device=self.device)
-        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
     def _eval_model(self) -> torch.nn.Module | None:
         """Unsharded copy of the student with its EMA weights (rank 0; collective under FSDP)."""
         from duo_plugin.models.checkpoint import load_pretrained
@@ -547,9 +381,7 @@ class DuoDistillRecipe:
         model_sd = self._full_model_state(self.model)
         teacher_sd = self._full_model_state(self.teacher)
         ema_sd = self.ema.full_state_dict(self.model) if self.ema is not None else None
-        optim_sd = (tt_training.get_full_optimizer_state_dict(self.model, self.optimizer, self.is_rank_zero,
-                                                              device=self.device)
-                    if self.distributed else full_optimizer_state(self.model, self.optimizer))
+        optim_sd = self._full_optim_state()
         path = None
         if self.is_rank_zero:
             def write(tmp: Path) -> None:
@@ -575,43 +407,23 @@ class DuoDistillRecipe:
 
     def _maybe_resume(self) -> None:
         from duo_plugin.models.checkpoint import load_pretrained
-        from duo_plugin.training import checkpointing
 
-        r = self.cfg.resume
-        if r is False or r is None:
+        found = self._resume_state(RESUME_KEYS)
+        if found is None:
             return
-        ckpt = checkpointing.latest_checkpoint(self.output_dir) if r in (True, "auto") else Path(str(r))
-        if ckpt is None:
-            if self.is_rank_zero:
-                log.info("resume=%s but no checkpoint under %s: starting from init_from", r, self.output_dir)
-            return
-        state = checkpointing.load_training_state(Path(ckpt) / "training_state.pt")
-        checkpointing.check_resume_compatible(state["config"], OmegaConf.to_container(self.cfg, resolve=True),
-                                              RESUME_KEYS)
-        model_sd = load_pretrained(Path(ckpt) / "model", weights="model", device="cpu").state_dict()
-        if self.distributed:
-            tt_training.load_from_full_model_state_dict(self.model, model_sd, self.device, strict=True)
-            tt_training.load_from_full_model_state_dict(self.teacher, state["teacher"], self.device, strict=True)
-            # torchtune's loader assigns NEW Parameter objects (load_state_dict(assign=True)): rebuild the optimizer
-            # over them, or it would keep stepping the stale pre-resume parameters.
-            self._setup_optimizer()
-            tt_training.load_from_full_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
-                                                           self.device)
-        else:
-            self.model.load_state_dict(model_sd)
-            self.teacher.load_state_dict(state["teacher"])
-            self.optimizer.load_state_dict(state["optimizer"])
+        ckpt, state = found
+        model_sd = load_pretrained(ckpt / "model", weights="model", device="cpu").state_dict()
+        self._load_states(model_sd, state["optimizer"], extra=((self.teacher, state["teacher"]),))
         if self.ema is not None:
             full = state["ema"]
             self.ema.load_full_state_dict({**self.ema.state_dict(), "shadow": full["shadow"]}, self.model, self.device)
             self.ema.num_updates = int(full["num_updates"])
-        if state.get("rng") is not None and int(state.get("world_size", 1)) == self.world_size:
-            checkpointing.restore_rng_state(state["rng"])
+        self._restore_rng(state)
         self.step = int(state["step"])
         self.losses = list(state.get("losses", []))
         self.events = list(state.get("events", []))
         self.quality_rows = list(state.get("quality_rows", []))
-        self.last_checkpoint = Path(ckpt)
+        self.last_checkpoint = ckpt
         if self.is_rank_zero:
             log.info("resumed from %s at step %d (round %d)", ckpt, self.step, self.schedule.round_of(self.step))
 
@@ -632,12 +444,7 @@ class DuoDistillRecipe:
                 self.evaluate_quality({"base": load_pretrained(self.init_from, weights="ema",
                                                                device=str(self.device))})
             self._barrier()
-        pbar = None
-        if self.is_rank_zero and cfg.progress_bar:
-            from tqdm import tqdm
-
-            pbar = tqdm(total=self.max_steps, initial=self.step, desc="duo_distill", dynamic_ncols=True,
-                        disable=not sys.stderr.isatty())
+        pbar = self._progress_bar("duo_distill")
         while self.step < self.max_steps:
             step = self.step
             ts = time.perf_counter()
@@ -668,14 +475,7 @@ class DuoDistillRecipe:
                 r["step"] == self.step and r["model"] != "base" for r in self.quality_rows):
             self._evaluate_student(f"step{self.step}")  # max_steps / max_wall_s ended mid-round
         final_ckpt = self.save_checkpoint()
-        final_dir = None
-        if self.is_rank_zero:
-            final_dir = self.output_dir / "final"
-            tmp = self.output_dir / ".final.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(Path(final_ckpt) / "model", tmp)
-            shutil.rmtree(final_dir, ignore_errors=True)
-            os.replace(tmp, final_dir)
+        final_dir = self._publish_final(final_ckpt)
         summary = {"steps": self.step, "wall_time_s": time.perf_counter() - t0, "losses": self.losses,
                    "events": self.events, "quality_rows": self.quality_rows,
                    "gamma_window": [self.gamma_min, self.gamma_max], "checkpoint": str(final_ckpt),
@@ -692,14 +492,6 @@ class DuoDistillRecipe:
         if self.is_rank_zero:
             self.evaluate_quality({name: m})
         self._barrier()
-
-    def _log(self, metrics: dict, step: int) -> None:
-        if self.metric_logger is not None and metrics:
-            self.metric_logger.log_dict({k: float(v) for k, v in metrics.items()}, step)
-
-    def cleanup(self) -> None:
-        if self.metric_logger is not None:
-            self.metric_logger.close()
 
 
 def run(cfg: DictConfig) -> dict:

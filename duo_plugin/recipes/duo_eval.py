@@ -1,6 +1,6 @@
 """duo_eval: NELBO perplexity of a Duo model directory on a held-out split, text files or zero-shot sets.
 
-Estimator (duo-method.md §8, docs/evaluation.md): one stratified t per block per pass (strata over the whole split,
+Estimator (docs/method.md §8, docs/evaluation.md): one stratified t per block per pass (strata over the whole split,
 a fresh seeded sequence → stratum permutation every pass), log-linear α, f_Duo summed over the split. The headline
 perplexity is per **content token** (BOS/EOS/pad not counted in the denominator); the all-token figure (the paper's
 convention for wrapped blocks) is printed beside it. Both are upper bounds. ``mc_passes`` passes are averaged and

@@ -74,6 +74,7 @@ def open_run(cfg: DictConfig):
 def load_model_and_tokenizer(checkpoint: str, weights: str, tokenizer_path: Optional[str], device):
     """``load_pretrained`` + the tokenizer: ``tokenizer_path``, else ``<checkpoint>/tokenizer``, else the
     descriptor stored in the checkpoint's metadata."""
+    import duo_plugin.integrations.torchtune_tokenizer  # noqa: F401  (registers the 'torchtune' descriptor loader)
     from duo_plugin.data.tokenizers import load_tokenizer
     from duo_plugin.models.checkpoint import load_pretrained
 

@@ -11,4 +11,4 @@ from duo_plugin.training.checkpointing import (  # noqa: F401
     save_training_state,
 )
 from duo_plugin.training.curriculum import CurriculumPhase, PhaseInfo  # noqa: F401
-from duo_plugin.training.timesteps import micro_batch_generators, micro_batch_times  # noqa: F401
+from duo_plugin.diffusion.schedules import micro_batch_generators, micro_batch_times  # noqa: F401  (moved)

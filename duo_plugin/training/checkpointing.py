@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from duo_plugin._io import atomic_open, fsync_path
+from duo_plugin._io import atomic_dir, atomic_open, atomic_write_text
 
 __all__ = [
     "step_dir_name",
@@ -57,18 +57,6 @@ def checkpoint_step(path: str | os.PathLike) -> int:
     if not m:
         raise ValueError(f"{path} is not a step_XXXXXXXX checkpoint directory")
     return int(m.group(1))
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for f in filenames:
-            fsync_path(Path(dirpath) / f)
-        fsync_path(Path(dirpath))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    with atomic_open(path, "w", prefix=f"{_TMP_PREFIX}{path.name}.", fsync_dir=True) as f:
-        f.write(text)
 
 
 def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
@@ -108,27 +96,10 @@ def save_step_checkpoint(
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = step_dir_name(step)
-    tmp = root / f"{_TMP_PREFIX}{name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        writer(tmp)
-        _fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     final = root / name
-    if final.exists():  # re-saving the same step (e.g. after resume): move the old one aside first
-        old = root / f"{_TMP_PREFIX}old-{name}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    fsync_path(root)
-    _atomic_write_text(root / _LATEST, name + "\n")
+    with atomic_dir(final, prefix=f"{_TMP_PREFIX}{name}.", fsync=True) as tmp:
+        writer(tmp)
+    atomic_write_text(root / _LATEST, name + "\n", prefix=f"{_TMP_PREFIX}{_LATEST}.", fsync_dir=True)
     if keep_last is not None and int(keep_last) > 0:
         done = list_checkpoints(out_dir)
         for p in done[: max(0, len(done) - int(keep_last))]:

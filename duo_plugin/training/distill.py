@@ -1,6 +1,8 @@
-"""Discrete Consistency Distillation (DCD; Duo paper Sec. 4.2, Alg. 1; duo-method.md §4) — the pure logic.
+"""Discrete Consistency Distillation (DCD; paper Sec. 4.2, Alg. 1; docs/method.md §4): the recipe's helpers.
 
-Everything a distillation recipe needs besides I/O, kept free of torchtune so it can be tested directly:
+The method itself (schedule, times, pairs, per-token loss and :class:`~duo_plugin.objectives.DCDObjective`) lives
+in :mod:`duo_plugin.objectives.dcd` and is re-exported here; this module adds the teacher refresh and the
+steps-vs-quality evaluation. No torchtune.
 
 * :class:`DistillSchedule`: rounds of ``steps_per_round`` steps; the teacher is refreshed (θ⁻ ← θ, the *current
   student weights*, or the student's EMA for the paper's Alg. 2 ablation) before steps 0, M, 2M, …; the time gap
@@ -20,19 +22,25 @@ Everything a distillation recipe needs besides I/O, kept free of torchtune so it
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, NamedTuple, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
-from duo_plugin.diffusion.losses import dcd_pair, distillation_kl
-from duo_plugin.diffusion.schedules import gamma_at, stratified_times
+from duo_plugin.objectives.dcd import (  # noqa: F401  (the method lives in objectives/dcd.py; re-exported here)
+    PAPER_GAMMA_WINDOW,
+    PAPER_VOCAB_SIZE,
+    DCDBatch,
+    DistillSchedule,
+    dcd_batch,
+    dcd_token_losses,
+    distill_gamma_window,
+    distill_times,
+    paper_alpha_window,
+)
 
 __all__ = [
     "PAPER_GAMMA_WINDOW",
@@ -50,145 +58,6 @@ __all__ = [
     "write_quality_table",
 ]
 
-PAPER_GAMMA_WINDOW = (-4.0, -1.0)  # distillation window of the reference code (configs/algo/distillation.yaml)
-PAPER_VOCAB_SIZE = 50258  # GPT-2 + [PAD], the vocabulary that window was chosen for
-
-
-# ---------------------------------------------------------------------------------------------------------- rounds
-@dataclass(frozen=True)
-class DistillSchedule:
-    """Round structure of DCD (paper: 5 rounds × 10K steps, δ₀ = 1/512, doubling each round).
-
-    Steps are 0-based optimizer steps.  Round ``r`` covers steps ``[r M, (r + 1) M)``; steps past the last round stay
-    in the last round (same δ, no further refresh).
-    """
-
-    rounds: int = 5
-    steps_per_round: int = 10_000
-    delta0: float = 1.0 / 512
-    growth: float = 2.0
-
-    def __post_init__(self):
-        if int(self.rounds) < 1 or int(self.steps_per_round) < 1:
-            raise ValueError(f"need rounds >= 1 and steps_per_round >= 1, got {self.rounds}, {self.steps_per_round}")
-        if not (0.0 < float(self.delta0) < 1.0):
-            raise ValueError(f"delta0 must lie in (0, 1) (paper: 1/512), got {self.delta0}")
-        if not float(self.growth) >= 1.0:
-            raise ValueError(f"growth must be >= 1 (paper: 2), got {self.growth}")
-        if self.delta0 * self.growth ** (self.rounds - 1) >= 1.0:
-            raise ValueError(f"the last round's delta {self.delta0 * self.growth ** (self.rounds - 1)} is >= 1; use "
-                             "fewer rounds or a smaller delta0 (the pair (t, s) must lie inside [0, 1])")
-
-    @property
-    def total_steps(self) -> int:
-        return int(self.rounds) * int(self.steps_per_round)
-
-    def round_of(self, step: int) -> int:
-        """0-based round of optimizer step ``step``."""
-        if int(step) < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        return min(int(step) // int(self.steps_per_round), int(self.rounds) - 1)
-
-    def delta(self, step: int) -> float:
-        """δ used at step ``step``: δ₀ · growth^round."""
-        return float(self.delta0) * float(self.growth) ** self.round_of(step)
-
-    def refreshes_teacher(self, step: int) -> bool:
-        """True if the teacher is set to the student's weights *before* step ``step`` (steps 0, M, …, (rounds−1)M)."""
-        return int(step) % int(self.steps_per_round) == 0 and int(step) < self.total_steps
-
-    def ends_round(self, step: int) -> bool:
-        """True if step ``step`` is the last step of a round (evaluate after it)."""
-        return (int(step) + 1) % int(self.steps_per_round) == 0 and int(step) < self.total_steps
-
-
-def distill_times(seed: int, step: int, positions, global_batch_size: int, delta: float,
-                  t_min: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student/teacher times (float64 ``[n]``) of the samples at ``positions`` of the global batch of ``step``.
-
-    t ~ stratified U[t_min, 1] (one stratum per global-batch position, :func:`stratified_times`),
-    ``t ← clip(t + δ, 0, 1)``, ``s = t − δ`` (reference code convention), so t − s = δ exactly and s ≥ t_min.
-    """
-    if not (0.0 < float(delta) < 1.0):
-        raise ValueError(f"delta must lie in (0, 1), got {delta}")
-    t = stratified_times(seed, step, positions, global_batch_size, t_min, dtype=torch.float64)
-    t = (t + float(delta)).clamp(0.0, 1.0)
-    return t, t - float(delta)
-
-
-@functools.lru_cache(maxsize=None)
-def paper_alpha_window() -> tuple[float, float]:
-    """(α_min, α_max) = (T(−1), T(−4)) at K = 50,258: the discrete signal range of the paper's distillation window."""
-    from duo_plugin.diffusion.duality import discrete_alpha
-
-    a = discrete_alpha(torch.tensor(PAPER_GAMMA_WINDOW, dtype=torch.float64), PAPER_VOCAB_SIZE)
-    return float(a[1]), float(a[0])
-
-
-def distill_gamma_window(k_eff: int, gamma_min: Optional[float] = None,
-                         gamma_max: Optional[float] = None) -> tuple[float, float]:
-    """The distillation γ window.  Both given: used as is (paper: −4, −1).  Both None: the window whose discrete α
-    range equals the paper's (:func:`paper_alpha_window`) for this K_eff (for K_eff = 50,258 that is [−4, −1])."""
-    if (gamma_min is None) != (gamma_max is None):
-        raise ValueError("set both distill.gamma_min and distill.gamma_max, or neither (null: the paper's discrete "
-                         "alpha range for this vocabulary)")
-    if gamma_min is not None:
-        if not (math.isfinite(gamma_min) and math.isfinite(gamma_max) and gamma_min < gamma_max):
-            raise ValueError(f"need finite gamma_min < gamma_max, got [{gamma_min}, {gamma_max}]")
-        return float(gamma_min), float(gamma_max)
-    from duo_plugin.diffusion.duality import gamma_window
-
-    a_min, a_max = paper_alpha_window()
-    return gamma_window(int(k_eff), alpha_min=a_min, alpha_max=a_max)
-
-
-# ---------------------------------------------------------------------------------------------------------- pairs
-class DCDBatch(NamedTuple):
-    """Inputs of one DCD step: student sees (z_t, sigma_t), teacher sees (z_s, sigma_s)."""
-
-    z_t: torch.Tensor  # Long[B, L]
-    z_s: torch.Tensor  # Long[B, L]
-    sigma_t: torch.Tensor  # Float[B]  = -log T(gamma_t)
-    sigma_s: torch.Tensor  # Float[B]  = -log T(gamma_s)
-    gamma_t: torch.Tensor  # float64 [B]
-    gamma_s: torch.Tensor  # float64 [B]
-
-
-def dcd_batch(x0: torch.Tensor, t: torch.Tensor, s: torch.Tensor, *, gamma_min: float, gamma_max: float,
-              alpha_fn: Callable[[torch.Tensor], torch.Tensor], vocab_size: int, generator,
-              valid_vocab: Optional[torch.Tensor] = None) -> DCDBatch:
-    """DCD inputs for clean ids ``x0 Long[B, L]`` at times ``t ≥ s`` (``[B]``, linear in γ over the window).
-
-    z_u = argmax(α̃(γ_u) onehot(x0) + σ̃(γ_u) ε) with ONE ε per sequence shared by u = t and u = s
-    (:func:`duo_plugin.diffusion.losses.dcd_pair`); σ_u = −log α(γ_u) with ``alpha_fn`` = T (the duality map for
-    K_eff, e.g. ``DualityTable.alpha`` or ``lambda g: discrete_alpha(g, K_eff)``).
-    """
-    t = torch.as_tensor(t, dtype=torch.float64)
-    s = torch.as_tensor(s, dtype=torch.float64)
-    if bool((s > t).any()):
-        raise ValueError("dcd_batch needs s <= t (the teacher sees the less noisy time)")
-    gt = gamma_at(t, gamma_min, gamma_max).to(x0.device)
-    gs = gamma_at(s, gamma_min, gamma_max).to(x0.device)
-    z_t, z_s = dcd_pair(x0, gt, gs, vocab_size, generator, valid_vocab)
-    tiny = torch.finfo(torch.float64).tiny
-    sig_t = (-torch.log(torch.as_tensor(alpha_fn(gt), dtype=torch.float64).clamp_min(tiny))).float()
-    sig_s = (-torch.log(torch.as_tensor(alpha_fn(gs), dtype=torch.float64).clamp_min(tiny))).float()
-    return DCDBatch(z_t, z_s, sig_t.to(x0.device), sig_s.to(x0.device), gt, gs)
-
-
-def dcd_token_losses(student: Callable, teacher: Callable, batch: DCDBatch, *, direction: str = "bwd",
-                     padding_mask: Optional[torch.Tensor] = None, autocast=None) -> torch.Tensor:
-    """Per-token distillation loss ``float32 [B, L]``: KL(student(z_t, σ_t) ‖ teacher(z_s, σ_s)) for ``"bwd"``
-    (paper Eq. 23 / code ``kl-bwd``), KL(teacher ‖ student) for ``"fwd"``.  The teacher runs under ``no_grad``."""
-    import contextlib
-
-    kw = {"padding_mask": padding_mask} if padding_mask is not None else {}
-    ctx = autocast if autocast is not None else contextlib.nullcontext
-    with torch.no_grad(), ctx():
-        lt = teacher(batch.z_s, batch.sigma_s, **kw)
-    with ctx():
-        ls = student(batch.z_t, batch.sigma_t, **kw)
-    return distillation_kl(ls.float(), lt.float(), direction)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Exponential moving average of model weights (duo-method.md §6 "EMA 0.9999 with warm-up").
+"""Exponential moving average of model weights (docs/method.md §6 "EMA 0.9999 with warm-up").
 
 Update ``n`` (1-based: the first call of :meth:`EMA.update` is ``n = 1``, as in the reference code, which
 increments its counter before computing the decay) uses

@@ -14,6 +14,8 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
+from duo_plugin.diffusion.losses import masked_token_sum  # noqa: F401  (re-export)
+
 __all__ = ["COMPONENT", "ANY", "ConfigError", "check_keys", "lr_multiplier", "masked_token_sum", "is_dist", "all_ranks_agree",
            "world_rank", "full_tensor", "is_block"]
 
@@ -60,11 +62,6 @@ def lr_multiplier(step: int, *, name: str = "constant_with_warmup", warmup_steps
     span = max(1, max_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def masked_token_sum(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Σ over valid tokens of a ``[B, L]`` loss; ``where`` (not a product) so garbage at pads cannot leak NaN."""
-    return torch.where(mask, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device)).sum()
 
 
 def is_dist() -> bool:

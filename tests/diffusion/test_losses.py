@@ -15,7 +15,7 @@ F64 = torch.float64
 
 
 def udlm_reference(log_x_theta, z_t, x0, alpha, alpha_prime, valid=None):
-    """Test-only UDLM NELBO (duo-method.md §1.3, paper Eq. 48–49) building x̄ and x̄_θ explicitly, fp64.
+    """Test-only UDLM NELBO (docs/method.md §1.3, paper Eq. 48–49) building x̄ and x̄_θ explicitly, fp64.
 
     f = α'/(Kα) [K/x̄_i − K/(x̄_θ)_i − Σ_j (x̄_j/x̄_i) log((x̄_θ)_i x̄_j / ((x̄_θ)_j x̄_i))]; with ``valid`` the
     vocabulary is restricted to the valid ids and x_θ renormalised over them.

@@ -2,7 +2,7 @@
 
 Reference: for L = 1 (or a fully-known context), E_t E_{z ~ q_t(.|x)} f(x_θ(z), z, x, α_t) with t ~ U[t_min, 1] is
 computed by enumerating z and integrating over t with scipy.quad, using the UDLM form of f written out here from
-duo-method.md §1.3 (independent of the f_Duo implementation in duo_plugin.diffusion.losses).
+docs/method.md §1.3 (independent of the f_Duo implementation in duo_plugin.diffusion.losses).
 """
 
 from __future__ import annotations

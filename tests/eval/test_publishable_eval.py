@@ -1,6 +1,6 @@
 """Estimators whose numbers can be published: each test compares against a closed form / quadrature written here.
 
-Reference: for a uniform denoiser (x_θ = 1/K everywhere) the UDLM integrand (duo-method.md §1.3, written out below
+Reference: for a uniform denoiser (x_θ = 1/K everywhere) the UDLM integrand (docs/method.md §1.3, written out below
 with explicit x̄ vectors, independent of ``duo_nelbo``) has the same expectation g(K) for every token, so the NELBO
 of n tokens is n·g(K) and the per-token NELBO of any split is g(K) (≈ log K).
 """

@@ -50,7 +50,7 @@ class ConstModel(torch.nn.Module):
 
 
 def udlm_f(log_xt, z, x, alpha, alpha_prime, k):
-    """UDLM integrand (duo-method.md §1.3, P Eq. 48-49) with explicit K-dim x̄ vectors; float64 numpy."""
+    """UDLM integrand (docs/method.md §1.3, P Eq. 48-49) with explicit K-dim x̄ vectors; float64 numpy."""
     xt = np.exp(log_xt)
     xbar = (1 - alpha) * np.ones(k)
     xbar[x] += k * alpha

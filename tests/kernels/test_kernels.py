@@ -263,7 +263,7 @@ def test_resolve_impl():
         dk.resolve_impl("fast", "cpu")
 
 
-# ------------------------------------------------------------------------------------ issue 9: mixture sampler
+# ------------------------------------------------------------------------------------------- mixture sampler
 @pytest.mark.parametrize("valid", [False, True])
 def test_posterior_mixture_sparse_equals_dense_stream(valid):
     torch.manual_seed(5)
@@ -298,7 +298,7 @@ def test_posterior_mixture_distribution(valid):
     assert float((freq - p).abs().max()) < 4 * math.sqrt(0.25 / n)
 
 
-# ------------------------------------------------------------------------- issue 9: compiled chunked noise (CPU)
+# -------------------------------------------------------------------------------- compiled chunked noise (CPU)
 @pytest.mark.skipif(os.environ.get("DUO_TEST_COMPILE") != "1", reason="torch.compile takes ~1-2 min; DUO_TEST_COMPILE=1")
 def test_compiled_chunked_curriculum_matches_reference(monkeypatch):
     monkeypatch.setenv("DUO_KERNELS_COMPILE", "1")

@@ -29,7 +29,7 @@ def plain_decoder(family):
 
 
 def write_hf_checkpoint(decoder, family, out_dir):
-    """Write a tiny HF-format checkpoint (torchtune.md §4): HF keys + safetensors + minimal config.json."""
+    """Write a tiny HF-format checkpoint (torchtune's FullModelHFCheckpointer format): HF keys + safetensors + minimal config.json."""
     from safetensors.torch import save_file
 
     cfg = LLAMA if family == "llama" else QWEN

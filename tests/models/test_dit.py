@@ -1,4 +1,4 @@
-"""DiT denoiser: checked against an independent brute-force reference of duo-method.md §6."""
+"""DiT denoiser: checked against an independent brute-force reference of docs/method.md §6."""
 
 import math
 
@@ -206,7 +206,7 @@ def test_clear_errors():
 
 
 def _dit_params(K, d, n_layers, cond, freq=256, ratio=4):
-    """Closed-form parameter count of the paper's DiT (duo-method.md §6)."""
+    """Closed-form parameter count of the paper's DiT (docs/method.md §6)."""
     emb = K * d
     t_mlp = (freq * cond + cond) + (cond * cond + cond)
     block = 2 * d + d * 3 * d + d * d + (d * ratio * d + ratio * d) + (ratio * d * d + d) + (cond * 6 * d + 6 * d)
@@ -221,7 +221,7 @@ def test_parameter_counts_meta():
         lm1b = duo_dit_small(vocab_size=30522, max_seq_len=128)
     n = sum(p.numel() for p in small.parameters())
     assert n == _dit_params(50258, 768, 12, 128)
-    assert round(n / 1e6, 1) == 169.6  # the paper's "170M" (duo-method.md §6)
+    assert round(n / 1e6, 1) == 169.6  # the paper's "170M" (docs/method.md §6)
     assert round(sum(p.numel() for p in lm1b.parameters()) / 1e6) == 139
     assert sum(p.numel() for p in medium.parameters()) == _dit_params(50258, 1024, 24, 128)
     assert small.vocab_size == 50258 and small.max_seq_len == 1024

@@ -1,4 +1,4 @@
-"""End-to-end LLM adaptation (issue 8): the shipped duo/*_adapt configs, run on tiny locally written Llama-3.2- and
+"""End-to-end LLM adaptation: the shipped duo/*_adapt configs, run on tiny locally written Llama-3.2- and
 Qwen-2.5-shaped HF checkpoints (embedding rows K = 384 > tokenizer ids 320, like Qwen's padded rows) with a tiny
 SentencePiece tokenizer. Checks: weights arrive through torchtune's checkpointer, validation NELBO falls, no input id
 outside valid_vocab ever reaches the model, LoRA trains only adapters, saved dirs round-trip through load_pretrained
@@ -219,18 +219,20 @@ def test_time_conditioning_annealing_dense_input(spy, hf_ckpts, tiny_assets, tmp
                     **{"curriculum.steps": 2, "curriculum.input": "dense", "adapt.attn_anneal_steps": 3,
                        "adapt.attn_anneal_mode": "random"})
     seen_masks = []
-    orig = dp.DuoPretrainRecipe._anneal_mask
+    from duo_plugin.objectives import DuoObjective
+
+    orig = DuoObjective.anneal_mask
 
     def rec(self, step, L):
         m = orig(self, step, L)
         seen_masks.append((step, None if m is None else m.clone()))
         return m
 
-    dp.DuoPretrainRecipe._anneal_mask = rec
+    DuoObjective.anneal_mask = rec
     try:
         summary = dp.run(cfg)
     finally:
-        dp.DuoPretrainRecipe._anneal_mask = orig
+        DuoObjective.anneal_mask = orig
     assert [s for s, _ in seen_masks] == [0, 1, 2, 3]
     assert torch.equal(seen_masks[0][1], torch.tril(torch.ones(16, 16, dtype=torch.bool)))
     assert seen_masks[3][1] is None  # annealed: no mask, flash-capable path

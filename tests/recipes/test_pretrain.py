@@ -28,7 +28,7 @@ def _setup(cfg):
 
 
 def _udlm_nelbo(log_x_theta, z_t, x0, alpha, alpha_prime, valid):
-    """Per-token UDLM NELBO (duo-method.md §1.3, the K-dim x̄ form), written independently of duo_nelbo:
+    """Per-token UDLM NELBO (docs/method.md §1.3, the K-dim x̄ form), written independently of duo_nelbo:
     f = α'/(Kα) [K/x̄_i − K/(x̄_θ)_i − Σ_j (x̄_j/x̄_i) log((x̄_θ)_i x̄_j / ((x̄_θ)_j x̄_i))] over the valid ids."""
     ids = valid.nonzero().squeeze(-1)
     k = ids.numel()

@@ -1,4 +1,4 @@
-"""duo_pretrain with the fused kernel paths (issue 9, `kernels:` config section): losses equal the dense computation
+"""duo_pretrain with the fused kernel paths (`kernels:` config section): losses equal the dense computation
 on the same counter-based noise stream, accumulation invariance, `auto` selection.  Tiny shapes, CPU."""
 
 from __future__ import annotations

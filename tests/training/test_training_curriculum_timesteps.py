@@ -7,7 +7,7 @@ import torch
 
 from duo_plugin.data.text import GlobalBatchSampler, shard
 from duo_plugin.training.curriculum import CurriculumPhase
-from duo_plugin.training.timesteps import micro_batch_generators, micro_batch_times
+from duo_plugin.diffusion.schedules import micro_batch_generators, micro_batch_times
 
 
 def test_constant_tau_paper_setting():

@@ -16,7 +16,7 @@ __all__ = ["DuoConfig", "ARCHS", "config_from_builder_kwargs", "config_to_builde
 
 @dataclass(kw_only=True)
 class DuoConfig:
-    """Duo DiT denoiser (duo-method.md §6). Defaults: the paper's "small" model for OWT (K = 50,258, L = 1024)."""
+    """Duo DiT denoiser (docs/method.md §6). Defaults: the paper's "small" model for OWT (K = 50,258, L = 1024)."""
 
     vocab_size: int = 50258
     max_seq_len: int = 1024
@@ -100,7 +100,7 @@ def config_from_builder_kwargs(kwargs: Mapping[str, Any], builder: str | None = 
 
         with torch.device("meta"):
             m = getattr(_dit, name)(**dict(kwargs))
-        base = _config_of_module(m)
+        base = config_of_module(m)
     elif name in ("", "DiT"):
         base = DuoConfig(**{k: v for k, v in kwargs.items()})
     else:
@@ -108,7 +108,7 @@ def config_from_builder_kwargs(kwargs: Mapping[str, Any], builder: str | None = 
     return base
 
 
-def _config_of_module(m) -> DuoConfig:
+def config_of_module(m) -> DuoConfig:
     blk = m.blocks[0]
     return DuoConfig(
         vocab_size=int(m.vocab_size),

@@ -8,7 +8,7 @@ mid-stream, which the fairseq2 trainer does from its checkpoints):
 seeded) -> ``map(tokenize)`` -> ``bucket(docs_per_wrap)`` -> ``map(wrap)`` -> ``yield_from`` blocks ->
 ``shuffle`` -> ``bucket(batch_size, drop_remainder=True)`` -> ``map(collate)`` -> :class:`DuoBatch`.
 
-``wrap`` is the OWT-style block wrapping of duo-method.md §6: the documents of one bucket are concatenated,
+``wrap`` is the OWT-style block wrapping of docs/method.md §6: the documents of one bucket are concatenated,
 each followed by EOS, and cut into ``[BOS] + (L - 2) tokens + [EOS]`` blocks; the remainder of each bucket
 is dropped, as the reference code drops it per ``datasets.map`` batch. ``mode="pad"`` instead gives
 LM1B-style ``[BOS] doc [EOS]`` rows right-padded to ``L`` (long documents truncated) with a padding mask.

@@ -18,7 +18,7 @@ from torch import nn
 
 from duo_plugin.models.dit import DiT, duo_dit_small
 
-from .config import DuoConfig, _config_of_module, config_to_builder_kwargs
+from .config import DuoConfig, config_of_module, config_to_builder_kwargs
 
 __all__ = [
     "DUO_FAMILY",
@@ -51,7 +51,7 @@ def duo_config_of(model: nn.Module) -> DuoConfig:
     """The :class:`DuoConfig` that rebuilds ``model`` (a DiT)."""
     if not isinstance(model, DiT):
         raise TypeError(f"expected a duo_plugin DiT, got {type(model).__name__}")
-    return _config_of_module(model)
+    return config_of_module(model)
 
 
 def convert_duo_state_dict(state_dict: Dict[str, object], config: DuoConfig) -> Dict[str, object]:

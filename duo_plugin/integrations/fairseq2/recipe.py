@@ -2,17 +2,12 @@
 
 fairseq2 provides the runner (config file / ``--config`` overrides, output dir, gangs, DDP/FSDP, optimizer,
 LR scheduler, grad clipping, resumable checkpoints of model + optimizer + data reader, metrics); this module
-provides the ``duo_text`` dataset family (:mod:`.data`) and a ``TrainUnit`` whose loss is the same
-``duo_plugin.diffusion`` objective as ``duo_pretrain``:
-
-* times: stratified over the global batch, keyed by (seed, step, position in the global batch)
-  (``duo_plugin.training.timesteps``), noise: one generator per sample with the same key;
-* curriculum phase (``step <= duo.curriculum_end``, ``duo_plugin.training.curriculum.CurriculumPhase``):
-  ``z_t, w/τ = curriculum_inputs(x0, γ_t, τ)``, the model sees the soft input, α_t = T(γ_t) from
-  :class:`~duo_plugin.diffusion.DualitySchedule` (optionally a precomputed ``DualityTable``);
-* discrete phase: ``z_t = corrupt(x0, α_t)`` with the log-linear schedule;
-* loss ``duo_nelbo(log x_θ, z_t, x0, α_t, α'_t)`` summed over real tokens; the trainer divides the gradients
-  by the token count (``process_batch`` returns ``(sum, num_tokens)``).
+provides the ``duo_text`` dataset family (:mod:`.data`) and a ``TrainUnit`` whose loss is the SAME object as
+``duo_pretrain``'s: :class:`duo_plugin.objectives.DuoObjective` (docs/method.md §7), configured from the ``duo:``
+section with the reference code's phase switch (curriculum while ``step <= duo.curriculum_end``, τ annealed
+log-linearly from ``tau_start`` to ``tau_end``) and the dense input/NELBO paths. Times and noise are keyed by
+(seed, step, position in the global batch); ``process_batch`` returns ``(Σ loss over real tokens, #real tokens)``
+and the trainer divides the gradients by the token count.
 
 An EMA of the weights (``duo_plugin.training.ema.EMA``, decay 0.9999 with warm-up) is kept by the unit, and
 at every fairseq2 checkpoint the model + EMA are exported as a native model directory
@@ -23,7 +18,6 @@ the lm-eval backend read. The EMA state is restored from the newest export when 
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -54,12 +48,10 @@ from fairseq2.runtime.dependency import DependencyContainer
 from fairseq2.task import Task
 from fairseq2.trainer import TrainStepHookArgs, TrainUnit
 
+from duo_plugin._io import publish_copy
 from duo_plugin.data.tokenizers import check_vocab, load_tokenizer
-from duo_plugin.diffusion import DualitySchedule, LogLinearSchedule, corrupt, curriculum_inputs, duo_nelbo
-from duo_plugin.diffusion.duality import DualityTable
-from duo_plugin.training.curriculum import CurriculumPhase
+from duo_plugin.objectives import DuoObjective, ObjectiveContext
 from duo_plugin.training.ema import EMA
-from duo_plugin.training.timesteps import micro_batch_generators, micro_batch_times
 
 from .data import DUO_TEXT_DATASET, DuoBatch, DuoTextDataset, DuoTextDatasetConfig, open_duo_text_dataset
 from .model import save_native
@@ -98,6 +90,9 @@ class DuoObjectiveSection:
     gamma_max: float = -1.85
     duality_table: Optional[Path] = None
     """``duo-duality build`` output for K_eff; without it T(γ) is integrated on the fly (slow for large K)."""
+
+    duality_table_points: Optional[int] = None
+    """Without ``duality_table``: build an interpolation table with this many points at start-up (None: exact T)."""
 
     t_min: float = 1e-3
     schedule_eps: float = 1e-3
@@ -174,7 +169,7 @@ class DuoTrainRecipe(Recipe):
         unit = DuoTrainUnit(
             dp_model, model, config.duo, valid_vocab=valid_vocab, seed=config.common.seed,
             batch_size=ds.batch_size, world_size=gangs.dp.size, rank=gangs.dp.rank, num_accumulate=num_accumulate,
-            tokenizer_descriptor=tokenizer.descriptor(),
+            tokenizer_descriptor=tokenizer.descriptor(), seq_len=ds.seq_len,
         )
         trainer = context.create_trainer(unit, reader)
         if config.duo.export_native:
@@ -191,10 +186,25 @@ class DuoTrainRecipe(Recipe):
         return DuoTrainConfig
 
 
+def make_objective(cfg: DuoObjectiveSection) -> DuoObjective:
+    """The ``duo:`` section as the library objective (reference-code curriculum switch and τ anneal; dense paths,
+    which work through any data-parallel wrapper)."""
+    return DuoObjective(curriculum_start=cfg.curriculum_start, curriculum_end=cfg.curriculum_end, tau=cfg.tau_start,
+                        tau_end=cfg.tau_end, gamma_min=cfg.gamma_min, gamma_max=cfg.gamma_max,
+                        table=str(cfg.duality_table) if cfg.duality_table else None,
+                        table_points=cfg.duality_table_points, alpha_eps=cfg.schedule_eps, t_min=cfg.t_min,
+                        kernels_curriculum_input="dense", kernels_nelbo="dense")
+
+
+def _device_of(model: Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 class DuoTrainUnit(TrainUnit[DuoBatch]):
     def __init__(self, dp_model: Module, model: Module, cfg: DuoObjectiveSection, *, valid_vocab: Tensor, seed: int,
                  batch_size: int, world_size: int, rank: int, num_accumulate: int,
-                 tokenizer_descriptor: Optional[dict] = None) -> None:
+                 tokenizer_descriptor: Optional[dict] = None, seq_len: int = 0) -> None:
         self._dp_model = dp_model
         self.net = model
         self.cfg = cfg
@@ -205,11 +215,10 @@ class DuoTrainUnit(TrainUnit[DuoBatch]):
         self.num_accumulate = int(num_accumulate)
         self.global_batch = self.batch_size * self.world_size * self.num_accumulate
         self.tokenizer_descriptor = tokenizer_descriptor
-        self.phase = CurriculumPhase(cfg.curriculum_start, cfg.curriculum_end, cfg.tau_start, cfg.tau_end,
-                                     cfg.gamma_min, cfg.gamma_max)
-        table = DualityTable.load(cfg.duality_table, vocab_size=self.k_eff) if cfg.duality_table else None
-        self.duality = DualitySchedule(self.k_eff, cfg.gamma_min, cfg.gamma_max, table=table)
-        self.loglinear = LogLinearSchedule(cfg.schedule_eps)
+        self.objective = make_objective(cfg)
+        self.objective.setup(model, ObjectiveContext(
+            seed=self.seed, global_batch_size=self.global_batch, vocab_size=int(model.vocab_size),
+            valid_vocab=valid_vocab.to(_device_of(model)), seq_len=int(seq_len), device=_device_of(model)))
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay is not None else None
         self.ema_step = 0  # optimizer steps folded into the EMA
         self.step_nr = 0
@@ -240,28 +249,9 @@ class DuoTrainUnit(TrainUnit[DuoBatch]):
         first = (self._micro * self.world_size + self.rank) * self.batch_size
         self._micro += 1
         positions = torch.arange(first, first + B)
-        t = micro_batch_times(self.seed, step, positions, self.global_batch, self.cfg.t_min, dtype=torch.float64)
-        gens = micro_batch_generators(self.seed, step, positions, device=device)
-        vv = self.valid_vocab.to(device)
-        info = self.phase.at(step)
-        if info.phase == "curriculum":
-            alpha, alpha_p = self.duality.alpha(t), self.duality.alpha_prime(t)
-            z_t, soft = curriculum_inputs(x0, info.gamma(t), info.tau, int(self.net.vocab_size), gens, vv)
-            net_in = soft
-        else:
-            alpha, alpha_p = self.loglinear.alpha(t), self.loglinear.alpha_prime(t)
-            z_t = corrupt(x0, alpha.to(device), gens, vv)
-            net_in = z_t
-        alpha, alpha_p = alpha.to(device), alpha_p.to(device)
-        sigma = (-torch.log(alpha)).float()
-        log_x = self._dp_model(net_in, sigma, padding_mask=mask)
-        per_tok = duo_nelbo(log_x, z_t, x0, alpha, alpha_p, vv)
-        if mask is not None:
-            per_tok = per_tok * mask
-            n = int(mask.sum())
-        else:
-            n = per_tok.numel()
-        loss = per_tok.sum()
+        if mask is None:
+            mask = torch.ones_like(x0, dtype=torch.bool)
+        loss, n, _ = self.objective(self._dp_model, x0, mask, positions, step)
         with torch.no_grad():
             metric_bag.get("duo_nelbo", Mean).update(loss.detach() / max(n, 1), weight=n)
             metric_bag.get("num_tokens", Sum).update(torch.tensor(n, device=device))
@@ -312,12 +302,7 @@ class _NativeExporter:
         save_native(unit.net, out, ema_state_dict=ema, metadata=meta)
         if unit.ema is not None:
             torch.save(unit.ema.state_dict(), out / "ema_state.pt")
-        latest = self.root / "latest"
-        tmp = self.root / ".latest.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(out, tmp)
-        shutil.rmtree(latest, ignore_errors=True)
-        tmp.rename(latest)
+        publish_copy(out, self.root / "latest")
         log.info("Exported native Duo model directory %s", out)
 
     def maybe_restore_ema(self, checkpoint_manager) -> None:

@@ -1,4 +1,4 @@
-"""Loaders/pre-processing for the Duo paper's zero-shot perplexity sets (duo-method.md §8, Table 2).
+"""Loaders/pre-processing for the Duo paper's zero-shot perplexity sets (docs/method.md §8, Table 2).
 
 Online tasks (``duo_zs_<set>``) load the paper's HF datasets/splits via ``datasets`` and map every document to
 ``{"text": ...}`` with a light detokenizer for the sets the paper detokenizes (WikiText, PTB, LM1B, Lambada;

@@ -74,7 +74,7 @@ def test_extension_registers_family_and_archs_on_init(f2):
      ("duo_medium", duo_dit_medium, {})],
 )
 def test_arch_configs_match_core_builders(f2, arch, builder, kwargs):
-    """Each named arch builds exactly the parameter shapes of the core builder (paper sizes, duo-method §6)."""
+    """Each named arch builds exactly the parameter shapes of the core builder (paper sizes, docs/method.md §6)."""
     from duo_plugin.integrations.fairseq2.extension import get_duo_model_hub
 
     cfg = get_duo_model_hub().get_arch_config(arch)
@@ -82,7 +82,7 @@ def test_arch_configs_match_core_builders(f2, arch, builder, kwargs):
         ours = DiT(**asdict(cfg))
         ref = builder(**kwargs)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
-    if arch == "duo_small_owt":  # 169.6M parameters for K = 50258 (duo-method.md §6)
+    if arch == "duo_small_owt":  # 169.6M parameters for K = 50258 (docs/method.md §6)
         assert abs(sum(p.numel() for p in ours.parameters()) / 1e6 - 169.6) < 0.1
 
 
@@ -113,7 +113,7 @@ def test_fairseq2_model_matches_our_dit_for_same_weights(f2):
 
 
 def test_new_model_has_paper_init(f2):
-    """Factory output keeps DiT's init: zero output layer -> x_theta exactly uniform (duo-method.md §6)."""
+    """Factory output keeps DiT's init: zero output layer -> x_theta exactly uniform (docs/method.md §6)."""
     from fairseq2.device import CPU
     from duo_plugin.integrations.fairseq2.extension import get_duo_model_hub
 

@@ -1,0 +1,213 @@
+"""What duo_pretrain and duo_distill share (the torchtune-facing half; the torch-only half is
+:mod:`duo_plugin.training.loop`): run opening, data, optimizer and LR, the optimizer step over the global batch,
+full (unsharded) states, resume loading, ``final/`` publishing, logging. Each recipe file keeps its own setup of
+models and its loop. Not a recipe itself (torchtune registers only ``duo_*.py``). Absolute imports only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+import duo_plugin.integrations.torchtune_tokenizer  # noqa: F401  (registers the 'torchtune' tokenizer descriptor)
+from duo_plugin.objectives import ObjectiveContext
+from duo_plugin.training import loop
+from duo_plugin.training.recipe_utils import (ConfigError, full_optimizer_state, is_block, is_dist, lr_multiplier,
+                                             world_rank)
+from torchtune import config as tt_config
+from torchtune import training as tt_training
+from torchtune import utils as tt_utils
+
+__all__ = ["RecipeBase", "build_data"]
+
+log = tt_utils.get_logger("INFO")
+
+
+def build_data(data_cfg: DictConfig, tokenizer, *, seq_len: int, build_val: bool = True, drop=("valid_vocab",)):
+    """The ``data:`` section → :class:`duo_plugin.data.blocks.TextBlocks` (``_component_`` optional; default
+    :func:`duo_plugin.data.text_blocks`, whose arguments are the section's keys)."""
+    from duo_plugin.data.blocks import text_blocks
+
+    d = {k: v for k, v in OmegaConf.to_container(data_cfg, resolve=True).items() if k not in drop}
+    d["seq_len"] = seq_len
+    d.setdefault("source", "files")
+    d = {k: v for k, v in d.items() if v is not None}
+    try:
+        if "_component_" in d:
+            return tt_config.instantiate(OmegaConf.create(d), tokenizer, build_val=build_val)
+        return text_blocks(tokenizer, build_val=build_val, **d)
+    except FileNotFoundError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+class RecipeBase:
+    """Run state and the steps both training recipes take the same way."""
+
+    recipe_name = "duo"
+
+    def _open_run(self, cfg: DictConfig) -> None:
+        self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.device = tt_utils.get_device(cfg.device)
+        if self.distributed and not is_dist():
+            dist.init_process_group(backend=tt_training.get_distributed_backend(self.device.type))
+        self.world_size, self.rank = world_rank()
+        self.is_rank_zero = self.rank == 0
+        self.output_dir = Path(cfg.output_dir)
+        self.seed = int(cfg.seed)
+        self.accum = int(cfg.gradient_accumulation_steps)
+        self.autocast_bf16 = cfg.dtype == "bf16" and self.device.type == "cuda"
+        self.autocast = loop.autocast_factory(self.autocast_bf16)
+        self.last_checkpoint: Path | None = None
+        self.metric_logger = None
+
+    def _barrier(self) -> None:
+        if is_dist():
+            dist.barrier()
+
+    def _open_output(self) -> None:
+        cfg = self.cfg
+        if self.is_rank_zero:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._barrier()
+        self.metric_logger = tt_config.instantiate(cfg.metric_logger) if (self.is_rank_zero and cfg.get(
+            "metric_logger")) else None
+        if self.metric_logger is not None:
+            self.metric_logger.log_config(cfg)
+
+    def _check_batch_split(self, global_batch_size: int) -> None:
+        if global_batch_size % (self.world_size * self.accum) != 0:
+            raise ConfigError(
+                f"global_batch_size={global_batch_size} is not divisible by world_size×gradient_accumulation_steps"
+                f"={self.world_size}×{self.accum}; pick gradient_accumulation_steps so the per-rank micro-batch "
+                "global_batch_size / (world_size × accumulation) is an integer")
+
+    def _setup_data(self, *, build_val: bool) -> None:
+        from duo_plugin.data.text import GlobalBatchSampler
+
+        blocks = build_data(self.cfg.data, self.tokenizer, seq_len=self.seq_len, build_val=build_val)
+        self.train_set, self.val_set = blocks.train, blocks.val
+        self.sampler = GlobalBatchSampler(len(self.train_set), self.global_batch_size, seed=self.seed)
+        if self.is_rank_zero:
+            log.info("data: %d train blocks of %d tokens (%d steps/epoch), %s validation blocks", len(self.train_set),
+                     self.seq_len, self.sampler.steps_per_epoch, len(self.val_set) if self.val_set else 0)
+
+    def _shard(self, model: torch.nn.Module, types: set) -> None:
+        from functools import partial
+
+        tt_training.shard_model(model, shard_conditions=[partial(is_block, types=types)], cpu_offload=False,
+                                reshard_after_forward=bool(self.cfg.fsdp.reshard_after_forward))
+
+    def _objective_context(self, **extra: Any) -> ObjectiveContext:
+        return ObjectiveContext(seed=self.seed, global_batch_size=self.global_batch_size,
+                                vocab_size=self.vocab_size, valid_vocab=self.valid_vocab, seq_len=self.seq_len,
+                                device=self.device, autocast=self.autocast,
+                                log=(lambda msg: log.info("%s", msg)) if self.is_rank_zero else None, extra=extra)
+
+    # ------------------------------------------------------------------------------------------ optimizer
+    def _setup_optimizer(self) -> None:
+        # frozen parameters (LoRA base weights) are not handed to the optimizer
+        self.optimizer = tt_config.instantiate(self.cfg.optimizer,
+                                               [p for p in self.model.parameters() if p.requires_grad])
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+
+    def _set_lr(self, step: int) -> float:
+        ls = self.cfg.lr_scheduler
+        f = lr_multiplier(step, name=ls.get("name", "constant_with_warmup"), warmup_steps=int(ls.warmup_steps),
+                          max_steps=self.max_steps, min_lr_ratio=float(ls.get("min_lr_ratio", 0.0)))
+        return loop.set_lr(self.optimizer, self.base_lrs, f)
+
+    def optimizer_step_on(self, step: int) -> dict:
+        """One optimizer step on the global batch of ``step`` with ``self.objective``."""
+        micro, local = loop.fetch_micro_batches(self.train_set, self.sampler, step, rank=self.rank,
+                                                world_size=self.world_size, accum=self.accum, device=self.device,
+                                                count_tokens=self.objective.count_tokens)
+        lr = self._set_lr(step)
+        loss, n_tokens = loop.accumulate_gradients(self.model, self.objective, micro, local, step,
+                                                   world_size=self.world_size, distributed=self.distributed,
+                                                   device=self.device)
+        loop.check_finite(loss, step, self.last_checkpoint, what=f"loss ({self.objective.phase(step)})")
+        clip = self.cfg.clip_grad_norm
+        grad_norm = loop.optimizer_step(self.model, self.optimizer, clip_grad_norm=None if clip is None else
+                                        float(clip), ema=self.ema)
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens}
+
+    # ------------------------------------------------------------------------------------------ states
+    def _full_model_state(self, model: torch.nn.Module | None = None) -> dict | None:
+        model = self.model if model is None else model
+        if self.distributed:
+            return tt_training.gather_cpu_state_dict(model, self.is_rank_zero, device=self.device)
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    def _full_optim_state(self) -> dict | None:
+        if self.distributed:
+            return tt_training.get_full_optimizer_state_dict(self.model, self.optimizer, self.is_rank_zero,
+                                                            device=self.device)
+        return full_optimizer_state(self.model, self.optimizer)  # name-keyed: resumable on any world size
+
+    def _load_states(self, model_sd: dict, optim_sd: dict, *, strict: bool = True, extra: tuple = ()) -> None:
+        """Load model (+ ``extra`` (module, state) pairs) and optimizer state, sharded or not."""
+        if self.distributed:
+            tt_training.load_from_full_model_state_dict(self.model, model_sd, self.device, strict=strict)
+            for module, sd in extra:
+                tt_training.load_from_full_model_state_dict(module, sd, self.device, strict=True)
+            # torchtune's loader assigns NEW Parameter objects (load_state_dict(assign=True)): rebuild the optimizer
+            # over them, or it would keep stepping the stale pre-resume parameters.
+            self._setup_optimizer()
+            tt_training.load_from_full_optimizer_state_dict(self.model, self.optimizer, optim_sd, self.device)
+        else:
+            self.model.load_state_dict(model_sd, strict=strict)
+            for module, sd in extra:
+                module.load_state_dict(sd)
+            self.optimizer.load_state_dict(optim_sd)
+
+    def _resume_state(self, resume_keys) -> tuple[Path, dict] | None:
+        """The checkpoint to resume from and its training state (checked against the config), or None."""
+        from duo_plugin.training import checkpointing
+
+        ckpt = loop.resolve_resume(self.output_dir, self.cfg.resume)
+        if ckpt is None:
+            if self.cfg.resume not in (False, None) and self.is_rank_zero:
+                log.info("resume=%s but no checkpoint under %s: starting from the start", self.cfg.resume,
+                         self.output_dir / "checkpoints")
+            return None
+        state = checkpointing.load_training_state(Path(ckpt) / "training_state.pt")
+        checkpointing.check_resume_compatible(state["config"], OmegaConf.to_container(self.cfg, resolve=True),
+                                              resume_keys)
+        return Path(ckpt), state
+
+    def _restore_rng(self, state: dict) -> None:
+        from duo_plugin.training.checkpointing import restore_rng_state
+
+        if state.get("rng") is not None and int(state.get("world_size", 1)) == self.world_size:
+            restore_rng_state(state["rng"])
+
+    def _publish_final(self, checkpoint: Path | None) -> Path | None:
+        if not self.is_rank_zero or checkpoint is None:
+            return None
+        return loop.publish_final(self.output_dir, checkpoint)
+
+    # ------------------------------------------------------------------------------------------ logging
+    def _progress_bar(self, desc: str):
+        if not (self.is_rank_zero and self.cfg.progress_bar):
+            return None
+        import sys
+
+        from tqdm import tqdm
+
+        return tqdm(total=self.max_steps, initial=self.step, desc=desc, dynamic_ncols=True,
+                    disable=not sys.stderr.isatty())
+
+    def _log(self, metrics: dict, step: int) -> None:
+        if self.metric_logger is not None and metrics:
+            self.metric_logger.log_dict({k: float(v) for k, v in metrics.items()}, step)
+
+    def cleanup(self) -> None:
+        if self.metric_logger is not None:
+            self.metric_logger.close()
