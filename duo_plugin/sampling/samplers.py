@@ -98,7 +98,7 @@ class DenoiserFn:
     restored afterwards), ``torch.no_grad``, optional bf16 autocast (CUDA only).
 
     ``DenoiserFn(model)(z, sigma)`` returns fp32 log-probabilities ``[B, L, K]`` (re-normalised with log_softmax, so
-    a model returning logits also works). ``nfe`` counts calls (one per batched forward).
+    a model returning logits also works, unless the model sets ``output_is_log_probs = True``). ``nfe`` counts calls (one per batched forward).
 
     Args:
         model: a module following the denoiser convention ``model(x, sigma) -> log x_θ``.
@@ -135,7 +135,9 @@ class DenoiserFn:
                 ctx = torch.autocast("cuda", dtype=self.autocast_dtype)
             with ctx:
                 out = self.model(z, sigma, **kwargs)
-            return torch.log_softmax(out.float(), dim=-1)
+            out = out.float()
+            # models that declare normalised log-probabilities (the DiT) skip a second K-wide log_softmax
+            return out if getattr(self.model, "output_is_log_probs", False) else torch.log_softmax(out, dim=-1)
         finally:
             if saved is not None:
                 for m, mode in saved:

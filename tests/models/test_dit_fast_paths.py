@@ -1,4 +1,4 @@
-"""The DiT's fused elementwise paths (rotary, LayerNorm weight, adaLN modulation, gated residual) against their
+"""The DiT's elementwise paths (rotary, LayerNorm weight, adaLN modulation, gated residual with dropout skipped at p = 0) against their
 textbook definitions."""
 
 from __future__ import annotations

@@ -38,6 +38,12 @@ def _sibling(name: str):
     return mod
 
 
+#: Cases whose path was re-implemented on purpose after recording (the chunked fused NELBO computes its gradient in
+#: closed form in one vocabulary pass; docs/performance.md): float32 summation order differs, so these compare
+#: within a relative 1e-6 (a few ulps of the per-step loss) instead of bit for bit.
+REIMPLEMENTED = {"tiny_cpu_chunked": 1e-6}
+
+
 def _check(name: str, losses: list[float]) -> None:
     data = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
     if RECORD:
@@ -45,6 +51,11 @@ def _check(name: str, losses: list[float]) -> None:
         GOLDEN.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
         return
     assert name in data, f"no golden losses recorded for {name!r}"
+    if name in REIMPLEMENTED:
+        rel = REIMPLEMENTED[name]
+        assert len(losses) == len(data[name]) and all(abs(a - b) <= rel * abs(b) for a, b in zip(losses, data[name])), \
+            f"{name}: losses changed beyond {rel} relative\n got  {losses}\n want {data[name]}"
+        return
     assert losses == data[name], f"{name}: losses changed\n got  {losses}\n want {data[name]}"
 
 
