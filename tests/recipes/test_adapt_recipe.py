@@ -259,7 +259,8 @@ def test_bad_adapt_options(hf_ckpts, tiny_assets, tmp_path):
 @pytest.mark.parametrize("stem,n_params", [("llama3_2_1b_adapt", 1.236e9), ("qwen2_5_0_5b_adapt", 0.494e9),
                                            ("llama3_2_1b_lora_adapt", 1.236e9), ("qwen2_5_0_5b_lora_adapt", 0.494e9)])
 def test_shipped_adapt_configs_instantiate(stem, n_params):
-    """The real-size configs validate and build (meta device) with the expected parameter counts."""
+    """The real-size configs validate and build (meta device) with the published parameter counts (the pretrained
+    decoder's own weights; time-conditioned configs add adaLN parameters outside it, and only those do)."""
     from torchtune import config as tt_config
 
     cfg = dp.validate_config(OmegaConf.load(CONFIG_DIR / f"{stem}.yaml"))
@@ -270,8 +271,11 @@ def test_shipped_adapt_configs_instantiate(stem, n_params):
     with torch.device("meta"):
         model = tt_config.instantiate(cfg.model, **extra)
     assert model.vocab_size == vocab
-    n = sum(p.numel() for n_, p in model.named_parameters() if "lora_" not in n_)
+    named = [(n_, p) for n_, p in model.named_parameters() if "lora_" not in n_]
+    n = sum(p.numel() for n_, p in named if not n_.startswith(("adaln.", "final_adaln.", "sigma_map.")))
     assert abs(n - n_params) / n_params < 0.01, n
+    n_time = sum(p.numel() for n_, p in named if n_.startswith(("adaln.", "final_adaln.", "sigma_map.")))
+    assert (n_time > 0) == bool(cfg.model.get("time_conditioning", False)), n_time
 
 
 @pytest.mark.slow
