@@ -98,33 +98,26 @@ def content_ppl(model, blocks: torch.Tensor, mask: torch.Tensor, special_ids: Se
 
 
 def split_blocks(cfg, tokenizer):
-    """(train_ids 1-D, val_blocks, val_mask) exactly as ``duo_pretrain`` builds them from ``cfg.data``."""
-    from duo_plugin.data import text as data_text
+    """(train_ids 1-D, val_blocks, val_mask) exactly as ``duo_pretrain`` builds them from ``cfg.data`` (the data
+    builder ``data._component_``, default :func:`duo_plugin.data.text_blocks`)."""
+    from omegaconf import OmegaConf
 
-    d = cfg.data
-    src = d.get("source") or "files"
-    cache = d.get("cache_dir")
-    if src == "shakespeare":
-        from duo_plugin.data.corpora import load_shakespeare
+    from duo_plugin.data.blocks import text_blocks
 
-        docs = load_shakespeare(tokenizer, unit="paragraph", cache_dir=cache)
-    elif src == "files":
-        docs = data_text.load_tokenized([str(f) for f in d.files], tokenizer, cache_dir=cache,
-                                        sample_by=d.get("sample_by") or "paragraph")
-    else:
-        raise ValueError(f"learning report: data.source={src!r} is not supported (shakespeare | files)")
-    frac = float(d.get("val_fraction") or 0.0)
-    n_val = int(d.get("val_docs") or 0)
-    if frac <= 0 and n_val <= 0:
+    d = OmegaConf.to_container(cfg.data, resolve=True)
+    comp = d.pop("_component_", None)
+    builder = text_blocks
+    if comp:
+        from torchtune.config._utils import _get_component_from_path
+
+        builder = _get_component_from_path(comp)
+    tb = builder(tokenizer, **{k: v for k, v in d.items() if v is not None})
+    if tb.val is None:
         raise ValueError("learning report: the run has no held-out split (data.val_fraction / data.val_docs)")
-    docs, val_docs = data_text.split_heldout(docs, **({"num_heldout": n_val} if n_val > 0 else {"fraction": frac}))
-    seq_len = int(d.seq_len)
-    if (d.get("packing") or "wrap") != "wrap":
-        raise ValueError("learning report: only data.packing=wrap is supported")
-    train = data_text.wrap_blocks(docs, seq_len, tokenizer.bos_id, tokenizer.eos_id)
-    vb, vm = data_text.wrap_blocks(val_docs, seq_len, tokenizer.bos_id, tokenizer.eos_id, drop_remainder=False,
-                                   return_mask=True)
-    return train.reshape(-1), vb, vm
+    vm = tb.val.attention_mask
+    if vm is None:
+        vm = torch.ones_like(tb.val.blocks, dtype=torch.bool)
+    return tb.train.blocks.reshape(-1), tb.val.blocks, vm
 
 
 def learning_report(out_dir, *, passes: int = 4, max_val_blocks: Optional[int] = None, weights: str = "ema",
