@@ -143,7 +143,7 @@ def learning_report(out_dir, *, passes: int = 4, max_val_blocks: Optional[int] =
     if max_val_blocks:
         vb, vm = vb[:max_val_blocks], vm[:max_val_blocks]
     score = content_mask(vb, vm, special)
-    objective = str(dcfg.get("metadata", {}).get("objective") or cfg.get("objective") or "duo")
+    objective = "ar" if getattr(model, "causal", False) else "duo"  # a causal backbone is scored next-token
     valid = decode_valid_vocab(dcfg.get("valid_vocab"), model.vocab_size)
     s = cfg.get("schedule") or {}
     res = content_ppl(model, vb, vm, special, objective=objective, passes=passes, seed=int(cfg.get("seed") or 0),
