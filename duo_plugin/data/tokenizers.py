@@ -252,7 +252,32 @@ class SentencePieceTokenizer(BaseTokenizer):
         return [list(x) for x in self._sp.encode(list(texts))]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._sp.decode(self._drop_bos_eos_pad(self._check_ids(ids)))
+        """Text of ``ids`` (bos/eos/pad dropped).  Byte-fallback pieces are joined into UTF-8 characters; a byte
+        that does not complete a valid UTF-8 character (a sampled ``<0xE2>`` on its own, say) is written as the
+        escape ``\\xe2`` rather than as U+FFFD, so split multi-byte characters are visible as such."""
+        ids = self._drop_bos_eos_pad(self._check_ids(ids))
+        text = self._sp.decode(ids)
+        if "\ufffd" not in text or not any(self._sp.is_byte(i) for i in ids):
+            return text
+        return self._decode_bytes(ids)
+
+    def _decode_bytes(self, ids: list[int]) -> str:
+        sp = self._sp
+        buf = bytearray()
+        for i in ids:
+            if sp.is_byte(i):
+                buf.append(int(sp.id_to_piece(i)[3:5], 16))  # "<0xNN>"
+            elif sp.is_unknown(i):
+                buf += " \u2047 ".encode("utf-8")  # what SentencePiece writes for <unk>
+            elif sp.is_control(i):
+                continue
+            else:
+                buf += sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8")
+        text = bytes(buf).decode("utf-8", errors="backslashreplace")
+        first = next((i for i in ids if not sp.is_control(i)), None)
+        if first is not None and not sp.is_byte(first) and sp.id_to_piece(first).startswith("\u2581"):
+            text = text[1:]  # the dummy-prefix space SentencePiece strips at the start
+        return text
 
     def _model_file(self) -> Path:
         return self.model_path
@@ -348,6 +373,7 @@ def train_sentencepiece(
     hard_vocab_limit: bool = True,
     user_defined_symbols: Sequence[str] = (),
     normalization: str = "identity",
+    byte_fallback: bool = True,
 ) -> SentencePieceTokenizer:
     """Train a SentencePiece model locally and save it as a duo tokenizer directory.
 
@@ -364,6 +390,9 @@ def train_sentencepiece(
             lets SentencePiece stop earlier on a tiny corpus).
         out_dir: receives ``tokenizer.model``, ``tokenizer.vocab`` (piece, score per line) and
             ``duo_tokenizer.json``. The model bytes depend only on the input text and the options.
+        byte_fallback: ``False`` spends no ids on the 256 byte pieces (a small corpus with a small vocabulary then
+            gets ~256 more real pieces); characters absent from the training text then encode as ``<unk>``, and
+            newline/tab must be listed in ``user_defined_symbols`` to survive encoding.
     Returns:
         The trained :class:`SentencePieceTokenizer` (loaded from ``out_dir``).
     """
@@ -375,7 +404,7 @@ def train_sentencepiece(
     for f in files:
         if not f.is_file():
             raise FileNotFoundError(f"tokenizer training input not found: {f}")
-    if vocab_size < 262:
+    if byte_fallback and vocab_size < 262:
         raise ValueError(
             f"vocab_size={vocab_size} is too small: byte fallback reserves 256 byte pieces + 4 specials; "
             "use --vocab-size >= 300"
@@ -397,7 +426,7 @@ def train_sentencepiece(
         vocab_size=int(vocab_size),
         model_type=model_type,
         character_coverage=character_coverage,
-        byte_fallback=True,
+        byte_fallback=bool(byte_fallback),
         unk_id=0,
         bos_id=1,
         eos_id=2,

@@ -1,8 +1,9 @@
 """``duo-eval``: lm-eval's own CLI (identical flags) with the ``duo`` backend and duo's bundled tasks.
 
 * registers the ``duo`` model (lazy placeholder, registry-empty safe) before lm-eval parses anything;
-* adds ``--include_path <duo_plugin/lm_eval_tasks>`` when the user passes none (lm-eval 0.4.13 takes one
-  ``--include_path``; several directories can be joined with ``:``);
+* adds ``--include_path <duo_plugin/lm_eval_tasks>`` when the user passes none; when they pass their own (lm-eval
+  0.4.13 takes a single directory), the bundled directory is added to lm-eval's task manager next to it, so the
+  bundled tasks stay available;
 * with ``--output_path`` and ``--model duo``, adds ``mc_stderr_path=<output dir>/duo_mc_stderr.json`` to
   ``--model_args`` (unless set) so the per-task Monte-Carlo standard errors land next to the results.
 
@@ -66,12 +67,32 @@ def rewrite_argv(argv: List[str]) -> List[str]:
     return argv
 
 
+def keep_bundled_tasks() -> None:
+    """Make lm-eval's ``TaskManager`` always scan :data:`TASKS_DIR` besides the ``include_path`` it is given."""
+    from lm_eval.tasks import manager
+
+    orig = manager.TaskManager.__init__
+    if getattr(orig, "_duo_keeps_bundled", False):
+        return
+
+    def __init__(self, verbosity=None, include_path=None, *args, **kwargs):
+        paths = [] if include_path is None else (
+            list(include_path) if isinstance(include_path, (list, tuple)) else [include_path])
+        if str(TASKS_DIR) not in {str(p) for p in paths}:
+            paths.append(str(TASKS_DIR))
+        orig(self, verbosity, paths, *args, **kwargs)
+
+    __init__._duo_keeps_bundled = True
+    manager.TaskManager.__init__ = __init__
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     from duo_plugin.integrations.lm_eval_registry import register
 
     register()
     args = rewrite_argv(sys.argv[1:] if argv is None else argv)
     sys.argv = [sys.argv[0]] + args
+    keep_bundled_tasks()
     from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()

@@ -24,7 +24,7 @@ part of the checkpoint, so a run resumed mid-round continues exactly.
 
 Run::
 
-    tune run duo_distill --config duo/distill_tiny_cpu init_from=outputs/duo_tiny_cpu/final
+    tune run duo_distill --config duo/distill_tiny_cpu init_from=outputs/demo/final
     python -m duo_plugin.recipes.duo_distill --config duo_plugin/configs/duo/distill_tiny_cpu.yaml
     tune run duo_distill --config duo/distill_tiny_cpu evaluate_only=true init_from=<any duo model dir>
     tune run --nproc_per_node 2 duo_plugin/recipes/duo_distill.py --config <path.yaml>   # FSDP2
@@ -136,7 +136,7 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     merged = OmegaConf.merge(OmegaConf.create(DEFAULTS), cfg)
     if not merged.get("init_from"):
         raise ConfigError("init_from is required: the duo model directory to distil (e.g. the 'final' dir that "
-                          "`tune run duo_pretrain --config duo/tiny_cpu` writes: outputs/duo_tiny_cpu/final)")
+                          "`tune run duo_pretrain --config duo/tiny_cpu` writes: outputs/demo/final)")
     need = ("output_dir",) if merged.evaluate_only else ("output_dir", "data", "global_batch_size", "optimizer")
     for req in need:
         if OmegaConf.select(merged, req) is None:
@@ -231,7 +231,7 @@ class DuoDistillRecipe(RecipeBase):
         if not self.init_from.is_dir() or not (self.init_from / "duo_config.json").is_file():
             raise FileNotFoundError(
                 f"init_from={self.init_from} is not a duo model directory (no duo_config.json); point it at the "
-                "'final' dir of a duo_pretrain run (e.g. outputs/duo_tiny_cpu/final) or a checkpoint's model/ dir")
+                "'final' dir of a duo_pretrain run (e.g. outputs/demo/final) or a checkpoint's model/ dir")
         self._open_output()
         self._setup_tokenizer()
         self._setup_model()

@@ -21,7 +21,7 @@ Datasets (``dataset.source``):
 
 Run::
 
-    tune run duo_eval --config duo/eval_ppl checkpoint=outputs/duo_tiny_cpu/final
+    tune run duo_eval --config duo/eval_ppl checkpoint=outputs/demo/final
     python -m duo_plugin.recipes.duo_eval --config duo_plugin/configs/duo/eval_ppl.yaml mc_passes=4
 
 Absolute imports only: torchtune runs registered recipes through ``runpy.run_path``.

@@ -8,7 +8,7 @@ PPL when ``genppl`` is configured; Gen PPL is always reported together with entr
 
 Run::
 
-    tune run duo_generate --config duo/generate checkpoint=outputs/duo_tiny_cpu/final
+    tune run duo_generate --config duo/generate checkpoint=outputs/demo/final
     python -m duo_plugin.recipes.duo_generate --config duo_plugin/configs/duo/generate.yaml steps=32
 
 Prompts: ``prompts: ["To be", "The king"]`` (each gets ``num_samples`` samples; BOS is prepended when ``add_bos``).
@@ -314,8 +314,12 @@ def run(cfg: DictConfig) -> dict:
         # our AR-objective DiTs are trained on [BOS] + text blocks: score them the same way (without the BOS their
         # first positions are far out of distribution and Gen PPL explodes)
         bos = getattr(stok, "bos_id", None) if str(gcfg.get("scorer") or "dit") == "dit" else None
+        max_len = int(gcfg.get("max_len") or 1024)
+        cap = getattr(getattr(scorer, "model", None), "max_seq_len", None)  # e.g. our AR DiT's training length
+        if cap:
+            max_len = min(max_len, int(cap))
         g = gen_ppl_and_entropy(ids, diffusion_tokenizer=tok, scorer=scorer, scorer_tokenizer=stok, eos_id_scorer=eos,
-                                batch_size=int(gcfg.get("batch_size") or 8), max_len=int(gcfg.get("max_len") or 1024),
+                                batch_size=int(gcfg.get("batch_size") or 8), max_len=max_len,
                                 bos_id_scorer=None if bos is None else int(bos))
         metrics.update({"gen_ppl": g["gen_ppl"], "gen_nll": g["gen_nll"], "gen_ppl_tokens": g["tokens"],
                         "gen_ppl_scorer": g["scorer"]})

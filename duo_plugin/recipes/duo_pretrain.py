@@ -58,7 +58,8 @@ SCHEMA: dict[str, Any] = {
     "device": None,
     "dtype": None,  # fp32 | bf16 (bf16 = autocast on CUDA only; CPU always runs fp32)
     "objective": ANY,  # duo | ar | {_component_: duo_plugin.objectives.DuoObjective, ...}
-    "tokenizer": {"path": None, "train": {"vocab_size": None, "model_type": None}},
+    "tokenizer": {"path": None, "train": {"vocab_size": None, "model_type": None, "byte_fallback": None,
+                                          "user_defined_symbols": None}},
     "data": {
         "_component_": None,  # optional; default duo_plugin.data.text_blocks (the keys below are its arguments)
         "source": None,  # shakespeare | files | hub
@@ -265,7 +266,8 @@ class DuoPretrainRecipe(RecipeBase):
                 d = OmegaConf.to_container(self.cfg.data, resolve=True)
                 corpus_file.write_text("\n".join(text_documents(**{k: v for k, v in d.items() if v is not None})),
                                        encoding="utf-8")
-                kw = {"model_type": train.model_type} if train.get("model_type") else {}
+                kw = {k: OmegaConf.to_object(train[k]) if OmegaConf.is_config(train[k]) else train[k]
+                      for k in ("model_type", "byte_fallback", "user_defined_symbols") if train.get(k) is not None}
                 train_sentencepiece([corpus_file], int(train.vocab_size), path, **kw)
                 corpus_file.unlink()
                 log.info("trained a SentencePiece tokenizer (vocab %d) at %s", int(train.vocab_size), path)
