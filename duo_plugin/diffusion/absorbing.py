@@ -39,6 +39,7 @@ __all__ = [
     "sample_step",
     "greedy_denoise",
     "XThetaCache",
+    "AbsorbingProcess",
 ]
 
 
@@ -272,3 +273,58 @@ class XThetaCache:
     def update(self, z_old: torch.Tensor, z_new: torch.Tensor) -> None:
         if self.time_conditioned or not torch.equal(z_old, z_new):
             self._cached = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The noise-process object (alpha, alpha_prime, corrupt, posterior, prior_sample, nelbo)
+# ----------------------------------------------------------------------------------------------------------------
+class AbsorbingProcess:
+    """The absorbing process as one object, with the same methods as the uniform-state process.
+
+    Args:
+        vocab_size: W, the denoiser's output width (data ids + the mask id; :func:`mask_vocab`).
+        mask_id: the [MASK] id (default ``W − 1``: the appended row).
+        valid_vocab: ``Bool[W]`` ids x_θ may predict (the mask id is always excluded), or None.
+        schedule: object with ``alpha(t)`` / ``alpha_prime(t)`` (default log-linear, ε = 1e-3).
+
+    ``nelbo`` applies the SUBS parameterisation itself (idempotent), so it takes the network's raw log-probs.
+    """
+
+    def __init__(self, vocab_size: int, mask_id: int | None = None, valid_vocab: torch.Tensor | None = None,
+                 schedule=None):
+        self.vocab_size = int(vocab_size)
+        self.mask_id = _check_mask_id(self.vocab_size - 1 if mask_id is None else mask_id, self.vocab_size)
+        _check_valid_vocab(self.vocab_size, valid_vocab)
+        self.valid_vocab = valid_vocab
+        if schedule is None:
+            from .schedules import LogLinearSchedule
+
+            schedule = LogLinearSchedule()
+        self.schedule = schedule
+
+    def alpha(self, t) -> torch.Tensor:
+        return self.schedule.alpha(t)
+
+    def alpha_prime(self, t) -> torch.Tensor:
+        return self.schedule.alpha_prime(t)
+
+    def corrupt(self, x0, alpha_t, generator):
+        return corrupt(x0, alpha_t, generator, self.mask_id)
+
+    def posterior(self, z_t, x0_probs, alpha_t, alpha_s):
+        return posterior(z_t, x0_probs, alpha_t, alpha_s, self.mask_id, self._vv(x0_probs.device))
+
+    def prior_sample(self, shape, generator=None, device=None):
+        return prior_sample(shape, self.mask_id, generator, device=device)
+
+    def subs(self, log_x_theta, z_t):
+        return subs_log_probs(log_x_theta, z_t, self.mask_id, self._vv(log_x_theta.device))
+
+    def nelbo(self, log_x_theta, z_t, x0, alpha_t, alpha_prime_t):
+        return mdlm_nelbo(self.subs(log_x_theta, z_t), z_t, x0, alpha_t, alpha_prime_t, self.mask_id)
+
+    def _vv(self, device):
+        return None if self.valid_vocab is None else self.valid_vocab.to(device)
+
+    def __repr__(self) -> str:
+        return f"AbsorbingProcess(W={self.vocab_size}, mask_id={self.mask_id}, schedule={self.schedule!r})"
