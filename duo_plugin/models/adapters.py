@@ -200,6 +200,20 @@ class DecoderDenoiser(nn.Module):
         h = self.forward_hidden(x, sigma, padding_mask, attn_mask)
         return torch.log_softmax(self.output_projection(h).float(), dim=-1)
 
+    def init_weights(self, std: float = 0.02) -> None:
+        """From-scratch init (``duo_pretrain`` calls it when there is no ``init_from``): every ``nn.Linear`` and
+        ``nn.Embedding`` of the decoder ~ N(0, std²) (GPT-2 style), biases 0; norms and the zero-initialised adaLN
+        are left as built.  torchtune's builders keep PyTorch's defaults (N(0, 1) embeddings, which with a tied head
+        give logits of scale sqrt(d)), which suit loading pretrained weights, not training from scratch."""
+        with torch.no_grad():
+            for m in self.decoder.modules():
+                if isinstance(m, nn.Embedding):
+                    m.weight.normal_(0.0, std)
+                elif isinstance(m, nn.Linear):
+                    m.weight.normal_(0.0, std)
+                    if m.bias is not None:
+                        m.bias.zero_()
+
     # -- state dict helpers (HF checkpoint = decoder keys; extras saved beside) -------------------
     def decoder_state_dict(self) -> Dict[str, torch.Tensor]:
         """The decoder's own state dict (torchtune keys, e.g. ``tok_embeddings.weight``)."""

@@ -163,3 +163,24 @@ def test_causal_llama_denoiser_equals_the_stock_causal_decoder(helpers):
         torch.testing.assert_close(outp[0, :7], out[0, :7], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="shift"):
         helpers.duo_builder("llama", causal=True, shift=True)
+
+
+def test_init_weights_gives_near_uniform_predictions(helpers):
+    """From-scratch init: small weights (N(0, 0.02²)), so the initial predictions are close to uniform (entropy
+    ≈ log V); the stock torchtune init (N(0, 1) embeddings, tied head) starts fully peaked. adaLN stays zero."""
+    import math
+
+    duo = helpers.duo_builder("llama", time_conditioning=True)
+    x = _ids(4)
+
+    def entropy():
+        with torch.no_grad():
+            lp = duo(x, torch.zeros(2))
+        return float(-(lp.exp() * lp).sum(-1).mean())
+
+    before = entropy()
+    duo.init_weights()
+    after = entropy()
+    assert before < 1.0 and abs(after - math.log(V)) < 0.1
+    assert abs(duo.decoder.tok_embeddings.weight.std().item() - 0.02) < 0.003
+    assert all(float(v.abs().max()) == 0 for k, v in duo.extra_state_dict().items() if "adaln" in k)
