@@ -254,6 +254,66 @@ def stage_variance(plan: Plan, work: Path, res: Results) -> None:
     res.save()
 
 
+def _is_mdlm(model_dir: Path) -> bool:
+    """A model trained with the MDLM objective (its run summary says so)."""
+    summ = model_dir.parent / "summary.json"
+    if summ.is_file():
+        obj = json.loads(summ.read_text()).get("objective")
+        return obj == "mdlm" or (isinstance(obj, dict) and "MDLM" in str(obj.get("_component_", "")))
+    return False
+
+
+def _mdlm_process(model):
+    from duo_plugin.diffusion.absorbing import AbsorbingProcess
+
+    width = int(model.vocab_size)
+    return AbsorbingProcess(width, width - 1, valid_vocab=model.valid_vocab)
+
+
+def _mdlm_genppl(model_dir: Path, scorer_dir: Path, steps: int, num: int) -> dict:
+    """MDLM samples (ancestral steps, greedy noise removal, x_θ cache when not time-conditioned) scored like
+    duo_generate does, through the library (duo_generate samples the uniform-state process only in this build)."""
+    import torch
+
+    from duo_plugin.data.tokenizers import load_tokenizer
+    from duo_plugin.eval.genppl import gen_ppl_and_entropy, load_dit_scorer, unigram_entropy
+    from duo_plugin.models.checkpoint import load_pretrained
+    from duo_plugin.sampling.mdlm import sample_mdlm
+    from duo_plugin.sampling.samplers import DenoiserFn
+
+    model = load_pretrained(model_dir, weights="ema")
+    tok = load_tokenizer(model_dir / "tokenizer")
+    t0 = time.perf_counter()
+    ids = sample_mdlm(DenoiserFn(model), batch_size=num, seq_len=int(model.max_seq_len), mask_id=int(model.vocab_size) - 1,
+                      steps=steps, noise_removal="greedy", time_conditioned=bool(getattr(model, "time_conditioning", True)),
+                      valid_vocab=model.valid_vocab, seed=0)
+    secs = time.perf_counter() - t0
+    g = gen_ppl_and_entropy(ids, diffusion_tokenizer=tok, scorer=load_dit_scorer(scorer_dir), scorer_tokenizer=tok,
+                            eos_id_scorer=tok.eos_id, max_len=64)
+    return {"gen_ppl": g["gen_ppl"], "entropy": float(unigram_entropy(ids).mean()), "sample_seconds": secs,
+            "path": "library (sampling.mdlm.sample_mdlm)"}
+
+
+def _mdlm_zeroshot(model_dir: Path, corpus: Path, max_blocks: int | None, mc_passes: int) -> dict:
+    """MDLM NELBO PPL on the zero-shot blocks (duo_eval's files/wrap blocks) with the absorbing process."""
+    from duo_plugin.data import text as data_text
+    from duo_plugin.data.tokenizers import load_tokenizer
+    from duo_plugin.eval.likelihood import nelbo_perplexity
+    from duo_plugin.models.checkpoint import load_pretrained
+
+    model = load_pretrained(model_dir, weights="ema")
+    tok = load_tokenizer(model_dir / "tokenizer")
+    docs = data_text.load_tokenized(str(corpus), tok, sample_by="paragraph")
+    blocks, mask = data_text.wrap_blocks(docs, int(model.max_seq_len), tok.bos_id, tok.eos_id, drop_remainder=False,
+                                         return_mask=True)
+    if max_blocks:
+        blocks, mask = blocks[:max_blocks], mask[:max_blocks]
+    r = nelbo_perplexity(model, blocks, mask, batch_size=16, mc_passes=mc_passes, process=_mdlm_process(model),
+                         progress=False)
+    return {"ppl": r["ppl"], "nll_per_token": r["nll_per_token"], "stderr": r["stderr"], "tokens": r["tokens"],
+            "path": "library (eval.likelihood.nelbo_perplexity, process=AbsorbingProcess)"}
+
+
 GEN_RUNS = (  # (label, model key, noise_removal)
     ("Duo (ancestral)", "duo_s0", "ancestral"),
     ("Duo (greedy-tail)", "duo_s0", "greedy"),
@@ -275,6 +335,11 @@ def stage_genppl(plan: Plan, work: Path, res: Results) -> None:
             continue
         for steps in plan.gen_steps:
             if str(steps) in rows:
+                continue
+            if _is_mdlm(model_dir):
+                print(f"[genppl] {label} T={steps} (library sampler)", flush=True)
+                rows[str(steps)] = _mdlm_genppl(model_dir, scorer, steps, plan.gen_samples)
+                res.save()
                 continue
             out = work / "gen" / f"{key}_{mode}_{steps}"
             args = ["duo_generate", "--config", "duo/generate", f"checkpoint={model_dir}", f"output_dir={out}",
@@ -350,6 +415,10 @@ def stage_zeroshot(plan: Plan, work: Path, res: Results) -> None:
             continue
         if key.startswith("ar_"):
             sec[key] = _ar_zeroshot(model_dir, corpus, plan.zs_max_blocks)
+            res.save()
+            continue
+        if _is_mdlm(model_dir):
+            sec[key] = _mdlm_zeroshot(model_dir, corpus, plan.zs_max_blocks, plan.zs_mc_passes)
             res.save()
             continue
         out = work / "zeroshot" / key
