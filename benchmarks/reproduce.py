@@ -333,6 +333,8 @@ def stage_genppl(plan: Plan, work: Path, res: Results) -> None:
         if not model_dir.is_dir():
             rows["skipped"] = f"{key} was not trained in this run"
             continue
+        rows.pop("skipped", None)
+        rows.pop("error", None)
         for steps in plan.gen_steps:
             if str(steps) in rows:
                 continue
