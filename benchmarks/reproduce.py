@@ -284,8 +284,9 @@ def _mdlm_genppl(model_dir: Path, scorer_dir: Path, steps: int, num: int) -> dic
     model = load_pretrained(model_dir, weights="ema")
     tok = load_tokenizer(model_dir / "tokenizer")
     t0 = time.perf_counter()
-    ids = sample_mdlm(DenoiserFn(model), batch_size=num, seq_len=int(model.max_seq_len), mask_id=int(model.vocab_size) - 1,
-                      steps=steps, noise_removal="greedy", time_conditioned=bool(getattr(model, "time_conditioning", True)),
+    ids = sample_mdlm(DenoiserFn(model), batch_size=num, seq_len=int(model.max_seq_len),
+                      mask_id=int(model.vocab_size) - 1, steps=steps, noise_removal="greedy",
+                      time_conditioned=bool(getattr(model, "time_conditioning", True)),
                       valid_vocab=model.valid_vocab, seed=0)
     secs = time.perf_counter() - t0
     g = gen_ppl_and_entropy(ids, diffusion_tokenizer=tok, scorer=load_dit_scorer(scorer_dir), scorer_tokenizer=tok,
@@ -682,7 +683,8 @@ def stage_report(plan: Plan, work: Path, res: Results, report: Path, quick: bool
         L.append("|---|---|---|---|")
         for name in ("adapted", "scratch"):
             r = ad[name]
-            L.append(f"| {name} | {_fmt(r.get('first_val_ppl'))} | {_fmt(r.get('final_val_ppl'))} | {plan.adapt_steps} |")
+            L.append(f"| {name} | {_fmt(r.get('first_val_ppl'))} | {_fmt(r.get('final_val_ppl'))} | "
+                     f"{plan.adapt_steps} |")
         tgt = ad["scratch"].get("final_val_ppl")
         la, ls = _val_series(work, "duo_llama_adapted"), _val_series(work, "duo_llama_scratch")
         sa, ss = _steps_to_reach(la, tgt) if tgt else None, _steps_to_reach(ls, tgt) if tgt else None

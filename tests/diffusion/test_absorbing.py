@@ -132,7 +132,8 @@ def test_nelbo_is_tight_with_exact_posterior_on_a_toy_distribution():
         z = torch.tensor(rows_z)
         lx = absorbing.subs_log_probs(torch.tensor(np.array(rows_lx)), z, mask)
         x0 = torch.tensor([x] * len(rows_z))
-        f = absorbing.mdlm_nelbo(lx, z, x0, torch.tensor(rows_a), torch.full((len(rows_z),), -1.0, dtype=torch.float64), mask)
+        a_prime = torch.full((len(rows_z),), -1.0, dtype=torch.float64)
+        f = absorbing.mdlm_nelbo(lx, z, x0, torch.tensor(rows_a), a_prime, mask)
         nelbo = float((f.double().sum(1) * torch.tensor(rows_w)).sum())
         assert nelbo == pytest.approx(-math.log(P[x]), rel=1e-5, abs=1e-5)
         entropy_bound += P[x] * nelbo
@@ -164,7 +165,8 @@ def test_posterior_matches_bayes_rule_from_forward_kernels():
         for l in range(L):
             ref = np.zeros(W)
             for zs in range(W):
-                ref[zs] = sum(xp[b, l, x] * q_step(int(z[b, l]), zs, a_t / a_s) * q_from_x(zs, x, a_s) for x in range(K))
+                ref[zs] = sum(xp[b, l, x] * q_step(int(z[b, l]), zs, a_t / a_s) * q_from_x(zs, x, a_s)
+                              for x in range(K))
             ref /= ref.sum()
             np.testing.assert_allclose(post[b, l], ref, atol=1e-12)
     assert absorbing.posterior(z, xprob, a_t, a_s, mask).dtype == torch.float64
