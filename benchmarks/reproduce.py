@@ -287,7 +287,7 @@ def _mdlm_genppl(model_dir: Path, scorer_dir: Path, steps: int, num: int) -> dic
     tok = load_tokenizer(model_dir / "tokenizer")
     t0 = time.perf_counter()
     ids = sample_mdlm(DenoiserFn(model), batch_size=num, seq_len=int(model.max_seq_len),
-                      mask_id=int(model.vocab_size) - 1, steps=steps, noise_removal="greedy",
+                      vocab_size=int(model.vocab_size), mask_id=int(model.vocab_size) - 1, steps=steps, noise_removal="greedy",
                       time_conditioned=bool(getattr(model, "time_conditioning", True)),
                       valid_vocab=model.valid_vocab, seed=0)
     secs = time.perf_counter() - t0

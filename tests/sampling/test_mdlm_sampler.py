@@ -34,7 +34,23 @@ class TableDenoiser:
         return torch.log_softmax(out, -1).float()
 
 
-def exact_final_distribution(den, K, L, steps, noise_removal, t_eps=1e-5):
+def ref_filter(x, temperature, top_p):
+    """Independent temperature + nucleus over the data ids: x^(1/T) renormalised, keep the greedy prefix of mass p."""
+    q = x ** (1.0 / temperature)
+    q = q / q.sum()
+    if top_p >= 1.0:
+        return q
+    keep, mass = np.zeros_like(q, dtype=bool), 0.0
+    for j in np.argsort(-q, kind="stable"):
+        keep[j] = True
+        mass += q[j]
+        if mass >= top_p:
+            break
+    q = np.where(keep, q, 0.0)
+    return q / q.sum()
+
+
+def exact_final_distribution(den, K, L, steps, noise_removal, t_eps=1e-5, temperature=1.0, top_p=1.0):
     W, mask = K + 1, K
     alphas = LogLinearSchedule().alpha(time_grid(steps, t_eps)).numpy()
     states = list(itertools.product(range(W), repeat=L))
@@ -43,10 +59,13 @@ def exact_final_distribution(den, K, L, steps, noise_removal, t_eps=1e-5):
     def xtheta(s, alpha):  # float64 x_θ over data ids (mask dropped), [L, K]
         lp = den(torch.tensor([s]), torch.tensor([-np.log(alpha)], dtype=torch.float32))[0].double().exp().numpy()
         x = lp[:, :K]
-        return x / x.sum(-1, keepdims=True)
+        return np.stack([ref_filter(r / r.sum(), temperature, top_p) for r in x])
 
     def pos_post(zt, x, a_t, a_s):  # Bayes: q(z_s | z_t, x) ∝ Σ_x x(x) q(z_t|z_s) q(z_s|x)
         out = np.zeros(W)
+        if zt != mask:  # an unmasked token is the data token (x_θ's carry-over): it stays
+            out[zt] = 1.0
+            return out
         for zs in range(W):
             if zs == mask:
                 lik = float(zt == mask)
@@ -82,14 +101,18 @@ def exact_final_distribution(den, K, L, steps, noise_removal, t_eps=1e-5):
     return states, dist
 
 
-@pytest.mark.parametrize("noise_removal", ["ancestral", "greedy", "none"])
-@pytest.mark.parametrize("time_conditioned", [True, False])
-def test_sampler_matches_exact_chain(noise_removal, time_conditioned):
-    K, L, steps, N = 2, 3, 4, 6000
+@pytest.mark.parametrize("noise_removal,time_conditioned,K,temperature,top_p", [
+    ("ancestral", True, 2, 1.0, 1.0), ("greedy", True, 2, 1.0, 1.0), ("none", True, 2, 1.0, 1.0),
+    ("ancestral", False, 2, 1.0, 1.0), ("greedy", False, 2, 1.0, 1.0), ("none", False, 2, 1.0, 1.0),
+    ("ancestral", True, 3, 0.7, 0.8),
+])
+def test_sampler_matches_exact_chain(noise_removal, time_conditioned, K, temperature, top_p):
+    L, steps, N = 3, 4, 6000
     den = TableDenoiser(K + 1, L, seed=1, time_coef=1.0 if time_conditioned else 0.0)
-    states, dist = exact_final_distribution(den, K, L, steps, noise_removal)
-    z = sample_mdlm(den, batch_size=N, seq_len=L, mask_id=K, steps=steps, noise_removal=noise_removal,
-                    time_conditioned=time_conditioned, generator=torch.Generator().manual_seed(7))
+    states, dist = exact_final_distribution(den, K, L, steps, noise_removal, temperature=temperature, top_p=top_p)
+    z = sample_mdlm(den, batch_size=N, seq_len=L, vocab_size=K + 1, mask_id=K, steps=steps,
+                    noise_removal=noise_removal, time_conditioned=time_conditioned, temperature=temperature,
+                    top_p=top_p, generator=torch.Generator().manual_seed(7))
     if noise_removal != "none":
         assert int((z == K).sum()) == 0
     index = {s: i for i, s in enumerate(states)}
@@ -113,10 +136,10 @@ def test_cache_skips_calls_without_changing_draws():
     K, L, steps = 3, 4, 64
     den_a = TableDenoiser(K + 1, L, seed=2, time_coef=0.0)
     den_b = TableDenoiser(K + 1, L, seed=2, time_coef=0.0)
-    za, nfe_a = sample_mdlm(den_a, batch_size=1, seq_len=L, mask_id=K, steps=steps, time_conditioned=True,
-                            seed=3, return_nfe=True)
-    zb, nfe_b = sample_mdlm(den_b, batch_size=1, seq_len=L, mask_id=K, steps=steps, time_conditioned=False,
-                            seed=3, return_nfe=True)
+    za, nfe_a = sample_mdlm(den_a, batch_size=1, seq_len=L, vocab_size=K + 1, mask_id=K, steps=steps,
+                            time_conditioned=True, seed=3, return_nfe=True)
+    zb, nfe_b = sample_mdlm(den_b, batch_size=1, seq_len=L, vocab_size=K + 1, mask_id=K, steps=steps,
+                            time_conditioned=False, seed=3, return_nfe=True)
     assert torch.equal(za, zb)
     assert nfe_a == steps + 1 == den_a.calls
     # with 4 positions at most 4 steps change z, so at most 5 distinct inputs (+1 for the first call)
@@ -126,6 +149,8 @@ def test_cache_skips_calls_without_changing_draws():
 def test_sampler_rejects_bad_arguments():
     den = TableDenoiser(3, 2)
     with pytest.raises(ValueError, match="noise_removal"):
-        sample_mdlm(den, batch_size=1, seq_len=2, mask_id=2, steps=2, noise_removal="x", seed=0)
+        sample_mdlm(den, batch_size=1, seq_len=2, vocab_size=3, mask_id=2, steps=2, noise_removal="x", seed=0)
     with pytest.raises(ValueError, match="exactly one"):
-        sample_mdlm(den, batch_size=1, seq_len=2, mask_id=2, steps=2)
+        sample_mdlm(den, batch_size=1, seq_len=2, vocab_size=3, mask_id=2, steps=2)
+    with pytest.raises(ValueError, match="shape"):
+        sample_mdlm(den, batch_size=1, seq_len=2, vocab_size=4, mask_id=2, steps=2, seed=0)
