@@ -311,8 +311,9 @@ def _mdlm_zeroshot(model_dir: Path, corpus: Path, max_blocks: int | None, mc_pas
                                          return_mask=True)
     if max_blocks:
         blocks, mask = blocks[:max_blocks], mask[:max_blocks]
+    specials = tuple(i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None)  # content tokens, as duo_eval
     r = nelbo_perplexity(model, blocks, mask, batch_size=16, mc_passes=mc_passes, process=_mdlm_process(model),
-                         progress=False)
+                         progress=False, special_ids=specials)
     return {"ppl": r["ppl"], "nll_per_token": r["nll_per_token"], "stderr": r["stderr"], "tokens": r["tokens"],
             "path": "library (eval.likelihood.nelbo_perplexity, process=AbsorbingProcess)"}
 
