@@ -107,10 +107,11 @@ def split_blocks(cfg, tokenizer):
     d = OmegaConf.to_container(cfg.data, resolve=True)
     comp = d.pop("_component_", None)
     builder = text_blocks
-    if comp:
-        from torchtune.config._utils import _get_component_from_path
+    if comp:  # the run's own data builder (a dotted path the user put in their config)
+        import importlib
 
-        builder = _get_component_from_path(comp)
+        mod, _, name = str(comp).rpartition(".")
+        builder = getattr(importlib.import_module(mod), name)
     tb = builder(tokenizer, **{k: v for k, v in d.items() if v is not None})
     if tb.val is None:
         raise ValueError("learning report: the run has no held-out split (data.val_fraction / data.val_docs)")
