@@ -66,12 +66,14 @@ def _family(model: nn.Module) -> str:
 
 
 def _strip_prefixes(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    from duo_plugin.training.checkpointing import canonical_name
+
     out = {}
     for k, v in sd.items():
         for p in ("_orig_mod.", "module."):
             while k.startswith(p):
                 k = k[len(p):]
-        out[k] = v
+        out[canonical_name(k)] = v
     return out
 
 
@@ -132,6 +134,7 @@ def _full_state(partial: Dict[str, torch.Tensor], reference: Dict[str, torch.Ten
     if isinstance(partial.get("shadow"), dict):
         partial = partial["shadow"]
     partial = _strip_prefixes(partial)
+    reference = _strip_prefixes(reference)
     unexpected = sorted(set(partial) - set(reference))
     if unexpected:
         raise ValueError(f"{what} has keys the model does not have: {unexpected[:5]}")
