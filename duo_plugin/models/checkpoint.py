@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from duo_plugin._io import atomic_dir
 from duo_plugin.models.dit import DiT
+from duo_plugin.errors import UserError
 
 __all__ = ["CONFIG_NAME", "save_pretrained", "load_pretrained", "read_duo_config", "encode_valid_vocab",
            "decode_valid_vocab"]
@@ -227,7 +228,12 @@ def read_duo_config(path: Union[str, Path]) -> Dict[str, Any]:
     if not f.exists():
         raise FileNotFoundError(f"{f} is missing: {p} is not a duo_plugin model directory (save it with "
                                 f"duo_plugin.models.save_pretrained)")
-    cfg = json.loads(f.read_text())
+    try:
+        cfg = json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{f} is not valid JSON ({e}): the model directory is truncated or corrupt") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{f} must hold a JSON object")
     for key in ("family", "builder", "builder_kwargs"):
         if key not in cfg:
             raise ValueError(f"{f} lacks the required key {key!r}")
@@ -245,6 +251,18 @@ def _build(cfg: Dict[str, Any]) -> nn.Module:
     if fn is None:
         raise ValueError(f"builder {dotpath!r} not found")
     return fn(**cfg["builder_kwargs"])
+
+
+def _read_weights(where: Path, read):
+    """``read()``, turning a truncated / corrupt weights file (safetensors' error names no file) into a
+    :class:`UserError` naming ``where``."""
+    try:
+        return read()
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError" and not isinstance(e, (EOFError, UnicodeDecodeError)):
+            raise
+        raise UserError(f"{where}: cannot read the weights ({type(e).__name__}: {e}): the file is truncated or "
+                        "corrupt; re-copy the model directory or use an earlier checkpoint") from e
 
 
 def load_pretrained(path: Union[str, Path], *, weights: str = "ema", device: Union[str, torch.device] = "cpu") -> nn.Module:
@@ -273,7 +291,7 @@ def load_pretrained(path: Union[str, Path], *, weights: str = "ema", device: Uni
                 log.info("%s has no %s; loading the raw model weights", p, DIT_EMA_FILE)
         if not f.exists():
             raise FileNotFoundError(f"{f} is missing")
-        sd = load_file(str(f))
+        sd = _read_weights(f, lambda: load_file(str(f)))
         own = model.state_dict()
         missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
         if missing or unexpected:
@@ -293,7 +311,7 @@ def load_pretrained(path: Union[str, Path], *, weights: str = "ema", device: Uni
                 d = p / EMA_DIR
             else:
                 log.info("%s has no %s/ folder; loading the raw model weights", p, EMA_DIR)
-        load_hf_checkpoint(model, d)
+        _read_weights(d, lambda: load_hf_checkpoint(model, d))
     dtype = getattr(torch, cfg.get("dtype", "float32"))
     model = model.to(device=device, dtype=dtype).eval()
     model.valid_vocab = decode_valid_vocab(cfg.get("valid_vocab"), model.vocab_size)

@@ -86,3 +86,43 @@ def coerce_config(cfg: DictConfig, spec: Mapping[str, tuple]) -> None:
             raise ValueError(f"unknown kind {kind!r}")
         if new != value or type(new) is not type(value):
             OmegaConf.update(cfg, key, new, merge=False)
+
+
+def _i(minimum: int | None = None) -> tuple:
+    return (INT, {} if minimum is None else {"minimum": minimum})
+
+
+def _f(minimum: float | None = None, positive: bool = False) -> tuple:
+    opts: dict = {"positive": True} if positive else {}
+    if minimum is not None:
+        opts["minimum"] = minimum
+    return (FLOAT, opts)
+
+
+_B = (BOOL, {})
+
+#: Keys shared by the training recipes (duo_pretrain, duo_distill).
+COMMON_TYPES: dict[str, tuple] = {
+    "seed": _i(0), "global_batch_size": _i(1), "gradient_accumulation_steps": _i(1), "max_steps": _i(0),
+    "optimizer.lr": _f(positive=True), "optimizer.weight_decay": _f(0.0), "optimizer.eps": _f(positive=True),
+    "lr_scheduler.warmup_steps": _i(0), "clip_grad_norm": _f(positive=True), "ema.decay": _f(0.0),
+    "data.seq_len": _i(1), "data.val_fraction": _f(0.0), "data.val_docs": _i(0),
+    "checkpoint.every": _i(0), "checkpoint.keep_last": _i(0), "log_every": _i(1), "max_wall_s": _f(0.0),
+    "compile": _B, "progress_bar": _B, "overwrite": _B,
+}
+
+#: duo_pretrain's typed keys.
+PRETRAIN_TYPES: dict[str, tuple] = {
+    **COMMON_TYPES, "eval_batch_size": _i(1), "eval_every": _i(0), "eval_max_batches": _i(1),
+    "lr_scheduler.min_lr_ratio": _f(0.0), "schedule.alpha_eps": _f(positive=True), "schedule.t_min": _f(0.0),
+    "curriculum.steps": _i(0), "curriculum.tau": _f(), "curriculum.topk": _i(1), "curriculum.table_points": _i(2),
+    "adapt.attn_anneal_steps": _i(0), "kernels.auto_min_row_elements": _i(0), "tokenizer.train.vocab_size": _i(1),
+    "enable_activation_checkpointing": _B,
+}
+
+#: duo_distill's typed keys.
+DISTILL_TYPES: dict[str, tuple] = {
+    **COMMON_TYPES, "distill.rounds": _i(1), "distill.steps_per_round": _i(1), "distill.delta0": _f(positive=True),
+    "distill.growth": _f(positive=True), "distill.t_min": _f(0.0), "distill.table_points": _i(2),
+    "eval.num_samples": _i(1), "eval.batch_size": _i(1), "eval.seq_len": _i(1), "eval.seed": _i(0),
+}
