@@ -142,3 +142,16 @@ def test_checkpoint_tokenizer_identity(sp_tok, tmp_path):
     with pytest.raises(UserError, match=r"does not match the one init_from=ckpt was trained with .*"
                                         r"tokenizer.path=ckpt/tokenizer"):
         check_same_tokenizer(saved, other, "ckpt")
+
+
+def test_vocab_hint_names_what_works_for_a_checkpoint_model(sp_tok):
+    """For a model loaded from init_from (a duo model dir) the fix is the checkpoint's own tokenizer, not
+    model.vocab_size (which does not apply to a loaded model)."""
+    from duo_plugin.data.tokenizers import check_vocab
+
+    with pytest.raises(ValueError, match="set model.vocab_size="):
+        check_vocab(sp_tok, sp_tok.vocab_size - 10)
+    with pytest.raises(UserError, match=r"init_from=/ck embeds .*model.vocab_size does not apply.*"
+                                        r"tokenizer.path=/ck/tokenizer") as e:
+        check_vocab(sp_tok, sp_tok.vocab_size - 10, model_source="/ck")
+    assert "set model.vocab_size" not in str(e.value)
