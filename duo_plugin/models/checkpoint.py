@@ -242,14 +242,24 @@ def read_duo_config(path: Union[str, Path]) -> Dict[str, Any]:
     return cfg
 
 
+#: Modules whose ``@record_builder`` functions a model directory may name (a model folder is data: any other callable,
+#: even inside duo_plugin, e.g. a recipe's ``run`` or a loader taking a builder dotpath, could run arbitrary code).
+BUILDER_MODULES = ("duo_plugin.models.dit", "duo_plugin.models.builders", "duo_plugin.models")
+
+
 def _build(cfg: Dict[str, Any]) -> nn.Module:
     dotpath = cfg["builder"]
-    if not dotpath.startswith("duo_plugin."):
-        raise ValueError(f"refusing to call builder {dotpath!r}: only duo_plugin.* builders are loaded")
-    module, _, name = dotpath.rpartition(".")
+    module, _, name = str(dotpath).rpartition(".")
+    if module not in BUILDER_MODULES or not name.isidentifier() or name.startswith("_"):
+        raise UserError(f"refusing to call builder {dotpath!r} named in {CONFIG_NAME}: only the model builders of "
+                        f"{', '.join(BUILDER_MODULES)} are loaded (a model folder is data)")
     fn = getattr(importlib.import_module(module), name, None)
     if fn is None:
-        raise ValueError(f"builder {dotpath!r} not found")
+        raise UserError(f"builder {dotpath!r} named in {CONFIG_NAME} not found")
+    if not getattr(fn, "_duo_record_builder", False):
+        raise UserError(f"refusing to call {dotpath!r} named in {CONFIG_NAME}: not a duo model builder")
+    if not isinstance(cfg["builder_kwargs"], dict):
+        raise UserError(f"{CONFIG_NAME}: builder_kwargs must be a JSON object")
     return fn(**cfg["builder_kwargs"])
 
 

@@ -155,3 +155,28 @@ def test_vocab_hint_names_what_works_for_a_checkpoint_model(sp_tok):
                                         r"tokenizer.path=/ck/tokenizer") as e:
         check_vocab(sp_tok, sp_tok.vocab_size - 10, model_source="/ck")
     assert "set model.vocab_size" not in str(e.value)
+
+
+@pytest.mark.parametrize("builder,kwargs", [
+    ("duo_plugin.integrations.torchtune_scorer.load_torchtune_scorer",
+     {"model_builder": "duo_hostile_mod.build", "checkpoint_dir": "."}),
+    ("duo_plugin.recipes.duo_pretrain.run", {"cfg": {}}),
+    ("duo_hostile_mod.build", {}),
+    ("duo_plugin.models.dit.record_builder", {"fn": None}),
+])
+def test_model_folder_builder_must_be_a_duo_model_builder(tmp_path, hostile_module, builder, kwargs):
+    """duo_config.json's builder: only @record_builder functions of the duo model modules are called; a duo_plugin
+    function that calls a dotpath of its own (the scorer loader, a recipe) would let a folder run code."""
+    import torch
+
+    from duo_plugin.models.checkpoint import load_pretrained, save_pretrained
+    from duo_plugin.models.dit import duo_dit_tiny
+
+    torch.manual_seed(0)
+    d = save_pretrained(duo_dit_tiny(40, 8), tmp_path / "m")
+    cfg = json.loads((d / "duo_config.json").read_text())
+    cfg.update(builder=builder, builder_kwargs=kwargs)
+    (d / "duo_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=rf"refusing to call .*{builder.rsplit('.', 1)[-1]}"):
+        load_pretrained(d)
+    assert not hostile_module.exists() and "duo_hostile_mod" not in sys.modules
