@@ -79,6 +79,8 @@ def sampling_params(cfg: DictConfig) -> dict[str, Any]:
     if not out["temperature"] > 0.0:
         raise ConfigError(f"temperature must be > 0 (1 = the model's distribution), got {temp!r}; temperature=0 is "
                           "not greedy decoding here: use noise_removal=greedy for deterministic final tokens")
+    gw = cfg.get("guidance_weight")
+    out["guidance_weight"] = 1.0 if gw is None else read_float("guidance_weight", gw)  # 0 = unconditional, kept
     for key, default in (("t_eps", 1e-5), ("alpha_eps", 1e-3)):
         v = cfg.get(key)
         out[key] = default if v is None else read_float(key, v, positive=True)
@@ -247,7 +249,8 @@ def sampler_options(cfg) -> dict:
     block_len = blocks.get("block_len")
     if n_blocks and not block_len:
         raise ConfigError("blocks.n_blocks > 0 needs blocks.block_len (tokens added per block, < seq_len)")
-    return {"predictor": predictor, "psi": psi, "guidance_weight": float(cfg.get("guidance_weight") or 1.0),
+    return {"predictor": predictor, "psi": psi, "guidance_weight": (1.0 if cfg.get("guidance_weight") is None else
+                                                            float(cfg.get("guidance_weight"))),
             "posterior_impl": str(cfg.get("posterior_impl") or "auto"), "n_blocks": n_blocks,
             "block_len": int(block_len or 0)}
 

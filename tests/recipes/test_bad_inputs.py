@@ -254,3 +254,11 @@ def test_readme_states_the_measured_1_vs_n_agreement():
     text = " ".join((REPO / "README.md").read_text().split())
     assert "2e-7 relative, not bit-identical" in text
     assert "N processes, any gradient accumulation and any resume point give the same losses" not in text
+
+
+def test_generate_keeps_explicit_zero_values():
+    """A value the user sets is never replaced by a default: guidance_weight=0 (unconditional) stays 0."""
+    assert dg.sampler_options(OmegaConf.create({"guidance_weight": 0}))["guidance_weight"] == 0.0
+    assert dg.sampler_options(OmegaConf.create({}))["guidance_weight"] == 1.0
+    p = dg.sampling_params(OmegaConf.create({"steps": 4, "num_samples": 2, "top_p": 0.5, "temperature": "0.7"}))
+    assert (p["top_p"], p["temperature"], p["steps"]) == (0.5, 0.7, 4)
