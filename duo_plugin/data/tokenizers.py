@@ -415,10 +415,12 @@ def train_sentencepiece(
     import io
 
     def lines():  # fed as an iterator (not paths) so the model bytes do not record input/output paths
-        for f in files:
-            with open(f, encoding="utf-8", errors="replace") as fh:
-                for line in fh:
-                    yield line.rstrip("\n")
+        from duo_plugin.data.text import read_text_file  # binary input refused by name, replacements reported
+
+        for f in files:  # the lines text-mode iteration gives (universal newlines), without the newline
+            text = read_text_file(f).replace("\r\n", "\n").replace("\r", "\n")
+            parts = text.split("\n")
+            yield from parts[:-1] if text.endswith("\n") else parts
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
