@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from duo_plugin.errors import UserError
 
@@ -45,13 +45,23 @@ def _resume_mode(resume: Any) -> str:
     raise UserError(f"resume must be false, true, auto or a checkpoint directory, got {resume!r}")
 
 
-def _entries(out: Path) -> list[str]:
-    return sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
+def _entries(out: Path, inputs: Sequence[Any] = ()) -> list[str]:
+    skip = set()
+    for p in inputs:
+        if p:
+            try:
+                skip.add(Path(str(p)).resolve())
+            except OSError:
+                pass
+    return sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME and p.resolve() not in skip)
 
 
-def check_output_dir(output_dir: str | os.PathLike, resume: Any, overwrite: bool = False) -> Path | None:
+def check_output_dir(output_dir: str | os.PathLike, resume: Any, overwrite: bool = False,
+                     inputs: Sequence[Any] = ()) -> Path | None:
     """Validate ``output_dir`` against ``resume``/``overwrite`` without writing anything (every rank may call it).
 
+    ``inputs``: paths the config itself places in ``output_dir`` as INPUTS (``tokenizer.path``, ``data.cache_dir``,
+    e.g. ``${output_dir}/tokenizer``); they do not make it "non-empty".
     Returns the checkpoint to resume from (``None`` for a fresh start).  Raises :class:`UserError` naming the fix.
     """
     from duo_plugin.training.checkpointing import latest_checkpoint
@@ -73,18 +83,19 @@ def check_output_dir(output_dir: str | os.PathLike, resume: Any, overwrite: bool
     if ckpt is not None:
         return ckpt
     if mode == "fresh" and out.is_dir() and not overwrite:
-        entries = _entries(out)
+        entries = _entries(out, inputs)
         if entries:
             shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
-            raise UserError(f"output_dir={out} is not empty ({shown}); set resume=true to continue that run, "
-                            "overwrite=true to replace it, or a new output_dir")
+            raise UserError(f"output_dir={out} is not empty ({shown}); set resume=true (or resume=auto) to continue "
+                            "that run, overwrite=true to replace it, or a new output_dir")
     return None
 
 
-def prepare_output_dir(output_dir: str | os.PathLike, resume: Any, overwrite: bool = False) -> Path | None:
+def prepare_output_dir(output_dir: str | os.PathLike, resume: Any, overwrite: bool = False,
+                       inputs: Sequence[Any] = ()) -> Path | None:
     """:func:`check_output_dir`, then create the directory, check it is writable and, for ``overwrite=true`` on a
     fresh start, remove the earlier run's :data:`RUN_ARTIFACTS`.  Call on the writing rank only."""
-    ckpt = check_output_dir(output_dir, resume, overwrite)
+    ckpt = check_output_dir(output_dir, resume, overwrite, inputs)
     out = Path(output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

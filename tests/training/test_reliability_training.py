@@ -199,3 +199,15 @@ def test_user_errors_one_line_exit_2_and_debug_traceback(capsys, monkeypatch):
         with user_errors("duo_x"):
             raise TypeError("bug")
     assert one_line(FileNotFoundError(2, "No such file", "/x/y")) == "FileNotFoundError: [Errno 2] No such file: '/x/y'"
+
+
+def test_inputs_inside_output_dir_do_not_count_as_an_earlier_run(tmp_path):
+    """tiny_cpu keeps its tokenizer and data cache in ${output_dir}: they are inputs, not an earlier run."""
+    out = tmp_path / "run"
+    (out / "tokenizer").mkdir(parents=True)
+    (out / "cache").mkdir()
+    inputs = (str(out / "tokenizer"), str(out / "cache"))
+    assert run_dir.check_output_dir(out, False, inputs=inputs) is None
+    (out / "final").mkdir()
+    with pytest.raises(UserError, match=r"not empty \(final\)"):
+        run_dir.check_output_dir(out, False, inputs=inputs)
