@@ -132,8 +132,8 @@ def _dit_cfg(stem: str, assets: dict, out: Path, **overrides):
         "output_dir": str(out), "device": "cpu", "tokenizer": {"path": str(assets["tokenizer"])},
         "data": {"source": "files", "files": [str(assets["corpus"])], "seq_len": 16, "packing": "wrap",
                  "sample_by": "paragraph", "val_fraction": 0.1, "cache_dir": str(out.parent / "cache")},
-        "model": {"_component_": "duo_plugin.models.dit.duo_dit_tiny", "dropout": 0.0, "dim": 32, "n_layers": 2,
-                  "n_heads": 2, "cond_dim": 16},
+        "model": {"_component_": "duo_plugin.models.dit.duo_dit_tiny", "dropout": float(cfg.model.get("dropout", 0.0)),
+                  "dim": 32, "n_layers": 2, "n_heads": 2, "cond_dim": 16},  # tiny DiT, the shipped dropout
         "global_batch_size": 8, "eval_batch_size": 8, "max_steps": 4, "eval_every": 0, "eval_max_batches": 1,
         "checkpoint.every": 2, "checkpoint.keep_last": 3, "curriculum.steps": 2, "curriculum.table_points": 65,
         "curriculum.gamma_min": None, "curriculum.gamma_max": None, "lr_scheduler.warmup_steps": 2,
@@ -156,8 +156,9 @@ def test_dit_with_activation_checkpointing_saves_and_resumes(tiny_assets, tmp_pa
 
 @pytest.mark.slow
 def test_shipped_owt_small_settings_with_compile_save_and_resume(tiny_assets, tmp_path):
-    """owt_small's own settings (compile: true, resume: auto, EMA, accumulation 2) shrunk in size: a save, then the
-    same command again resumes (resume: auto) and continues the uninterrupted losses."""
+    """owt_small's own settings (compile: true, resume: auto, EMA, accumulation 2, dropout 0.1) shrunk in size: a
+    save, then the same command again resumes (resume: auto) and continues the uninterrupted losses (the RNG state is
+    part of the checkpoint, so dropout masks repeat)."""
     ref = _run_dit(_dit_cfg("owt_small", tiny_assets, tmp_path / "ref", max_steps=4))
     part = _run_dit(_dit_cfg("owt_small", tiny_assets, tmp_path / "run", max_steps=2))
     assert part["losses"] == ref["losses"][:2]
