@@ -103,7 +103,6 @@ def test_shipped_adapt_config_saves_and_resumes(stem, family, tiny_assets, tmp_p
     _check_save_and_resume(stem, family, tiny_assets, tmp_path)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stem,family", [("llama3_2_1b_lora_adapt", "llama"), ("qwen2_5_0_5b_lora_adapt", "qwen")])
 def test_shipped_lora_adapt_config_saves_and_resumes(stem, family, tiny_assets, tmp_path):
     _check_save_and_resume(stem, family, tiny_assets, tmp_path)
