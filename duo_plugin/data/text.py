@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "read_text_file",
     "TokenizedDocs",
     "load_documents",
     "split_text",
@@ -52,6 +53,38 @@ __all__ = [
 
 _CACHE_VERSION = 1
 _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+#: A text file whose undecodable (non-UTF-8) bytes exceed this fraction of its characters is refused as binary.
+MAX_UNDECODABLE_FRACTION = 0.05
+_REPLACEMENT = "\ufffd"
+
+
+def read_text_file(path: Union[str, os.PathLike]) -> str:
+    """Read a UTF-8 text file for training; refuse binary input, report replacement characters.
+
+    A file holding NUL bytes, or whose undecodable bytes become more than :data:`MAX_UNDECODABLE_FRACTION` of its
+    characters, is refused with a :class:`~duo_plugin.errors.UserError` naming it (random bytes, a
+    ``.safetensors`` file, UTF-16 text).  A few undecodable bytes (a legitimately mixed encoding) are replaced by
+    U+FFFD and their count is logged as a warning naming the file.
+    """
+    import logging
+
+    from duo_plugin.errors import UserError
+
+    p = Path(path)
+    raw = p.read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    n_bad = text.count(_REPLACEMENT) - raw.count(_REPLACEMENT.encode("utf-8"))
+    n_chars = max(1, len(text))
+    if b"\x00" in raw or n_bad > MAX_UNDECODABLE_FRACTION * n_chars:
+        why = "holds NUL bytes" if b"\x00" in raw else f"has {n_bad} undecodable bytes in {len(text)} characters"
+        raise UserError(f"data file {p} is not UTF-8 text ({why}: binary data?); pass text/jsonl/csv/parquet files "
+                        "only (convert other encodings to UTF-8, e.g. iconv -t UTF-8)")
+    if n_bad:
+        logging.getLogger(__name__).warning(
+            "data file %s: %d undecodable bytes (not UTF-8) were replaced by U+FFFD (%.3f%% of %d characters); "
+            "convert the file to UTF-8 to keep them", p, n_bad, 100.0 * n_bad / n_chars, len(text))
+    return text
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -217,7 +250,7 @@ def load_documents(
                                            cache_dir=hf_cache_dir)
                 docs.extend(d for d in _column(ds, column, str(p)) if d.strip())
             else:
-                docs.extend(split_text(p.read_text(encoding="utf-8", errors="replace"), sample_by))
+                docs.extend(split_text(read_text_file(p), sample_by))
         where = ", ".join(str(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
     else:
         import datasets

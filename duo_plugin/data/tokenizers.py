@@ -27,11 +27,12 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
 import torch
 
 from duo_plugin._io import atomic_write_text
+from duo_plugin.errors import UserError
 
 __all__ = [
     "DESCRIPTOR_NAME",
@@ -414,10 +415,12 @@ def train_sentencepiece(
     import io
 
     def lines():  # fed as an iterator (not paths) so the model bytes do not record input/output paths
-        for f in files:
-            with open(f, encoding="utf-8", errors="replace") as fh:
-                for line in fh:
-                    yield line.rstrip("\n")
+        from duo_plugin.data.text import read_text_file  # binary input refused by name, replacements reported
+
+        for f in files:  # the lines text-mode iteration gives (universal newlines), without the newline
+            text = read_text_file(f).replace("\r\n", "\n").replace("\r", "\n")
+            parts = text.split("\n")
+            yield from parts[:-1] if text.endswith("\n") else parts
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -494,8 +497,38 @@ def load_tokenizer(path_or_spec, **kwargs) -> DuoTokenizer:
     raise ValueError(f"unrecognised tokenizer file {p}: expected a directory, a .model or a tokenizer.json")
 
 
+#: The only callables a ``torchtune`` tokenizer descriptor may name.  A descriptor comes from a model folder, which is
+#: DATA (it may have been downloaded): naming an arbitrary importable callable would let a folder run code (as
+#: :mod:`duo_plugin.models.checkpoint` restricts model builders).  Checked before anything is imported.
+TORCHTUNE_TOKENIZER_BUILDERS = frozenset({
+    "torchtune.models.llama2.llama2_tokenizer",
+    "torchtune.models.llama3.llama3_tokenizer",
+    "torchtune.models.qwen2.qwen2_tokenizer",
+    "torchtune.models.qwen2_5.qwen2_5_tokenizer",
+    "torchtune.models.mistral.mistral_tokenizer",
+    "torchtune.models.gemma.gemma_tokenizer",
+    "torchtune.models.phi3.phi3_mini_tokenizer",
+})
+
+
+def check_tokenizer_builder(component: Any, where: str = "the descriptor") -> str:
+    """Refuse a tokenizer builder outside :data:`TORCHTUNE_TOKENIZER_BUILDERS` (nothing is imported or called)."""
+    if not isinstance(component, str) or component not in TORCHTUNE_TOKENIZER_BUILDERS:
+        raise UserError(
+            f"refusing tokenizer builder {component!r} named in {where}: a model folder is data and may only name "
+            f"one of {sorted(TORCHTUNE_TOKENIZER_BUILDERS)}; pass tokenizer=<a tokenizer.json / .model / dir> instead")
+    return component
+
+
 def _from_descriptor(desc: dict, base: Path) -> DuoTokenizer:
+    if not isinstance(desc, dict):
+        raise UserError(f"tokenizer descriptor in {base} must be a JSON object, got {type(desc).__name__}")
     kind = desc.get("type")
+    f = desc.get("file")
+    if kind in ("sentencepiece", "hf") and (not isinstance(f, str) or Path(f).name != f or f in ("", ".", "..")):
+        raise UserError(f"tokenizer descriptor in {base}: 'file' must be a plain file name next to it, got {f!r}")
+    if kind == "torchtune":  # names a builder: allow-listed before any loader imports or calls anything
+        check_tokenizer_builder(desc.get("component"), where=str(base))
     if kind == "sentencepiece":
         tok = SentencePieceTokenizer(base / desc["file"])
     elif kind == "hf":
@@ -529,6 +562,7 @@ def check_vocab(
     *,
     include_pad: bool = False,
     include_special: bool = False,
+    model_source: str | os.PathLike | None = None,
 ) -> torch.Tensor:
     """Check the model's vocabulary against the tokenizer and build ``valid_vocab: BoolTensor[K_model]``.
 
@@ -539,10 +573,16 @@ def check_vocab(
     put them in every sequence the model must reconstruct.
 
     Raises:
-        ValueError if the model embeds fewer ids than the tokenizer produces, naming ``model.vocab_size``.
+        ValueError if the model embeds fewer ids than the tokenizer produces, naming ``model.vocab_size`` (or, for a
+        model loaded from a checkpoint ``model_source``, naming the tokenizer saved with it).
     """
     k_tok = int(tokenizer.vocab_size)
     k = int(model_vocab_size)
+    if k < k_tok and model_source is not None:
+        raise UserError(
+            f"tokenizer has {k_tok} ids but the model loaded from init_from={model_source} embeds {k} (its size is "
+            f"fixed by that checkpoint, model.vocab_size does not apply); use the tokenizer saved with it "
+            f"(tokenizer.path={Path(str(model_source)) / 'tokenizer'})")
     if k < k_tok:
         raise ValueError(
             f"tokenizer has {k_tok} ids but the model embeds {k}; set model.vocab_size={k_tok} "
@@ -561,6 +601,31 @@ def check_vocab(
     if int(valid.sum()) < 2:
         raise ValueError("valid_vocab has fewer than 2 ids; check the tokenizer's special ids")
     return valid
+
+
+def _identity(desc: dict) -> dict:
+    """The parts of a descriptor that identify the vocabulary (file hashes, size, special ids)."""
+    keys = ("type", "sha256", "file_sha256", "vocab_size", "bos_id", "eos_id", "pad_id")
+    return {k: desc.get(k) for k in keys if desc.get(k) is not None}
+
+
+def check_same_tokenizer(saved: dict | None, tokenizer: DuoTokenizer, source: str | os.PathLike) -> None:
+    """Raise :class:`UserError` when ``tokenizer`` is not the one stored with the checkpoint ``source`` (its
+    ``metadata.tokenizer`` descriptor ``saved``): another vocabulary would silently re-map every token id.
+    A checkpoint without a stored descriptor is not checked."""
+    if not isinstance(saved, dict):
+        return
+    try:
+        mine = tokenizer.descriptor()
+    except Exception:  # a tokenizer wrapped from an instance has no descriptor: compare what is known
+        mine = {"vocab_size": int(tokenizer.vocab_size), "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
+    a, b = _identity(saved), _identity(mine)
+    diff = sorted(k for k in set(a) & set(b) if a[k] != b[k])
+    if diff:
+        shown = ", ".join(f"{k}: checkpoint={a[k]!r} vs tokenizer={b[k]!r}" for k in diff[:3])
+        raise UserError(
+            f"the tokenizer does not match the one init_from={source} was trained with ({shown}); set "
+            f"tokenizer.path={Path(str(source)) / 'tokenizer'} (saved with the model)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -83,7 +83,10 @@ class TorchtuneTokenizer(SpecialIds):
 
     @classmethod
     def from_descriptor(cls, desc: dict) -> "TorchtuneTokenizer":
-        return cls.from_config(desc["component"], **desc.get("kwargs", {}))
+        """Rebuild from a saved descriptor; only allow-listed builders (a descriptor is data from a model folder)."""
+        from duo_plugin.data.tokenizers import check_tokenizer_builder
+
+        return cls.from_config(check_tokenizer_builder(desc.get("component")), **desc.get("kwargs", {}))
 
     @property
     def vocab_size(self) -> int:

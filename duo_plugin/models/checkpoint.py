@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from duo_plugin._io import atomic_dir
 from duo_plugin.models.dit import DiT
+from duo_plugin.errors import UserError
 
 __all__ = ["CONFIG_NAME", "save_pretrained", "load_pretrained", "read_duo_config", "encode_valid_vocab",
            "decode_valid_vocab"]
@@ -66,12 +67,14 @@ def _family(model: nn.Module) -> str:
 
 
 def _strip_prefixes(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    from duo_plugin.training.checkpointing import canonical_name
+
     out = {}
     for k, v in sd.items():
         for p in ("_orig_mod.", "module."):
             while k.startswith(p):
                 k = k[len(p):]
-        out[k] = v
+        out[canonical_name(k)] = v
     return out
 
 
@@ -132,6 +135,7 @@ def _full_state(partial: Dict[str, torch.Tensor], reference: Dict[str, torch.Ten
     if isinstance(partial.get("shadow"), dict):
         partial = partial["shadow"]
     partial = _strip_prefixes(partial)
+    reference = _strip_prefixes(reference)
     unexpected = sorted(set(partial) - set(reference))
     if unexpected:
         raise ValueError(f"{what} has keys the model does not have: {unexpected[:5]}")
@@ -224,7 +228,12 @@ def read_duo_config(path: Union[str, Path]) -> Dict[str, Any]:
     if not f.exists():
         raise FileNotFoundError(f"{f} is missing: {p} is not a duo_plugin model directory (save it with "
                                 f"duo_plugin.models.save_pretrained)")
-    cfg = json.loads(f.read_text())
+    try:
+        cfg = json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{f} is not valid JSON ({e}): the model directory is truncated or corrupt") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{f} must hold a JSON object")
     for key in ("family", "builder", "builder_kwargs"):
         if key not in cfg:
             raise ValueError(f"{f} lacks the required key {key!r}")
@@ -233,15 +242,37 @@ def read_duo_config(path: Union[str, Path]) -> Dict[str, Any]:
     return cfg
 
 
+#: Modules whose ``@record_builder`` functions a model directory may name (a model folder is data: any other callable,
+#: even inside duo_plugin, e.g. a recipe's ``run`` or a loader taking a builder dotpath, could run arbitrary code).
+BUILDER_MODULES = ("duo_plugin.models.dit", "duo_plugin.models.builders", "duo_plugin.models")
+
+
 def _build(cfg: Dict[str, Any]) -> nn.Module:
     dotpath = cfg["builder"]
-    if not dotpath.startswith("duo_plugin."):
-        raise ValueError(f"refusing to call builder {dotpath!r}: only duo_plugin.* builders are loaded")
-    module, _, name = dotpath.rpartition(".")
+    module, _, name = str(dotpath).rpartition(".")
+    if module not in BUILDER_MODULES or not name.isidentifier() or name.startswith("_"):
+        raise UserError(f"refusing to call builder {dotpath!r} named in {CONFIG_NAME}: only the model builders of "
+                        f"{', '.join(BUILDER_MODULES)} are loaded (a model folder is data)")
     fn = getattr(importlib.import_module(module), name, None)
     if fn is None:
-        raise ValueError(f"builder {dotpath!r} not found")
+        raise UserError(f"builder {dotpath!r} named in {CONFIG_NAME} not found")
+    if not getattr(fn, "_duo_record_builder", False):
+        raise UserError(f"refusing to call {dotpath!r} named in {CONFIG_NAME}: not a duo model builder")
+    if not isinstance(cfg["builder_kwargs"], dict):
+        raise UserError(f"{CONFIG_NAME}: builder_kwargs must be a JSON object")
     return fn(**cfg["builder_kwargs"])
+
+
+def _read_weights(where: Path, read):
+    """``read()``, turning a truncated / corrupt weights file (safetensors' error names no file) into a
+    :class:`UserError` naming ``where``."""
+    try:
+        return read()
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError" and not isinstance(e, (EOFError, UnicodeDecodeError)):
+            raise
+        raise UserError(f"{where}: cannot read the weights ({type(e).__name__}: {e}): the file is truncated or "
+                        "corrupt; re-copy the model directory or use an earlier checkpoint") from e
 
 
 def load_pretrained(path: Union[str, Path], *, weights: str = "ema", device: Union[str, torch.device] = "cpu") -> nn.Module:
@@ -270,7 +301,7 @@ def load_pretrained(path: Union[str, Path], *, weights: str = "ema", device: Uni
                 log.info("%s has no %s; loading the raw model weights", p, DIT_EMA_FILE)
         if not f.exists():
             raise FileNotFoundError(f"{f} is missing")
-        sd = load_file(str(f))
+        sd = _read_weights(f, lambda: load_file(str(f)))
         own = model.state_dict()
         missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
         if missing or unexpected:
@@ -290,7 +321,7 @@ def load_pretrained(path: Union[str, Path], *, weights: str = "ema", device: Uni
                 d = p / EMA_DIR
             else:
                 log.info("%s has no %s/ folder; loading the raw model weights", p, EMA_DIR)
-        load_hf_checkpoint(model, d)
+        _read_weights(d, lambda: load_hf_checkpoint(model, d))
     dtype = getattr(torch, cfg.get("dtype", "float32"))
     model = model.to(device=device, dtype=dtype).eval()
     model.valid_vocab = decode_valid_vocab(cfg.get("valid_vocab"), model.vocab_size)

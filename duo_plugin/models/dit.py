@@ -407,6 +407,7 @@ def record_builder(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         model._duo_builder = (f"{fn.__module__}.{fn.__qualname__}", recorded)
         return model
 
+    wrapper._duo_record_builder = True  # load_pretrained only calls builders carrying this mark
     return wrapper
 
 

@@ -71,9 +71,22 @@ class RecipeBase:
         if is_dist():
             dist.barrier()
 
-    def _open_output(self) -> None:
+    def _open_output(self, *, guard: bool = True) -> None:
+        """Create ``output_dir``.  ``guard`` (training): no silent overwrite of an earlier run, ``resume=true`` needs
+        a checkpoint, one writer per directory (:mod:`duo_plugin.training.run_dir`); sets ``self.resume_from``."""
+        from duo_plugin.training import run_dir
+
         cfg = self.cfg
-        if self.is_rank_zero:
+        self.resume_from = None
+        if guard:
+            # the config's own inputs inside output_dir (e.g. ${output_dir}/tokenizer) are not an earlier run
+            inputs = ((cfg.get("tokenizer") or {}).get("path"), (cfg.get("data") or {}).get("cache_dir"))
+            overwrite = bool(cfg.get("overwrite", False))
+            self.resume_from = run_dir.check_output_dir(self.output_dir, cfg.resume, overwrite, inputs)
+            if self.is_rank_zero:
+                run_dir.prepare_output_dir(self.output_dir, cfg.resume, overwrite, inputs)
+                self._run_lock = run_dir.RunDirLock(self.output_dir).acquire()
+        elif self.is_rank_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self._barrier()
         self.metric_logger = tt_config.instantiate(cfg.metric_logger) if (self.is_rank_zero and cfg.get(
@@ -167,20 +180,33 @@ class RecipeBase:
                 module.load_state_dict(sd)
             self.optimizer.load_state_dict(optim_sd)
 
-    def _resume_state(self, resume_keys) -> tuple[Path, dict] | None:
-        """The checkpoint to resume from and its training state (checked against the config), or None."""
+    def _resume_state(self, resume_keys, *, model_weights: bool = True) -> tuple[Path, dict, dict | None] | None:
+        """The checkpoint to resume from, its training state (checked against the config) and, with
+        ``model_weights``, its model state dict; or None.  Every file is checked (truncated / corrupt / NaN weights:
+        an error naming it); with ``resume=true/auto`` a corrupt latest checkpoint falls back to the previous good
+        one with a warning.  ``self.resume_from`` comes from :meth:`_open_output` (run_dir rules)."""
+        from duo_plugin.models.checkpoint import load_pretrained
         from duo_plugin.training import checkpointing
 
-        ckpt = loop.resolve_resume(self.output_dir, self.cfg.resume)
-        if ckpt is None:
+        first = getattr(self, "resume_from", None)
+        if first is None:
             if self.cfg.resume not in (False, None) and self.is_rank_zero:
-                log.info("resume=%s but no checkpoint under %s: starting from the start", self.cfg.resume,
+                log.info("resume=%s: no checkpoint under %s, starting from the start", self.cfg.resume,
                          self.output_dir / "checkpoints")
             return None
-        state = checkpointing.load_training_state(Path(ckpt) / "training_state.pt")
+
+        def load(ck: Path):
+            st = checkpointing.load_training_state(ck / "training_state.pt")
+            sd = load_pretrained(ck / "model", weights="model", device="cpu").state_dict() if model_weights else None
+            checkpointing.check_finite(sd if sd is not None else (st.get("trainable_state") or {}), ck / "model")
+            return st, sd
+
+        older = [c for c in reversed(checkpointing.list_checkpoints(self.output_dir)) if c != Path(first)]
+        cands = [Path(first)] + (older if self.cfg.resume in (True, "auto") else [])
+        ckpt, (state, model_sd) = checkpointing.load_first_good(cands, load, log=log)
         checkpointing.check_resume_compatible(state["config"], OmegaConf.to_container(self.cfg, resolve=True),
                                               resume_keys)
-        return Path(ckpt), state
+        return Path(ckpt), state, model_sd
 
     def _restore_rng(self, state: dict) -> None:
         from duo_plugin.training.checkpointing import restore_rng_state
@@ -209,5 +235,8 @@ class RecipeBase:
             self.metric_logger.log_dict({k: float(v) for k, v in metrics.items()}, step)
 
     def cleanup(self) -> None:
-        if self.metric_logger is not None:
+        # setup may have failed before these were set: never hide the real error behind an AttributeError
+        if getattr(self, "metric_logger", None) is not None:
             self.metric_logger.close()
+        if getattr(self, "_run_lock", None) is not None:
+            self._run_lock.release()

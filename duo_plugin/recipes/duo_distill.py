@@ -83,6 +83,7 @@ SCHEMA: dict[str, Any] = {
                         "checkpoint_dir": None, "model_type": None, "tokenizer": None, "bos": None}},
     "checkpoint": {"every": None, "keep_last": None},
     "resume": None,
+    "overwrite": None,  # true: a fresh run may replace an earlier run in output_dir (training/run_dir.py)
     "compile": None,
     "fsdp": {"reshard_after_forward": None},
     "metric_logger": COMPONENT,
@@ -112,6 +113,7 @@ DEFAULTS: dict[str, Any] = {
                         "checkpoint_dir": None, "model_type": "LLAMA3_2", "tokenizer": None, "bos": True}},
     "checkpoint": {"every": 0, "keep_last": 2},
     "resume": False,
+    "overwrite": False,
     "compile": False,
     "fsdp": {"reshard_after_forward": True},
     "log_every": 1,
@@ -134,6 +136,9 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         if bad:
             raise ConfigError(bad[0])
     merged = OmegaConf.merge(OmegaConf.create(DEFAULTS), cfg)
+    from duo_plugin.training.config_values import DISTILL_TYPES, coerce_config
+
+    coerce_config(merged, DISTILL_TYPES)  # a wrong type names the key
     if not merged.get("init_from"):
         raise ConfigError("init_from is required: the duo model directory to distil (e.g. the 'final' dir that "
                           "`tune run duo_pretrain --config duo/tiny_cpu` writes: outputs/demo/final)")
@@ -232,7 +237,7 @@ class DuoDistillRecipe(RecipeBase):
             raise FileNotFoundError(
                 f"init_from={self.init_from} is not a duo model directory (no duo_config.json); point it at the "
                 "'final' dir of a duo_pretrain run (e.g. outputs/demo/final) or a checkpoint's model/ dir")
-        self._open_output()
+        self._open_output(guard=not cfg.evaluate_only)  # training: run_dir rules (no silent overwrite, lock)
         self._setup_tokenizer()
         self._setup_model()
         if cfg.evaluate_only:
@@ -265,6 +270,9 @@ class DuoDistillRecipe(RecipeBase):
         torch.manual_seed(self.seed)
         base = load_pretrained(self.init_from, weights=str(cfg.init_weights), device="cpu")
         self.base_meta = dict(getattr(base, "duo_metadata", {}) or {})
+        from duo_plugin.data.tokenizers import check_same_tokenizer
+
+        check_same_tokenizer(self.base_meta.get("tokenizer"), self.tokenizer, self.init_from)  # no silent re-map
         if self.base_meta.get("objective", "duo") != "duo":
             raise ConfigError(f"init_from={self.init_from} was trained with objective={self.base_meta['objective']!r}; "
                               "DCD distils a Duo diffusion model (objective: duo)")
@@ -406,13 +414,10 @@ class DuoDistillRecipe(RecipeBase):
         return path
 
     def _maybe_resume(self) -> None:
-        from duo_plugin.models.checkpoint import load_pretrained
-
         found = self._resume_state(RESUME_KEYS)
         if found is None:
             return
-        ckpt, state = found
-        model_sd = load_pretrained(ckpt / "model", weights="model", device="cpu").state_dict()
+        ckpt, state, model_sd = found
         self._load_states(model_sd, state["optimizer"], extra=((self.teacher, state["teacher"]),))
         if self.ema is not None:
             full = state["ema"]
@@ -507,8 +512,11 @@ def run(cfg: DictConfig) -> dict:
 @tt_config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Distil a Duo model with DCD. Config keys: see duo_plugin/configs/duo/distill_tiny_cpu.yaml."""
+    from duo_plugin.errors import user_errors
+
     try:
-        run(cfg)
+        with user_errors("duo_distill"):  # a user error: one line, exit 2 (DUO_DEBUG=1: traceback)
+            run(cfg)
     finally:
         if is_dist():
             dist.destroy_process_group()

@@ -210,7 +210,10 @@ def run(cfg: DictConfig) -> dict:
 
 @tt_config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    run(cfg)
+    from duo_plugin.errors import user_errors
+
+    with user_errors("duo_eval"):  # a user error: one line, exit 2 (DUO_DEBUG=1: traceback)
+        run(cfg)
 
 
 if __name__ == "__main__":

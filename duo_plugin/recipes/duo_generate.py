@@ -58,8 +58,52 @@ def validate_config(cfg: DictConfig) -> None:
     for req in ("checkpoint", "output_dir", "steps", "num_samples"):
         if cfg.get(req) is None:
             raise ConfigError(f"config key '{req}' is required (see duo_plugin/configs/duo/generate.yaml)")
+    sampling_params(cfg)  # top_p / temperature / steps / counts: wrong values are errors naming the key
+
+
+def sampling_params(cfg: DictConfig) -> dict[str, Any]:
+    """The checked numeric sampling options.  A value is never silently replaced: ``top_p`` must be in (0, 1]
+    (1 = no nucleus truncation) and ``temperature`` > 0 (1 = the model's distribution); ``top_p=0`` or
+    ``temperature=0`` is an error pointing to ``noise_removal=greedy`` for deterministic final tokens."""
+    from duo_plugin.training.config_values import read_float, read_int
+
+    out: dict[str, Any] = {"steps": read_int("steps", cfg.get("steps"), minimum=1),
+                           "num_samples": read_int("num_samples", cfg.get("num_samples"), minimum=1)}
+    top_p = cfg.get("top_p")
+    out["top_p"] = 1.0 if top_p is None else read_float("top_p", top_p)
+    if not 0.0 < out["top_p"] <= 1.0:
+        raise ConfigError(f"top_p must be in (0, 1] (1 = no nucleus truncation), got {top_p!r}; for deterministic "
+                          "final tokens use noise_removal=greedy")
+    temp = cfg.get("temperature")
+    out["temperature"] = 1.0 if temp is None else read_float("temperature", temp)
+    if not out["temperature"] > 0.0:
+        raise ConfigError(f"temperature must be > 0 (1 = the model's distribution), got {temp!r}; temperature=0 is "
+                          "not greedy decoding here: use noise_removal=greedy for deterministic final tokens")
+    gw = cfg.get("guidance_weight")
+    out["guidance_weight"] = 1.0 if gw is None else read_float("guidance_weight", gw)  # 0 = unconditional, kept
+    for key, default in (("t_eps", 1e-5), ("alpha_eps", 1e-3)):
+        v = cfg.get(key)
+        out[key] = default if v is None else read_float(key, v, positive=True)
+    for key in ("seed", "batch_size", "seq_len"):
+        v = cfg.get(key)
+        out[key] = None if v is None else read_int(key, v, minimum=0 if key == "seed" else 1)
+    return out
 
 _MASK_RE = re.compile(r"\[MASK(?::(\d+))?\]")
+_MASK_ANY = re.compile(r"\[MASK\b[^\]\[]*\]?")  # every "[MASK..." marker, well-formed or not
+
+
+def check_infill_markers(template: str) -> None:
+    """Every ``[MASK...`` in an infill template must be ``[MASK]`` or ``[MASK:n]`` with n >= 1 (a malformed marker
+    would silently stay literal text)."""
+    for m in _MASK_ANY.finditer(template):
+        ok = _MASK_RE.fullmatch(m.group(0))
+        if ok is None:
+            raise ConfigError(f"infill marker {m.group(0)!r} at character {m.start()} is malformed: write [MASK] "
+                              "(one position) or [MASK:n] (n positions, n >= 1), closed with ']'")
+        if ok.group(1) is not None and int(ok.group(1)) < 1:
+            raise ConfigError(f"infill marker {m.group(0)!r} at character {m.start()} asks for 0 positions: use "
+                              "[MASK:n] with n >= 1, or remove it")
 
 
 def open_run(cfg: DictConfig):
@@ -108,6 +152,7 @@ def default_seq_len(model, cfg_value) -> int:
 
 def build_infill(template: str, tokenizer, seq_len: int, add_bos: bool):
     """Template → ``(clamp_mask Bool[L], clamp_values Long[L])`` (see module docstring)."""
+    check_infill_markers(template)
     ids: list[int] = [tokenizer.bos_id] if add_bos else []
     free: list[bool] = [False] * len(ids)
     pos = 0
@@ -204,7 +249,8 @@ def sampler_options(cfg) -> dict:
     block_len = blocks.get("block_len")
     if n_blocks and not block_len:
         raise ConfigError("blocks.n_blocks > 0 needs blocks.block_len (tokens added per block, < seq_len)")
-    return {"predictor": predictor, "psi": psi, "guidance_weight": float(cfg.get("guidance_weight") or 1.0),
+    return {"predictor": predictor, "psi": psi, "guidance_weight": (1.0 if cfg.get("guidance_weight") is None else
+                                                            float(cfg.get("guidance_weight"))),
             "posterior_impl": str(cfg.get("posterior_impl") or "auto"), "n_blocks": n_blocks,
             "block_len": int(block_len or 0)}
 
@@ -334,7 +380,10 @@ def run(cfg: DictConfig) -> dict:
 
 @tt_config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    run(cfg)
+    from duo_plugin.errors import user_errors
+
+    with user_errors("duo_generate"):  # a user error: one line, exit 2 (DUO_DEBUG=1: traceback)
+        run(cfg)
 
 
 if __name__ == "__main__":

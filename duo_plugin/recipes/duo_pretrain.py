@@ -94,6 +94,7 @@ SCHEMA: dict[str, Any] = {
     "eval_max_batches": None,
     "checkpoint": {"every": None, "keep_last": None},
     "resume": None,
+    "overwrite": None,  # true: a fresh run may replace an earlier run in output_dir (training/run_dir.py)
     "compile": None,
     "enable_activation_checkpointing": None,
     "fsdp": {"reshard_after_forward": None},
@@ -126,6 +127,7 @@ DEFAULTS: dict[str, Any] = {
     "eval_max_batches": None,
     "checkpoint": {"every": 0, "keep_last": 2},
     "resume": False,
+    "overwrite": False,
     "compile": False,
     "enable_activation_checkpointing": False,
     "fsdp": {"reshard_after_forward": True},
@@ -171,6 +173,9 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         if bad:
             raise ConfigError(bad[0])
     merged = OmegaConf.merge(OmegaConf.create(DEFAULTS), cfg)
+    from duo_plugin.training.config_values import PRETRAIN_TYPES, coerce_config
+
+    coerce_config(merged, PRETRAIN_TYPES)  # max_steps=abc, optimizer.lr=fast, global_batch_size=31.9: name the key
     for req in ("output_dir", "tokenizer", "data", "model", "global_batch_size", "max_steps", "optimizer"):
         if OmegaConf.select(merged, req) is None:
             raise ConfigError(f"config key '{req}' is required (see duo_plugin/configs/duo/tiny_cpu.yaml)")
@@ -277,7 +282,9 @@ class DuoPretrainRecipe(RecipeBase):
     def _build_model(self, vocab_size: int) -> torch.nn.Module:
         mcfg = self.cfg.model
         extra = {}
-        for key, value in (("vocab_size", vocab_size), ("max_seq_len", self.seq_len)):
+        # an HF init_from: architecture from its config.json unless the user set the key (see _load_init_from)
+        arch = [(k, v) for k, v in getattr(self, "hf_arch", {}).items() if k != "vocab_size"]
+        for key, value in (("vocab_size", vocab_size), ("max_seq_len", self.seq_len), *arch):
             if mcfg.get(key) is None:
                 extra[key] = value
         if getattr(self.objective, "causal", False) and "causal" not in mcfg:
@@ -300,12 +307,15 @@ class DuoPretrainRecipe(RecipeBase):
                 init()
         k = int(model.vocab_size)
         vv = cfg.data.get("valid_vocab") or {}
+        duo_src = init_from if init_from and (Path(str(init_from)) / "duo_config.json").is_file() else None
         self.valid_vocab = check_vocab(self.tokenizer, k, include_pad=bool(vv.get("include_pad", False)),
-                                       include_special=bool(vv.get("include_special", False)))
+                                       include_special=bool(vv.get("include_special", False)), model_source=duo_src)
         if self.seq_len > int(model.max_seq_len):
-            raise ValueError(
+            fix = (f"set model.max_seq_len >= {self.seq_len}" if duo_src is None else
+                   f"the model loaded from init_from={duo_src} has a fixed max_seq_len")  # model.* does not apply
+            raise ConfigError(
                 f"data.seq_len={self.seq_len} exceeds the model's max_seq_len={int(model.max_seq_len)}; lower "
-                f"data.seq_len or set model.max_seq_len >= {self.seq_len}")
+                f"data.seq_len to <= {int(model.max_seq_len)} ({fix})")
         self.vocab_size = k
         self.k_eff = int(self.valid_vocab.sum())
         self._set_trainable(model)
@@ -371,15 +381,30 @@ class DuoPretrainRecipe(RecipeBase):
             raise FileNotFoundError(f"init_from={src} does not exist; point it at a model directory "
                                     "(output_dir/final, a checkpoint's model/ dir, or an HF checkpoint dir)")
         if (src / "duo_config.json").is_file():
+            from duo_plugin.data.tokenizers import check_same_tokenizer
             from duo_plugin.models.checkpoint import load_pretrained
+            from duo_plugin.training.checkpointing import check_finite
 
-            return load_pretrained(src, weights=str(self.cfg.init_weights), device="cpu")
+            model = load_pretrained(src, weights=str(self.cfg.init_weights), device="cpu")
+            # the checkpoint stores its tokenizer (descriptor + sha256): another one would re-map every token id
+            check_same_tokenizer(getattr(model, "duo_metadata", {}).get("tokenizer"), self.tokenizer, src)
+            check_finite(model.state_dict(), src)
+            return model
         if (src / "config.json").is_file():
             from duo_plugin.models.hf_checkpoint import load_hf_checkpoint
+            from duo_plugin.training.adapt import architecture_from_hf_config
 
-            # The embedding size comes from the checkpoint's config.json (e.g. Qwen's padded 151,936 rows vs
-            # ~151,665 tokenizer ids), not from the tokenizer; padded rows are excluded by valid_vocab.
-            hf_vocab = json.loads((src / "config.json").read_text()).get("vocab_size")
+            # The architecture comes from the checkpoint's config.json (the embedding size too, e.g. Qwen's padded
+            # 151,936 rows vs ~151,665 tokenizer ids; padded rows are excluded by valid_vocab); model.* keys in the
+            # config override it (and are logged).
+            hf_cfg = json.loads((src / "config.json").read_text())
+            hf_vocab = hf_cfg.get("vocab_size")
+            self.hf_arch = architecture_from_hf_config(hf_cfg, component=self.cfg.model.get("_component_"),
+                                                       where=str(src / "config.json"))
+            if self.is_rank_zero:
+                user = {k: self.cfg.model[k] for k in self.hf_arch if self.cfg.model.get(k) is not None}
+                log.info("model architecture from %s: %s%s", src / "config.json", self.hf_arch,
+                         f"; overridden by model.*: {user}" if user else "")
             model = self._build_model(int(hf_vocab or self.tokenizer.vocab_size))
             return load_hf_checkpoint(model, src)
         raise FileNotFoundError(f"init_from={src} holds neither duo_config.json (a duo model dir) nor config.json "
@@ -456,8 +481,10 @@ class DuoPretrainRecipe(RecipeBase):
         """LoRA models only: the trainable entries of the (gathered, unmerged) model state dict, else None."""
         if getattr(self.model, "_duo_lora", None) is None:
             return None
-        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        return {k: v for k, v in model_sd.items() if k in names}
+        from duo_plugin.training.checkpointing import canonical_name
+
+        names = {canonical_name(n) for n, p in self.model.named_parameters() if p.requires_grad}
+        return {k: v for k, v in model_sd.items() if canonical_name(k) in names}
 
     def _save_model_dir(self, model_dir: Path, model_sd: dict, ema_sd: dict | None) -> None:
         from duo_plugin.models.checkpoint import save_pretrained
@@ -484,25 +511,25 @@ class DuoPretrainRecipe(RecipeBase):
         return m
 
     def _maybe_resume(self) -> None:
-        found = self._resume_state(RESUME_KEYS)
+        lora = getattr(self.model, "_duo_lora", None) is not None
+        found = self._resume_state(RESUME_KEYS, model_weights=not lora)
         if found is None:
             return
-        ckpt, state = found
+        ckpt, state, loaded_sd = found
         check_resume_max_steps(state["config"], OmegaConf.to_container(self.cfg, resolve=True))
-        from duo_plugin.models.checkpoint import load_pretrained
+        from duo_plugin.training import checkpointing
 
-        if getattr(self.model, "_duo_lora", None) is not None:
+        if lora:
             # LoRA: model/ holds merged weights of the full twin; restore the unmerged trainable tensors instead
             if state.get("trainable_state") is None:
                 raise ValueError(f"{ckpt} holds no unmerged LoRA weights (trainable_state); it cannot resume a LoRA "
                                  "run exactly: start a new run with init_from=<that checkpoint's model dir>")
-            model_sd, strict = dict(state["trainable_state"]), False
-            frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
-            if set(model_sd) != {n for n, _ in self.model.named_parameters()} - frozen:
+            model_sd, strict = checkpointing.canonical_state_dict(state["trainable_state"]), False
+            named = checkpointing.canonical_named_parameters(self.model)
+            if set(model_sd) != {n for n, p in named.items() if p.requires_grad}:
                 raise ValueError(f"{ckpt}: trainable_state does not match this model's trainable parameters")
         else:
-            model_sd = load_pretrained(ckpt / "model", weights="model", device="cpu").state_dict()
-            strict = True
+            model_sd, strict = loaded_sd, True
         self._load_states(model_sd, state["optimizer"], strict=strict)
         if self.ema is not None:
             if state.get("ema") is None:
@@ -593,8 +620,11 @@ def run(cfg: DictConfig) -> dict:
 @tt_config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Train a Duo diffusion LM. Config keys: see duo_plugin/configs/duo/tiny_cpu.yaml."""
+    from duo_plugin.errors import user_errors
+
     try:
-        run(cfg)
+        with user_errors("duo_pretrain"):  # a user error: one line, exit 2 (DUO_DEBUG=1: traceback)
+            run(cfg)
     finally:
         if is_dist():
             dist.destroy_process_group()

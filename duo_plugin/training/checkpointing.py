@@ -37,7 +37,56 @@ __all__ = [
     "capture_rng_state",
     "restore_rng_state",
     "check_resume_compatible",
+    "WRAPPER_PREFIXES",
+    "canonical_name",
+    "canonical_state_dict",
+    "canonical_named_parameters",
+    "check_finite",
+    "load_first_good",
 ]
+
+#: Module names inserted into parameter names by wrappers: activation checkpointing (``checkpoint_wrapper``),
+#: ``torch.compile`` (``OptimizedModule``) and FSDP1 (``FullyShardedDataParallel``).  FSDP2 (``fully_shard``) keeps
+#: the names.
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def canonical_name(name: str) -> str:
+    """A parameter / buffer name with every wrapper component removed (``blocks.0._checkpoint_wrapped_module.attn.w``
+    -> ``blocks.0.attn.w``): the one name used by EMA shadows, model checkpoints and optimizer state, whatever
+    wrappers are on when saving or loading."""
+    for w in WRAPPER_PREFIXES:
+        if w in name:
+            name = name.replace(w, "")
+    return name
+
+
+def canonical_state_dict(sd: Mapping[str, Any]) -> dict:
+    """``sd`` with canonical keys (see :func:`canonical_name`); two keys collapsing to one is an error."""
+    out: dict = {}
+    for k, v in sd.items():
+        c = canonical_name(k)
+        if c in out:
+            raise ValueError(f"state dict keys {k!r} and another both map to {c!r}")
+        out[c] = v
+    return out
+
+
+def canonical_named_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """``{canonical name: parameter}`` of ``model`` (wrapped or not)."""
+    return {canonical_name(n): p for n, p in model.named_parameters()}
+
+
+def check_finite(state: Mapping[str, Any], source: str | os.PathLike) -> None:
+    """Raise :class:`~duo_plugin.errors.UserError` naming ``source`` and the first tensor holding NaN/Inf (weights
+    loaded from a corrupt file are not a learning-rate problem)."""
+    from duo_plugin.errors import UserError
+
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise UserError(f"{source}: weight {k!r} holds NaN/Inf values: the checkpoint is corrupt; resume from an "
+                            "earlier checkpoint (resume=<output_dir>/checkpoints/step_XXXXXXXX) or re-create it")
+
 
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
@@ -139,10 +188,47 @@ def load_training_state(path: str | os.PathLike, map_location: str | torch.devic
                         weights_only: bool = True) -> dict:
     """Load a state saved by :func:`save_training_state` (``weights_only=True`` works for states made of
     tensors, python scalars/containers and :func:`capture_rng_state` output)."""
+    from duo_plugin.errors import UserError
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training state not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=weights_only)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as e:  # truncated / corrupt file: torch/pickle raise many types
+        raise UserError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
+                        "the file is truncated or corrupt; resume from an earlier checkpoint "
+                        "(resume=<output_dir>/checkpoints/step_XXXXXXXX)") from e
+    if not isinstance(state, dict) or "step" not in state:
+        raise UserError(f"{path} is not a duo training state (no 'step'); resume from a checkpoint directory "
+                        "written by duo_pretrain / duo_distill")
+    return state
+
+
+def load_first_good(candidates: Sequence[Path], loader: Callable[[Path], Any], *, log: Any = None):
+    """``(path, loader(path))`` for the first candidate (newest first) that loads; a candidate that fails with a
+    user error (truncated / corrupt / NaN) is skipped with a warning naming it and the fallback.  When every
+    candidate fails, the first candidate's error is raised."""
+    from duo_plugin.errors import USER_ERROR_TYPES
+
+    first_err = None
+    for i, path in enumerate(candidates):
+        try:
+            return path, loader(Path(path))
+        except USER_ERROR_TYPES as e:
+            first_err = first_err or e
+            nxt = candidates[i + 1] if i + 1 < len(candidates) else None
+            msg = (f"checkpoint {path} is unusable ({str(e).splitlines()[0]}); "
+                   + (f"falling back to the previous checkpoint {nxt}" if nxt else "no earlier checkpoint left"))
+            if log is not None:
+                log.warning(msg)
+            else:
+                import warnings
+
+                warnings.warn(msg, stacklevel=2)
+    if first_err is None:
+        raise ValueError("load_first_good: no candidate checkpoint")
+    raise first_err
 
 
 def capture_rng_state() -> dict:

@@ -68,8 +68,10 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def copy_weights_(dst: nn.Module, src: nn.Module) -> None:
     """dst ← src for every parameter and buffer (by name; local shards for FSDP2 models sharded alike)."""
-    sp, dp = dict(src.named_parameters()), dict(dst.named_parameters())
-    sb, db = dict(src.named_buffers()), dict(dst.named_buffers())
+    from duo_plugin.training.checkpointing import canonical_name  # wrappers (AC, compile) may differ between the two
+
+    sp, dp = ({canonical_name(n): p for n, p in m.named_parameters()} for m in (src, dst))
+    sb, db = ({canonical_name(n): b for n, b in m.named_buffers()} for m in (src, dst))
     if set(sp) != set(dp) or set(sb) != set(db):
         raise ValueError("copy_weights_: teacher and student have different parameter/buffer names; build the "
                          "teacher as a copy of the student (same builder, same wrapping)")

@@ -9,6 +9,10 @@ increments its counter before computing the decay) uses
 The shadow is kept in fp32 whatever the parameter dtype (bf16 training). FSDP2 ``DTensor`` parameters are
 handled by operating on their local shards (``param.to_local()``), so each rank keeps the EMA of its own shard
 and ``state_dict()`` holds local shards (save it per rank, or with the same sharding).
+
+Shadows are keyed by CANONICAL parameter names (:func:`duo_plugin.training.checkpointing.canonical_name`: wrapper
+components such as activation checkpointing's ``_checkpoint_wrapped_module`` or compile's ``_orig_mod`` removed), the
+names of the model's state dict and of saved checkpoints, so an EMA saves and loads whatever wrappers are on.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Iterator
 
 import torch
 from torch import nn
+
+from duo_plugin.training.checkpointing import canonical_named_parameters
 
 __all__ = ["EMA"]
 
@@ -46,14 +52,14 @@ class EMA:
         with torch.no_grad():
             self.shadow: dict[str, torch.Tensor] = {
                 name: _local(p.detach()).to(torch.float32).clone()
-                for name, p in model.named_parameters()
+                for name, p in canonical_named_parameters(model).items()
                 if p.requires_grad
             }
         if not self.shadow:
             raise ValueError("EMA: the model has no trainable parameters")
 
     def _params(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-        params = dict(model.named_parameters())
+        params = canonical_named_parameters(model)
         missing = [n for n in self.shadow if n not in params]
         if missing:
             raise KeyError(f"EMA: model lacks tracked parameters {missing[:5]} (was the model re-wrapped after "
@@ -113,7 +119,9 @@ class EMA:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        shadow = state["shadow"]
+        from duo_plugin.training.checkpointing import canonical_state_dict
+
+        shadow = canonical_state_dict(state["shadow"])
         if set(shadow) != set(self.shadow):
             extra = sorted(set(shadow) - set(self.shadow))[:5]
             missing = sorted(set(self.shadow) - set(shadow))[:5]
@@ -132,7 +140,7 @@ class EMA:
         shard of the parameter's DTensor; the full tensor is rebuilt with the parameter's mesh and placements (a
         collective: call it on every rank)."""
         sd = self.state_dict()
-        params = dict(model.named_parameters())
+        params = canonical_named_parameters(model)
         shadow = {}
         for k, v in sd["shadow"].items():
             p = params[k]
@@ -146,9 +154,11 @@ class EMA:
     def load_full_state_dict(self, state: dict, model: nn.Module, device: torch.device | str) -> None:
         """Inverse of :meth:`full_state_dict`: full shadows are re-sharded like ``model``'s FSDP2 parameters (plain
         parameters take the full tensor) before :meth:`load_state_dict`."""
-        params = dict(model.named_parameters())
+        from duo_plugin.training.checkpointing import canonical_state_dict
+
+        params = canonical_named_parameters(model)
         shadow = {}
-        for k, v in state["shadow"].items():
+        for k, v in canonical_state_dict(state["shadow"]).items():
             p = params.get(k)
             if p is not None and hasattr(p, "device_mesh"):
                 from torch.distributed.tensor import distribute_tensor

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from duo_plugin.diffusion.losses import masked_token_sum  # noqa: F401  (re-export)
+from duo_plugin.errors import UserError
 
 __all__ = ["COMPONENT", "ANY", "ConfigError", "check_keys", "lr_multiplier", "masked_token_sum", "is_dist", "all_ranks_agree",
            "world_rank", "full_tensor", "is_block"]
@@ -25,7 +26,7 @@ COMPONENT = "<component>"
 ANY = "<any>"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad recipe config; the message names the fix."""
 
 

@@ -256,6 +256,18 @@ def test_bad_adapt_options(hf_ckpts, tiny_assets, tmp_path):
                          **{"adapt.attn_anneal_mode": "sometimes"}))
 
 
+#: The published config.json fields of meta-llama/Llama-3.2-1B and Qwen/Qwen2.5-0.5B that fix the architecture.
+REAL_HF_CONFIGS = {
+    "llama": {"model_type": "llama", "vocab_size": 128256, "num_hidden_layers": 16, "num_attention_heads": 32,
+              "num_key_value_heads": 8, "hidden_size": 2048, "intermediate_size": 8192, "rms_norm_eps": 1e-5,
+              "rope_theta": 500000.0, "tie_word_embeddings": True,
+              "rope_scaling": {"factor": 32.0, "rope_type": "llama3"}},
+    "qwen": {"model_type": "qwen2", "vocab_size": 151936, "num_hidden_layers": 24, "num_attention_heads": 14,
+             "num_key_value_heads": 2, "hidden_size": 896, "intermediate_size": 4864, "rms_norm_eps": 1e-6,
+             "rope_theta": 1000000.0, "tie_word_embeddings": True},
+}
+
+
 @pytest.mark.parametrize("stem,n_params", [("llama3_2_1b_adapt", 1.236e9), ("qwen2_5_0_5b_adapt", 0.494e9),
                                            ("llama3_2_1b_lora_adapt", 1.236e9), ("qwen2_5_0_5b_lora_adapt", 0.494e9)])
 def test_shipped_adapt_configs_instantiate(stem, n_params):
@@ -263,11 +275,15 @@ def test_shipped_adapt_configs_instantiate(stem, n_params):
     decoder's own weights; time-conditioned configs add adaLN parameters outside it, and only those do)."""
     from torchtune import config as tt_config
 
+    from duo_plugin.training.adapt import architecture_from_hf_config
+
     cfg = dp.validate_config(OmegaConf.load(CONFIG_DIR / f"{stem}.yaml"))
     assert cfg.curriculum.input == "topk" and cfg.model.shift is True
     vocab = 128256 if stem.startswith("llama") else 151936
-    extra = {k: v for k, v in (("vocab_size", vocab), ("max_seq_len", int(cfg.data.seq_len)))
-             if cfg.model.get(k) is None}
+    # the sizes come from the checkpoint's config.json (as published for these models), not from the YAML
+    hf = REAL_HF_CONFIGS["llama" if stem.startswith("llama") else "qwen"]
+    arch = architecture_from_hf_config(hf, component=cfg.model._component_)
+    extra = {k: v for k, v in (("max_seq_len", int(cfg.data.seq_len)), *arch.items()) if cfg.model.get(k) is None}
     with torch.device("meta"):
         model = tt_config.instantiate(cfg.model, **extra)
     assert model.vocab_size == vocab

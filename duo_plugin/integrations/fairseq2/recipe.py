@@ -315,7 +315,7 @@ class _NativeExporter:
         self.exported.add(int(step))
         f = self.root / f"step_{step}" / "ema_state.pt"
         if f.exists():
-            unit.ema.load_state_dict(torch.load(f, map_location="cpu"))
+            unit.ema.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
             unit.ema_step = int(step)
             log.info("Restored the EMA from %s", f)
         else:
