@@ -17,7 +17,9 @@ median of the per-round ratios old / new, so > 1 means the new path is faster):
   context): here the output projection and f_Duo at the context positions, which the new path skips, are a large
   part of the work.
 * ``duo_eval``: :func:`nelbo_perplexity` on ``--blocks`` blocks, 4 passes, ``batch_size`` 16: old = one pass at a
-  time; new = passes share calls.
+  time; new = passes share calls (and the output projection / f_Duo run only at counted positions).
+* ``duo_eval_padded``: the same with ``packing: pad``-like rows (1/4 to all of each block real): the new path skips
+  the output projection and f_Duo at the padding.
 * ``genppl``: :func:`causal_nll` of ``--blocks`` × 4 sequences of random lengths: old = ``batch_size`` 8 in the given
   order; new = sorted by length, packed up to the token budget.
 """
@@ -125,7 +127,7 @@ def _legacy_class():
     return _LegacyDuoLM
 
 
-def _legacy_nelbo_ppl(den, blocks, batch_size, passes, seed=0):
+def _legacy_nelbo_ppl(den, blocks, batch_size, passes, seed=0, mask=None):
     from duo_plugin.diffusion.schedules import stratified_times
     from duo_plugin.diffusion.uniform import row_generators
     from duo_plugin.eval.likelihood import sequence_nelbo, stratum_permutation
@@ -137,7 +139,12 @@ def _legacy_nelbo_ppl(den, blocks, batch_size, passes, seed=0):
         for lo in range(0, n, batch_size):
             idx = range(lo, min(n, lo + batch_size))
             t = stratified_times(seed, p, perm[lo : lo + len(idx)], n, t_min=1e-3, dtype=torch.float64)
-            total += float(sequence_nelbo(den, blocks[lo : lo + batch_size], t, row_generators(seed, p, idx)).sum())
+            kw = {}
+            if mask is not None:
+                am = mask[lo : lo + batch_size]
+                kw = {"score_mask": am, "padding_mask": am}
+            total += float(sequence_nelbo(den, blocks[lo : lo + batch_size], t, row_generators(seed, p, idx),
+                                          **kw).sum())
     return total
 
 
@@ -235,6 +242,15 @@ def main():
         res["rel_diff_total_nelbo"] = float(f"{abs(o - n['nll_per_token_all'] * blocks.numel() * 4) / o:.3g}")
         res["blocks_per_s_new"] = round(4 * args.blocks / statistics.median(res["new_cpu_s"]), 2)
         report["duo_eval"] = res
+        # packing=pad: one sentence per row, 1/4 to all of the block real (the rest padding)
+        lens = torch.randint(model.max_seq_len // 4, model.max_seq_len + 1, (args.blocks,), generator=g)
+        mask = torch.arange(model.max_seq_len)[None] < lens[:, None]
+        o, n, res = interleaved(lambda: _legacy_nelbo_ppl(den, blocks, 16, 4, mask=mask),
+                                lambda: nelbo_perplexity(den, blocks, mask, batch_size=16, mc_passes=4,
+                                                         progress=False), args.rounds)
+        res["rel_diff_total_nelbo"] = float(f"{abs(o - n['nll_per_token_all'] * int(mask.sum()) * 4) / o:.3g}")
+        res["real_fraction"] = round(float(mask.float().mean()), 3)
+        report["duo_eval_padded"] = res
     if "genppl" in only and args.ar_model and Path(args.ar_model).exists():
         from duo_plugin.models.checkpoint import load_pretrained
 

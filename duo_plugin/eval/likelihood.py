@@ -20,6 +20,7 @@ import time
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from duo_plugin._progress import progress_bar
 from duo_plugin.diffusion.losses import duo_nelbo
@@ -333,6 +334,12 @@ def nelbo_perplexity(
                 f"(K={k}): its NELBO is +inf. Use the tokenizer the checkpoint was trained with (or mask the token)"
             )
 
+    if not k and process is None:
+        raise ValueError("the denoiser has no .vocab_size attribute; pass valid_vocab=BoolTensor[K] (all True is fine)")
+    blocks = blocks.cpu()
+    attention_mask = attention_mask.cpu()
+    vv_cpu = None if valid_vocab is None else valid_vocab.cpu()
+    prepared: dict = {}  # block -> _Seq (ids, kept, real, scored); padding and kept markers are neither noised nor scored
     per_seq = torch.zeros(int(mc_passes), n, dtype=torch.float64)
     # (pass, sequence) rows in pass-major order, batch_size rows per call: the passes of a small split share calls.
     # A row's time and noise depend only on (seed, pass, sequence), so the values do not depend on the batching.
@@ -348,16 +355,24 @@ def nelbo_perplexity(
             ns_t = torch.tensor(ns)
             t = times[torch.tensor(ps), ns_t]
             gens = [g for p, i in zip(ps, ns) for g in row_generators(seed, p, [i], device=dev)]
-            x0 = blocks[ns_t].to(dev).long()
-            am = attention_mask[ns_t].to(dev)
-            kw = {}
-            if structural is not None:
-                st = structural[ns_t].to(dev)
-                kw = {"keep_mask": st, "score_mask": am & ~st}
-            vals = sequence_nelbo(
-                denoiser, x0, t, gens, **{"score_mask": am, **kw}, padding_mask=am, schedule=schedule,
-                valid_vocab=valid_vocab, process=process,
-            ).cpu()
+            if process is not None:  # another noise process (e.g. absorbing): its own corrupt / nelbo
+                x0 = blocks[ns_t].to(dev).long()
+                am = attention_mask[ns_t].to(dev)
+                kw = {}
+                if structural is not None:
+                    st = structural[ns_t].to(dev)
+                    kw = {"keep_mask": st, "score_mask": am & ~st}
+                vals = sequence_nelbo(
+                    denoiser, x0, t, gens, **{"score_mask": am, **kw}, padding_mask=am, schedule=schedule,
+                    valid_vocab=valid_vocab, process=process,
+                ).cpu()
+            else:  # uniform-state: packed rows, output projection and f_Duo only at counted positions
+                for i in ns:
+                    if i not in prepared:
+                        keep = structural[i] if structural is not None else torch.zeros(length, dtype=torch.bool)
+                        prepared[i] = _prepare_seq(blocks[i], keep, attention_mask[i], k, vv_cpu)
+                vals = _rows_nelbo(denoiser, prepared, ns, t, gens, schedule=schedule, valid_vocab=valid_vocab,
+                                   k_model=k, conditioning="alpha_t", dev=dev)
             per_seq[torch.tensor(ps), ns_t] = vals
             bar.update(1)
     finally:
@@ -557,6 +572,17 @@ class _Seq(NamedTuple):
     oov: bool  # a scored id the model cannot produce: the value is +inf
 
 
+def _prepare_seq(x: torch.Tensor, keep: torch.Tensor, real: torch.Tensor, k_model: int,
+                 valid_vocab: Optional[torch.Tensor]) -> _Seq:
+    """A sequence ready for :func:`_rows_nelbo`: scored = real & ~keep; ids the model cannot produce are replaced by
+    a valid id for the network input (:func:`_vocab_check`, as :func:`sequence_nelbo` does) and flag the value +∞
+    when scored."""
+    x, keep, real = x.long().cpu(), keep.bool().cpu(), real.bool().cpu()
+    sc = real & ~keep
+    xs, oov = _vocab_check(x[None], sc[None], k_model, valid_vocab)
+    return _Seq(xs[0], keep, real, sc, x.numel(), bool(oov is not None and bool(oov[0])))
+
+
 def _log_probs_at(denoiser, z: torch.Tensor, sigma: torch.Tensor, padding_mask: Optional[torch.Tensor],
                   rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """``log x_θ(z, σ)`` at the positions ``(rows[i], pos[i])`` only: fp32 ``[P, K]``.
@@ -609,25 +635,26 @@ def _rows_nelbo(denoiser, seqs: Sequence[_Seq], rows, times, gens, *, schedule, 
     if alpha_prime.dim() == 0:
         alpha_prime = alpha_prime.expand_as(alpha)
     alpha, alpha_prime = alpha.cpu(), alpha_prime.cpu()
-    width = max(seqs[s].width for s in rows)
     ids = valid_ids(k_model, valid_vocab.cpu()) if valid_vocab is not None else None
     k = int(ids.numel()) if ids is not None else int(k_model)
-    z = torch.zeros(r, width, dtype=torch.long)
-    x0 = torch.zeros(r, width, dtype=torch.long)
-    real = torch.zeros(r, width, dtype=torch.bool)
-    score = torch.zeros(r, width, dtype=torch.bool)
-    kept = torch.zeros(r, width, dtype=torch.bool)
+    us, draws = [], []
     for j, s in enumerate(rows):
-        q = seqs[s]
-        n = q.x0.numel()
         g = gens[j]
-        u = torch.rand((n,), generator=g, device=g.device, dtype=torch.float64).cpu()
-        idx = torch.randint(0, k, (n,), generator=g, device=g.device).cpu()
-        noise = idx if ids is None else ids[idx]
-        zj = torch.where(u < alpha[j], q.x0, noise)
-        zj = torch.where(q.keep | ~q.real, q.x0, zj)
-        w = q.width
-        z[j, :w], x0[j, :w], real[j, :w], score[j, :w], kept[j, :w] = zj, q.x0, q.real, q.score, q.keep
+        n = seqs[s].width
+        us.append(torch.rand((n,), generator=g, device=g.device, dtype=torch.float64).cpu())
+        draws.append(torch.randint(0, k, (n,), generator=g, device=g.device).cpu())
+
+    def stack(vals, fill=0):  # right-pad rows of different lengths (batch padding: real = False there)
+        return pad_sequence(vals, batch_first=True, padding_value=fill)
+
+    u, idx = stack(us), stack(draws)
+    x0 = stack([seqs[s].x0 for s in rows])
+    real = stack([seqs[s].real for s in rows], False)
+    score = stack([seqs[s].score for s in rows], False)
+    kept = stack([seqs[s].keep for s in rows], False)
+    noise = idx if ids is None else ids[idx]
+    z = torch.where(u < alpha[:, None], x0, noise)  # q_t(z | x) exactly as corrupt() draws it for the row alone
+    z = torch.where(kept | ~real, x0, z)
     if conditioning == "clean_fraction":
         sigma = -torch.log(effective_alpha(alpha, (kept & real).sum(-1), (~kept & real).sum(-1)))
     else:
@@ -713,9 +740,7 @@ def conditional_nelbo_ragged(
         rl = torch.ones_like(kp) if reals is None else torch.as_tensor(reals[i], dtype=torch.bool).cpu().flatten()
         if not x.numel() == kp.numel() == rl.numel():
             raise ValueError(f"sequence {i}: ids, keep and real masks differ in length")
-        sc = rl & ~kp
-        xs, oov = _vocab_check(x[None], sc[None], k_model, None if valid_vocab is None else valid_vocab.cpu())
-        prepared.append(_Seq(xs[0], kp, rl, sc, x.numel(), bool(oov is not None and bool(oov[0]))))
+        prepared.append(_prepare_seq(x, kp, rl, k_model, None if valid_vocab is None else valid_vocab.cpu()))
 
     samples: list[list[torch.Tensor]] = [[] for _ in range(n)]
     active = list(range(n))
