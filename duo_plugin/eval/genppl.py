@@ -23,6 +23,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+
 __all__ = ["unigram_entropy", "retokenize", "gen_ppl_and_entropy", "causal_nll", "load_dit_scorer", "DiTScorer",
            "HFScorer", "load_hf_scorer", "scorer_name"]
 
@@ -92,22 +93,30 @@ def retokenize(
 
 
 def causal_nll(
-    scorer: Scorer, seqs: Sequence[Sequence[int]], eos_id: int, batch_size: int, pad_id: Optional[int] = None
+    scorer: Scorer, seqs: Sequence[Sequence[int]], eos_id: int, batch_size: Optional[int] = None,
+    pad_id: Optional[int] = None, max_batch_tokens: Optional[int] = None,
 ) -> tuple[float, int]:
     """Σ NLL (nats) and #targets of ``seqs`` under a causal LM.
 
     Targets are positions 1..T-1 (position 0 is context only); a target counts if it is not EOS or it is the first
-    EOS of its sequence. Sequences are right-padded (``pad_id``, default ``eos_id``) and padding is never a target.
-    Computed in float64 from the scorer's logits.
+    EOS of its sequence. Sequences are sorted by length and right-padded (``pad_id``, default ``eos_id``) into calls
+    of at most ``batch_size`` rows (None: no row cap) and ``max_batch_tokens`` padded tokens (None: the default of
+    the scorer's device, :func:`~duo_plugin.eval.likelihood.default_max_batch_tokens`); padding is never a
+    target and, the scorer being causal, never changes a real position's output. Computed in float64 from the
+    scorer's logits.
     """
+    from duo_plugin.eval.likelihood import default_max_batch_tokens, pack_rows
+
     pad = int(eos_id if pad_id is None else pad_id)
     total, count = 0.0, 0
-    seqs = [list(s) for s in seqs]
-    for lo in range(0, len(seqs), int(batch_size)):
-        chunk = seqs[lo : lo + int(batch_size)]
+    seqs = sorted((list(s) for s in seqs if len(s) >= 2), key=len, reverse=True)
+    rows = None if batch_size is None else int(batch_size)
+    if max_batch_tokens is None:
+        dev = getattr(scorer, "device", None)
+        max_batch_tokens = default_max_batch_tokens(dev if isinstance(dev, (str, torch.device)) else None)
+    for batch in pack_rows([len(s) for s in seqs], rows, max_batch_tokens):
+        chunk = [seqs[i] for i in batch]
         T = max(len(s) for s in chunk)
-        if T < 2:
-            continue
         toks = torch.full((len(chunk), T), pad, dtype=torch.long)
         real = torch.zeros(len(chunk), T, dtype=torch.bool)
         for i, s in enumerate(chunk):
@@ -136,12 +145,16 @@ def gen_ppl_and_entropy(
     scorer: Scorer,
     scorer_tokenizer,
     eos_id_scorer: int,
-    batch_size: int = 8,
+    batch_size: Optional[int] = None,
     max_len: int = 1024,
     bos_id_scorer: Optional[int] = None,
     name: Optional[str] = None,
+    max_batch_tokens: Optional[int] = None,
 ) -> dict:
     """Gen PPL (re-tokenised, scored by a causal LM) and mean unigram entropy of ``sample_ids Long[N, L]``.
+
+    ``batch_size`` caps the rows and ``max_batch_tokens`` the padded tokens of each scorer call (samples sorted by
+    length; the value does not depend on either up to floating-point rounding).
 
     Returns:
         ``dict(gen_ppl, gen_nll (nats/token), entropy (mean nats), entropy_per_sample (list), n_samples, tokens
@@ -151,7 +164,7 @@ def gen_ppl_and_entropy(
         raise ValueError(f"sample_ids must be a non-empty [N, L] tensor; got {tuple(sample_ids.shape)}")
     ent = unigram_entropy(sample_ids)
     seqs = retokenize(sample_ids, diffusion_tokenizer, scorer_tokenizer, eos_id_scorer, max_len, bos_id_scorer)
-    total, count = causal_nll(scorer, seqs, eos_id_scorer, batch_size)
+    total, count = causal_nll(scorer, seqs, eos_id_scorer, batch_size, max_batch_tokens=max_batch_tokens)
     if count == 0:
         raise ValueError("no token to score: every re-tokenised sample has fewer than 2 tokens")
     nll = total / count

@@ -13,27 +13,33 @@ one sequence over its MC samples. docs/evaluation.md describes the estimators, t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from duo_plugin._progress import progress_bar
 from duo_plugin.diffusion.losses import duo_nelbo
 from duo_plugin.diffusion.schedules import LogLinearSchedule, stratified_times
-from duo_plugin.diffusion.uniform import corrupt, row_generators, stable_seed
+from duo_plugin.diffusion.uniform import corrupt, row_generators, stable_seed, valid_ids
 
 __all__ = [
     "nelbo_perplexity",
     "conditional_nelbo",
+    "conditional_nelbo_ragged",
+    "pack_rows",
     "ConditionalNELBO",
     "sequence_nelbo",
     "official_harness_nll",
     "stratum_permutation",
     "effective_alpha",
     "CONDITIONING_MODES",
+    "DEFAULT_MAX_BATCH_TOKENS",
+    "default_max_batch_tokens",
 ]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -43,6 +49,17 @@ _COND_STEP_OFFSET = 1 << 40
 _IID_STEP_OFFSET = 1 << 41
 _ROUND_STRIDE = 1 << 48  # adaptive MC: round r >= 1 of request i uses step (offset + i + r * _ROUND_STRIDE)
 _PERM_TAG = 0x5EED_9E4D
+
+#: Padded tokens (rows x longest row) per evaluation forward when rows of different requests / samples are packed
+#: together (lm-eval scoring, the Gen PPL scorer), per device type: on CPU larger calls were slower (cache), on CUDA
+#: the budget bounds the K-wide tensors at the scored positions. docs/performance.md has the measurement.
+DEFAULT_MAX_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
+
+
+def default_max_batch_tokens(device=None) -> int:
+    """The default token budget of an evaluation forward on ``device`` (:data:`DEFAULT_MAX_BATCH_TOKENS`)."""
+    kind = torch.device(device).type if device is not None else "cpu"
+    return DEFAULT_MAX_BATCH_TOKENS.get(kind, DEFAULT_MAX_BATCH_TOKENS["cuda"])
 
 #: ``alpha_t``: the network sees σ = −log α_t (every position noised at α_t; the training condition).
 #: ``clean_fraction``: the network sees σ = −log α_eff with α_eff = (n_ctx + α_t · n_cont) / n, the expected
@@ -317,27 +334,47 @@ def nelbo_perplexity(
                 f"(K={k}): its NELBO is +inf. Use the tokenizer the checkpoint was trained with (or mask the token)"
             )
 
+    if not k and process is None:
+        raise ValueError("the denoiser has no .vocab_size attribute; pass valid_vocab=BoolTensor[K] (all True is fine)")
+    blocks = blocks.cpu()
+    attention_mask = attention_mask.cpu()
+    vv_cpu = None if valid_vocab is None else valid_vocab.cpu()
+    prepared: dict = {}  # block -> _Seq (ids, kept, real, scored); padding and kept markers are neither noised nor scored
     per_seq = torch.zeros(int(mc_passes), n, dtype=torch.float64)
-    n_batches = (n + batch_size - 1) // batch_size
-    bar = _Eta(progress, int(mc_passes) * n_batches, "nelbo ppl")
+    # (pass, sequence) rows in pass-major order, batch_size rows per call: the passes of a small split share calls.
+    # A row's time and noise depend only on (seed, pass, sequence), so the values do not depend on the batching.
+    total = int(mc_passes) * n
+    times = torch.stack([stratified_times(seed, p, stratum_permutation(seed, p, n), n, t_min=t_min,
+                                          dtype=torch.float64) for p in range(int(mc_passes))])  # [P, N]
+    bar = _Eta(progress, (total + batch_size - 1) // batch_size, "nelbo ppl")
     try:
-        for p in range(int(mc_passes)):
-            perm = stratum_permutation(seed, p, n)
-            for lo in range(0, n, batch_size):
-                idx = range(lo, min(n, lo + batch_size))
-                x0 = blocks[lo : lo + batch_size].to(dev).long()
-                am = attention_mask[lo : lo + batch_size].to(dev)
-                t = stratified_times(seed, p, perm[lo : lo + len(idx)], n, t_min=t_min, dtype=torch.float64)
-                gens = row_generators(seed, p, idx, device=dev)
+        for lo in range(0, total, batch_size):
+            hi = min(total, lo + batch_size)
+            ps = [r // n for r in range(lo, hi)]
+            ns = [r % n for r in range(lo, hi)]
+            ns_t = torch.tensor(ns)
+            t = times[torch.tensor(ps), ns_t]
+            gens = [g for p, i in zip(ps, ns) for g in row_generators(seed, p, [i], device=dev)]
+            if process is not None:  # another noise process (e.g. absorbing): its own corrupt / nelbo
+                x0 = blocks[ns_t].to(dev).long()
+                am = attention_mask[ns_t].to(dev)
                 kw = {}
                 if structural is not None:
-                    st = structural[lo : lo + batch_size].to(dev)
+                    st = structural[ns_t].to(dev)
                     kw = {"keep_mask": st, "score_mask": am & ~st}
-                per_seq[p, lo : lo + len(idx)] = sequence_nelbo(
+                vals = sequence_nelbo(
                     denoiser, x0, t, gens, **{"score_mask": am, **kw}, padding_mask=am, schedule=schedule,
                     valid_vocab=valid_vocab, process=process,
                 ).cpu()
-                bar.update(1)
+            else:  # uniform-state: packed rows, output projection and f_Duo only at counted positions
+                for i in ns:
+                    if i not in prepared:
+                        keep = structural[i] if structural is not None else torch.zeros(length, dtype=torch.bool)
+                        prepared[i] = _prepare_seq(blocks[i], keep, attention_mask[i], k, vv_cpu)
+                vals = _rows_nelbo(denoiser, prepared, ns, t, gens, schedule=schedule, valid_vocab=valid_vocab,
+                                   k_model=k, conditioning="alpha_t", dev=dev)
+            per_seq[torch.tensor(ps), ns_t] = vals
+            bar.update(1)
     finally:
         bar.close()
 
@@ -434,6 +471,7 @@ def conditional_nelbo(
     time_sampling: str = "stratified",
     target_stderr: Optional[float] = None,
     max_mc_samples: Optional[int] = None,
+    max_batch_tokens: Optional[int] = None,
 ) -> ConditionalNELBO:
     """Conditional NELBO of the non-kept positions given the kept ones (for loglikelihood requests).
 
@@ -454,6 +492,7 @@ def conditional_nelbo(
         x0: ``Long[B, L]`` ids (context + continuation, padded). keep_mask: ``Bool[B, L]`` or ``[L]``.
         attention_mask: ``Bool[B, L]``; False = padding (neither scored nor corrupted).
         mc_samples: M ≥ 1 (per round in adaptive mode). batch_size: rows (sequence × MC sample) per denoiser call.
+        max_batch_tokens: also cap every call at this many (padded) tokens (default: rows only).
         indices: ``Long[B]`` global ids of the sequences for the noise (default ``arange(B)``).
         conditioning: ``alpha_t`` | ``clean_fraction`` (see :func:`sequence_nelbo`).
 
@@ -494,35 +533,235 @@ def conditional_nelbo(
         raise ValueError(f"indices must have one entry per sequence ({b})")
     dev, schedule, valid_vocab = _eval_setup(denoiser, device, schedule, valid_vocab)
     score = attention_mask & ~keep_mask
+    seqs = [x0[i] for i in range(b)]
+    keeps = [keep_mask[i] for i in range(b)]
+    reals = None if bool(attention_mask.all()) else [attention_mask[i] for i in range(b)]
+    res = conditional_nelbo_ragged(
+        denoiser, seqs, keeps, reals=reals, indices=indices.tolist(), mc_samples=m, max_rows=int(batch_size),
+        max_batch_tokens=max_batch_tokens, seed=seed, valid_vocab=valid_vocab, schedule=schedule, t_min=t_min,
+        device=dev, conditioning=conditioning, time_sampling=time_sampling, target_stderr=target_stderr,
+        max_mc_samples=max_mc_samples)
+    return res._replace(num_tokens=score.sum(1).long())
 
-    samples: list[list[torch.Tensor]] = [[] for _ in range(b)]
-    active = list(range(b))
+
+def pack_rows(lengths: Sequence[int], max_rows: Optional[int], max_tokens: Optional[int]) -> list[list[int]]:
+    """Split rows (already in processing order) into consecutive batches of at most ``max_rows`` rows whose padded
+    size ``rows × longest row`` stays within ``max_tokens`` (a row longer than the budget gets a batch of its own)."""
+    out: list[list[int]] = []
+    cur: list[int] = []
+    width = 0
+    for i, n in enumerate(lengths):
+        w = max(width, int(n))
+        if cur and ((max_rows is not None and len(cur) >= max_rows)
+                    or (max_tokens is not None and w * (len(cur) + 1) > max_tokens)):
+            out.append(cur)
+            cur, w = [], int(n)
+        cur.append(i)
+        width = w
+    if cur:
+        out.append(cur)
+    return out
+
+
+class _Seq(NamedTuple):
+    x0: torch.Tensor  # Long[L_i] (out-of-vocabulary scored ids replaced by a valid id)
+    keep: torch.Tensor  # Bool[L_i]
+    real: torch.Tensor  # Bool[L_i]
+    score: torch.Tensor  # Bool[L_i]
+    width: int  # L_i
+    oov: bool  # a scored id the model cannot produce: the value is +inf
+
+
+def _prepare_seq(x: torch.Tensor, keep: torch.Tensor, real: torch.Tensor, k_model: int,
+                 valid_vocab: Optional[torch.Tensor]) -> _Seq:
+    """A sequence ready for :func:`_rows_nelbo`: scored = real & ~keep; ids the model cannot produce are replaced by
+    a valid id for the network input (:func:`_vocab_check`, as :func:`sequence_nelbo` does) and flag the value +∞
+    when scored."""
+    x, keep, real = x.long().cpu(), keep.bool().cpu(), real.bool().cpu()
+    sc = real & ~keep
+    xs, oov = _vocab_check(x[None], sc[None], k_model, valid_vocab)
+    return _Seq(xs[0], keep, real, sc, x.numel(), bool(oov is not None and bool(oov[0])))
+
+
+def _log_probs_at(denoiser, z: torch.Tensor, sigma: torch.Tensor, padding_mask: Optional[torch.Tensor],
+                  rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``log x_θ(z, σ)`` at the positions ``(rows[i], pos[i])`` only: fp32 ``[P, K]``.
+
+    For a :class:`~duo_plugin.sampling.DenoiserFn` around a model with ``forward_hidden`` and ``output_projection``
+    (the DiT and the adapters, whose forward is ``log_softmax(output_projection(forward_hidden(...)))``), the
+    position-wise output projection and log-softmax run only at the requested positions: the network input is
+    unchanged, so the values are those of the full forward, without the K-wide work at the context positions. Any
+    other denoiser is called in full and indexed.
+    """
+    from duo_plugin.sampling import DenoiserFn
+
+    kw = {} if padding_mask is None else {"padding_mask": padding_mask}
+    model = denoiser.model if isinstance(denoiser, DenoiserFn) else None
+    if model is None or not (hasattr(model, "forward_hidden") and hasattr(model, "output_projection")):
+        return denoiser(z, sigma, **kw)[rows, pos].float()
+    saved = [(m, m.training) for m in model.modules()] if model.training else None
+    if saved is not None:
+        model.eval()
+    try:
+        denoiser.nfe += 1
+        ctx = contextlib.nullcontext()
+        if denoiser.autocast_dtype is not None and z.device.type == "cuda":
+            ctx = torch.autocast("cuda", dtype=denoiser.autocast_dtype)
+        with ctx:
+            h = model.forward_hidden(z, sigma, padding_mask)
+            out = model.output_projection(h[rows, pos])
+        return torch.log_softmax(out.float(), dim=-1)
+    finally:
+        if saved is not None:
+            for m, mode in saved:
+                m.training = mode
+
+
+@torch.no_grad()
+def _rows_nelbo(denoiser, seqs: Sequence[_Seq], rows, times, gens, *, schedule, valid_vocab, k_model, conditioning,
+                dev) -> torch.Tensor:
+    """One-sample NELBO of each row ``(sequence, time, generator)`` in **one** denoiser call (float64 ``[R]``).
+
+    Each row's corruption is drawn at its sequence's own length exactly as :func:`sequence_nelbo` draws it for that
+    sequence alone (uniforms ``[L_i]`` then replacement ids ``[L_i]`` from the row's generator), so the noise does
+    not depend on the batch; rows of different lengths are right-padded and the network gets ``padding_mask``. The
+    output projection and f_Duo are evaluated only at the scored positions (:func:`_log_probs_at`; both are
+    per-position, so the values are those of the unbatched call).
+    """
+    r = len(rows)
+    t64 = times.to(dtype=torch.float64)
+    alpha = schedule.alpha(t64)
+    alpha_prime = schedule.alpha_prime(t64)
+    if alpha_prime.dim() == 0:
+        alpha_prime = alpha_prime.expand_as(alpha)
+    alpha, alpha_prime = alpha.cpu(), alpha_prime.cpu()
+    ids = valid_ids(k_model, valid_vocab.cpu()) if valid_vocab is not None else None
+    k = int(ids.numel()) if ids is not None else int(k_model)
+    us, draws = [], []
+    for j, s in enumerate(rows):
+        g = gens[j]
+        n = seqs[s].width
+        us.append(torch.rand((n,), generator=g, device=g.device, dtype=torch.float64).cpu())
+        draws.append(torch.randint(0, k, (n,), generator=g, device=g.device).cpu())
+
+    def stack(vals, fill=0):  # right-pad rows of different lengths (batch padding: real = False there)
+        return pad_sequence(vals, batch_first=True, padding_value=fill)
+
+    u, idx = stack(us), stack(draws)
+    x0 = stack([seqs[s].x0 for s in rows])
+    real = stack([seqs[s].real for s in rows], False)
+    score = stack([seqs[s].score for s in rows], False)
+    kept = stack([seqs[s].keep for s in rows], False)
+    noise = idx if ids is None else ids[idx]
+    z = torch.where(u < alpha[:, None], x0, noise)  # q_t(z | x) exactly as corrupt() draws it for the row alone
+    z = torch.where(kept | ~real, x0, z)
+    if conditioning == "clean_fraction":
+        sigma = -torch.log(effective_alpha(alpha, (kept & real).sum(-1), (~kept & real).sum(-1)))
+    else:
+        sigma = -torch.log(alpha)
+    sigma = sigma.to(torch.float32).to(dev)
+    out = torch.zeros(r, dtype=torch.float64)
+    rr, pp = score.nonzero(as_tuple=True)
+    if rr.numel():
+        sel = _log_probs_at(denoiser, z.to(dev), sigma, None if bool(real.all()) else real.to(dev), rr.to(dev),
+                            pp.to(dev))[None]
+        if valid_vocab is not None and valid_vocab.numel() != sel.shape[-1]:
+            raise ValueError(f"valid_vocab has {valid_vocab.numel()} entries but the denoiser outputs K={sel.shape[-1]}")
+        a_tok = alpha[rr][None].to(dev)
+        ap_tok = alpha_prime[rr][None].to(dev)
+        f = duo_nelbo(sel, z[rr, pp][None].to(dev), x0[rr, pp][None].to(dev), a_tok, ap_tok,
+                      valid_vocab=valid_vocab)
+        out.index_add_(0, rr, f[0].to(torch.float64).cpu())
+    oov = torch.tensor([seqs[s].oov for s in rows], dtype=torch.bool)
+    return torch.where(oov, torch.full_like(out, float("inf")), out)
+
+
+@torch.no_grad()
+def conditional_nelbo_ragged(
+    denoiser: Denoiser,
+    seqs: Sequence[torch.Tensor],
+    keeps: Sequence[torch.Tensor],
+    *,
+    reals: Optional[Sequence[torch.Tensor]] = None,
+    indices: Optional[Sequence[int]] = None,
+    mc_samples: int = 8,
+    max_rows: Optional[int] = None,
+    max_batch_tokens: Optional[int] = None,
+    seed: int = 0,
+    valid_vocab: Optional[torch.Tensor] = None,
+    schedule=None,
+    t_min: float = 1e-3,
+    device=None,
+    conditioning: str = "alpha_t",
+    time_sampling: str = "stratified",
+    target_stderr: Optional[float] = None,
+    max_mc_samples: Optional[int] = None,
+    on_batch: Optional[Callable[[int], None]] = None,
+) -> ConditionalNELBO:
+    """:func:`conditional_nelbo` of sequences of **different lengths**, batched together.
+
+    ``seqs[i]`` is ``Long[L_i]``, ``keeps[i]`` ``Bool[L_i]`` (kept clean, not scored), ``reals[i]`` ``Bool[L_i]``
+    (False = padding; default all real). The rows (sequence × MC sample) of all sequences are sorted by length and
+    packed into denoiser calls of at most ``max_rows`` rows and ``max_batch_tokens`` padded tokens. Times and
+    corruption noise are those of :func:`conditional_nelbo` for the sequence alone (keyed by ``(seed, indices[i],
+    sample)``, drawn at length ``L_i``), so every value is that of the one-sequence call up to floating-point
+    rounding of the batched forward. ``on_batch(rows)`` is called after each denoiser call.
+    """
+    n = len(seqs)
+    m = int(mc_samples)
+    if len(keeps) != n or (reals is not None and len(reals) != n):
+        raise ValueError("seqs, keeps (and reals) must have one entry per sequence")
+    if m < 1:
+        raise ValueError("mc_samples must be >= 1")
+    if (max_rows is not None and int(max_rows) < 1) or (max_batch_tokens is not None and int(max_batch_tokens) < 1):
+        raise ValueError("max_rows and max_batch_tokens must be >= 1")
+    if time_sampling not in ("stratified", "iid"):
+        raise ValueError(f"time_sampling must be 'stratified' or 'iid', got {time_sampling!r}")
+    if conditioning not in CONDITIONING_MODES:
+        raise ValueError(f"conditioning must be one of {CONDITIONING_MODES}, got {conditioning!r}")
+    if target_stderr is not None and not float(target_stderr) > 0:
+        raise ValueError(f"target_stderr must be > 0 nats, got {target_stderr}")
+    cap = int(max_mc_samples) if max_mc_samples is not None else 32 * m
+    if target_stderr is not None and cap < m:
+        raise ValueError(f"max_mc_samples={cap} must be >= mc_samples={m}")
+    indices = list(range(n)) if indices is None else [int(i) for i in indices]
+    if len(indices) != n:
+        raise ValueError(f"indices must have one entry per sequence ({n})")
+    dev, schedule, valid_vocab = _eval_setup(denoiser, device, schedule, valid_vocab)
+    vocab_size = getattr(denoiser, "vocab_size", None)
+    if valid_vocab is None and vocab_size is None:
+        raise ValueError("the denoiser has no .vocab_size attribute; pass valid_vocab=BoolTensor[K] (all True is fine)")
+    k_model = int(valid_vocab.numel()) if valid_vocab is not None else int(vocab_size)
+
+    prepared = []
+    for i in range(n):
+        x = torch.as_tensor(seqs[i]).long().cpu().flatten()
+        kp = torch.as_tensor(keeps[i], dtype=torch.bool).cpu().flatten()
+        rl = torch.ones_like(kp) if reals is None else torch.as_tensor(reals[i], dtype=torch.bool).cpu().flatten()
+        if not x.numel() == kp.numel() == rl.numel():
+            raise ValueError(f"sequence {i}: ids, keep and real masks differ in length")
+        prepared.append(_prepare_seq(x, kp, rl, k_model, None if valid_vocab is None else valid_vocab.cpu()))
+
+    samples: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    active = list(range(n))
     r = 0
     while active:
-        # Flatten (active sequence, mc sample of this round) into rows.
-        tg = [_round_times_and_gens(seed, int(indices[s]), r, m, t_min, time_sampling, dev) for s in active]
-        rows_seq = torch.tensor(active).repeat_interleave(m)
-        times = torch.cat([t for t, _ in tg])
-        gens_all = [g for _, gs in tg for g in gs]
-        est = torch.zeros(len(active) * m, dtype=torch.float64)
-        for lo in range(0, len(active) * m, int(batch_size)):
-            sl = slice(lo, min(len(active) * m, lo + int(batch_size)))
-            seqs = rows_seq[sl]
-            est[sl] = sequence_nelbo(
-                denoiser,
-                x0[seqs].to(dev).long(),
-                times[sl],
-                gens_all[sl],
-                score_mask=score[seqs].to(dev),
-                keep_mask=keep_mask[seqs].to(dev),
-                padding_mask=attention_mask[seqs].to(dev),
-                schedule=schedule,
-                valid_vocab=valid_vocab,
-                conditioning=conditioning,
-            ).cpu()
-        est = est.view(len(active), m)
-        for a, s in enumerate(active):
-            samples[s].append(est[a])
+        order = sorted(active, key=lambda s: -prepared[s].width)  # stable: equal lengths keep their order
+        tg = {s: _round_times_and_gens(seed, indices[s], r, m, t_min, time_sampling, dev) for s in order}
+        rows = [(s, j) for s in order for j in range(m)]
+        est = {s: torch.zeros(m, dtype=torch.float64) for s in order}
+        for batch in pack_rows([prepared[s].width for s, _ in rows], max_rows, max_batch_tokens):
+            rs = [rows[i] for i in batch]
+            times = torch.stack([tg[s][0][j] for s, j in rs])
+            gens = [tg[s][1][j] for s, j in rs]
+            vals = _rows_nelbo(denoiser, prepared, [s for s, _ in rs], times, gens, schedule=schedule,
+                               valid_vocab=valid_vocab, k_model=k_model, conditioning=conditioning, dev=dev)
+            for (s, j), v in zip(rs, vals.tolist()):
+                est[s][j] = v
+            if on_batch is not None:
+                on_batch(len(rs))
+        for s in active:
+            samples[s].append(est[s])
         r += 1
         if target_stderr is None:
             break
@@ -536,10 +775,10 @@ def conditional_nelbo(
                 nxt.append(s)
         active = nxt
 
-    nelbo = torch.zeros(b, dtype=torch.float64)
-    stderr = torch.full((b,), float("nan"), dtype=torch.float64)
-    used = torch.zeros(b, dtype=torch.long)
-    for s in range(b):
+    nelbo = torch.zeros(n, dtype=torch.float64)
+    stderr = torch.full((n,), float("nan"), dtype=torch.float64)
+    used = torch.zeros(n, dtype=torch.long)
+    for s in range(n):
         v = torch.cat(samples[s])
         nelbo[s] = v.mean()
         used[s] = v.numel()
@@ -547,7 +786,8 @@ def conditional_nelbo(
             nelbo[s], stderr[s] = float("inf"), 0.0
         elif v.numel() >= 2:
             stderr[s] = v.std(unbiased=True) / math.sqrt(v.numel())
-    return ConditionalNELBO(nelbo=nelbo, stderr=stderr, num_tokens=score.sum(1).long(), mc_samples=used)
+    ntok = torch.tensor([int(q.score.sum()) for q in prepared], dtype=torch.long)
+    return ConditionalNELBO(nelbo=nelbo, stderr=stderr, num_tokens=ntok, mc_samples=used)
 
 
 @torch.no_grad()

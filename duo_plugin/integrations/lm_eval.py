@@ -35,7 +35,8 @@ What is returned (the model is a uniform-state diffusion LM, so every log-likeli
   seed, but not the sequence an AR argmax would give).
 
 Noise is seeded per request from a hash of its token ids (``seed`` model arg), so scores do not depend on the batch
-composition, ``--limit`` or request order. ``--batch_size`` = rows (request x MC sample) per denoiser call.
+composition, ``--limit`` or request order. Scoring packs the rows (request x MC sample) of all requests into calls of
+``max_batch_tokens`` padded tokens (``--batch_size`` additionally caps the rows per call).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from duo_plugin._progress import progress_bar
+from duo_plugin.eval.likelihood import _log_probs_at, default_max_batch_tokens, pack_rows
 
 log = logging.getLogger("duo_plugin.lm_eval")
 
@@ -70,7 +72,8 @@ GREEDY_TOP_P = 1e-9
 LIKELIHOOD_MODES = ("nelbo", "official", "official_suffix")
 #: What the network is told for the conditional NELBO (docs/evaluation.md has the measurement behind the default).
 DEFAULT_CONDITIONING = "alpha_t"
-#: Rows (request x MC sample) per forward when lm-eval passes its default batch size of 1.
+#: Rows per sampler call in ``generate_until`` (and per official-mode call) when lm-eval passes its default batch
+#: size of 1.
 DEFAULT_BATCH_SIZE = 64
 
 __all__ = ["DuoLM", "GREEDY_TOP_P", "TASKS_DIR", "LIKELIHOOD_MODES", "check_scorable", "parse_batch_size",
@@ -191,7 +194,11 @@ class DuoLM(TemplateLM):
         device: ``cpu`` (default) / ``cuda`` / ``cuda:N``. dtype: ``float32`` (default) or ``bfloat16`` (autocast,
             CUDA only; the NELBO itself is fp32/fp64).
         mc_samples: Monte-Carlo times per request (default 128; docs/evaluation.md has the measurement). time_sampling: ``stratified`` | ``iid``.
-        batch_size: rows (request x MC sample) per forward (string from the CLI; ``auto`` -> 32).
+        batch_size: at most this many rows (request x MC sample) per scoring forward (string from the CLI; ``auto``
+            -> 32); unset (lm-eval's default 1): only ``max_batch_tokens`` caps a call.
+        max_batch_tokens: padded tokens per scoring forward (default by device type,
+            :data:`~duo_plugin.eval.likelihood.DEFAULT_MAX_BATCH_TOKENS`: 4,096 on CPU, 16,384 on CUDA): the rows of
+            all requests are sorted by length and packed together up to this budget; scores do not depend on it.
         seed: noise seed (default 0). max_length: window (default and maximum: the model's ``max_seq_len``).
         rolling_context: clean preceding tokens per later rolling window (default ``max_length // 4``).
         greedy_check: ``onepass`` | ``off``. gen_steps: sampler steps for ``generate_until`` (default 64).
@@ -210,7 +217,7 @@ class DuoLM(TemplateLM):
         mc_target_stderr / mc_max_samples: adaptive MC (rounds of ``mc_samples`` until the per-request MC standard
             error is below the target, nats, at most ``mc_max_samples`` samples).
         window_eos: rolling windows end with a clean ``[EOS]`` (default true). progress: tqdm bar on a terminal.
-        batch_size 1 (lm-eval's default) means "unset": :data:`DEFAULT_BATCH_SIZE` rows per forward.
+        batch_size 1 (lm-eval's default) means "unset" (:data:`DEFAULT_BATCH_SIZE` rows per ``generate_until`` call).
 
     AR-objective (causal) checkpoints are scored exactly (causal log-likelihood, argmax greedy check, token-by-token
     generation); any other model is refused (:func:`check_scorable`).
@@ -262,6 +269,7 @@ class DuoLM(TemplateLM):
         mc_max_samples: Optional[int] = None,
         window_eos: bool = True,
         progress: bool = True,
+        max_batch_tokens=None,
         **unknown,
     ):
         super().__init__()
@@ -271,7 +279,7 @@ class DuoLM(TemplateLM):
                 "dtype, mc_samples, time_sampling, batch_size, seed, max_length, rolling_context, greedy_check, "
                 "gen_steps, noise_removal, max_gen_toks, mc_stderr_path, predictor, psi_high_mode, psi_middle_mode, "
                 "psi_low_mode, psi_high_frac, psi_middle_frac, psi_time_profile, guidance_weight, posterior_impl, "
-                "block_len, likelihood, conditioning, mc_target_stderr, mc_max_samples, window_eos, progress"
+                "block_len, likelihood, conditioning, mc_target_stderr, mc_max_samples, window_eos, progress, max_batch_tokens"
             )
         if pretrained is not None and checkpoint is not None and pretrained != checkpoint:
             raise ValueError("pass the checkpoint once: pretrained=DIR (checkpoint= is an alias)")
@@ -352,14 +360,22 @@ class DuoLM(TemplateLM):
         self.progress = _as_bool(progress)
         if batch_size in (None, 1, "1"):
             # lm-eval passes batch_size=1 unless told otherwise, which would be one row (request x MC sample) per
-            # forward; scores do not depend on the batch size, so pick a sensible one.
+            # forward; scores do not depend on the batch size, so only the token budget caps the scoring calls.
             self.batch_size = DEFAULT_BATCH_SIZE
-            log.info("duo: batch_size %r -> %d rows (request x MC sample) per forward; scores do not depend on it "
-                     "(pass --batch_size N >= 2 or max_batch_size=N to change it)", batch_size, DEFAULT_BATCH_SIZE)
+            self.max_rows: Optional[int] = None
         else:
             self.batch_size = parse_batch_size(batch_size)
+            self.max_rows = self.batch_size
         if max_batch_size is not None:
             self.batch_size = min(self.batch_size, parse_batch_size(max_batch_size))
+            self.max_rows = self.batch_size
+        self.max_batch_tokens = (int(max_batch_tokens) if max_batch_tokens not in (None, "", "None")
+                                 else default_max_batch_tokens(self._device))
+        if self.max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        log.info("duo: scoring calls hold at most %s padded tokens%s (scores do not depend on it; "
+                 "max_batch_tokens=N / --batch_size N change it)", self.max_batch_tokens,
+                 "" if self.max_rows is None else f" and {self.max_rows} rows")
         self.seed = int(seed)
         self.t_min = float(t_min)
         self.greedy_check = greedy_check
@@ -414,60 +430,85 @@ class DuoLM(TemplateLM):
         """Conditional NELBO of each window ``(ids, n_keep, index, n_tail)``: positions ``< n_keep`` and the last
         ``n_tail`` positions (a window-closing ``[EOS]``) are kept clean and not scored.
 
-        Windows of **equal length** are batched ``max(1, batch_size // mc_samples)`` at a time (no padding: the
-        corruption noise of a row depends on its length, so padding would make a score depend on its batch
-        neighbours). Returns float64 ``(nelbo[N], stderr[N])`` in the input order (+inf for a window with a token
+        All windows are scored together: their rows (window × MC sample) are sorted by length and packed into
+        denoiser calls of at most :attr:`max_batch_tokens` padded tokens (and ``batch_size`` rows when given), with
+        the noise of every row drawn at its window's own length
+        (:func:`duo_plugin.eval.likelihood.conditional_nelbo_ragged`), so a score does not depend on its batch
+        neighbours. Returns float64 ``(nelbo[N], stderr[N])`` in the input order (+inf for a window with a token
         outside the model's vocabulary). AR models: exact causal NLL, stderr 0.
         """
-        from duo_plugin.eval.likelihood import conditional_nelbo
+        from duo_plugin.eval.likelihood import conditional_nelbo_ragged
 
         n = len(windows)
-        nelbo = torch.zeros(n, dtype=torch.float64)
-        stderr = torch.zeros(n, dtype=torch.float64)
-        order = sorted(range(n), key=lambda i: -len(windows[i][0]))
-        per_call = max(1, self.batch_size // (1 if self.is_ar else self.mc_samples))
-        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else self.eot_token_id
-        groups, cur = [], []
-        for i in order:
-            if cur and (len(cur) == per_call or len(windows[i][0]) != len(windows[cur[0]][0])):
-                groups.append(cur)
-                cur = []
-            cur.append(i)
-        if cur:
-            groups.append(cur)
-        bar = self._bar(n, "duo: scoring", disable_tqdm)
-        for grp in groups:
-            length = max(len(windows[i][0]) for i in grp)
-            x0 = torch.full((len(grp), length), int(pad), dtype=torch.long)
-            keep = torch.zeros(len(grp), length, dtype=torch.bool)
-            att = torch.zeros(len(grp), length, dtype=torch.bool)
-            for r, i in enumerate(grp):
-                ids, n_keep, _, n_tail = windows[i]
-                x0[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-                keep[r, :n_keep] = True
-                keep[r, len(ids) - n_tail : len(ids)] = True
-                att[r, : len(ids)] = True
-            idx = torch.tensor([windows[i][2] for i in grp], dtype=torch.long)
-            if self.is_ar:
-                nl = self._ar_nll(x0, keep, att)
-                se = torch.zeros_like(nl)
-            else:
-                res = conditional_nelbo(
-                    self.denoiser, x0, keep, attention_mask=att, mc_samples=self.mc_samples,
-                    batch_size=self.batch_size, seed=self.seed, valid_vocab=self.valid_vocab,
-                    schedule=self.schedule, t_min=self.t_min, indices=idx, device=self._device,
-                    conditioning=self.conditioning, time_sampling=self.time_sampling,
-                    target_stderr=self.mc_target_stderr, max_mc_samples=self.mc_max_samples,
-                )
-                nl, se = res.nelbo, res.stderr
-                self._mc_used.extend(int(v) for v in res.mc_samples)
-            nelbo[grp] = nl.to(torch.float64)
-            stderr[grp] = se.to(torch.float64)
-            if bar is not None:
-                bar.update(len(grp))
+        if self.is_ar:
+            return self._ar_windows_nll(windows), torch.zeros(n, dtype=torch.float64)
+        seqs, keeps = [], []
+        for ids, n_keep, _, n_tail in windows:
+            keep = torch.zeros(len(ids), dtype=torch.bool)
+            keep[:n_keep] = True
+            keep[len(ids) - n_tail:] = True
+            seqs.append(torch.tensor(ids, dtype=torch.long))
+            keeps.append(keep)
+        bar = self._bar(n * self.mc_samples, "duo: scoring (rows)", disable_tqdm)
+        res = conditional_nelbo_ragged(
+            self.denoiser, seqs, keeps, indices=[w[2] for w in windows], mc_samples=self.mc_samples,
+            max_rows=self.max_rows, max_batch_tokens=self.max_batch_tokens, seed=self.seed,
+            valid_vocab=self.valid_vocab, schedule=self.schedule, t_min=self.t_min, device=self._device,
+            conditioning=self.conditioning, time_sampling=self.time_sampling, target_stderr=self.mc_target_stderr,
+            max_mc_samples=self.mc_max_samples, on_batch=None if bar is None else bar.update)
+        self._mc_used.extend(int(v) for v in res.mc_samples)
         if bar is not None:
             bar.close()
-        return nelbo, stderr
+        return res.nelbo.to(torch.float64), res.stderr.to(torch.float64)
+
+    def _ar_windows_nll(self, windows) -> torch.Tensor:
+        """Exact causal NLL of the scored tokens of each window (float64 ``[N]``), batched under the token budget.
+
+        The causal output at position p depends only on ``ids[: p + 1]``, so a window whose input ``ids[:-1]`` is a
+        prefix of another window's ids is read off that window's forward (e.g. every single-token continuation of
+        one context shares the context's pass), and windows of different lengths are right-padded together.
+        """
+        n = len(windows)
+        out = torch.zeros(n, dtype=torch.float64)
+        if n == 0:
+            return out
+        k = int(self.vocab_size)
+        order = sorted(range(n), key=lambda i: (windows[i][0], -len(windows[i][0])), reverse=True)
+        # host[i] = the window whose forward serves window i (longest first in lexicographic order: a prefix
+        # sorts right after every sequence it is a prefix of)
+        hosts: List[int] = []
+        host_of = [0] * n
+        for i in order:
+            need = windows[i][0][:-1]
+            if hosts and windows[hosts[-1]][0][: len(need)] == need and len(windows[hosts[-1]][0]) >= len(need):
+                host_of[i] = hosts[-1]
+            else:
+                hosts.append(i)
+                host_of[i] = i
+        served: Dict[int, List[int]] = defaultdict(list)
+        for i in range(n):
+            served[host_of[i]].append(i)
+        hosts.sort(key=lambda i: -len(windows[i][0]))
+        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else self.eot_token_id
+        for batch in pack_rows([len(windows[h][0]) for h in hosts], self.max_rows, self.max_batch_tokens):
+            hs = [hosts[j] for j in batch]
+            width = max(len(windows[h][0]) for h in hs)
+            x = torch.full((len(hs), width), int(pad), dtype=torch.long)
+            for r, h in enumerate(hs):
+                x[r, : len(windows[h][0])] = torch.tensor(windows[h][0], dtype=torch.long)
+            logp = self._ar_log_probs(x.clamp(0, k - 1)).cpu()
+            for r, h in enumerate(hs):
+                for i in served[h]:
+                    ids, n_keep, _, n_tail = windows[i]
+                    end = len(ids) - n_tail
+                    tgt = torch.tensor(ids[n_keep:end], dtype=torch.long)
+                    if tgt.numel() == 0:
+                        continue
+                    bad = (tgt < 0) | (tgt >= k)
+                    tok = logp[r, n_keep - 1 : end - 1].gather(-1, tgt.clamp(0, k - 1)[:, None]).squeeze(-1)
+                    tok = torch.where(bad, torch.full_like(tok, float("-inf")), tok)
+                    out[i] = -tok.sum()
+        return out
 
     @torch.no_grad()
     def _ar_log_probs(self, x: torch.Tensor) -> torch.Tensor:
@@ -477,18 +518,6 @@ class DuoLM(TemplateLM):
         if self.valid_vocab is not None:
             out = out.masked_fill(~self.valid_vocab, float("-inf"))
         return torch.log_softmax(out, -1)
-
-    def _ar_nll(self, x0, keep, att) -> torch.Tensor:
-        """Exact −log p(scored tokens | preceding tokens) under the causal model (float64 ``[B]``)."""
-        k = int(self.vocab_size)
-        score = (att & ~keep)[:, 1:]
-        tgt = x0[:, 1:]
-        bad = (tgt < 0) | (tgt >= k)
-        logp = self._ar_log_probs(x0.clamp(0, k - 1))[:, :-1].cpu()
-        tok = logp.gather(-1, tgt.clamp(0, k - 1)[..., None]).squeeze(-1)
-        tok = torch.where(bad, torch.full_like(tok, float("-inf")), tok)
-        nll = -(torch.where(score, tok, torch.zeros_like(tok))).sum(-1)
-        return nll
 
     def _window_room(self) -> int:
         """Tokens a loglikelihood window may hold (BOS included): ``max_length − 1`` for a diffusion model, which
@@ -629,7 +658,9 @@ class DuoLM(TemplateLM):
         """Is the continuation the model's greedy choice? AR: argmax of the next-token distribution at every
         continuation position (exact). Diffusion: one pass at t = 1 with the continuation replaced by seeded uniform
         noise and the context clean; the network is conditioned on the effective clean fraction
-        α_eff = (n_ctx + α_1 · n_cont) / n (see the module doc)."""
+        α_eff = (n_ctx + α_1 · n_cont) / n (see the module doc). The checks of all requests are packed into
+        forwards of at most ``max_batch_tokens`` padded tokens (right padding, ``padding_mask``); each request's
+        noise comes from its own generator, so the result does not depend on the batch."""
         from duo_plugin.diffusion.uniform import prior_sample, row_generators
         from duo_plugin.eval.likelihood import effective_alpha
 
@@ -637,6 +668,7 @@ class DuoLM(TemplateLM):
         t1 = torch.ones(1, dtype=torch.float64)
         alpha1 = self.schedule.alpha(t1)
         room = self._window_room()
+        todo = []  # (request, ids Long[n], n_keep)
         for r, (_, ctx, cont) in enumerate(requests):
             if len(cont) == 0:
                 continue
@@ -644,28 +676,67 @@ class DuoLM(TemplateLM):
                 out[r] = False  # cannot be produced in one window
                 continue
             kept, _ = truncate_left(list(ctx), list(cont), room, 1)
-            ids = torch.tensor([self.prefix_token_id] + kept + list(cont), dtype=torch.long, device=self._device)
-            n_keep = 1 + len(kept)
+            ids = torch.tensor([self.prefix_token_id] + kept + list(cont), dtype=torch.long)
             if bool((ids >= self.vocab_size).any()):
                 out[r] = False
                 continue
-            if self.is_ar:
-                pred = self._ar_log_probs(ids[None])[0, n_keep - 1 : -1].argmax(-1)
-                out[r] = bool((pred == ids[n_keep:]).all())
-                continue
-            gen = row_generators(self.seed, (1 << 42), [request_index(ids.tolist())], device=self._device)
-            noise = prior_sample((1, len(cont)), self.vocab_size, gen, valid_vocab=self.valid_vocab,
-                                 device=self._device)
-            z = ids.clone()[None]
-            z[0, n_keep:] = noise[0]
-            a_eff = effective_alpha(alpha1, torch.tensor([n_keep]), torch.tensor([len(cont)]))
-            sigma = (-torch.log(a_eff)).to(torch.float32)
-            logp = self.denoiser(z, sigma.to(self._device))
+            todo.append((r, ids, 1 + len(kept)))
+        if self.is_ar:
+            windows = [(ids.tolist(), n_keep, 0, 0) for _, ids, n_keep in todo]
+            preds = self._ar_argmax_windows(windows)
+            for (r, ids, n_keep), ok in zip(todo, preds):
+                out[r] = ok
+            return out
+        todo.sort(key=lambda e: -e[1].numel())
+        for batch in pack_rows([e[1].numel() for e in todo], self.max_rows, self.max_batch_tokens):
+            items = [todo[j] for j in batch]
+            width = max(e[1].numel() for e in items)
+            z = torch.zeros(len(items), width, dtype=torch.long)
+            real = torch.zeros(len(items), width, dtype=torch.bool)
+            n_keep = torch.tensor([e[2] for e in items])
+            n_cont = torch.tensor([e[1].numel() - e[2] for e in items])
+            for j, (r, ids, nk) in enumerate(items):
+                gen = row_generators(self.seed, (1 << 42), [request_index(ids.tolist())], device=self._device)
+                noise = prior_sample((1, ids.numel() - nk), self.vocab_size, gen, valid_vocab=self.valid_vocab,
+                                     device=self._device)
+                z[j, : ids.numel()] = ids
+                z[j, nk : ids.numel()] = noise[0].cpu()
+                real[j, : ids.numel()] = True
+            sigma = (-torch.log(effective_alpha(alpha1, n_keep, n_cont))).to(torch.float32).to(self._device)
+            cont = torch.zeros_like(real)
+            for j, (r, ids, nk) in enumerate(items):
+                cont[j, nk : ids.numel()] = True
+            rr, pp = cont.nonzero(as_tuple=True)
+            logp = _log_probs_at(self.denoiser, z.to(self._device), sigma,
+                                 None if bool(real.all()) else real.to(self._device), rr.to(self._device),
+                                 pp.to(self._device))
             if self.valid_vocab is not None:
                 logp = logp.masked_fill(~self.valid_vocab, float("-inf"))
-            pred = logp[0, n_keep:].argmax(-1)
-            out[r] = bool((pred == ids[n_keep:]).all())
+            hit = (logp.argmax(-1).cpu() == torch.cat([e[1][e[2]:] for e in items])).tolist()
+            lo = 0
+            for j, (r, ids, nk) in enumerate(items):
+                out[r] = all(hit[lo : lo + ids.numel() - nk])
+                lo += ids.numel() - nk
         return out
+
+    @torch.no_grad()
+    def _ar_argmax_windows(self, windows) -> List[bool]:
+        """AR greedy check of each window ``(ids, n_keep, _, _)``: is every scored token the argmax of the causal
+        next-token distribution? Batched with right padding under the token budget (exact for a causal model)."""
+        k = int(self.vocab_size)
+        order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
+        res = [False] * len(windows)
+        for batch in pack_rows([len(windows[i][0]) for i in order], self.max_rows, self.max_batch_tokens):
+            idx = [order[j] for j in batch]
+            width = max(len(windows[i][0]) for i in idx)
+            x = torch.zeros(len(idx), width, dtype=torch.long)
+            for r, i in enumerate(idx):
+                x[r, : len(windows[i][0])] = torch.tensor(windows[i][0], dtype=torch.long)
+            pred = self._ar_log_probs(x.clamp(0, k - 1)).argmax(-1).cpu()
+            for r, i in enumerate(idx):
+                ids, n_keep = windows[i][0], windows[i][1]
+                res[i] = bool((pred[r, n_keep - 1 : len(ids) - 1] == torch.tensor(ids[n_keep:])).all())
+        return res
 
     def _count_decisions(self, task_names, doc_ids, ll, se) -> None:
         """Multiple-choice decisions (requests sharing a task and ``doc_id``): count those whose top-2 margin is

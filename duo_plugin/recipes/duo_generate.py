@@ -365,7 +365,9 @@ def run(cfg: DictConfig) -> dict:
         if cap:
             max_len = min(max_len, int(cap))
         g = gen_ppl_and_entropy(ids, diffusion_tokenizer=tok, scorer=scorer, scorer_tokenizer=stok, eos_id_scorer=eos,
-                                batch_size=int(gcfg.get("batch_size") or 8), max_len=max_len,
+                                batch_size=int(gcfg["batch_size"]) if gcfg.get("batch_size") else None,
+                                max_batch_tokens=int(gcfg["max_batch_tokens"]) if gcfg.get("max_batch_tokens") else None,
+                                max_len=max_len,
                                 bos_id_scorer=None if bos is None else int(bos))
         metrics.update({"gen_ppl": g["gen_ppl"], "gen_nll": g["gen_nll"], "gen_ppl_tokens": g["tokens"],
                         "gen_ppl_scorer": g["scorer"]})
