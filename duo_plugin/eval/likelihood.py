@@ -32,6 +32,7 @@ __all__ = [
     "conditional_nelbo",
     "conditional_nelbo_ragged",
     "pack_rows",
+    "log_probs_at",
     "ConditionalNELBO",
     "sequence_nelbo",
     "official_harness_nll",
@@ -583,7 +584,7 @@ def _prepare_seq(x: torch.Tensor, keep: torch.Tensor, real: torch.Tensor, k_mode
     return _Seq(xs[0], keep, real, sc, x.numel(), bool(oov is not None and bool(oov[0])))
 
 
-def _log_probs_at(denoiser, z: torch.Tensor, sigma: torch.Tensor, padding_mask: Optional[torch.Tensor],
+def log_probs_at(denoiser, z: torch.Tensor, sigma: torch.Tensor, padding_mask: Optional[torch.Tensor],
                   rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """``log x_θ(z, σ)`` at the positions ``(rows[i], pos[i])`` only: fp32 ``[P, K]``.
 
@@ -625,7 +626,7 @@ def _rows_nelbo(denoiser, seqs: Sequence[_Seq], rows, times, gens, *, schedule, 
     Each row's corruption is drawn at its sequence's own length exactly as :func:`sequence_nelbo` draws it for that
     sequence alone (uniforms ``[L_i]`` then replacement ids ``[L_i]`` from the row's generator), so the noise does
     not depend on the batch; rows of different lengths are right-padded and the network gets ``padding_mask``. The
-    output projection and f_Duo are evaluated only at the scored positions (:func:`_log_probs_at`; both are
+    output projection and f_Duo are evaluated only at the scored positions (:func:`log_probs_at`; both are
     per-position, so the values are those of the unbatched call).
     """
     r = len(rows)
@@ -663,7 +664,7 @@ def _rows_nelbo(denoiser, seqs: Sequence[_Seq], rows, times, gens, *, schedule, 
     out = torch.zeros(r, dtype=torch.float64)
     rr, pp = score.nonzero(as_tuple=True)
     if rr.numel():
-        sel = _log_probs_at(denoiser, z.to(dev), sigma, None if bool(real.all()) else real.to(dev), rr.to(dev),
+        sel = log_probs_at(denoiser, z.to(dev), sigma, None if bool(real.all()) else real.to(dev), rr.to(dev),
                             pp.to(dev))[None]
         if valid_vocab is not None and valid_vocab.numel() != sel.shape[-1]:
             raise ValueError(f"valid_vocab has {valid_vocab.numel()} entries but the denoiser outputs K={sel.shape[-1]}")

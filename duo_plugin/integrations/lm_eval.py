@@ -56,7 +56,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from duo_plugin._progress import progress_bar
-from duo_plugin.eval.likelihood import _log_probs_at, default_max_batch_tokens, pack_rows
+from duo_plugin.eval.likelihood import log_probs_at, default_max_batch_tokens, pack_rows
 
 log = logging.getLogger("duo_plugin.lm_eval")
 
@@ -707,7 +707,7 @@ class DuoLM(TemplateLM):
             for j, (r, ids, nk) in enumerate(items):
                 cont[j, nk : ids.numel()] = True
             rr, pp = cont.nonzero(as_tuple=True)
-            logp = _log_probs_at(self.denoiser, z.to(self._device), sigma,
+            logp = log_probs_at(self.denoiser, z.to(self._device), sigma,
                                  None if bool(real.all()) else real.to(self._device), rr.to(self._device),
                                  pp.to(self._device))
             if self.valid_vocab is not None:
