@@ -29,8 +29,7 @@ FORBIDDEN = {
     "training/": ("duo_plugin.integrations", "duo_plugin.recipes"),
 }
 # (module, private name) pairs allowed to cross a module boundary. Keep empty: make a shared helper public instead.
-# integrations/lm_eval.py and eval/likelihood.py are being reworked in parallel; that rename lands with that work.
-PRIVATE_OK = {("integrations/lm_eval.py", "_log_probs_at")}
+PRIVATE_OK: set[tuple[str, str]] = set()
 # (module, attribute) reads ``module._name`` allowed likewise (recipes/duo_eval.py is reworked in parallel: it should
 # call the public data.text.as_docs).
 PRIVATE_ATTR_OK = {("recipes/duo_eval.py", "_as_docs")}
