@@ -35,6 +35,7 @@ import torch
 __all__ = [
     "read_text_file",
     "TokenizedDocs",
+    "as_docs",
     "load_documents",
     "split_text",
     "tokenize_documents",
@@ -144,7 +145,8 @@ class TokenizedDocs:
         return cls(tokens, offsets)
 
 
-def _as_docs(docs) -> TokenizedDocs:
+def as_docs(docs) -> TokenizedDocs:
+    """``docs`` as :class:`TokenizedDocs` (returned as is when it already is one; else a sequence of id lists)."""
     if isinstance(docs, TokenizedDocs):
         return docs
     out = []
@@ -155,6 +157,9 @@ def _as_docs(docs) -> TokenizedDocs:
             d = d.tolist()
         out.append(d)
     return TokenizedDocs.from_lists(out)
+
+
+_as_docs = as_docs  # read by recipes/duo_eval.py (reworked in parallel); remove once it calls as_docs
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -432,7 +437,7 @@ def wrap_blocks(
     if not drop_remainder and not return_mask:
         raise ValueError("wrap_blocks(drop_remainder=False) keeps a padded last block: pass return_mask=True "
                          "and use the attention mask so the padding is excluded from the loss")
-    td = _as_docs(docs)
+    td = as_docs(docs)
     if len(td) == 0:
         raise ValueError("wrap_blocks got no documents (empty dataset)")
     toks = td.tokens.astype(np.int64)
@@ -475,7 +480,7 @@ def pad_sentences(docs, block_size: int, bos_id: int, eos_id: int, pad_id: int):
     L = _check_block_size(block_size)
     if pad_id is None:
         raise ValueError("pad_sentences needs a pad_id (the tokenizer's pad id, or any id: padding is masked)")
-    td = _as_docs(docs)
+    td = as_docs(docs)
     n = len(td)
     if n == 0:
         raise ValueError("pad_sentences got no documents (empty dataset)")

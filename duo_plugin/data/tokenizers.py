@@ -663,4 +663,3 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-_SpecialIds = SpecialIds  # old private spelling

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from .uniform import Generator, _check_valid_vocab, _draw, _per_token, sample_categorical
+from .schedules import LogLinearSchedule, t_for_alpha
+from .uniform import Generator, check_valid_vocab, draw, per_token, sample_categorical
 
 __all__ = [
     "mask_vocab",
@@ -78,10 +79,10 @@ def corrupt(x0: torch.Tensor, alpha_t, generator: Generator, mask_id: int) -> to
     b, l = x0.shape
     if x0.numel() and bool((x0 == int(mask_id)).any()):
         raise ValueError(f"x0 contains the mask id {int(mask_id)}; clean data must not hold [MASK]")
-    a = _per_token(alpha_t, b, l, x0.device)
+    a = per_token(alpha_t, b, l, x0.device)
     if bool(((a < 0) | (a > 1) | torch.isnan(a)).any()):
         raise ValueError("alpha_t must lie in [0, 1]")
-    u = _draw("rand", (b, l), generator, x0.device, dtype=torch.float64)
+    u = draw("rand", (b, l), generator, x0.device, dtype=torch.float64)
     return torch.where(u < a, x0.long(), torch.full_like(x0.long(), int(mask_id)))
 
 
@@ -110,7 +111,7 @@ def subs_log_probs(
     b, l, w = logits.shape
     _check_ids("z_t", z_t, (b, l))
     mask_id = _check_mask_id(mask_id, w)
-    _check_valid_vocab(w, valid_vocab)
+    check_valid_vocab(w, valid_vocab)
     work = torch.float64 if logits.dtype == torch.float64 else torch.float32
     x = logits.to(work)
     neg_inf = torch.tensor(float("-inf"), dtype=work, device=x.device)
@@ -155,8 +156,8 @@ def mdlm_nelbo(
     _check_ids("x0", x0, (b, l))
     mask_id = _check_mask_id(mask_id, w)
     dev = log_x_theta.device
-    a = _per_token(alpha_t, b, l, dev, "alpha_t")
-    ap = _per_token(alpha_prime_t, b, l, dev, "alpha_prime_t")
+    a = per_token(alpha_t, b, l, dev, "alpha_t")
+    ap = per_token(alpha_prime_t, b, l, dev, "alpha_prime_t")
     if bool(((a < 0) | (a >= 1) | torch.isnan(a)).any()):
         raise ValueError("alpha_t must lie in [0, 1) for the MDLM NELBO (draw t in [t_min, 1] with t_min > 0)")
     if bool(((ap > 0) | ~torch.isfinite(ap)).any()):
@@ -202,10 +203,10 @@ def posterior(
     b, l, w = x0_probs.shape
     _check_ids("z_t", z_t, (b, l))
     mask_id = _check_mask_id(mask_id, w)
-    _check_valid_vocab(w, valid_vocab)
+    check_valid_vocab(w, valid_vocab)
     dev = x0_probs.device
-    at = _per_token(alpha_t, b, l, dev, "alpha_t")
-    as_ = _per_token(alpha_s, b, l, dev, "alpha_s")
+    at = per_token(alpha_t, b, l, dev, "alpha_t")
+    as_ = per_token(alpha_s, b, l, dev, "alpha_s")
     masked = z_t == mask_id
     if bool(((at < 0) | (as_ > 1) | (at > as_ * (1 + 1e-12)) | torch.isnan(at) | torch.isnan(as_)).any()):
         raise ValueError("posterior needs 0 <= alpha_t <= alpha_s <= 1 (s < t)")
@@ -279,7 +280,9 @@ class XThetaCache:
 # The noise-process object (alpha, alpha_prime, corrupt, posterior, prior_sample, nelbo)
 # ----------------------------------------------------------------------------------------------------------------
 class AbsorbingProcess:
-    """The absorbing process as one object, with the same methods as the uniform-state process.
+    """The absorbing process as one object, with the methods of :class:`duo_plugin.diffusion.process.NoiseProcess`
+    (used by :class:`~duo_plugin.objectives.mdlm.MDLMObjective`, :mod:`duo_plugin.sampling.mdlm` and
+    :mod:`duo_plugin.eval.likelihood` alike).
 
     Args:
         vocab_size: W, the denoiser's output width (data ids + the mask id; :func:`mask_vocab`).
@@ -290,17 +293,15 @@ class AbsorbingProcess:
     ``nelbo`` applies the SUBS parameterisation itself (idempotent), so it takes the network's raw log-probs.
     """
 
+    name = "absorbing"
+
     def __init__(self, vocab_size: int, mask_id: int | None = None, valid_vocab: torch.Tensor | None = None,
                  schedule=None):
         self.vocab_size = int(vocab_size)
         self.mask_id = _check_mask_id(self.vocab_size - 1 if mask_id is None else mask_id, self.vocab_size)
-        _check_valid_vocab(self.vocab_size, valid_vocab)
+        check_valid_vocab(self.vocab_size, valid_vocab)
         self.valid_vocab = valid_vocab
-        if schedule is None:
-            from .schedules import LogLinearSchedule
-
-            schedule = LogLinearSchedule()
-        self.schedule = schedule
+        self.schedule = schedule if schedule is not None else LogLinearSchedule()
 
     def alpha(self, t) -> torch.Tensor:
         return self.schedule.alpha(t)
@@ -308,8 +309,23 @@ class AbsorbingProcess:
     def alpha_prime(self, t) -> torch.Tensor:
         return self.schedule.alpha_prime(t)
 
+    def t_for_alpha(self, alpha: float) -> float:
+        """The time with α_t = ``alpha`` (:func:`~duo_plugin.diffusion.schedules.t_for_alpha`)."""
+        return t_for_alpha(self.schedule, alpha)
+
     def corrupt(self, x0, alpha_t, generator):
         return corrupt(x0, alpha_t, generator, self.mask_id)
+
+    def marginal(self, x_probs: torch.Tensor, alpha) -> torch.Tensor:
+        """q_α(· | x) = α x + (1 − α) m for a probability vector x ``[..., W]`` (float64; ``alpha`` a scalar or one
+        value per leading index). Mass of x on the mask id / invalid ids is dropped and the rest renormalised."""
+        x = _x_probs(x_probs, self.mask_id, self._vv(x_probs.device))
+        a = torch.as_tensor(alpha, dtype=torch.float64, device=x.device)
+        if a.dim():
+            a = a[..., None]
+        m = torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)
+        m[self.mask_id] = 1.0
+        return a * x + (1 - a) * m
 
     def posterior(self, z_t, x0_probs, alpha_t, alpha_s):
         return posterior(z_t, x0_probs, alpha_t, alpha_s, self.mask_id, self._vv(x0_probs.device))

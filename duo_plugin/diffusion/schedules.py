@@ -29,6 +29,7 @@ __all__ = [
     "micro_batch_generators",
     "LogLinearSchedule",
     "DualitySchedule",
+    "t_for_alpha",
 ]
 
 
@@ -198,3 +199,19 @@ class DualitySchedule:
             f"DualitySchedule(vocab_size={self.vocab_size}, gamma_min={self.gamma_min}, gamma_max={self.gamma_max}, "
             f"table={'yes' if self.table is not None else 'no'})"
         )
+
+
+def t_for_alpha(schedule, alpha: float) -> float:
+    """The time ``t ∈ [0, 1]`` with ``schedule.alpha(t) = alpha``: the schedule's own ``t_for_alpha`` if it has one,
+    else bisection on [0, 1] (α decreases in t; 200 halvings, float64 times)."""
+    inv = getattr(schedule, "t_for_alpha", None)
+    if callable(inv):
+        return float(inv(alpha))
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if float(schedule.alpha(torch.tensor(mid, dtype=torch.float64))) > float(alpha):
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)

@@ -354,7 +354,3 @@ def sample_categorical(probs: torch.Tensor, generator: Generator) -> torch.Tenso
     u = draw("rand", tuple(p.shape), generator, p.device, dtype=torch.float64)
     e = (-torch.log1p(-u)).clamp_min(torch.finfo(torch.float64).tiny)
     return (p / e).argmax(dim=-1)
-
-
-# Old private spellings, kept so that code written against them keeps importing; use the public names.
-_draw, _per_token, _check_valid_vocab = draw, per_token, check_valid_vocab

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from duo_plugin.diffusion.uniform import per_token as _per_token
+from duo_plugin.diffusion.uniform import per_token
 
 from . import rng
 
@@ -46,8 +46,8 @@ def _prep(x0, alpha_tilde, sigma_tilde, tau, seeds, vocab_size, valid_vocab):
             raise ValueError("need at least 2 valid ids")
     dev = x0.device
     keys = rng.position_keys(seeds.to(dev), l, rng.STREAM_CURRICULUM)
-    a = _per_token(alpha_tilde, b, l, dev, "alpha_tilde").float()
-    s = _per_token(sigma_tilde, b, l, dev, "sigma_tilde").float()
+    a = per_token(alpha_tilde, b, l, dev, "alpha_tilde").float()
+    s = per_token(sigma_tilde, b, l, dev, "sigma_tilde").float()
     return keys, a, s
 
 

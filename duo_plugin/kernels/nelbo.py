@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from duo_plugin.diffusion.losses import duo_nelbo
-from duo_plugin.diffusion.uniform import per_token as _per_token
+from duo_plugin.diffusion.uniform import per_token
 
 from .stats import nelbo_from_stats  # noqa: F401  (moved to stats.py so _triton.py need not import this module)
 
@@ -227,8 +227,8 @@ def _flatten(hidden, z_t, x0, alpha_t, alpha_prime_t):
     for name, t in (("z_t", z_t), ("x0", x0)):
         if tuple(t.shape) != (b, l) or t.is_floating_point():
             raise ValueError(f"{name} must be integer ids [B, L]=[{b}, {l}]")
-    a = _per_token(alpha_t, b, l, hidden.device, "alpha_t").reshape(-1)
-    ap = _per_token(alpha_prime_t, b, l, hidden.device, "alpha_prime_t").reshape(-1)
+    a = per_token(alpha_t, b, l, hidden.device, "alpha_t").reshape(-1)
+    ap = per_token(alpha_prime_t, b, l, hidden.device, "alpha_prime_t").reshape(-1)
     return hidden.reshape(b * l, d), z_t.reshape(-1).long(), x0.reshape(-1).long(), a, ap
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "STREAM_CURRICULUM",
     "STREAM_SAMPLER",
     "mix64",
+    "uniform_from_bits",
     "mix64_int",
     "position_keys",
     "element_bits",
@@ -114,6 +115,11 @@ def normal_from_bits(z: torch.Tensor) -> torch.Tensor:
     u1 = (hi + 0.5) * (2.0**-32)
     u2 = (lo + 0.5) * (2.0**-24)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+
+
+def uniform_from_bits(z: torch.Tensor) -> torch.Tensor:
+    """fp64 uniform in the open interval (0, 1) from 64 random bits: ``(z >>> 11 + 0.5) 2^-53``."""
+    return (_srl(z, 11).to(torch.float64) + 0.5) * (2.0**-53)
 
 
 def exponential_from_bits(z: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from duo_plugin.diffusion.uniform import _per_token, posterior
+from duo_plugin.diffusion.uniform import per_token, posterior
 
 from . import rng
 
@@ -53,8 +53,8 @@ def posterior_sample_chunked(log_x_theta, z_t, alpha_t, alpha_s, seeds, step: in
     b, l, k = log_x_theta.shape
     dev = log_x_theta.device
     keys = _keys(seeds, step, b, l, dev).reshape(-1)
-    at = _per_token(alpha_t, b, l, dev, "alpha_t").reshape(-1)
-    as_ = _per_token(alpha_s, b, l, dev, "alpha_s").reshape(-1)
+    at = per_token(alpha_t, b, l, dev, "alpha_t").reshape(-1)
+    as_ = per_token(alpha_s, b, l, dev, "alpha_s").reshape(-1)
     lx = log_x_theta.reshape(b * l, k)
     z = z_t.reshape(-1)
     out = torch.empty(b * l, dtype=torch.int64, device=dev)
@@ -75,8 +75,8 @@ def posterior_sample_triton(log_x_theta, z_t, alpha_t, alpha_s, seeds, step: int
     b, l, k = log_x_theta.shape
     dev = log_x_theta.device
     keys = _keys(seeds, step, b, l, dev).reshape(-1).contiguous()
-    at = _per_token(alpha_t, b, l, dev, "alpha_t").reshape(-1)
-    as_ = _per_token(alpha_s, b, l, dev, "alpha_s").reshape(-1)
+    at = per_token(alpha_t, b, l, dev, "alpha_t").reshape(-1)
+    as_ = per_token(alpha_s, b, l, dev, "alpha_s").reshape(-1)
     if bool(((at <= 0) | (at > 1) | (as_ <= 0) | (as_ > 1) | (at > as_ * (1 + 1e-12))).any()):
         raise ValueError("need 0 < alpha_t <= alpha_s <= 1")
     lx = log_x_theta.reshape(b * l, k).contiguous()
@@ -116,7 +116,7 @@ _TINY = torch.finfo(torch.float64).tiny
 
 def _unit_uniforms(keys: torch.Tensor, j: int) -> torch.Tensor:
     z = rng.element_bits(keys, torch.tensor([j], dtype=torch.int64, device=keys.device))[..., 0]
-    return (rng._srl(z, 11).to(torch.float64) + 0.5) * (2.0**-53)  # in (0, 1)
+    return rng.uniform_from_bits(z)  # in (0, 1)
 
 
 def _mixture_setup(log_x_theta, z_t, alpha_t, alpha_s, seeds, step, valid_vocab, probs_fn=None,
@@ -124,8 +124,8 @@ def _mixture_setup(log_x_theta, z_t, alpha_t, alpha_s, seeds, step, valid_vocab,
     b, l, k = log_x_theta.shape
     dev = log_x_theta.device
     keys = _keys(seeds, step, b, l, dev).reshape(-1)
-    at = _per_token(alpha_t, b, l, dev, "alpha_t").reshape(-1).double()
-    as_ = _per_token(alpha_s, b, l, dev, "alpha_s").reshape(-1).double()
+    at = per_token(alpha_t, b, l, dev, "alpha_t").reshape(-1).double()
+    as_ = per_token(alpha_s, b, l, dev, "alpha_s").reshape(-1).double()
     if bool(((at <= 0) | (at > 1) | (as_ <= 0) | (as_ > 1) | (at > as_ * (1 + 1e-12))).any()):
         raise ValueError("need 0 < alpha_t <= alpha_s <= 1")
     lx = log_x_theta.reshape(b * l, k)

@@ -66,6 +66,8 @@ class AbsorbingScheduler:
 
     def _draw(self, lx, z, alpha_t, alpha_s, noise: StepNoise) -> torch.Tensor:
         p = self.process
+        # The process's posterior without its valid_vocab: the filter has already restricted x_θ to the valid data
+        # ids and renormalised (renormalising twice could change the last bits of the draws).
         probs = absorbing.posterior(z, self.filter(lx), alpha_t, alpha_s, p.mask_id)
         return sample_categorical(probs, noise.generator)
 

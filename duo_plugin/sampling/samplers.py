@@ -13,7 +13,8 @@ at t = t_eps:
 
 So NFE = steps + 1 (``steps`` for ``"none"``), doubled with prompt guidance (w ≠ 1).
 
-The update rule and the noise process live in :mod:`duo_plugin.sampling.schedulers`; the posterior draw
+The update rule lives in :mod:`duo_plugin.sampling.schedulers`, the noise process (α_t, prior, posterior) is
+:class:`duo_plugin.diffusion.process.UniformProcess`; the posterior draw
 (``posterior_impl``) has three exact float64 implementations:
 
 * ``"dense"``: the full ``float64 [B, L, K]`` law and a race of exponentials from the torch generators — the
@@ -216,7 +217,7 @@ def _denoise(denoiser, scheduler: AncestralScheduler, grid, z, m, v, noise: Step
     def predict(z, t):  # log x_θ(z_t) and, with guidance, the prediction with the clamped positions as prior noise
         sigma = (-torch.log(proc.alpha(t))).to(torch.float32).expand(b).to(z.device)
         out = []
-        for zz in (z, torch.where(m, proc.prior(z.shape, noise.generator, z.device), z)) if guided else (z,):
+        for zz in (z, torch.where(m, proc.prior_sample(z.shape, noise.generator, z.device), z)) if guided else (z,):
             lp = denoiser(zz, sigma)
             if lp.shape != (b, seq_len, k):
                 raise ValueError(f"denoiser returned shape {tuple(lp.shape)}; expected [B, L, K] = {[b, seq_len, k]}")
@@ -333,7 +334,7 @@ def sample(
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
-    process = UniformProcess(schedule, vocab_size, None if valid_vocab is None else valid_vocab.to(device))
+    process = UniformProcess(vocab_size, None if valid_vocab is None else valid_vocab.to(device), schedule)
     scheduler = make_scheduler(predictor, process, psi=psi, posterior_impl=posterior_impl, temperature=temperature,
                                top_p=top_p, guidance_weight=guidance_weight)
     cmask, cvals = _build_clamp(batch_size, seq_len, vocab_size, prompt, clamp_mask, clamp_values)
@@ -360,7 +361,7 @@ def sample(
                 gen = generator[lo:hi]
             m = cmask[lo:hi].to(device) if cmask is not None else None
             v = cvals[lo:hi].to(device) if cvals is not None else None
-            z = process.prior((hi - lo, seq_len), gen, device)
+            z = process.prior_sample((hi - lo, seq_len), gen, device)
             z = z if m is None else torch.where(m, v, z)
             seeds = _row_stream_seeds(gen, hi - lo, device) if scheduler.uses_counter_stream else None
             traj = [z] if return_trajectory else None

@@ -1,8 +1,9 @@
 """Sampling schedulers: the noise process and the update rule, separate from the loop and the network.
 
 A *noise process* knows the signal schedule α_t, the prior, the exact posterior q(z_s | z_t, x) and the forward
-marginal q_α(· | x) (:class:`UniformProcess`: the uniform-state process of docs/method.md; an absorbing / masked
-process is one more class with the same five methods). A *scheduler* owns the update rule: from the denoiser's
+marginal q_α(· | x): it is the one class per process of :mod:`duo_plugin.diffusion.process`
+(:class:`~duo_plugin.diffusion.process.UniformProcess`, re-exported here; the absorbing process is
+:class:`~duo_plugin.diffusion.absorbing.AbsorbingProcess`, with its scheduler in :mod:`.mdlm`). A *scheduler* owns the update rule: from the denoiser's
 log x_θ(z_t) at time t it draws z_s, in float64 (``step(log_x_theta, t, s, z, generator)``, diffusers-style).
 
 * :class:`AncestralScheduler`: z_s ~ q(z_s | z_t, x_θ) (optionally guided, see below).
@@ -35,7 +36,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from duo_plugin.diffusion.uniform import num_valid, posterior, prior_sample, sample_categorical
+from duo_plugin.diffusion.process import UniformProcess
+from duo_plugin.diffusion.uniform import sample_categorical
 from duo_plugin.kernels import posterior_sample_step
 from duo_plugin.kernels.sampler import posterior_mixture_sample, race_sample_rows
 
@@ -113,56 +115,6 @@ class StepNoise:
     generator: Any = None
     seeds: Optional[torch.Tensor] = None
     index: int = 0
-
-
-class UniformProcess:
-    """The uniform-state noise process (docs/method.md): α_t from ``schedule``, prior U(valid ids), the exact
-    posterior q(z_s | z_t, x) (paper Eq. 4) and the forward marginal q_α(· | x) = α x + (1 − α) U(valid)."""
-
-    name = "uniform"
-
-    def __init__(self, schedule, vocab_size: int, valid_vocab: Optional[torch.Tensor] = None):
-        self.schedule = schedule
-        self.vocab_size = int(vocab_size)
-        self.valid_vocab = valid_vocab
-        self.k_eff = num_valid(self.vocab_size, valid_vocab)  # validates valid_vocab against K
-        self.fill_id = 0 if valid_vocab is None else int(torch.nonzero(valid_vocab)[0])
-
-    def alpha(self, t) -> torch.Tensor:
-        """α at time(s) ``t`` as float64 (same shape as ``t``)."""
-        t = torch.as_tensor(t, dtype=_F64)
-        return torch.as_tensor(self.schedule.alpha(t), dtype=_F64).reshape(t.shape)
-
-    def t_for_alpha(self, alpha: float) -> float:
-        """The time with α_t = ``alpha`` (the schedule's own inverse if it has one, else bisection on [0, 1])."""
-        inv = getattr(self.schedule, "t_for_alpha", None)
-        if callable(inv):
-            return float(inv(alpha))
-        lo, hi = 0.0, 1.0  # α decreases in t
-        for _ in range(200):
-            mid = 0.5 * (lo + hi)
-            if float(self.alpha(mid)) > float(alpha):
-                lo = mid
-            else:
-                hi = mid
-        return 0.5 * (lo + hi)
-
-    def prior(self, shape, generator, device) -> torch.Tensor:
-        return prior_sample(shape, self.vocab_size, generator, valid_vocab=self.valid_vocab, device=device)
-
-    def posterior(self, z_t, x_probs, alpha_t, alpha_s) -> torch.Tensor:
-        return posterior(z_t, x_probs, alpha_t, alpha_s, valid_vocab=self.valid_vocab)
-
-    def forward(self, probs: torch.Tensor, alpha) -> torch.Tensor:
-        """q_α(· | x) for a probability vector x: ``α x + (1 − α) U(valid)`` (float64 ``[..., K]``)."""
-        a = torch.as_tensor(alpha, dtype=_F64, device=probs.device)
-        if a.dim():
-            a = a[..., None]
-        if self.valid_vocab is None:
-            uni = torch.full((probs.shape[-1],), 1.0 / self.k_eff, dtype=_F64, device=probs.device)
-        else:
-            uni = self.valid_vocab.to(probs.device).to(_F64) / self.k_eff
-        return a * probs.to(_F64) + (1 - a) * uni
 
 
 class XThetaFilter:
@@ -284,7 +236,7 @@ class AncestralScheduler:
 
         q = post(alpha_s)
         if kappa < 1.0:
-            q = kappa * q + (1.0 - kappa) * p.forward(post(torch.ones((), dtype=_F64)), alpha_s)
+            q = kappa * q + (1.0 - kappa) * p.marginal(post(torch.ones((), dtype=_F64)), alpha_s)
         return q
 
     def _draw(self, lx, z, alpha_t, alpha_s, noise: StepNoise, kappa: float, lxu=None) -> torch.Tensor:

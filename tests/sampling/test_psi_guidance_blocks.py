@@ -84,7 +84,7 @@ def test_psi_one_step_law_matches_exact(mode, impl):
     valid = valid_t.double().numpy()
     g = torch.Generator().manual_seed(3)
     x = torch.softmax(torch.randn(K, generator=g, dtype=torch.float64) * 1.5, -1)
-    proc = UniformProcess(LogLinearSchedule(), K, valid_t)
+    proc = UniformProcess(K, valid_t, LogLinearSchedule())
     sch = PsiScheduler(proc, PsiSchedule(high_mode=mode, middle_mode=mode, low_mode=mode, high_frac=0.0,
                                          middle_frac=0.0), posterior_impl=impl)
     grid = sch.timesteps(steps, 1e-5)
@@ -109,7 +109,7 @@ def test_psi_one_step_law_matches_exact(mode, impl):
 def test_psi_kappas_phases_and_time_profiles():
     sched = PsiSchedule(high_mode="pure-pc", middle_mode="constant-remdm-0.1", low_mode="max-capped-0.05",
                         high_frac=0.25, middle_frac=0.5)
-    proc = UniformProcess(LogLinearSchedule(), 7)
+    proc = UniformProcess(7, schedule=LogLinearSchedule())
     grid = sched.time_grid(7, 1e-5, proc)
     np.testing.assert_allclose(grid.numpy(), np.linspace(1, 1e-5, 8), atol=1e-15)
     kap = sched.kappas(grid, proc.alpha).numpy()
@@ -372,7 +372,7 @@ def test_guided_psi_law_guides_both_posteriors():
     valid = np.ones(K)
     g = torch.Generator().manual_seed(8)
     lc, lu = (torch.log_softmax(torch.randn(K, generator=g, dtype=torch.float64) * 2, -1) for _ in range(2))
-    proc = UniformProcess(LogLinearSchedule(), K)
+    proc = UniformProcess(K, schedule=LogLinearSchedule())
     sch = PsiScheduler(proc, PsiSchedule(), guidance_weight=1.7, posterior_impl="dense")
     a_t, a_s, kap = alpha(0.6), alpha(0.4), 0.35
     for zt in range(K):
