@@ -63,12 +63,17 @@ class ToyMDLM(torch.nn.Module):
             self.table[z] = torch.tensor(np.log(out / out.sum(-1, keepdims=True)))
 
     def forward(self, z, sigma, padding_mask=None):
-        return torch.stack([self.table[tuple(r[:L])] for r in z.tolist()]).float()
+        """Rows shorter than L (or padded: ``padding_mask`` False) are prefixes: the missing positions count as
+        masked, so x_θ is the exact conditional given the visible prefix tokens."""
+        if padding_mask is not None:
+            z = torch.where(padding_mask, z, torch.full_like(z, MASK))
+        n = z.shape[1]
+        return torch.stack([self.table[tuple(r + [MASK] * (L - n))][:n] for r in z.tolist()]).float()
 
 
 def exact_conditional(states, p, ids, n_keep):
     """−log p(ids[n_keep:] | ids[:n_keep]) by brute force."""
-    num = sum(q for s, q in zip(states, p) if list(s) == list(ids))
+    num = sum(q for s, q in zip(states, p) if list(s[: len(ids)]) == list(ids))
     den = sum(q for s, q in zip(states, p) if list(s[:n_keep]) == list(ids[:n_keep]))
     return -math.log(num / den)
 
@@ -155,7 +160,9 @@ def test_lm_eval_mdlm_loglikelihood_greedy_and_rolling_on_the_exact_toy():
     model = ToyMDLM(states, p)
     lm = dl.DuoLM(model=model, tokenizer=IdTok(K), mc_samples=1024, seed=1)
     assert lm.process_spec.kind == "absorbing" and "AbsorbingProcess" in lm.estimator()
-    reqs = [(("", ""), [2], [1, 2]), (("", ""), [1, 0], [0]), (("", ""), [], [2, 2, 1])]
+    # the mode of p(x_2 | BOS, x_1 = 2): a single-token continuation whose greedy check must be True
+    best = int(np.argmax([sum(q for s, q in zip(states, p) if s[1] == 2 and s[2] == c) for c in range(K)]))
+    reqs = [(("", ""), [2], [1, 2]), (("", ""), [1, 0], [0]), (("", ""), [], [2, 2, 1]), (("", ""), [2], [best])]
     out = lm._loglikelihood_tokens(reqs)
     recs = lm._mc_records["unknown"]
     for (_, ctx, cont), (ll, greedy), (_, se, _) in zip(reqs, out, recs):
@@ -170,7 +177,7 @@ def test_lm_eval_mdlm_loglikelihood_greedy_and_rolling_on_the_exact_toy():
                 for j, c in enumerate(cont):
                     marg.setdefault(j, np.zeros(K))[s[1 + len(ctx) + j]] += q
         assert greedy == all(int(np.argmax(marg[j])) == c for j, c in enumerate(cont))
-    assert any(g for _, g in out) or not all(g for _, g in out)  # at least one decision is exercised both ways
+    assert {g for _, g in out} == {True, False}  # both outcomes exercised
     # rolling: one window [BOS] + 3 tokens (room max_length − 1 = 4) scored with the context empty: −log p(x_1:3)
     lm_r = dl.DuoLM(model=model, tokenizer=IdTok(K), mc_samples=1024, seed=2, window_eos=False)
 
