@@ -10,11 +10,18 @@ With ``dataset.packing: pad`` (one sentence per row) a sentence longer than ``bl
 ``dataset.overlong: split`` (default) cuts it into several rows, ``truncate`` drops its tail (with a warning naming
 the count); either way the count is written to ``metrics.json``.
 
-Datasets (``dataset.source``):
+The noise process comes from the model folder's metadata (``eval.processes.process_for``): a Duo/UDLM/DCD model is
+scored with the uniform-state f_Duo, an MDLM model with the absorbing process and its ``[MASK]`` id
+(docs/evaluation.md §0); ``metrics.json`` names it (``process``).
 
-* ``corpus``: the built-in Shakespeare corpus, held-out split = the last ``val_fraction`` of the paragraphs,
-  exactly as ``duo_pretrain`` splits it (so this is the validation set of a ``duo/tiny_cpu`` run);
+Datasets (``dataset.source``); ``shakespeare``/``files``/``hub`` go through the data builder of the training recipes
+(``duo_plugin.data.blocks``: ``heldout_documents`` + ``eval_blocks``):
+
+* ``shakespeare`` (old name ``corpus``, still accepted): the built-in Shakespeare corpus, held-out split = the last
+  ``val_fraction`` of the paragraphs, exactly as ``duo_pretrain`` splits it (the validation set of a
+  ``duo/tiny_cpu`` run);
 * ``files``: local text/jsonl/parquet files (``dataset.files``), the last ``val_fraction`` held out (0 = all);
+* ``hub``: ``dataset.hub: {path, name, split, column, ...}`` as ``duo_pretrain``'s ``data.hub``;
 * ``zeroshot``: one or more of the paper's seven sets by name (``dataset.name: ptb`` or ``[ptb, lambada]``), from
   the hub/cache or local files (``dataset.data_files`` / ``dataset.local_dir``); no EOS between documents, the last
   partial block kept.
@@ -103,24 +110,37 @@ SOURCE_ALIASES = {"corpus": "shakespeare"}
 _SET_NAMES = {"shakespeare": "shakespeare_heldout", "files": "files", "hub": "hub"}
 
 
-def _heldout_blocks(cfg_dataset, tok, block_size: int, source: str, frac: float, packing: str,
-                    overlong: str = "split", info=None):
-    """Held-out documents and blocks through the data builder (``duo_plugin.data.blocks``: the documents, the split
-    and the blocks of duo_pretrain's validation set), plus the ``packing: pad`` over-long handling."""
-    from duo_plugin.data.blocks import eval_blocks, heldout_documents
+def _heldout_blocks(docs, tok, block_size: int, frac: float, packing: str, overlong: str = "split", info=None):
+    """Evaluation blocks of tokenized documents (the last ``frac`` held out; 0 = all) through the data builder's
+    ``eval_blocks``, with the ``packing: pad`` over-long handling (``info`` receives the count)."""
+    from duo_plugin.data import text as data_text
+    from duo_plugin.data.blocks import eval_blocks
 
-    d = cfg_dataset
+    if packing not in ("wrap", "pad"):
+        raise ValueError(f"dataset.packing must be 'wrap' or 'pad', got {packing!r}")
+    if frac > 0:
+        if len(docs) < 2:
+            raise ValueError("a held-out split needs at least 2 documents; set dataset.val_fraction: 0 to use all")
+        _, docs = data_text.split_heldout(docs, fraction=frac)
+    if packing == "pad":
+        docs, n_long = _split_overlong(docs, block_size - 2, overlong)
+        if info is not None:
+            info["overlong_docs"], info["overlong"] = n_long, overlong
+    return eval_blocks(docs, tok, seq_len=block_size, packing=packing)
+
+
+def _builder_sets(d, tok, block_size: int, source: str, frac: float, packing: str, overlong: str, info):
+    """``{set name: blocks}`` of a data-builder source (``duo_plugin.data.blocks``): the held-out documents exactly as
+    duo_pretrain's ``data:`` section with the same values splits them, then :func:`_heldout_blocks`."""
+    from duo_plugin.data.blocks import heldout_documents
+
     if packing not in ("wrap", "pad"):
         raise ValueError(f"dataset.packing must be 'wrap' or 'pad', got {packing!r}")
     hub = d.get("hub")
     docs = heldout_documents(tok, val_fraction=frac, key="dataset", source=source, files=_list(d.get("files")) or None,
                              hub=dict(hub) if hub is not None else None, sample_by=str(d.get("sample_by") or "paragraph"),
                              column=str(d.get("column") or "text"), cache_dir=d.get("cache_dir"))
-    if packing == "pad":
-        docs, n_long = _split_overlong(docs, block_size - 2, overlong)
-        if info is not None:
-            info["overlong_docs"], info["overlong"] = n_long, overlong
-    return eval_blocks(docs, tok, seq_len=block_size, packing=packing)
+    return {_SET_NAMES[source]: _heldout_blocks(docs, tok, block_size, 0.0, packing, overlong, info)}
 
 
 def build_eval_sets(cfg: DictConfig, tok, block_size: int, info=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -133,7 +153,7 @@ def build_eval_sets(cfg: DictConfig, tok, block_size: int, info=None) -> dict[st
     frac = float(d.get("val_fraction") if d.get("val_fraction") is not None else 0.0)
     packing = str(d.get("packing") or "wrap")
     if src in _SET_NAMES:
-        return {_SET_NAMES[src]: _heldout_blocks(d, tok, block_size, src, frac, packing, overlong, info)}
+        return _builder_sets(d, tok, block_size, src, frac, packing, overlong, info)
     if src == "zeroshot":
         from duo_plugin.eval.zeroshot import zeroshot_blocks
 

@@ -190,3 +190,33 @@ def test_lm_eval_mdlm_loglikelihood_greedy_and_rolling_on_the_exact_toy():
     assert abs(-ll_r - ref_r) < 4 * se_r + 0.02
     with pytest.raises(ValueError, match="likelihood=nelbo"):
         dl.DuoLM(model=model, tokenizer=IdTok(K), likelihood="official")
+
+
+# ------------------------------------------------------------------------------------------------ duo_eval data
+def test_duo_eval_sets_come_from_the_data_builder_and_accept_the_old_source_name(monkeypatch):
+    """``dataset.source: corpus`` (old name) and ``shakespeare`` give the same held-out blocks, equal to a split and
+    wrap built by hand from the low-level text functions."""
+    from omegaconf import OmegaConf
+
+    from duo_plugin.data import corpora
+    from duo_plugin.data import text as data_text
+    from duo_plugin.recipes.duo_eval import build_eval_sets
+
+    class Tok:
+        bos_id, eos_id, pad_id = 0, 1, None
+
+    docs = [list(range(2 + i, 9 + 2 * i)) for i in range(10)]
+    monkeypatch.setattr(corpora, "load_shakespeare", lambda tok, unit, cache_dir=None: data_text._as_docs(docs))
+    held = docs[-2:]  # val_fraction 0.2 of 10 documents: the last 2
+    flat = [t for d in held for t in d]
+    out = {}
+    for src in ("corpus", "shakespeare"):
+        cfg = OmegaConf.create({"dataset": {"source": src, "val_fraction": 0.2, "packing": "wrap"}})
+        (name, (blocks, mask)), = build_eval_sets(cfg, Tok(), 8).items()
+        assert name == "shakespeare_heldout"
+        out[src] = blocks
+        content = blocks[mask & (blocks > 1)].tolist()
+        assert content == flat  # every held-out token once, in order (BOS/EOS markers aside), nothing else
+    assert torch.equal(out["corpus"], out["shakespeare"])
+    with pytest.raises(ValueError, match=r"dataset.source=files needs dataset.files"):
+        build_eval_sets(OmegaConf.create({"dataset": {"source": "files"}}), Tok(), 8)
