@@ -82,7 +82,7 @@ def _split_overlong(docs, room: int, overlong: str):
     left for ``pad_sentences`` to truncate (``truncate``, with a warning)."""
     from duo_plugin.data import text as data_text
 
-    td = data_text._as_docs(docs)
+    td = data_text.as_docs(docs)
     lens = [int(b - a) for a, b in zip(td.offsets[:-1], td.offsets[1:])]
     n_long = sum(1 for n in lens if n > room)
     if not n_long:

@@ -206,7 +206,7 @@ def test_duo_eval_sets_come_from_the_data_builder_and_accept_the_old_source_name
         bos_id, eos_id, pad_id = 0, 1, None
 
     docs = [list(range(2 + i, 9 + 2 * i)) for i in range(10)]
-    monkeypatch.setattr(corpora, "load_shakespeare", lambda tok, unit, cache_dir=None: data_text._as_docs(docs))
+    monkeypatch.setattr(corpora, "load_shakespeare", lambda tok, unit, cache_dir=None: data_text.as_docs(docs))
     held = docs[-2:]  # val_fraction 0.2 of 10 documents: the last 2
     flat = [t for d in held for t in d]
     out = {}
