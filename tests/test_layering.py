@@ -30,9 +30,8 @@ FORBIDDEN = {
 }
 # (module, private name) pairs allowed to cross a module boundary. Keep empty: make a shared helper public instead.
 PRIVATE_OK: set[tuple[str, str]] = set()
-# (module, attribute) reads ``module._name`` allowed likewise (recipes/duo_eval.py is reworked in parallel: it should
-# call the public data.text.as_docs).
-PRIVATE_ATTR_OK = {("recipes/duo_eval.py", "_as_docs")}
+# (module, attribute) reads ``module._name`` allowed likewise. Keep empty.
+PRIVATE_ATTR_OK: set[tuple[str, str]] = set()
 
 
 def _modules():

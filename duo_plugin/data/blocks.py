@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["TextBlocks", "text_blocks", "text_documents", "resolve_files", "eval_blocks"]
+__all__ = ["TextBlocks", "text_blocks", "text_documents", "tokenized_documents", "heldout_documents", "resolve_files",
+           "eval_blocks"]
 
 
 @dataclass
@@ -76,20 +77,7 @@ def text_blocks(tokenizer, *, seq_len: int, source: str = "files", files: Sequen
     from duo_plugin.data import text as data_text
 
     seq_len = int(seq_len)
-    if source == "shakespeare":
-        from duo_plugin.data.corpora import load_shakespeare
-
-        docs = load_shakespeare(tokenizer, unit="paragraph", cache_dir=cache_dir)
-    elif source == "files":
-        docs = data_text.load_tokenized(resolve_files(files), tokenizer, cache_dir=cache_dir,
-                                        sample_by=sample_by or "paragraph")
-    elif source == "hub":
-        h = dict(hub or {})
-        docs = data_text.load_tokenized(h.pop("path"), tokenizer, cache_dir=cache_dir, **h)
-    else:
-        raise ValueError(f"data.source must be shakespeare, files or hub; got {source!r}")
-    if len(docs) == 0 or docs.num_tokens == 0:
-        raise ValueError("empty dataset: the data source produced no tokens; check data.files / data.source")
+    docs = tokenized_documents(tokenizer, source=source, files=files, hub=hub, sample_by=sample_by, cache_dir=cache_dir)
     if packing not in ("wrap", "pad"):
         raise ValueError(f"data.packing must be 'wrap' or 'pad', got {packing!r}")
     frac, n_val = float(val_fraction or 0.0), int(val_docs or 0)
@@ -111,6 +99,52 @@ def text_blocks(tokenizer, *, seq_len: int, source: str = "files", files: Sequen
     if build_val and val_docs_list is not None:
         val = data_text.TokenBlockDataset(*eval_blocks(val_docs_list, tokenizer, seq_len=seq_len, packing=packing))
     return TextBlocks(train, val, seq_len)
+
+
+def tokenized_documents(tokenizer, *, source: str = "files", files=None, hub: Mapping | None = None,
+                        sample_by: str | None = None, column: str | None = None, cache_dir: str | None = None,
+                        key: str = "data"):
+    """The tokenized documents (:class:`~duo_plugin.data.text.TokenizedDocs`) of a data source, as
+    :func:`text_blocks` reads them (``column``: the text column of json/csv/parquet files, default ``text``).
+    ``key`` names the config section in error messages."""
+    from duo_plugin.data import text as data_text
+
+    if source == "shakespeare":
+        from duo_plugin.data.corpora import load_shakespeare
+
+        docs = load_shakespeare(tokenizer, unit="paragraph", cache_dir=cache_dir)
+    elif source == "files":
+        if not files:
+            raise ValueError(f"{key}.source=files needs {key}.files: [path, ...] (text/jsonl/parquet files)")
+        kw = {"column": str(column)} if column else {}
+        docs = data_text.load_tokenized(resolve_files(files), tokenizer, cache_dir=cache_dir,
+                                        sample_by=sample_by or "paragraph", **kw)
+    elif source == "hub":
+        h = dict(hub or {})
+        if "path" not in h:
+            raise ValueError(f"{key}.source=hub needs {key}.hub: {{path: ..., name: ..., split: ...}}")
+        docs = data_text.load_tokenized(h.pop("path"), tokenizer, cache_dir=cache_dir, **h)
+    else:
+        raise ValueError(f"{key}.source must be shakespeare, files or hub; got {source!r}")
+    if len(docs) == 0 or docs.num_tokens == 0:
+        raise ValueError(f"empty dataset: the data source produced no tokens; check {key}.files / {key}.source")
+    return docs
+
+
+def heldout_documents(tokenizer, *, val_fraction: float = 0.0, val_docs: int = 0, key: str = "data", **source):
+    """The held-out documents of a data source exactly as :func:`text_blocks` splits it (the LAST
+    ``val_fraction`` / ``val_docs`` documents); both 0 = every document. ``source``: the keyword arguments of
+    :func:`tokenized_documents`."""
+    from duo_plugin.data import text as data_text
+
+    docs = tokenized_documents(tokenizer, key=key, **source)
+    frac, n_val = float(val_fraction or 0.0), int(val_docs or 0)
+    if frac <= 0 and n_val <= 0:
+        return docs
+    if len(docs) < 2:
+        raise ValueError(f"a held-out split needs at least 2 documents; set {key}.val_fraction: 0 to use all")
+    _, held = data_text.split_heldout(docs, **({"num_heldout": n_val} if n_val > 0 else {"fraction": frac}))
+    return held
 
 
 def eval_blocks(docs, tokenizer, *, seq_len: int, packing: str = "wrap"):

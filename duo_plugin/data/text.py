@@ -159,9 +159,6 @@ def as_docs(docs) -> TokenizedDocs:
     return TokenizedDocs.from_lists(out)
 
 
-_as_docs = as_docs  # read by recipes/duo_eval.py (reworked in parallel); remove once it calls as_docs
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Raw documents
 # ----------------------------------------------------------------------------------------------------------

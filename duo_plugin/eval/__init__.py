@@ -6,6 +6,7 @@ No torchtune / lm_eval imports here (the torchtune-based Gen PPL scorer lives in
 
 from duo_plugin.eval.genppl import DiTScorer, causal_nll, gen_ppl_and_entropy, load_dit_scorer, unigram_entropy
 from duo_plugin.eval.likelihood import ConditionalNELBO, conditional_nelbo, nelbo_perplexity, sequence_nelbo
+from duo_plugin.eval.processes import EvalProcess, process_for, process_for_model
 from duo_plugin.eval.zeroshot import PAPER_SETS, ZERO_SHOT_SETS, load_zeroshot_texts, zeroshot_blocks
 
 __all__ = [
@@ -13,6 +14,9 @@ __all__ = [
     "conditional_nelbo",
     "nelbo_perplexity",
     "sequence_nelbo",
+    "EvalProcess",
+    "process_for",
+    "process_for_model",
     "DiTScorer",
     "causal_nll",
     "gen_ppl_and_entropy",

@@ -319,6 +319,8 @@ def nelbo_perplexity(
         schedule = getattr(process, "schedule", None)
     dev, schedule, valid_vocab = _eval_setup(denoiser, device, schedule, valid_vocab)
     k = int(valid_vocab.numel()) if valid_vocab is not None else int(getattr(denoiser, "vocab_size", 0) or 0)
+    if not k and process is not None:
+        k = int(process.vocab_size)
     structural = None  # special ids the model cannot produce: kept clean (known markers), neither noised nor scored
     if k:
         invalid = (blocks < 0) | (blocks >= k)
@@ -356,24 +358,13 @@ def nelbo_perplexity(
             ns_t = torch.tensor(ns)
             t = times[torch.tensor(ps), ns_t]
             gens = [g for p, i in zip(ps, ns) for g in row_generators(seed, p, [i], device=dev)]
-            if process is not None:  # another noise process (e.g. absorbing): its own corrupt / nelbo
-                x0 = blocks[ns_t].to(dev).long()
-                am = attention_mask[ns_t].to(dev)
-                kw = {}
-                if structural is not None:
-                    st = structural[ns_t].to(dev)
-                    kw = {"keep_mask": st, "score_mask": am & ~st}
-                vals = sequence_nelbo(
-                    denoiser, x0, t, gens, **{"score_mask": am, **kw}, padding_mask=am, schedule=schedule,
-                    valid_vocab=valid_vocab, process=process,
-                ).cpu()
-            else:  # uniform-state: packed rows, output projection and f_Duo only at counted positions
-                for i in ns:
-                    if i not in prepared:
-                        keep = structural[i] if structural is not None else torch.zeros(length, dtype=torch.bool)
-                        prepared[i] = _prepare_seq(blocks[i], keep, attention_mask[i], k, vv_cpu)
-                vals = _rows_nelbo(denoiser, prepared, ns, t, gens, schedule=schedule, valid_vocab=valid_vocab,
-                                   k_model=k, conditioning="alpha_t", dev=dev)
+            # packed rows, output projection and the NELBO integrand only at counted positions (any process)
+            for i in ns:
+                if i not in prepared:
+                    keep = structural[i] if structural is not None else torch.zeros(length, dtype=torch.bool)
+                    prepared[i] = _prepare_seq(blocks[i], keep, attention_mask[i], k, vv_cpu)
+            vals = _rows_nelbo(denoiser, prepared, ns, t, gens, schedule=schedule, valid_vocab=valid_vocab,
+                               k_model=k, conditioning="alpha_t", dev=dev, process=process)
             per_seq[torch.tensor(ps), ns_t] = vals
             bar.update(1)
     finally:
@@ -411,7 +402,7 @@ def nelbo_perplexity(
         "sequences": n,
         "passes": int(mc_passes),
         "per_pass_nll": per_pass.tolist(),
-        "estimator": (f"NELBO (f_Duo, log-linear alpha), one time per sequence per pass, stratified over the split "
+        "estimator": (f"NELBO ({'f_Duo' if process is None else type(process).__name__}, log-linear alpha), one time per sequence per pass, stratified over the split "
                       f"with a fresh permutation per pass; {int(mc_passes)} pass(es); stderr {method}; "
                       f"per content token (all-token figure beside it)"),
     }
@@ -473,6 +464,7 @@ def conditional_nelbo(
     target_stderr: Optional[float] = None,
     max_mc_samples: Optional[int] = None,
     max_batch_tokens: Optional[int] = None,
+    process=None,
 ) -> ConditionalNELBO:
     """Conditional NELBO of the non-kept positions given the kept ones (for loglikelihood requests).
 
@@ -496,6 +488,9 @@ def conditional_nelbo(
         max_batch_tokens: also cap every call at this many (padded) tokens (default: rows only).
         indices: ``Long[B]`` global ids of the sequences for the noise (default ``arange(B)``).
         conditioning: ``alpha_t`` | ``clean_fraction`` (see :func:`sequence_nelbo`).
+        process: the noise process (see :func:`sequence_nelbo`; None = uniform-state f_Duo). With
+            ``AbsorbingProcess`` (MDLM) only the non-kept positions are masked and the value is the MDLM NELBO of
+            the continuation given the clean context, an upper bound on −log p(continuation | context).
 
     Returns:
         :class:`ConditionalNELBO` ``(nelbo[B], stderr[B], num_tokens[B], mc_samples[B])``.
@@ -532,6 +527,8 @@ def conditional_nelbo(
     indices = torch.as_tensor(indices, dtype=torch.long).flatten()
     if indices.numel() != b:
         raise ValueError(f"indices must have one entry per sequence ({b})")
+    if schedule is None and process is not None:
+        schedule = getattr(process, "schedule", None)
     dev, schedule, valid_vocab = _eval_setup(denoiser, device, schedule, valid_vocab)
     score = attention_mask & ~keep_mask
     seqs = [x0[i] for i in range(b)]
@@ -541,7 +538,7 @@ def conditional_nelbo(
         denoiser, seqs, keeps, reals=reals, indices=indices.tolist(), mc_samples=m, max_rows=int(batch_size),
         max_batch_tokens=max_batch_tokens, seed=seed, valid_vocab=valid_vocab, schedule=schedule, t_min=t_min,
         device=dev, conditioning=conditioning, time_sampling=time_sampling, target_stderr=target_stderr,
-        max_mc_samples=max_mc_samples)
+        max_mc_samples=max_mc_samples, process=process)
     return res._replace(num_tokens=score.sum(1).long())
 
 
@@ -620,7 +617,7 @@ def log_probs_at(denoiser, z: torch.Tensor, sigma: torch.Tensor, padding_mask: O
 
 @torch.no_grad()
 def _rows_nelbo(denoiser, seqs: Sequence[_Seq], rows, times, gens, *, schedule, valid_vocab, k_model, conditioning,
-                dev) -> torch.Tensor:
+                dev, process=None) -> torch.Tensor:
     """One-sample NELBO of each row ``(sequence, time, generator)`` in **one** denoiser call (float64 ``[R]``).
 
     Each row's corruption is drawn at its sequence's own length exactly as :func:`sequence_nelbo` draws it for that
@@ -628,6 +625,10 @@ def _rows_nelbo(denoiser, seqs: Sequence[_Seq], rows, times, gens, *, schedule, 
     not depend on the batch; rows of different lengths are right-padded and the network gets ``padding_mask``. The
     output projection and f_Duo are evaluated only at the scored positions (:func:`log_probs_at`; both are
     per-position, so the values are those of the unbatched call).
+
+    ``process`` (e.g. :class:`~duo_plugin.diffusion.absorbing.AbsorbingProcess`): each row is corrupted by
+    ``process.corrupt`` at its own length with its own generator (exactly :func:`sequence_nelbo`'s draw for the row
+    alone) and scored by ``process.nelbo`` at the scored positions; None = the uniform-state process and f_Duo.
     """
     r = len(rows)
     t64 = times.to(dtype=torch.float64)
@@ -636,25 +637,32 @@ def _rows_nelbo(denoiser, seqs: Sequence[_Seq], rows, times, gens, *, schedule, 
     if alpha_prime.dim() == 0:
         alpha_prime = alpha_prime.expand_as(alpha)
     alpha, alpha_prime = alpha.cpu(), alpha_prime.cpu()
-    ids = valid_ids(k_model, valid_vocab.cpu()) if valid_vocab is not None else None
-    k = int(ids.numel()) if ids is not None else int(k_model)
-    us, draws = [], []
-    for j, s in enumerate(rows):
-        g = gens[j]
-        n = seqs[s].width
-        us.append(torch.rand((n,), generator=g, device=g.device, dtype=torch.float64).cpu())
-        draws.append(torch.randint(0, k, (n,), generator=g, device=g.device).cpu())
 
     def stack(vals, fill=0):  # right-pad rows of different lengths (batch padding: real = False there)
         return pad_sequence(vals, batch_first=True, padding_value=fill)
 
-    u, idx = stack(us), stack(draws)
     x0 = stack([seqs[s].x0 for s in rows])
     real = stack([seqs[s].real for s in rows], False)
     score = stack([seqs[s].score for s in rows], False)
     kept = stack([seqs[s].keep for s in rows], False)
-    noise = idx if ids is None else ids[idx]
-    z = torch.where(u < alpha[:, None], x0, noise)  # q_t(z | x) exactly as corrupt() draws it for the row alone
+    if process is not None:  # another noise process: its own corrupt(), one row at a time at the row's length
+        zs = []
+        for j, s in enumerate(rows):
+            g = gens[j]
+            zs.append(process.corrupt(seqs[s].x0[None].to(g.device), alpha[j : j + 1].to(g.device), [g])[0].cpu())
+        z = stack(zs)
+    else:
+        ids = valid_ids(k_model, valid_vocab.cpu()) if valid_vocab is not None else None
+        k = int(ids.numel()) if ids is not None else int(k_model)
+        us, draws = [], []
+        for j, s in enumerate(rows):
+            g = gens[j]
+            n = seqs[s].width
+            us.append(torch.rand((n,), generator=g, device=g.device, dtype=torch.float64).cpu())
+            draws.append(torch.randint(0, k, (n,), generator=g, device=g.device).cpu())
+        u, idx = stack(us), stack(draws)
+        noise = idx if ids is None else ids[idx]
+        z = torch.where(u < alpha[:, None], x0, noise)  # q_t(z | x) exactly as corrupt() draws it for the row alone
     z = torch.where(kept | ~real, x0, z)
     if conditioning == "clean_fraction":
         sigma = -torch.log(effective_alpha(alpha, (kept & real).sum(-1), (~kept & real).sum(-1)))
@@ -670,8 +678,11 @@ def _rows_nelbo(denoiser, seqs: Sequence[_Seq], rows, times, gens, *, schedule, 
             raise ValueError(f"valid_vocab has {valid_vocab.numel()} entries but the denoiser outputs K={sel.shape[-1]}")
         a_tok = alpha[rr][None].to(dev)
         ap_tok = alpha_prime[rr][None].to(dev)
-        f = duo_nelbo(sel, z[rr, pp][None].to(dev), x0[rr, pp][None].to(dev), a_tok, ap_tok,
-                      valid_vocab=valid_vocab)
+        if process is not None:
+            f = process.nelbo(sel, z[rr, pp][None].to(dev), x0[rr, pp][None].to(dev), a_tok, ap_tok)
+        else:
+            f = duo_nelbo(sel, z[rr, pp][None].to(dev), x0[rr, pp][None].to(dev), a_tok, ap_tok,
+                          valid_vocab=valid_vocab)
         out.index_add_(0, rr, f[0].to(torch.float64).cpu())
     oov = torch.tensor([seqs[s].oov for s in rows], dtype=torch.bool)
     return torch.where(oov, torch.full_like(out, float("inf")), out)
@@ -698,6 +709,7 @@ def conditional_nelbo_ragged(
     target_stderr: Optional[float] = None,
     max_mc_samples: Optional[int] = None,
     on_batch: Optional[Callable[[int], None]] = None,
+    process=None,
 ) -> ConditionalNELBO:
     """:func:`conditional_nelbo` of sequences of **different lengths**, batched together.
 
@@ -728,8 +740,12 @@ def conditional_nelbo_ragged(
     indices = list(range(n)) if indices is None else [int(i) for i in indices]
     if len(indices) != n:
         raise ValueError(f"indices must have one entry per sequence ({n})")
+    if schedule is None and process is not None:
+        schedule = getattr(process, "schedule", None)
     dev, schedule, valid_vocab = _eval_setup(denoiser, device, schedule, valid_vocab)
     vocab_size = getattr(denoiser, "vocab_size", None)
+    if vocab_size is None and process is not None:
+        vocab_size = process.vocab_size
     if valid_vocab is None and vocab_size is None:
         raise ValueError("the denoiser has no .vocab_size attribute; pass valid_vocab=BoolTensor[K] (all True is fine)")
     k_model = int(valid_vocab.numel()) if valid_vocab is not None else int(vocab_size)
@@ -756,7 +772,8 @@ def conditional_nelbo_ragged(
             times = torch.stack([tg[s][0][j] for s, j in rs])
             gens = [tg[s][1][j] for s, j in rs]
             vals = _rows_nelbo(denoiser, prepared, [s for s, _ in rs], times, gens, schedule=schedule,
-                               valid_vocab=valid_vocab, k_model=k_model, conditioning=conditioning, dev=dev)
+                               valid_vocab=valid_vocab, k_model=k_model, conditioning=conditioning, dev=dev,
+                               process=process)
             for (s, j), v in zip(rs, vals.tolist()):
                 est[s][j] = v
             if on_batch is not None:

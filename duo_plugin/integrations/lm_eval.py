@@ -34,6 +34,15 @@ What is returned (the model is a uniform-state diffusion LM, so every log-likeli
   greedy decoding (the posterior still mixes in the seeded uniform noise, so it is deterministic per request and
   seed, but not the sequence an AR argmax would give).
 
+The noise process comes from the model folder's metadata through one lookup
+(:func:`duo_plugin.eval.processes.process_for`): ``duo``/``udlm``/``dcd`` = the uniform-state process above, ``ar`` =
+exact causal log-likelihood, ``mdlm`` = the absorbing process (MDLM baseline, docs/baselines.md): ``loglikelihood`` is
+then ``-`` the MDLM NELBO of the continuation with only the continuation positions masked (context clean), an upper
+bound on ``-log p(continuation | context)``; ``is_greedy`` masks every continuation position (deterministic, no noise)
+and asks whether the argmax of x_θ (SUBS: never ``[MASK]``) equals the continuation at every position -- exact for a
+single-token continuation, the per-position mode otherwise; ``loglikelihood_rolling`` uses the same windows with the
+MDLM NELBO; ``generate_until`` and the ``official*`` likelihood modes are uniform-state only (a clear error).
+
 Noise is seeded per request from a hash of its token ids (``seed`` model arg), so scores do not depend on the batch
 composition, ``--limit`` or request order. Scoring packs the rows (request x MC sample) of all requests into calls of
 ``max_batch_tokens`` padded tokens (``--batch_size`` additionally caps the rows per call).
@@ -315,6 +324,17 @@ class DuoLM(TemplateLM):
         model = model.to(self._device).eval()
         self.model = model
         self.is_ar = check_scorable(model, pretrained)
+        from duo_plugin.diffusion.schedules import LogLinearSchedule
+        from duo_plugin.eval.processes import process_for_model
+
+        self.schedule = LogLinearSchedule()
+        # the noise process from the model folder's metadata (objective): uniform (process None, f_Duo), absorbing
+        # (MDLM) or causal -- one lookup, no per-objective branches below
+        self.process_spec = process_for_model(model, pretrained, schedule=self.schedule)
+        self.process = self.process_spec.process
+        if self.process is not None and likelihood != "nelbo":
+            raise ValueError(f"likelihood={likelihood!r} reproduces the official Duo (uniform-state) harness; this is "
+                             f"a {self.process_spec.kind} ({type(self.process).__name__}) model: use likelihood=nelbo")
         if tokenizer is None:
             if pretrained is None:
                 raise ValueError("pass tokenizer= (a DuoTokenizer or a path) together with model=")
@@ -330,11 +350,9 @@ class DuoLM(TemplateLM):
             tokenizer = load_tokenizer(tokenizer)
         self.tokenizer = tokenizer
 
-        from duo_plugin.diffusion.schedules import LogLinearSchedule
         from duo_plugin.sampling import DenoiserFn
 
         self.denoiser = DenoiserFn(model, dt[str(dtype)])
-        self.schedule = LogLinearSchedule()
         self.vocab_size = int(model.vocab_size)
         if int(tokenizer.vocab_size) > self.vocab_size:
             raise ValueError(
@@ -455,7 +473,7 @@ class DuoLM(TemplateLM):
             max_rows=self.max_rows, max_batch_tokens=self.max_batch_tokens, seed=self.seed,
             valid_vocab=self.valid_vocab, schedule=self.schedule, t_min=self.t_min, device=self._device,
             conditioning=self.conditioning, time_sampling=self.time_sampling, target_stderr=self.mc_target_stderr,
-            max_mc_samples=self.mc_max_samples, on_batch=None if bar is None else bar.update)
+            max_mc_samples=self.mc_max_samples, on_batch=None if bar is None else bar.update, process=self.process)
         self._mc_used.extend(int(v) for v in res.mc_samples)
         if bar is not None:
             bar.close()
@@ -697,8 +715,11 @@ class DuoLM(TemplateLM):
             n_cont = torch.tensor([e[1].numel() - e[2] for e in items])
             for j, (r, ids, nk) in enumerate(items):
                 gen = row_generators(self.seed, (1 << 42), [request_index(ids.tolist())], device=self._device)
-                noise = prior_sample((1, ids.numel() - nk), self.vocab_size, gen, valid_vocab=self.valid_vocab,
-                                     device=self._device)
+                if self.process is not None:  # the process's own t = 1 draw (absorbing: every position [MASK])
+                    noise = self.process.prior_sample((1, ids.numel() - nk), gen, device=self._device)
+                else:
+                    noise = prior_sample((1, ids.numel() - nk), self.vocab_size, gen, valid_vocab=self.valid_vocab,
+                                         device=self._device)
                 z[j, : ids.numel()] = ids
                 z[j, nk : ids.numel()] = noise[0].cpu()
                 real[j, : ids.numel()] = True
@@ -710,7 +731,9 @@ class DuoLM(TemplateLM):
             logp = log_probs_at(self.denoiser, z.to(self._device), sigma,
                                  None if bool(real.all()) else real.to(self._device), rr.to(self._device),
                                  pp.to(self._device))
-            if self.valid_vocab is not None:
+            if self.process is not None:  # the process's parameterisation (MDLM SUBS: never [MASK], valid ids)
+                logp = self.process.subs(logp[None], z[rr, pp].to(self._device)[None])[0]
+            elif self.valid_vocab is not None:
                 logp = logp.masked_fill(~self.valid_vocab, float("-inf"))
             hit = (logp.argmax(-1).cpu() == torch.cat([e[1][e[2]:] for e in items])).tolist()
             lo = 0
@@ -850,6 +873,10 @@ class DuoLM(TemplateLM):
 
         if self.is_ar:
             return self._ar_generate_until(requests, disable_tqdm)
+        if self.process is not None:
+            raise ValueError(f"generate_until is not available for {self.process_spec.kind} ({type(self.process).__name__})"
+                             " models in the duo backend (no prompt-clamped sampler); sample them with "
+                             "duo_plugin.sampling.mdlm.sample_mdlm, score them with loglikelihood tasks")
         prepared = []
         for req in requests:
             context, gen_kwargs = req.args
@@ -911,7 +938,8 @@ class DuoLM(TemplateLM):
         m = (f"adaptive M (rounds of {self.mc_samples} until the MC stderr < {self.mc_target_stderr:g} nats, at most "
              f"{self.mc_max_samples or 32 * self.mc_samples})" if self.mc_target_stderr is not None
              else f"M={self.mc_samples}")
-        return (f"-conditional NELBO (f_Duo, log-linear alpha, network conditioned on {self.conditioning}), {m} "
+        integrand = "f_Duo" if self.process is None else f"{self.process_spec.kind} NELBO, {type(self.process).__name__}"
+        return (f"-conditional NELBO ({integrand}, log-linear alpha, network conditioned on {self.conditioning}), {m} "
                 f"{self.time_sampling} times per request")
 
     def mc_summary(self) -> Dict[str, dict]:

@@ -10,11 +10,18 @@ With ``dataset.packing: pad`` (one sentence per row) a sentence longer than ``bl
 ``dataset.overlong: split`` (default) cuts it into several rows, ``truncate`` drops its tail (with a warning naming
 the count); either way the count is written to ``metrics.json``.
 
-Datasets (``dataset.source``):
+The noise process comes from the model folder's metadata (``eval.processes.process_for``): a Duo/UDLM/DCD model is
+scored with the uniform-state f_Duo, an MDLM model with the absorbing process and its ``[MASK]`` id
+(docs/evaluation.md §0); ``metrics.json`` names it (``process``).
 
-* ``corpus``: the built-in Shakespeare corpus, held-out split = the last ``val_fraction`` of the paragraphs,
-  exactly as ``duo_pretrain`` splits it (so this is the validation set of a ``duo/tiny_cpu`` run);
+Datasets (``dataset.source``); ``shakespeare``/``files``/``hub`` go through the data builder of the training recipes
+(``duo_plugin.data.blocks``: ``heldout_documents`` + ``eval_blocks``):
+
+* ``shakespeare`` (old name ``corpus``, still accepted): the built-in Shakespeare corpus, held-out split = the last
+  ``val_fraction`` of the paragraphs, exactly as ``duo_pretrain`` splits it (the validation set of a
+  ``duo/tiny_cpu`` run);
 * ``files``: local text/jsonl/parquet files (``dataset.files``), the last ``val_fraction`` held out (0 = all);
+* ``hub``: ``dataset.hub: {path, name, split, column, ...}`` as ``duo_pretrain``'s ``data.hub``;
 * ``zeroshot``: one or more of the paper's seven sets by name (``dataset.name: ptb`` or ``[ptb, lambada]``), from
   the hub/cache or local files (``dataset.data_files`` / ``dataset.local_dir``); no EOS between documents, the last
   partial block kept.
@@ -40,7 +47,7 @@ from omegaconf import DictConfig, ListConfig
 from torchtune import config as tt_config
 
 from duo_plugin.recipes.duo_generate import default_seq_len, open_run
-from duo_plugin.training.recipe_utils import ConfigError, check_keys
+from duo_plugin.training.recipe_utils import ANY, ConfigError, check_keys
 
 # Every key ``run`` reads (see duo_plugin/configs/duo/eval_ppl.yaml and eval_zeroshot.yaml); any other key is a typo
 # and an error naming the closest valid key, as in duo_pretrain / duo_distill.
@@ -50,7 +57,7 @@ SCHEMA: dict[str, Any] = {
     "alpha_eps": None, "progress_bar": None,
     "dataset": {"source": None, "val_fraction": None, "packing": None, "files": None, "sample_by": None,
                 "column": None, "name": None, "data_files": None, "local_dir": None, "max_docs": None,
-                "cache_dir": None, "overlong": None},
+                "cache_dir": None, "overlong": None, "hub": ANY},
 }
 
 
@@ -75,7 +82,7 @@ def _split_overlong(docs, room: int, overlong: str):
     left for ``pad_sentences`` to truncate (``truncate``, with a warning)."""
     from duo_plugin.data import text as data_text
 
-    td = data_text._as_docs(docs)
+    td = data_text.as_docs(docs)
     lens = [int(b - a) for a, b in zip(td.offsets[:-1], td.offsets[1:])]
     n_long = sum(1 for n in lens if n > room)
     if not n_long:
@@ -97,22 +104,43 @@ def _split_overlong(docs, room: int, overlong: str):
     return data_text.TokenizedDocs.from_lists(pieces), n_long
 
 
-def _heldout_blocks(docs, tok, block_size: int, frac: float, packing: str, overlong: str = "split", info=None):
-    from duo_plugin.data import text as data_text
+#: ``dataset.source`` names of earlier releases -> the data builder's name (both work).
+SOURCE_ALIASES = {"corpus": "shakespeare"}
+#: the set name in metrics.json per data-builder source
+_SET_NAMES = {"shakespeare": "shakespeare_heldout", "files": "files", "hub": "hub"}
 
+
+def _heldout_blocks(docs, tok, block_size: int, frac: float, packing: str, overlong: str = "split", info=None):
+    """Evaluation blocks of tokenized documents (the last ``frac`` held out; 0 = all) through the data builder's
+    ``eval_blocks``, with the ``packing: pad`` over-long handling (``info`` receives the count)."""
+    from duo_plugin.data import text as data_text
+    from duo_plugin.data.blocks import eval_blocks
+
+    if packing not in ("wrap", "pad"):
+        raise ValueError(f"dataset.packing must be 'wrap' or 'pad', got {packing!r}")
     if frac > 0:
         if len(docs) < 2:
             raise ValueError("a held-out split needs at least 2 documents; set dataset.val_fraction: 0 to use all")
         _, docs = data_text.split_heldout(docs, fraction=frac)
     if packing == "pad":
-        pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
         docs, n_long = _split_overlong(docs, block_size - 2, overlong)
         if info is not None:
             info["overlong_docs"], info["overlong"] = n_long, overlong
-        return data_text.pad_sentences(docs, block_size, tok.bos_id, tok.eos_id, pad)
-    if packing != "wrap":
+    return eval_blocks(docs, tok, seq_len=block_size, packing=packing)
+
+
+def _builder_sets(d, tok, block_size: int, source: str, frac: float, packing: str, overlong: str, info):
+    """``{set name: blocks}`` of a data-builder source (``duo_plugin.data.blocks``): the held-out documents exactly as
+    duo_pretrain's ``data:`` section with the same values splits them, then :func:`_heldout_blocks`."""
+    from duo_plugin.data.blocks import heldout_documents
+
+    if packing not in ("wrap", "pad"):
         raise ValueError(f"dataset.packing must be 'wrap' or 'pad', got {packing!r}")
-    return data_text.wrap_blocks(docs, block_size, tok.bos_id, tok.eos_id, drop_remainder=False, return_mask=True)
+    hub = d.get("hub")
+    docs = heldout_documents(tok, val_fraction=frac, key="dataset", source=source, files=_list(d.get("files")) or None,
+                             hub=dict(hub) if hub is not None else None, sample_by=str(d.get("sample_by") or "paragraph"),
+                             column=str(d.get("column") or "text"), cache_dir=d.get("cache_dir"))
+    return {_SET_NAMES[source]: _heldout_blocks(docs, tok, block_size, 0.0, packing, overlong, info)}
 
 
 def build_eval_sets(cfg: DictConfig, tok, block_size: int, info=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -121,22 +149,11 @@ def build_eval_sets(cfg: DictConfig, tok, block_size: int, info=None) -> dict[st
     d = cfg.dataset
     overlong = str(d.get("overlong") or "split")
     src = str(d.get("source") or "corpus")
+    src = SOURCE_ALIASES.get(src, src)
     frac = float(d.get("val_fraction") if d.get("val_fraction") is not None else 0.0)
     packing = str(d.get("packing") or "wrap")
-    if src == "corpus":
-        from duo_plugin.data.corpora import load_shakespeare
-
-        docs = load_shakespeare(tok, unit="paragraph", cache_dir=d.get("cache_dir"))
-        return {"shakespeare_heldout": _heldout_blocks(docs, tok, block_size, frac, packing, overlong, info)}
-    if src == "files":
-        from duo_plugin.data.text import load_tokenized
-
-        files = _list(d.get("files"))
-        if not files:
-            raise ValueError("dataset.source=files needs dataset.files: [path, ...]")
-        docs = load_tokenized(files, tok, cache_dir=d.get("cache_dir"), sample_by=str(d.get("sample_by") or "paragraph"),
-                              column=str(d.get("column") or "text"))
-        return {"files": _heldout_blocks(docs, tok, block_size, frac, packing, overlong, info)}
+    if src in _SET_NAMES:
+        return _builder_sets(d, tok, block_size, src, frac, packing, overlong, info)
     if src == "zeroshot":
         from duo_plugin.eval.zeroshot import zeroshot_blocks
 
@@ -158,13 +175,14 @@ def build_eval_sets(cfg: DictConfig, tok, block_size: int, info=None) -> dict[st
                 kw["max_docs"] = int(d.max_docs)
             out[n] = zeroshot_blocks(n, tok, block_size, **kw)
         return out
-    raise ValueError(f"dataset.source must be corpus, files or zeroshot; got {src!r}")
+    raise ValueError(f"dataset.source must be shakespeare (alias corpus), files, hub or zeroshot; got {src!r}")
 
 
 def run(cfg: DictConfig) -> dict:
     """The recipe body (``recipe_main`` = ``@config.parse`` + this); returns the metrics dict."""
     from duo_plugin.diffusion.schedules import LogLinearSchedule
     from duo_plugin.eval.likelihood import nelbo_perplexity
+    from duo_plugin.eval.processes import process_for_model
     from duo_plugin.sampling import DenoiserFn
 
     validate_config(cfg)
@@ -176,10 +194,12 @@ def run(cfg: DictConfig) -> dict:
         raise ValueError(f"block_size={block_size} exceeds the model's max_seq_len={model.max_seq_len}")
     den = DenoiserFn(model, dtype=cfg.get("dtype"))
     schedule = LogLinearSchedule(float(cfg.get("alpha_eps") or 1e-3))
+    # the noise process from the model folder's metadata (duo/udlm/dcd: uniform, mdlm: absorbing with its [MASK] id)
+    spec = process_for_model(model, str(cfg.checkpoint), schedule=schedule)
     info: dict[str, Any] = {}
     sets = build_eval_sets(cfg, tok, block_size, info)
     metrics: dict[str, Any] = {"checkpoint": str(cfg.checkpoint), "weights": str(cfg.get("weights") or "ema"),
-                               "block_size": block_size, "mc_passes": int(cfg.mc_passes), "seed": int(cfg.seed),
+                               "process": spec.kind, "block_size": block_size, "mc_passes": int(cfg.mc_passes), "seed": int(cfg.seed),
                                **info, "sets": {}}
     for i, (name, (blocks, mask)) in enumerate(sets.items()):
         if cfg.get("max_blocks"):
@@ -191,7 +211,7 @@ def run(cfg: DictConfig) -> dict:
                                seed=int(cfg.seed), valid_vocab=getattr(model, "valid_vocab", None), schedule=schedule,
                                t_min=float(cfg.get("t_min") or 1e-3), device=device,
                                progress=bool(cfg.get("progress_bar", True)),
-                               special_ids=(tok.bos_id, tok.eos_id, tok.pad_id))
+                               special_ids=(tok.bos_id, tok.eos_id, tok.pad_id), process=spec.process)
         res["blocks"] = int(blocks.shape[0])
         res["seconds"] = time.perf_counter() - t0
         if str(cfg.dataset.get("packing") or "wrap") == "pad" and str(cfg.dataset.get("source") or "corpus") != "zeroshot":

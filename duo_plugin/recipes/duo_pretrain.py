@@ -493,6 +493,8 @@ class DuoPretrainRecipe(RecipeBase):
         save_pretrained(unwrapped, model_dir, ema_state_dict=(ema_sd or {}).get("shadow"), metadata={
             "valid_vocab": self.valid_vocab.cpu(), "tokenizer": self.tokenizer.descriptor(),
             "step": self.step, "objective": self.objective.name, "seq_len": self.seq_len,
+            **({"mask_id": int(self.objective.process.mask_id)}
+               if getattr(getattr(self.objective, "process", None), "mask_id", None) is not None else {}),
         })
         self.tokenizer.save(model_dir / "tokenizer")
 
