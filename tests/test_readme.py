@@ -209,6 +209,10 @@ def _tiny(cmd: str, ws: Path) -> str:
                 shutil.rmtree(ws / "outputs/resume", ignore_errors=True)
                 shutil.copytree(ws / "outputs/demo", ws / "outputs/resume")
                 return f"{cmd} output_dir=outputs/resume max_steps=8 progress_bar=false"
+            if not any(o.startswith("output_dir=") for o in overrides) and _tune_parts(cmd)[1] != "duo/tiny_cpu":
+                # a baseline config: keep its own output_dir, which later README commands read (plots)
+                extra += " tokenizer.path=outputs/demo/tokenizer"
+                return f"{cmd} {extra}"
             name = f"outputs/cmd_{abs(hash(cmd)) % 10**8}"
             extra += f" output_dir={name} tokenizer.path=outputs/demo/tokenizer"
         return f"{cmd} {extra}"
