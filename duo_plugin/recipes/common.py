@@ -28,7 +28,8 @@ __all__ = ["RecipeBase", "build_data"]
 log = tt_utils.get_logger("INFO")
 
 
-def build_data(data_cfg: DictConfig, tokenizer, *, seq_len: int, build_val: bool = True, drop=("valid_vocab",)):
+def build_data(data_cfg: DictConfig, tokenizer, *, seq_len: int, build_val: bool = True,
+               drop=("valid_vocab", "pad_mode")):
     """The ``data:`` section → :class:`duo_plugin.data.blocks.TextBlocks` (``_component_`` optional; default
     :func:`duo_plugin.data.text_blocks`, whose arguments are the section's keys)."""
     from duo_plugin.data.blocks import text_blocks
@@ -45,6 +46,17 @@ def build_data(data_cfg: DictConfig, tokenizer, *, seq_len: int, build_val: bool
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def pad_mode_of(cfg) -> str:
+    """``data.pad_mode`` of a recipe config (``clean_masked`` when absent); ConfigError naming the key otherwise."""
+    from duo_plugin.objectives.base import PAD_MODES
+
+    mode = OmegaConf.select(cfg, "data.pad_mode", default=None) if cfg is not None else None
+    mode = "clean_masked" if mode is None else str(mode)
+    if mode not in PAD_MODES:
+        raise ConfigError(f"data.pad_mode must be one of {', '.join(PAD_MODES)}, got {mode!r} (docs/evaluation.md)")
+    return mode
 
 
 class RecipeBase:
@@ -121,7 +133,8 @@ class RecipeBase:
         return ObjectiveContext(seed=self.seed, global_batch_size=self.global_batch_size,
                                 vocab_size=self.vocab_size, valid_vocab=self.valid_vocab, seq_len=self.seq_len,
                                 device=self.device, autocast=self.autocast,
-                                log=(lambda msg: log.info("%s", msg)) if self.is_rank_zero else None, extra=extra)
+                                log=(lambda msg: log.info("%s", msg)) if self.is_rank_zero else None, extra=extra,
+                                pad_mode=pad_mode_of(self.cfg))
 
     # ------------------------------------------------------------------------------------------ optimizer
     def _setup_optimizer(self) -> None:
