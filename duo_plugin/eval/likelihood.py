@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
-import time
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from duo_plugin._progress import progress_bar
+from duo_plugin._progress import Eta as _Eta
 from duo_plugin.diffusion.losses import duo_nelbo
 from duo_plugin.diffusion.schedules import LogLinearSchedule, stratified_times
 from duo_plugin.diffusion.uniform import corrupt, row_generators, stable_seed, valid_ids
@@ -210,32 +208,6 @@ def sequence_nelbo(
     if row_oov is not None:
         out = torch.where(row_oov, torch.full_like(out, float("inf")), out)
     return out
-
-
-class _Eta:
-    """Progress with an ETA: a tqdm bar on a terminal, else one line on stderr every ``every_s`` seconds."""
-
-    def __init__(self, progress: bool, total: int, desc: str, every_s: float = 30.0):
-        self.total, self.desc, self.every_s, self.done = int(total), desc, float(every_s), 0
-        self.bar = progress_bar(progress, total=total, desc=desc, unit="batch", leave=False)
-        self.log = bool(progress) and self.bar is None
-        self.t0 = self.last = time.perf_counter()
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.log:
-            now = time.perf_counter()
-            if now - self.last >= self.every_s and self.done < self.total:
-                self.last = now
-                eta = (now - self.t0) / self.done * (self.total - self.done)
-                print(f"{self.desc}: {self.done}/{self.total} batches, {now - self.t0:.0f} s elapsed, "
-                      f"ETA {eta:.0f} s", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 @torch.no_grad()

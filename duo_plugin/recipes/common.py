@@ -234,14 +234,14 @@ class RecipeBase:
 
     # ------------------------------------------------------------------------------------------ logging
     def _progress_bar(self, desc: str):
+        """Training progress with an ETA (rank 0, ``progress_bar: true``): a tqdm bar on a terminal, else a line
+        every 30 s on stderr (:class:`duo_plugin._progress.Eta`)."""
         if not (self.is_rank_zero and self.cfg.progress_bar):
             return None
-        import sys
+        from duo_plugin._progress import Eta
 
-        from tqdm import tqdm
-
-        return tqdm(total=self.max_steps, initial=self.step, desc=desc, dynamic_ncols=True,
-                    disable=not sys.stderr.isatty())
+        return Eta(True, int(self.max_steps), desc, unit="step", initial=int(self.step), dynamic_ncols=True,
+                   leave=True)
 
     def _log(self, metrics: dict, step: int) -> None:
         if self.metric_logger is not None and metrics:

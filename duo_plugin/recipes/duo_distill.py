@@ -372,7 +372,8 @@ class DuoDistillRecipe(RecipeBase):
             eos_id_scorer=sc[2] if sc else None, bos_id_scorer=sc[3] if sc else None,
             score_batch_size=int(e.score_batch_size),
             max_len=min(int(e.max_len), sc[4]) if sc and sc[4] else int(e.max_len),
-            batch_size=int(e.batch_size) if e.batch_size else None, device=self.device)
+            batch_size=int(e.batch_size) if e.batch_size else None, device=self.device,
+            progress=bool(self.cfg.progress_bar))
         for r in rows:
             r["step"] = self.step
         self.quality_rows.extend(rows)
