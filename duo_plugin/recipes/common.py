@@ -126,6 +126,11 @@ class RecipeBase:
     def _shard(self, model: torch.nn.Module, types: set) -> None:
         from functools import partial
 
+        if not types:  # root-only FSDP2 (a time-conditioned DecoderDenoiser calls layer submodules directly)
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(model, reshard_after_forward=bool(self.cfg.fsdp.reshard_after_forward))
+            return
         tt_training.shard_model(model, shard_conditions=[partial(is_block, types=types)], cpu_offload=False,
                                 reshard_after_forward=bool(self.cfg.fsdp.reshard_after_forward))
 
