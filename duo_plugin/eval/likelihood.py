@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from duo_plugin._progress import Eta as _Eta
+from duo_plugin._progress import Eta
 from duo_plugin.diffusion.losses import duo_nelbo
 from duo_plugin.diffusion.schedules import LogLinearSchedule, stratified_times
 from duo_plugin.diffusion.uniform import corrupt, row_generators, stable_seed, valid_ids
@@ -331,7 +331,7 @@ def nelbo_perplexity(
     total = int(mc_passes) * n
     times = torch.stack([stratified_times(seed, p, stratum_permutation(seed, p, n), n, t_min=t_min,
                                           dtype=torch.float64) for p in range(int(mc_passes))])  # [P, N]
-    bar = _Eta(progress, (total + batch_size - 1) // batch_size, "nelbo ppl")
+    bar = Eta(progress, (total + batch_size - 1) // batch_size, "nelbo ppl")
     try:
         for lo in range(0, total, batch_size):
             hi = min(total, lo + batch_size)
