@@ -8,6 +8,8 @@
 * :func:`run_isolated` runs ``script --worker JSON`` in a fresh interpreter (clean peak RSS) for memory only.  The
   allocator threshold ``MALLOC_MMAP_THRESHOLD_`` (large buffers via mmap, so that RSS tracks live memory) is set
   only there — in timed runs it turns every large allocation into page faults.
+* Long loops show progress with an ETA (:class:`duo_plugin._progress.Eta`: tqdm on a terminal, else a line on
+  stderr every 30 s).
 * :func:`configure_cpu` flushes denormals (``torch.set_flush_denormal``) and fixes the intra-op thread count.
 """
 
@@ -21,6 +23,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from duo_plugin._progress import Eta
 
 
 def configure_cpu(threads: int) -> None:
@@ -99,9 +103,11 @@ def interleaved(variants: dict, reference: str, rounds: int = 5, warmup: int = 1
     names = list(variants)
     if reference not in variants:
         raise ValueError(f"reference {reference!r} is not one of {names}")
+    bar = Eta(True, (warmup + rounds) * len(names), f"interleaved {'/'.join(names)}", unit="run")
     for _ in range(warmup):
         for n in names:
             variants[n]()
+            bar.update(1)
     times = {n: [] for n in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
@@ -110,6 +116,8 @@ def interleaved(variants: dict, reference: str, rounds: int = 5, warmup: int = 1
             t0 = time.process_time()
             variants[n]()
             times[n].append(time.process_time() - t0)
+            bar.update(1)
+    bar.close()
     out = {}
     for n in names:
         ratios = [a / b for a, b in zip(times[n], times[reference]) if b > 0]

@@ -133,7 +133,7 @@ def main() -> None:
             cfg = OmegaConf.load(CFG / "distill_tiny_cpu.yaml")
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([
                 f"output_dir={dist_dir}", f"init_from={base}", f"data.seq_len={seq_len}", f"eval.seq_len={seq_len}",
-                "eval.scorer.type=dit", f"eval.scorer.path={scorer}", "progress_bar=false", "eval.include_base=false",
+                "eval.scorer.type=dit", f"eval.scorer.path={scorer}", "progress_bar=true", "eval.include_base=false",
                 f"eval.num_samples={args.num_samples}", f"eval.seed={args.seed}",
                 f"eval.steps=[{','.join(map(str, args.few_steps))}]", *args.distill_overrides]))
             t1 = time.perf_counter()
@@ -154,7 +154,7 @@ def main() -> None:
         models, steps=[], models_steps=steps, num_samples=args.num_samples, seq_len=seq_len, seed=args.seed,
         valid_vocab=base_m.valid_vocab, diffusion_tokenizer=load_tokenizer(base / "tokenizer"), scorer=sc,
         scorer_tokenizer=stok, eos_id_scorer=stok.eos_id, bos_id_scorer=stok.bos_id, score_batch_size=32,
-        max_len=int(sc.model.max_seq_len))
+        max_len=int(sc.model.max_seq_len), progress=True)
     summary = summarize(rows, args.many_steps, list(args.few_steps), student)
     extra = {"base": str(base), "student": str(dist_dir / "final") if student else None, "scorer": str(scorer),
              "seq_len": seq_len, "num_samples": args.num_samples, "seed": args.seed,

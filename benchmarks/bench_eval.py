@@ -169,7 +169,11 @@ def _legacy_causal_nll(scorer, seqs, eos_id, batch_size):
 # ------------------------------------------------------------------------------------------ timing
 def interleaved(old, new, rounds):
     """CPU seconds of ``old()`` and ``new()`` in alternating order for ``rounds`` rounds (after one warm-up each)."""
+    from duo_plugin._progress import Eta
+
+    bar = Eta(True, 2 * rounds + 2, "bench_eval old/new", unit="run")
     out_old, out_new = old(), new()
+    bar.update(2)
     t_old, t_new = [], []
     for r in range(rounds):
         for name in (("old", "new") if r % 2 == 0 else ("new", "old")):
@@ -177,6 +181,8 @@ def interleaved(old, new, rounds):
             c0 = time.process_time()
             f()
             (t_old if name == "old" else t_new).append(time.process_time() - c0)
+            bar.update(1)
+    bar.close()
     ratios = [a / b for a, b in zip(t_old, t_new)]
     return out_old, out_new, {"old_cpu_s": [round(x, 3) for x in t_old], "new_cpu_s": [round(x, 3) for x in t_new],
                               "ratio_old_over_new": round(statistics.median(ratios), 3),

@@ -162,22 +162,28 @@ def main(argv=None) -> int:
     ref_ppl = gen_ppl(ref_a)
     ref_ent = float(unigram_entropy(ref_a).mean())
     schedule = LogLinearSchedule(1e-3)
+    from duo_plugin._progress import Eta, eta_lines
+
     results = []
+    step_list = [int(s) for s in a.steps.split(",")]
+    bar = Eta(True, len(a.samplers.split(",")) * len(step_list), "bench_samplers", unit="cell")
     for name in a.samplers.split(","):
         opts = dict(SAMPLERS[name])
         if "psi" in opts:
             opts["psi"] = PsiSchedule(**opts["psi"])
-        for steps in [int(s) for s in a.steps.split(",")]:
+        for steps in step_list:
             t0 = time.perf_counter()
-            res = sample(den, schedule, batch_size=n, seq_len=L, vocab_size=int(model.vocab_size), steps=steps,
-                         prompt=torch.tensor([tok.bos_id]), valid_vocab=getattr(model, "valid_vocab", None),
-                         seed=a.seed, progress=False, return_trajectory=False, eos_id=int(tok.eos_id), **opts)
+            with eta_lines():  # the sampler's own ETA within a long cell
+                res = sample(den, schedule, batch_size=n, seq_len=L, vocab_size=int(model.vocab_size), steps=steps,
+                             prompt=torch.tensor([tok.bos_id]), valid_vocab=getattr(model, "valid_vocab", None),
+                             seed=a.seed, progress=True, return_trajectory=False, eos_id=int(tok.eos_id), **opts)
             sec = time.perf_counter() - t0
             ids = res.tokens
             row = {"sampler": name, "steps": steps, "nfe": res.nfe, "seconds": sec, "gen_ppl": gen_ppl(ids),
                    "entropy": float(unigram_entropy(ids).mean()), "bigram_jsd": jsd(bigrams(ids, skip), big_ref)}
             results.append(row)
             print(json.dumps(row), flush=True)
+            bar.update(1)
     meta = {"checkpoint": a.checkpoint, "scorer": scorer_name, "num_samples": n, "seq_len": L, "seed": a.seed,
             "heldout_gen_ppl": ref_ppl, "heldout_entropy": ref_ent, "bigram_jsd_floor": floor,
             "threads": torch.get_num_threads()}

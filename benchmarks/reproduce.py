@@ -93,6 +93,19 @@ def tune_cmd() -> list[str]:
     return [exe] if Path(exe).exists() else [sys.executable, "-m", "torchtune._cli.tune"]
 
 
+def _last_progress(log_path: Path, elapsed: float) -> str:
+    """The last ETA line a ``tune run`` wrote to its log (duo_plugin._progress.Eta), else the elapsed time."""
+    try:
+        with open(log_path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 8192))
+            lines = fh.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        lines = []
+    hits = [ln.strip() for ln in lines if "ETA" in ln]
+    return hits[-1] if hits else f"running, {elapsed:.0f} s elapsed (log {log_path})"
+
+
 def run_tune(args: list[str], log_path: Path, timeout: float | None = None) -> float:
     """``tune run <args>``; stdout+stderr to ``log_path``; returns wall seconds; exits with the log tail on failure."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,7 +117,18 @@ def run_tune(args: list[str], log_path: Path, timeout: float | None = None) -> f
     with open(log_path, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout, cwd=str(REPO))
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+        while True:  # every 30 s: the run's own latest progress/ETA line (progress_bar=true writes one to its log)
+            try:
+                proc.wait(timeout=30.0 if timeout is None else max(0.1, min(30.0, t0 + timeout - time.perf_counter())))
+                break
+            except subprocess.TimeoutExpired:
+                if timeout is not None and time.perf_counter() - t0 >= timeout:
+                    proc.kill()
+                    proc.wait()
+                    raise
+                print(f"reproduce: {log_path.stem}: {_last_progress(log_path, time.perf_counter() - t0)}",
+                      file=sys.stderr, flush=True)
     dt = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = log_path.read_text()[-3000:]
@@ -147,7 +171,7 @@ def stage_train(plan: Plan, work: Path, res: Results) -> None:
                     f"tokenizer.path={work / 'tokenizer'}", f"data.cache_dir={work / 'cache'}",
                     f"max_steps={plan.steps}", f"eval_every={plan.eval_every}",
                     f"eval_max_batches={plan.eval_max_batches}", f"global_batch_size={plan.global_batch_size}",
-                    "checkpoint.every=0", "max_wall_s=null", "progress_bar=false", f"log_every={plan.log_every}",
+                    "checkpoint.every=0", "max_wall_s=null", "progress_bar=true", f"log_every={plan.log_every}",
                     *extra, *plan.extra]
             if method == "duo":
                 args.append(f"curriculum.steps={plan.curriculum_steps}")
@@ -174,7 +198,7 @@ def stage_distill(plan: Plan, work: Path, res: Results) -> None:
     args = ["duo_distill", "--config", "duo/distill_tiny_cpu", f"init_from={base}", f"output_dir={out}",
             f"data.cache_dir={work / 'cache'}", f"distill.rounds={plan.dcd_rounds}",
             f"distill.steps_per_round={plan.dcd_steps_per_round}", "eval.every_round=false",
-            "eval.include_base=false", "max_wall_s=null", "progress_bar=false"]
+            "eval.include_base=false", "max_wall_s=null", "progress_bar=true"]
     print(f"[distill] {command_line(args)}", flush=True)
     wall = run_tune(args, work / "logs" / "distill.log")
     summary = json.loads((out / "summary.json").read_text())
@@ -353,7 +377,7 @@ def stage_genppl(plan: Plan, work: Path, res: Results) -> None:
             args = ["duo_generate", "--config", "duo/generate", f"checkpoint={model_dir}", f"output_dir={out}",
                     f"steps={steps}", f"noise_removal={mode}", f"num_samples={plan.gen_samples}",
                     f"batch_size={min(plan.gen_samples, 64)}", "seed=0", f"genppl.path={scorer}",
-                    "genppl.scorer=dit", "genppl.max_len=64", "progress_bar=false"]  # 64 = the AR scorer's length
+                    "genppl.scorer=dit", "genppl.max_len=64", "progress_bar=true"]  # 64 = the AR scorer's length
             print(f"[genppl] {label} T={steps}", flush=True)
             try:
                 wall = run_tune(args, work / "logs" / f"gen_{key}_{mode}_{steps}.log")
@@ -432,7 +456,7 @@ def stage_zeroshot(plan: Plan, work: Path, res: Results) -> None:
         out = work / "zeroshot" / key
         args = ["duo_eval", "--config", "duo/eval_ppl", f"checkpoint={model_dir}", f"output_dir={out}",
                 "dataset.source=files", f"dataset.files=[{corpus}]", "dataset.val_fraction=0",
-                "dataset.sample_by=paragraph", f"mc_passes={plan.zs_mc_passes}", "progress_bar=false"]
+                "dataset.sample_by=paragraph", f"mc_passes={plan.zs_mc_passes}", "progress_bar=true"]
         if plan.zs_max_blocks:
             args.append(f"max_blocks={plan.zs_max_blocks}")
         print(f"[zeroshot] {key}", flush=True)
@@ -458,7 +482,7 @@ def _llama_args(plan: Plan, work: Path, out: Path, seed: int, *, shift: bool) ->
             f"global_batch_size={plan.global_batch_size}", "gradient_accumulation_steps=1", "eval_batch_size=32",
             f"eval_max_batches={plan.eval_max_batches}", "optimizer.fused=false", "optimizer.lr=1.0e-3",
             "lr_scheduler.name=constant_with_warmup", "lr_scheduler.warmup_steps=20", "ema.decay=0.99",
-            "enable_activation_checkpointing=false", "checkpoint.every=0", "progress_bar=false",
+            "enable_activation_checkpointing=false", "checkpoint.every=0", "progress_bar=true",
             f"log_every={plan.log_every}", "curriculum.table_points=1025", "curriculum.table_cache=false"]
     args += [f"model.{k}={v}" for k, v in LLAMA_SHAPE.items()]
     return args

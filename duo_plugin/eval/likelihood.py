@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
-import time
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from duo_plugin._progress import progress_bar
+from duo_plugin._progress import Eta
 from duo_plugin.diffusion.losses import duo_nelbo
 from duo_plugin.diffusion.schedules import LogLinearSchedule, stratified_times
 from duo_plugin.diffusion.uniform import corrupt, row_generators, stable_seed, valid_ids
@@ -212,32 +210,6 @@ def sequence_nelbo(
     return out
 
 
-class _Eta:
-    """Progress with an ETA: a tqdm bar on a terminal, else one line on stderr every ``every_s`` seconds."""
-
-    def __init__(self, progress: bool, total: int, desc: str, every_s: float = 30.0):
-        self.total, self.desc, self.every_s, self.done = int(total), desc, float(every_s), 0
-        self.bar = progress_bar(progress, total=total, desc=desc, unit="batch", leave=False)
-        self.log = bool(progress) and self.bar is None
-        self.t0 = self.last = time.perf_counter()
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.log:
-            now = time.perf_counter()
-            if now - self.last >= self.every_s and self.done < self.total:
-                self.last = now
-                eta = (now - self.t0) / self.done * (self.total - self.done)
-                print(f"{self.desc}: {self.done}/{self.total} batches, {now - self.t0:.0f} s elapsed, "
-                      f"ETA {eta:.0f} s", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 @torch.no_grad()
 def nelbo_perplexity(
     denoiser: Denoiser,
@@ -254,6 +226,7 @@ def nelbo_perplexity(
     progress: bool = True,
     special_ids: Optional[Sequence[int]] = None,
     process=None,
+    pad_mode: str = "clean_masked",
 ) -> dict:
     """NELBO perplexity of a split (docs/method.md §8): PPL = exp(Σ NELBO / #tokens), an upper bound.
 
@@ -280,6 +253,10 @@ def nelbo_perplexity(
         special_ids: ids not counted as content (default none).
         process: the noise process (see :func:`sequence_nelbo`; None = uniform-state, e.g. ``AbsorbingProcess`` for
             an MDLM denoiser).
+        pad_mode: ``clean_masked`` (default: positions outside ``attention_mask`` stay clean, are masked from
+            attention and not scored, so the bound is conditional on each row's length) or ``official`` (as the
+            official Duo/MDLM code: they are noised and attended to like any token and only left out of the sum and
+            the token count).
 
     Raises:
         ValueError when a counted content token is outside the model's vocabulary (its NELBO would be +∞). A
@@ -303,6 +280,10 @@ def nelbo_perplexity(
     if tuple(attention_mask.shape) != (n, length):
         raise ValueError(f"attention_mask must have the shape of blocks {n, length}; got {tuple(attention_mask.shape)}")
     attention_mask = attention_mask.bool()
+    if pad_mode not in ("clean_masked", "official"):
+        raise ValueError(f"pad_mode must be 'clean_masked' or 'official', got {pad_mode!r}")
+    # attended (and noised) positions: the counted ones, or every position in the official mode
+    attended = attention_mask if pad_mode == "clean_masked" else torch.ones_like(attention_mask)
     tokens_all = int(attention_mask.sum())
     if tokens_all == 0:
         raise ValueError("attention_mask selects no token")
@@ -341,6 +322,7 @@ def nelbo_perplexity(
         raise ValueError("the denoiser has no .vocab_size attribute; pass valid_vocab=BoolTensor[K] (all True is fine)")
     blocks = blocks.cpu()
     attention_mask = attention_mask.cpu()
+    attended = attended.cpu()
     vv_cpu = None if valid_vocab is None else valid_vocab.cpu()
     prepared: dict = {}  # block -> _Seq (ids, kept, real, scored); padding and kept markers are neither noised nor scored
     per_seq = torch.zeros(int(mc_passes), n, dtype=torch.float64)
@@ -349,7 +331,7 @@ def nelbo_perplexity(
     total = int(mc_passes) * n
     times = torch.stack([stratified_times(seed, p, stratum_permutation(seed, p, n), n, t_min=t_min,
                                           dtype=torch.float64) for p in range(int(mc_passes))])  # [P, N]
-    bar = _Eta(progress, (total + batch_size - 1) // batch_size, "nelbo ppl")
+    bar = Eta(progress, (total + batch_size - 1) // batch_size, "nelbo ppl")
     try:
         for lo in range(0, total, batch_size):
             hi = min(total, lo + batch_size)
@@ -358,11 +340,12 @@ def nelbo_perplexity(
             ns_t = torch.tensor(ns)
             t = times[torch.tensor(ps), ns_t]
             gens = [g for p, i in zip(ps, ns) for g in row_generators(seed, p, [i], device=dev)]
-            # packed rows, output projection and the NELBO integrand only at counted positions (any process)
+            # packed rows, output projection and the NELBO integrand only at counted positions (any process);
+            # official pad mode: padding is noised and attended to (real) but not counted
             for i in ns:
                 if i not in prepared:
                     keep = structural[i] if structural is not None else torch.zeros(length, dtype=torch.bool)
-                    prepared[i] = _prepare_seq(blocks[i], keep, attention_mask[i], k, vv_cpu)
+                    prepared[i] = _prepare_seq(blocks[i], keep, attended[i], k, vv_cpu, counted=attention_mask[i])
             vals = _rows_nelbo(denoiser, prepared, ns, t, gens, schedule=schedule, valid_vocab=valid_vocab,
                                k_model=k, conditioning="alpha_t", dev=dev, process=process)
             per_seq[torch.tensor(ps), ns_t] = vals
@@ -571,12 +554,15 @@ class _Seq(NamedTuple):
 
 
 def _prepare_seq(x: torch.Tensor, keep: torch.Tensor, real: torch.Tensor, k_model: int,
-                 valid_vocab: Optional[torch.Tensor]) -> _Seq:
-    """A sequence ready for :func:`_rows_nelbo`: scored = real & ~keep; ids the model cannot produce are replaced by
-    a valid id for the network input (:func:`_vocab_check`, as :func:`sequence_nelbo` does) and flag the value +∞
-    when scored."""
+                 valid_vocab: Optional[torch.Tensor], counted: Optional[torch.Tensor] = None) -> _Seq:
+    """A sequence ready for :func:`_rows_nelbo`: scored = real & ~keep (& ``counted`` when given: real positions
+    outside it are noised and attended to but not scored); ids the model cannot produce are replaced by a valid id
+    for the network input (:func:`_vocab_check`, as :func:`sequence_nelbo` does) and flag the value +∞ when
+    scored."""
     x, keep, real = x.long().cpu(), keep.bool().cpu(), real.bool().cpu()
     sc = real & ~keep
+    if counted is not None:
+        sc &= counted.bool().cpu()
     xs, oov = _vocab_check(x[None], sc[None], k_model, valid_vocab)
     return _Seq(xs[0], keep, real, sc, x.numel(), bool(oov is not None and bool(oov[0])))
 

@@ -27,11 +27,14 @@ import torch
 
 from duo_plugin.diffusion.losses import masked_token_sum
 
-__all__ = ["ObjectiveContext", "Objective", "masked_token_sum", "nullcontext_factory"]
+__all__ = ["PAD_MODES", "ObjectiveContext", "Objective", "masked_token_sum", "nullcontext_factory"]
 
 
 def nullcontext_factory():
     return contextlib.nullcontext()
+
+
+PAD_MODES = ("clean_masked", "official")
 
 
 @dataclass
@@ -48,6 +51,10 @@ class ObjectiveContext:
         autocast: zero-argument factory of the forward's autocast context (bf16 on CUDA, else a null context).
         log: ``print``-like callable for one-line setup reports (``None``: silent).
         extra: free-form (e.g. ``teacher`` for :class:`~duo_plugin.objectives.DCDObjective`).
+        pad_mode: what padded rows (``mask`` False) mean, from ``data.pad_mode``: ``clean_masked`` (default: pads
+            stay clean, are masked from attention and not scored; the model knows each row's length) or
+            ``official`` (the official Duo/MDLM code: pads are noised and attended to like any token, and only the
+            loss and its token count skip them). See docs/evaluation.md.
     """
 
     seed: int
@@ -59,6 +66,7 @@ class ObjectiveContext:
     autocast: Callable[[], Any] = nullcontext_factory
     log: Callable[..., None] | None = None
     extra: dict = field(default_factory=dict)
+    pad_mode: str = "clean_masked"
 
     @property
     def k_eff(self) -> int:

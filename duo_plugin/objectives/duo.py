@@ -205,7 +205,8 @@ class DuoObjective:
         phase = self.phase(step)
         t = stratified_times(ctx.seed, step, positions, ctx.global_batch_size, self.t_min, dtype=torch.float64)
         gens = row_generators(ctx.seed, step, positions, device=dev)
-        padded = not bool(mask.all())
+        # official pad mode: pads are noised and attended to like any token; only the loss skips them
+        padded = not bool(mask.all()) and getattr(ctx, "pad_mode", "clean_masked") != "official"
         override = contextlib.nullcontext()
         if phase == "curriculum":
             sched = self.duality
@@ -265,5 +266,5 @@ class DuoObjective:
         ctx = self.ctx
         res = nelbo_perplexity(model, blocks, mask, batch_size=batch_size, seed=ctx.seed, valid_vocab=ctx.valid_vocab,
                                schedule=self.loglinear, t_min=self.t_min, device=ctx.device, progress=False,
-                               special_ids=tuple(special_ids))
+                               special_ids=tuple(special_ids), pad_mode=getattr(ctx, "pad_mode", "clean_masked"))
         return {"nll": float(res["nll_per_token"]), "nll_all": float(res["nll_per_token_all"])}

@@ -75,7 +75,8 @@ class MDLMObjective:
         alpha = self.schedule.alpha(t).to(dev)
         alpha_prime = self.schedule.alpha_prime(t).to(dev)
         z_t = self.process.corrupt(x0, alpha, gens)
-        padded = not bool(mask.all())
+        # official pad mode: pads are corrupted and attended to like any token; only the loss skips them
+        padded = not bool(mask.all()) and getattr(ctx, "pad_mode", "clean_masked") != "official"
         if padded:  # padding is neither corrupted, attended to nor scored
             z_t = torch.where(mask, z_t, x0)
         kw = {"padding_mask": mask} if padded else {}
@@ -93,5 +94,5 @@ class MDLMObjective:
         ctx = self.ctx
         res = nelbo_perplexity(model, blocks, mask, batch_size=batch_size, seed=ctx.seed, valid_vocab=ctx.valid_vocab,
                                t_min=self.t_min, device=ctx.device, progress=False, special_ids=tuple(special_ids),
-                               process=self.process)
+                               process=self.process, pad_mode=getattr(ctx, "pad_mode", "clean_masked"))
         return {"nll": float(res["nll_per_token"]), "nll_all": float(res["nll_per_token_all"])}

@@ -28,7 +28,8 @@ __all__ = ["RecipeBase", "build_data"]
 log = tt_utils.get_logger("INFO")
 
 
-def build_data(data_cfg: DictConfig, tokenizer, *, seq_len: int, build_val: bool = True, drop=("valid_vocab",)):
+def build_data(data_cfg: DictConfig, tokenizer, *, seq_len: int, build_val: bool = True,
+               drop=("valid_vocab", "pad_mode")):
     """The ``data:`` section → :class:`duo_plugin.data.blocks.TextBlocks` (``_component_`` optional; default
     :func:`duo_plugin.data.text_blocks`, whose arguments are the section's keys)."""
     from duo_plugin.data.blocks import text_blocks
@@ -45,6 +46,17 @@ def build_data(data_cfg: DictConfig, tokenizer, *, seq_len: int, build_val: bool
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def pad_mode_of(cfg) -> str:
+    """``data.pad_mode`` of a recipe config (``clean_masked`` when absent); ConfigError naming the key otherwise."""
+    from duo_plugin.objectives.base import PAD_MODES
+
+    mode = OmegaConf.select(cfg, "data.pad_mode", default=None) if cfg is not None else None
+    mode = "clean_masked" if mode is None else str(mode)
+    if mode not in PAD_MODES:
+        raise ConfigError(f"data.pad_mode must be one of {', '.join(PAD_MODES)}, got {mode!r} (docs/evaluation.md)")
+    return mode
 
 
 class RecipeBase:
@@ -114,6 +126,11 @@ class RecipeBase:
     def _shard(self, model: torch.nn.Module, types: set) -> None:
         from functools import partial
 
+        if not types:  # root-only FSDP2 (a time-conditioned DecoderDenoiser calls layer submodules directly)
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(model, reshard_after_forward=bool(self.cfg.fsdp.reshard_after_forward))
+            return
         tt_training.shard_model(model, shard_conditions=[partial(is_block, types=types)], cpu_offload=False,
                                 reshard_after_forward=bool(self.cfg.fsdp.reshard_after_forward))
 
@@ -121,7 +138,8 @@ class RecipeBase:
         return ObjectiveContext(seed=self.seed, global_batch_size=self.global_batch_size,
                                 vocab_size=self.vocab_size, valid_vocab=self.valid_vocab, seq_len=self.seq_len,
                                 device=self.device, autocast=self.autocast,
-                                log=(lambda msg: log.info("%s", msg)) if self.is_rank_zero else None, extra=extra)
+                                log=(lambda msg: log.info("%s", msg)) if self.is_rank_zero else None, extra=extra,
+                                pad_mode=pad_mode_of(self.cfg))
 
     # ------------------------------------------------------------------------------------------ optimizer
     def _setup_optimizer(self) -> None:
@@ -221,14 +239,14 @@ class RecipeBase:
 
     # ------------------------------------------------------------------------------------------ logging
     def _progress_bar(self, desc: str):
+        """Training progress with an ETA (rank 0, ``progress_bar: true``): a tqdm bar on a terminal, else a line
+        every 30 s on stderr (:class:`duo_plugin._progress.Eta`)."""
         if not (self.is_rank_zero and self.cfg.progress_bar):
             return None
-        import sys
+        from duo_plugin._progress import Eta
 
-        from tqdm import tqdm
-
-        return tqdm(total=self.max_steps, initial=self.step, desc=desc, dynamic_ncols=True,
-                    disable=not sys.stderr.isatty())
+        return Eta(True, int(self.max_steps), desc, unit="step", initial=int(self.step), dynamic_ncols=True,
+                   leave=True)
 
     def _log(self, metrics: dict, step: int) -> None:
         if self.metric_logger is not None and metrics:

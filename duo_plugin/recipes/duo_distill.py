@@ -163,9 +163,9 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     for s in merged.eval.samplers:
         if s not in ("ancestral", "greedy"):
             raise ConfigError(f"eval.samplers entries must be 'ancestral' or 'greedy', got {s!r}")
-    if merged.eval.scorer.type not in ("none", "dit", "torchtune"):
-        raise ConfigError(f"eval.scorer.type must be none, dit (an AR-objective duo model dir) or torchtune, got "
-                          f"{merged.eval.scorer.type!r}")
+    if merged.eval.scorer.type not in ("none", "dit", "torchtune", "hf"):
+        raise ConfigError(f"eval.scorer.type must be none, dit (an AR-objective duo model dir), torchtune or hf (a "
+                          f"local Hugging Face causal-LM dir, e.g. gpt2-large), got {merged.eval.scorer.type!r}")
     if merged.resume not in (False, True, "auto") and not isinstance(merged.resume, str):
         raise ConfigError("resume must be false, true/'auto' (latest checkpoint in output_dir) or a checkpoint dir")
     return merged
@@ -179,12 +179,23 @@ def build_scorer(scfg, device) -> tuple[Any, Any, int, int | None, int | None] |
       ``tokenizer`` or ``path/tokenizer``.
     * ``torchtune``: ``builder`` (dotpath) + ``checkpoint_dir`` (HF format) + ``model_type``; ``tokenizer`` is a
       tokenizer path for :func:`duo_plugin.data.tokenizers.load_tokenizer`.
+    * ``hf``: ``path`` = a local Hugging Face causal-LM dir (e.g. ``gpt2-large``, the paper's scorer) loaded by
+      :func:`duo_plugin.eval.genppl.load_hf_scorer` (extra ``hf``), with its own tokenizer and no BOS, exactly as
+      ``duo_generate genppl.scorer=hf`` scores.
     """
     from duo_plugin.data.tokenizers import load_tokenizer
 
     kind = scfg.type
     if kind == "none":
         return None
+    if kind == "hf":
+        if not scfg.path:
+            raise ConfigError("eval.scorer.type=hf needs eval.scorer.path: a local Hugging Face causal-LM dir "
+                              "(config.json + weights + tokenizer files, e.g. a downloaded gpt2-large)")
+        from duo_plugin.eval.genppl import load_hf_scorer
+
+        hf = load_hf_scorer(str(scfg.path), device=str(device))
+        return hf, hf.tokenizer, int(hf.eos_id), None, int(hf.max_len)
     if kind == "dit":
         if not scfg.path:
             raise ConfigError("eval.scorer.type=dit needs eval.scorer.path: a duo model dir trained with "
@@ -361,7 +372,8 @@ class DuoDistillRecipe(RecipeBase):
             eos_id_scorer=sc[2] if sc else None, bos_id_scorer=sc[3] if sc else None,
             score_batch_size=int(e.score_batch_size),
             max_len=min(int(e.max_len), sc[4]) if sc and sc[4] else int(e.max_len),
-            batch_size=int(e.batch_size) if e.batch_size else None, device=self.device)
+            batch_size=int(e.batch_size) if e.batch_size else None, device=self.device,
+            progress=bool(self.cfg.progress_bar))
         for r in rows:
             r["step"] = self.step
         self.quality_rows.extend(rows)

@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config as tt_config
 from torchtune import utils as tt_utils
 
+from duo_plugin._progress import eta_lines
 from duo_plugin.training.recipe_utils import ANY, ConfigError, check_keys
 
 log = logging.getLogger("duo_plugin.recipes.duo_generate")
@@ -309,11 +310,12 @@ def run(cfg: DictConfig) -> dict:
             device=device, chunk_size=int(cfg.get("batch_size") or num), progress=bool(cfg.get("progress_bar", True)),
             eos_id=eos_id, **opts,
         )
-        if n_blocks:
-            res = sample_blocks(den, schedule, n_blocks=n_blocks, block_len=block_len, **kw)
-        else:
-            res = sample(den, schedule, clamp_mask=job.get("clamp_mask"), clamp_values=job.get("clamp_values"),
-                         return_trajectory=True, **kw)
+        with eta_lines():  # the sampler's bar on a terminal, else an ETA line every 30 s
+            if n_blocks:
+                res = sample_blocks(den, schedule, n_blocks=n_blocks, block_len=block_len, **kw)
+            else:
+                res = sample(den, schedule, clamp_mask=job.get("clamp_mask"), clamp_values=job.get("clamp_values"),
+                             return_trajectory=True, **kw)
         nfe = res.nfe
         ids = res.tokens.cpu()
         all_ids.append(ids)

@@ -67,6 +67,7 @@ SCHEMA: dict[str, Any] = {
         "hub": ANY,
         "seq_len": None,
         "packing": None,  # wrap | pad
+        "pad_mode": None,  # clean_masked | official: what pads are for the objective (docs/evaluation.md)
         "sample_by": None,  # files: document | paragraph | line
         "val_fraction": None,
         "val_docs": None,  # hold out exactly this many last documents (OWT: 100000); overrides val_fraction
@@ -146,7 +147,7 @@ DEFAULTS: dict[str, Any] = {
 # gradient_accumulation_steps, world size, eval/checkpoint/logging cadence, compile, AC, and max_steps (except with
 # lr_scheduler.name=cosine, whose LR sequence depends on max_steps: see check_resume_max_steps).
 RESUME_KEYS = ("seed", "objective", "model", "init_from", "global_batch_size", "optimizer", "lr_scheduler",
-               "clip_grad_norm", "ema", "schedule", "curriculum", "data.seq_len", "data.packing", "data.source",
+               "clip_grad_norm", "ema", "schedule", "curriculum", "data.seq_len", "data.packing", "data.pad_mode", "data.source",
                "data.files", "data.hub", "data.val_fraction", "data.val_docs", "data.sample_by", "data.valid_vocab",
                "adapt", "kernels")
 
@@ -197,6 +198,9 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(str(e)) from None
     if merged.resume not in (False, True, "auto") and not isinstance(merged.resume, str):
         raise ConfigError("resume must be false, true/'auto' (latest checkpoint in output_dir) or a checkpoint dir")
+    from duo_plugin.recipes.common import pad_mode_of
+
+    pad_mode_of(merged)
     build_objective(merged)  # the objective's own checks (curriculum / kernels / adapt values), naming the key
     return merged
 

@@ -102,12 +102,15 @@ def sample_quality_table(
     device=None,
     schedule=None,
     models_steps: Optional[Mapping[str, Sequence[int]]] = None,
+    progress: bool = False,
 ) -> list[dict]:
     """Gen PPL + entropy for every (model, sampler, steps): one row per cell.
 
     Samples come from :func:`duo_plugin.sampling.samplers.sample` (float64 posterior, log-linear α, NFE = steps + 1)
     with ``seed`` (row b uses ``row_generators(seed, 0, [b])``, so every model sees the same prior draws).
     Without a ``scorer`` only entropy is reported (``gen_ppl`` None).  ``models_steps`` overrides ``steps`` per model.
+    ``progress``: an ETA over the cells and within each sampling run (a tqdm bar on a terminal, else a line every
+    30 s on stderr; :mod:`duo_plugin._progress`).
 
     Row keys: model, sampler, steps, nfe, gen_ppl, gen_nll, entropy, n_samples, sample_seconds.
     """
@@ -119,16 +122,21 @@ def sample_quality_table(
             raise ValueError(f"samplers must be 'ancestral' and/or 'greedy' (Greedy-Tail), got {name!r}")
     if scorer is not None and (diffusion_tokenizer is None or scorer_tokenizer is None or eos_id_scorer is None):
         raise ValueError("Gen PPL needs diffusion_tokenizer, scorer_tokenizer and eos_id_scorer with the scorer")
+    from duo_plugin._progress import Eta, eta_lines
+
     rows = []
+    cells = sum(len((models_steps or {}).get(m, steps)) for m in models) * len(samplers)
+    bar = Eta(progress, cells, "duo_distill quality table", unit="cell")
     for mname, model in models.items():
         den = DenoiserFn(model)
         k = int(model.vocab_size)
         for n_steps in (models_steps or {}).get(mname, steps):
             for mode in samplers:
                 t0 = time.perf_counter()
-                toks = sample(den, schedule, batch_size=int(num_samples), seq_len=int(seq_len), vocab_size=k,
-                              steps=int(n_steps), noise_removal=mode, valid_vocab=valid_vocab, seed=int(seed),
-                              device=device, chunk_size=batch_size, progress=False)
+                with eta_lines():
+                    toks = sample(den, schedule, batch_size=int(num_samples), seq_len=int(seq_len), vocab_size=k,
+                                  steps=int(n_steps), noise_removal=mode, valid_vocab=valid_vocab, seed=int(seed),
+                                  device=device, chunk_size=batch_size, progress=progress)
                 dt = time.perf_counter() - t0
                 row = {"model": mname, "sampler": mode, "steps": int(n_steps), "nfe": int(n_steps) + 1,
                        "n_samples": int(num_samples), "sample_seconds": dt}
@@ -142,6 +150,9 @@ def sample_quality_table(
                 else:
                     row.update(gen_ppl=None, gen_nll=None, entropy=float(unigram_entropy(toks.cpu()).mean()))
                 rows.append(row)
+                bar.set_postfix(model=mname, sampler=mode, T=int(n_steps))
+                bar.update(1)
+    bar.close()
     return rows
 
 

@@ -228,3 +228,40 @@ def test_shipped_configs_validate(name, models):
         assert (d.rounds, d.steps_per_round, d.delta0, d.gamma_min, d.gamma_max) == (5, 10000, 1 / 512, -4.0, -1.0)
         assert merged.global_batch_size == 128 and merged.optimizer.lr == 6e-5
         assert merged.lr_scheduler.warmup_steps == 500 and d.kl == "bwd" and d.teacher == "student"
+
+
+def test_quality_table_scores_with_a_local_hf_causal_lm(make_dcfg, models, tmp_path):
+    """``eval.scorer.type: hf`` (as ``duo_generate genppl.scorer=hf``): a tiny GPT-2 written locally scores the table;
+    the value equals the Gen PPL protocol applied by hand to the same samples and the row names the scorer."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Regex, Tokenizer, models as tk_models, pre_tokenizers
+
+    from duo_plugin.data.tokenizers import load_tokenizer
+    from duo_plugin.eval.genppl import gen_ppl_and_entropy, load_hf_scorer
+    from duo_plugin.models.checkpoint import load_pretrained
+    from duo_plugin.sampling.samplers import DenoiserFn, sample
+
+    chars = ["<eos>", "<unk>"] + [chr(c) for c in range(32, 127)]
+    tk = Tokenizer(tk_models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    d = tmp_path / "gpt2-chars"
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(chars), n_positions=64, n_embd=16,
+                                                                n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0))
+    gpt2.eval().save_pretrained(d)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", unk_token="<unk>").save_pretrained(d)
+
+    cfg = make_dcfg("hfscore", evaluate_only=True, **{"eval.steps": [2], "eval.samplers": ["greedy"],
+                                                      "eval.scorer": {"type": "hf", "path": str(d)}})
+    (row,) = dd.run(cfg)["rows"]
+    assert row["gen_ppl_scorer"] == "hf:gpt2-chars" and math.isfinite(row["gen_ppl"])
+    base = load_pretrained(models["base"], weights="ema")
+    toks = sample(DenoiserFn(base), batch_size=2, seq_len=L, vocab_size=models["k"], steps=2,
+                  noise_removal="greedy", valid_vocab=models["valid_vocab"], seed=0, progress=False)
+    scorer = load_hf_scorer(d)
+    ref = gen_ppl_and_entropy(toks, diffusion_tokenizer=load_tokenizer(models["base"] / "tokenizer"), scorer=scorer,
+                              scorer_tokenizer=scorer.tokenizer, eos_id_scorer=0, max_len=64)
+    assert row["gen_ppl"] == pytest.approx(ref["gen_ppl"], rel=1e-6)
+    assert "hf:gpt2-chars" in (Path(cfg.output_dir) / "quality_table.md").read_text()
+    with pytest.raises(dd.ConfigError, match="eval.scorer.path"):
+        dd.run(make_dcfg("hfnopath", evaluate_only=True, **{"eval.scorer": {"type": "hf"}}))

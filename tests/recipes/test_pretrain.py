@@ -177,6 +177,24 @@ def test_padded_sentences_exclude_padding(make_cfg):
     assert s["tokens"] < 2 * 8 * 64  # padding not counted
 
 
+def test_pad_mode_official_reaches_the_objective_and_changes_the_loss(make_cfg):
+    """``data.pad_mode=official`` (the paper's LM1B without packing): the objective gets it, the token count is the
+    same (pads never counted) and the loss differs from the default (pads noised and attended to); a bad value is
+    refused naming the key."""
+    over = {"data.packing": "pad", "data.seq_len": 64, "curriculum.steps": 0, "lr_scheduler.warmup_steps": 0}
+    clean = dp.run(make_cfg("pad_clean", max_steps=4, **over))
+    off = dp.run(make_cfg("pad_official", max_steps=4, **over, **{"data.pad_mode": "official"}))
+    assert _setup(make_cfg("pad_ctx", max_steps=1, **over, **{"data.pad_mode": "official"})).objective.ctx.pad_mode \
+        == "official"
+    assert off["tokens"] == clean["tokens"] < 4 * 8 * 64
+    # the first steps cannot differ: the DiT's output layer and adaLN gates start at zero, so until the attention
+    # gates have moved (step 2) no position sees another one
+    assert off["losses"][0] == pytest.approx(clean["losses"][0], rel=1e-6)
+    assert off["losses"][-1] != pytest.approx(clean["losses"][-1], rel=1e-5), (off["losses"], clean["losses"])
+    with pytest.raises(dp.ConfigError, match="data.pad_mode"):
+        dp.DuoPretrainRecipe(make_cfg("pad_bad", **{"data.pad_mode": "noised"}))
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_process(make_cfg, tmp_path):
     """FSDP2 over 2 gloo CPU processes (`tune run --nproc_per_node 2 duo_pretrain`) with the same global batch gives the single-process losses."""
