@@ -44,22 +44,22 @@ STAGES = ("train", "distill", "variance", "genppl", "zeroshot", "adapt", "report
 
 @dataclass
 class Plan:
-    steps: int = 4000
-    eval_every: int = 250
+    steps: int = 1600
+    eval_every: int = 100
     eval_max_batches: int = 4
     global_batch_size: int = 32
     curriculum_steps: int = 100
     seeds: tuple = (0, 1)
     gen_steps: tuple = (8, 16, 32, 64, 128)
     gen_samples: int = 64
-    dcd_rounds: int = 3
-    dcd_steps_per_round: int = 200
+    dcd_rounds: int = 2
+    dcd_steps_per_round: int = 150
     zs_mc_passes: int = 4
     zs_max_blocks: int | None = None
     var_batches: int = 16
-    ar_llama_steps: int = 2000
-    adapt_steps: int = 1000
-    adapt_eval_every: int = 100
+    ar_llama_steps: int = 600
+    adapt_steps: int = 400
+    adapt_eval_every: int = 50
     log_every: int = 10
     gen_labels: tuple | None = None  # None: every row of GEN_RUNS
     extra: list = field(default_factory=list)  # overrides for every training run
@@ -156,8 +156,16 @@ class Results:
 
 
 # ------------------------------------------------------------------------------------------------------- stages
-def stage_train(plan: Plan, work: Path, res: Results) -> None:
+def stage_train(plan: Plan, work: Path, res: Results, jobs: int = 1) -> None:
+    """Every (seed, method) run. ``jobs`` > 1 runs that many ``tune run`` processes at once (each single-threaded
+    under OMP_NUM_THREADS=1; every run is seeded on its own, so the numbers do not depend on ``jobs``, only the
+    wall times do). The first run goes alone when the shared tokenizer / data cache does not exist yet."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     sec = res.section("train")
+    lock = threading.Lock()
+    todo = []
     for seed in plan.seeds:
         for method, (config, extra) in METHODS.items():
             key = f"{method}_s{seed}"
@@ -175,13 +183,29 @@ def stage_train(plan: Plan, work: Path, res: Results) -> None:
                     *extra, *plan.extra]
             if method == "duo":
                 args.append(f"curriculum.steps={plan.curriculum_steps}")
-            print(f"[train] {key}: {command_line(args)}", flush=True)
-            wall = run_tune(args, work / "logs" / f"train_{key}.log")
-            summary = json.loads((out / "summary.json").read_text())
-            summary.pop("losses", None)
-            summary.pop("phases", None)
-            sec[key] = {"command": command_line(args), "wall_s": wall, "summary": summary, "dir": str(out)}
+            todo.append((key, out, args))
+
+    def one(item):
+        key, out, args = item
+        print(f"[train] {key}: {command_line(args)}", flush=True)
+        wall = run_tune(args, work / "logs" / f"train_{key}.log")
+        summary = json.loads((out / "summary.json").read_text())
+        summary.pop("losses", None)
+        summary.pop("phases", None)
+        with lock:
+            sec[key] = {"command": command_line(args), "wall_s": wall, "summary": summary, "dir": str(out),
+                        "concurrent_jobs": jobs}
             res.save()
+
+    if todo and (jobs <= 1 or not (work / "tokenizer").exists()):
+        one(todo.pop(0))  # builds the shared tokenizer and data cache
+    if jobs <= 1:
+        for item in todo:
+            one(item)
+    else:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            for f in [pool.submit(one, item) for item in todo]:
+                f.result()
     res.save()
 
 
@@ -843,6 +867,8 @@ def main(argv=None) -> int:
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--steps", type=int, default=None, help="override the training steps of every run")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="training runs at once (stage train; default 1). Results do not depend on it, wall times do")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra override for every training run (repeatable)")
     args = p.parse_args(argv)
@@ -866,8 +892,10 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         if stage == "report":
             stage_report(plan, work, res, report, args.quick, dict(res.data.get("stage_wall_s", {})))
+        elif stage == "train":
+            stage_train(plan, work, res, jobs=max(1, args.jobs))
         else:
-            {"train": stage_train, "distill": stage_distill, "variance": stage_variance, "genppl": stage_genppl,
+            {"distill": stage_distill, "variance": stage_variance, "genppl": stage_genppl,
              "zeroshot": stage_zeroshot, "adapt": stage_adapt}[stage](plan, work, res)
         wall[stage] = time.perf_counter() - t0
         res.data.setdefault("stage_wall_s", {})[stage] = wall[stage]
