@@ -52,13 +52,13 @@ class Plan:
     seeds: tuple = (0, 1)
     gen_steps: tuple = (8, 16, 32, 64, 128)
     gen_samples: int = 64
-    dcd_rounds: int = 2
-    dcd_steps_per_round: int = 150
+    dcd_rounds: int = 3
+    dcd_steps_per_round: int = 200
     zs_mc_passes: int = 4
     zs_max_blocks: int | None = None
     var_batches: int = 16
-    ar_llama_steps: int = 600
-    adapt_steps: int = 400
+    ar_llama_steps: int = 1200
+    adapt_steps: int = 600
     adapt_eval_every: int = 50
     log_every: int = 10
     gen_labels: tuple | None = None  # None: every row of GEN_RUNS
@@ -320,31 +320,6 @@ def _mdlm_process(model):
     return AbsorbingProcess(width, width - 1, valid_vocab=model.valid_vocab)
 
 
-def _mdlm_genppl(model_dir: Path, scorer_dir: Path, steps: int, num: int) -> dict:
-    """MDLM samples (ancestral steps, greedy noise removal, x_θ cache when not time-conditioned) scored like
-    duo_generate does, through the library (duo_generate samples the uniform-state process only in this build)."""
-    import torch
-
-    from duo_plugin.data.tokenizers import load_tokenizer
-    from duo_plugin.eval.genppl import gen_ppl_and_entropy, load_dit_scorer, unigram_entropy
-    from duo_plugin.models.checkpoint import load_pretrained
-    from duo_plugin.sampling.mdlm import sample_mdlm
-    from duo_plugin.sampling.samplers import DenoiserFn
-
-    model = load_pretrained(model_dir, weights="ema")
-    tok = load_tokenizer(model_dir / "tokenizer")
-    t0 = time.perf_counter()
-    ids = sample_mdlm(DenoiserFn(model), batch_size=num, seq_len=int(model.max_seq_len),
-                      vocab_size=int(model.vocab_size), mask_id=int(model.vocab_size) - 1, steps=steps, noise_removal="greedy",
-                      time_conditioned=bool(getattr(model, "time_conditioning", True)),
-                      valid_vocab=model.valid_vocab, seed=0)
-    secs = time.perf_counter() - t0
-    g = gen_ppl_and_entropy(ids, diffusion_tokenizer=tok, scorer=load_dit_scorer(scorer_dir), scorer_tokenizer=tok,
-                            eos_id_scorer=tok.eos_id, max_len=64)
-    return {"gen_ppl": g["gen_ppl"], "entropy": float(unigram_entropy(ids).mean()), "sample_seconds": secs,
-            "path": "library (sampling.mdlm.sample_mdlm)"}
-
-
 def _mdlm_zeroshot(model_dir: Path, corpus: Path, max_blocks: int | None, mc_passes: int) -> dict:
     """MDLM NELBO PPL on the zero-shot blocks (duo_eval's files/wrap blocks) with the absorbing process."""
     from duo_plugin.data import text as data_text
@@ -373,12 +348,37 @@ GEN_RUNS = (  # (label, model key, noise_removal)
     ("Duo+DCD (greedy-tail)", "duo_dcd", "greedy"),
     ("UDLM (ancestral)", "udlm_s0", "ancestral"),
     ("MDLM (greedy)", "mdlm_s0", "greedy"),
+    ("Duo (ancestral) [seed 1]", "duo_s1", "ancestral"),  # seed noise of the few-step Duo vs MDLM comparison
+    ("Duo (greedy-tail) [seed 1]", "duo_s1", "greedy"),
+    ("MDLM (greedy) [seed 1]", "mdlm_s1", "greedy"),
+    ("Duo (ancestral) [seed 2]", "duo_s2", "ancestral"),
+    ("Duo (greedy-tail) [seed 2]", "duo_s2", "greedy"),
+    ("MDLM (greedy) [seed 2]", "mdlm_s2", "greedy"),
 )
 
 
-def stage_genppl(plan: Plan, work: Path, res: Results) -> None:
+def _pool(jobs: int, items: list, fn) -> None:
+    """``fn(item)`` for every item, ``jobs`` at a time (threads driving ``tune run`` subprocesses)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if jobs <= 1:
+        for item in items:
+            fn(item)
+        return
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for f in [pool.submit(fn, item) for item in items]:
+            f.result()
+
+
+def stage_genppl(plan: Plan, work: Path, res: Results, jobs: int = 1) -> None:
+    """Gen PPL + entropy through ``tune run duo_generate`` for every model (MDLM folders are sampled with the
+    absorbing process by the recipe itself), all scored the same way by the AR model of seed 0."""
+    import threading
+
     sec = res.section("genppl")
+    lock = threading.Lock()
     scorer = _final(work, f"ar_s{plan.seeds[0]}")
+    todo = []
     for label, key, mode in GEN_RUNS:
         if plan.gen_labels is not None and label not in plan.gen_labels:
             continue
@@ -390,28 +390,32 @@ def stage_genppl(plan: Plan, work: Path, res: Results) -> None:
         rows.pop("skipped", None)
         rows.pop("error", None)
         for steps in plan.gen_steps:
-            if str(steps) in rows:
-                continue
-            if _is_mdlm(model_dir):
-                print(f"[genppl] {label} T={steps} (library sampler)", flush=True)
-                rows[str(steps)] = _mdlm_genppl(model_dir, scorer, steps, plan.gen_samples)
-                res.save()
-                continue
-            out = work / "gen" / f"{key}_{mode}_{steps}"
-            args = ["duo_generate", "--config", "duo/generate", f"checkpoint={model_dir}", f"output_dir={out}",
-                    f"steps={steps}", f"noise_removal={mode}", f"num_samples={plan.gen_samples}",
-                    f"batch_size={min(plan.gen_samples, 64)}", "seed=0", f"genppl.path={scorer}",
-                    "genppl.scorer=dit", "genppl.max_len=64", "progress_bar=true"]  # 64 = the AR scorer's length
-            print(f"[genppl] {label} T={steps}", flush=True)
-            try:
-                wall = run_tune(args, work / "logs" / f"gen_{key}_{mode}_{steps}.log")
-            except RuntimeError as e:  # e.g. a process this build's duo_generate cannot sample yet
+            if str(steps) not in rows:
+                todo.append((label, key, mode, steps, model_dir))
+
+    def one(item):
+        label, key, mode, steps, model_dir = item
+        rows = sec[label]
+        out = work / "gen" / f"{key}_{mode}_{steps}"
+        args = ["duo_generate", "--config", "duo/generate", f"checkpoint={model_dir}", f"output_dir={out}",
+                f"steps={steps}", f"noise_removal={mode}", f"num_samples={plan.gen_samples}",
+                f"batch_size={min(plan.gen_samples, 64)}", "seed=0", f"genppl.path={scorer}",
+                "genppl.scorer=dit", "genppl.max_len=64", "progress_bar=true"]  # 64 = the AR scorer's length
+        print(f"[genppl] {label} T={steps}", flush=True)
+        try:
+            wall = run_tune(args, work / "logs" / f"gen_{key}_{mode}_{steps}.log")
+        except RuntimeError as e:
+            with lock:
                 rows["error"] = str(e).splitlines()[0]
-                break
-            m = json.loads((out / "metrics.json").read_text())
+            return
+        m = json.loads((out / "metrics.json").read_text())
+        with lock:
             rows[str(steps)] = {"gen_ppl": m.get("gen_ppl"), "entropy": m.get("entropy"),
-                                "sample_seconds": m.get("seconds"), "wall_s": wall}
+                                "sample_seconds": m.get("seconds"), "nfe": m.get("nfe"),
+                                "process": m.get("process"), "wall_s": wall}
             res.save()
+
+    _pool(jobs, todo, one)
     sec["_command_example"] = command_line(["duo_generate", "--config", "duo/generate", "checkpoint=<model>/final",
                                             "steps=<T>", "noise_removal=<ancestral|greedy>",
                                             f"num_samples={plan.gen_samples}", "genppl.path=<AR model>/final",
@@ -512,7 +516,7 @@ def _llama_args(plan: Plan, work: Path, out: Path, seed: int, *, shift: bool) ->
     return args
 
 
-def stage_adapt(plan: Plan, work: Path, res: Results) -> None:
+def stage_adapt(plan: Plan, work: Path, res: Results, jobs: int = 1) -> None:
     """(d): an AR model on the Llama-3.2 architecture, saved as a plain HF Llama checkpoint, adapted to Duo through
     the documented adaptation config (``duo/llama3_2_1b_adapt``: shift, top-k curriculum) vs the same Duo recipe
     from scratch, for the same number of steps."""
@@ -538,9 +542,12 @@ def stage_adapt(plan: Plan, work: Path, res: Results) -> None:
     sec["hf_checkpoint"] = {"dir": str(hf), "architectures": cfg.get("architectures"),
                             "model_type": cfg.get("model_type")}
     curriculum = max(1, plan.adapt_steps // 4)
-    for name, init in (("adapted", str(hf)), ("scratch", "null")):
-        if name in sec:
-            continue
+    import threading
+
+    lock = threading.Lock()
+
+    def one(item):
+        name, init = item
         out = work / "runs" / f"duo_llama_{name}"
         args = _llama_args(plan, work, out, seed, shift=True) + [
             f"init_from={init}", f"max_steps={plan.adapt_steps}", f"eval_every={plan.adapt_eval_every}",
@@ -548,9 +555,12 @@ def stage_adapt(plan: Plan, work: Path, res: Results) -> None:
         print(f"[adapt] Duo {name}: {command_line(args)}", flush=True)
         wall = run_tune(args, work / "logs" / f"adapt_{name}.log")
         s = json.loads((out / "summary.json").read_text())
-        sec[name] = {"command": command_line(args), "wall_s": wall, "final_val_ppl": s.get("final_val_ppl"),
-                     "first_val_ppl": (s.get("first_val") or {}).get("val_ppl"), "dir": str(out)}
-        res.save()
+        with lock:
+            sec[name] = {"command": command_line(args), "wall_s": wall, "final_val_ppl": s.get("final_val_ppl"),
+                         "first_val_ppl": (s.get("first_val") or {}).get("val_ppl"), "dir": str(out)}
+            res.save()
+
+    _pool(jobs, [(n, i) for n, i in (("adapted", str(hf)), ("scratch", "null")) if n not in sec], one)
     res.save()
 
 
@@ -601,9 +611,9 @@ def stage_report(plan: Plan, work: Path, res: Results, report: Path, quick: bool
         plots.plot_training_curves(runs, figs / "training_vs_wall.png", x="wall")
     gen = res.section("genppl")
     gen_pts = {lab: [(int(s), r["gen_ppl"]) for s, r in rows.items() if s.isdigit() and r.get("gen_ppl")]
-               for lab, rows in gen.items() if isinstance(rows, dict) and not lab.startswith("_")}
+               for lab, rows in gen.items() if isinstance(rows, dict) and not lab.startswith("_") and "[seed" not in lab}
     ent_pts = {lab: [(r["entropy"], r["gen_ppl"]) for s, r in rows.items() if s.isdigit() and r.get("gen_ppl")]
-               for lab, rows in gen.items() if isinstance(rows, dict) and not lab.startswith("_")}
+               for lab, rows in gen.items() if isinstance(rows, dict) and not lab.startswith("_") and "[seed" not in lab}
     plots.plot_genppl_vs_steps(gen_pts, figs / "genppl_vs_steps.png")
     plots.plot_genppl_vs_entropy(ent_pts, figs / "genppl_vs_entropy.png")
     rel = lambda p: os.path.relpath(p, report.parent)  # noqa: E731
@@ -806,20 +816,40 @@ def _claims(finals, speed, var, gen, plan, quick, res_adapt=None) -> list[str]:
         r = gen.get(label, {}).get(str(s)) if isinstance(gen.get(label), dict) else None
         return r.get("entropy") if r else None
 
+    def seeds_of(label, s):  # (gen_ppl, entropy) of the seed-0 row and of every "[seed k]" row
+        out_ = []
+        for lab in [label] + [f"{label} [seed {k}]" for k in plan.seeds[1:]]:
+            if g(lab, s):
+                out_.append((g(lab, s), h(lab, s)))
+        return out_
+
     mm, mh = g("MDLM (greedy)", few), h("MDLM (greedy)", few)
     if mm:
-        parts, verdicts = [], []
-        for lab in ("Duo (ancestral)", "Duo (greedy-tail)"):
-            dm, dh = g(lab, few), h(lab, few)
-            if not dm:
+        lines = []
+        for s_ in sorted({few, sorted(plan.gen_steps)[1] if len(plan.gen_steps) > 1 else few}):
+            m_rows = seeds_of("MDLM (greedy)", s_)
+            if not m_rows:
                 continue
-            comparable = dh is not None and mh is not None and dh >= 0.9 * mh
-            parts.append(f"{lab} {dm:.1f} (H={dh:.2f})")
-            verdicts.append("shown" if dm < mm and comparable else
-                            "not comparable (Duo's samples have lower entropy)" if dm < mm else "not shown")
-        out.append(f"4. **Duo's few-step Gen PPL beats MDLM's** (T={few}): MDLM {mm:.1f} (H={mh:.2f}) vs "
-                   + ", ".join(parts) + ": " + " / ".join(verdicts) + " (ancestral / greedy-tail; a lower Gen PPL "
-                   "only counts at a comparable entropy, here ≥ 0.9x MDLM's).")
+            mg, msp = _mean_spread([r[0] for r in m_rows])
+            me, _ = _mean_spread([r[1] for r in m_rows])
+            parts = []
+            for lab in ("Duo (ancestral)", "Duo (greedy-tail)"):
+                d_rows = seeds_of(lab, s_)
+                if not d_rows:
+                    continue
+                dg, dsp = _mean_spread([r[0] for r in d_rows])
+                de, _ = _mean_spread([r[1] for r in d_rows])
+                noise = max(msp or 0.0, dsp or 0.0)
+                comparable = de >= 0.9 * me
+                verdict = ("shown" if dg + noise < mg and comparable else
+                           "lower Gen PPL but not at a comparable entropy" if dg + noise < mg else
+                           "within the seed spread" if abs(dg - mg) <= noise else "not shown (MDLM is better)")
+                parts.append(f"{lab} {dg:.1f}" + (f" ± {dsp:.1f}" if dsp is not None else "")
+                             + f" (H={de:.2f}): {verdict}")
+            lines.append(f"T={s_}: MDLM {mg:.1f}" + (f" ± {msp:.1f}" if msp is not None else "")
+                         + f" (H={me:.2f}) vs " + "; ".join(parts) + f" [{len(m_rows)} seed(s)]")
+        out.append("4. **Duo's few-step Gen PPL beats MDLM's** (mean ± half-range over the seeds' models; a lower Gen "
+                   "PPL only counts at a comparable entropy, here ≥ 0.9× MDLM's): " + " — ".join(lines) + ".")
     else:
         out.append("4. **Duo vs MDLM at few steps**: not measured in this run (MDLM samples unavailable).")
     b_few, b_many, s_few = g("Duo (ancestral)", few), g("Duo (ancestral)", many), g("Duo+DCD (ancestral)", few)
@@ -892,8 +922,9 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         if stage == "report":
             stage_report(plan, work, res, report, args.quick, dict(res.data.get("stage_wall_s", {})))
-        elif stage == "train":
-            stage_train(plan, work, res, jobs=max(1, args.jobs))
+        elif stage in ("train", "genppl", "adapt"):
+            {"train": stage_train, "genppl": stage_genppl, "adapt": stage_adapt}[stage](plan, work, res,
+                                                                                      jobs=max(1, args.jobs))
         else:
             {"distill": stage_distill, "variance": stage_variance, "genppl": stage_genppl,
              "zeroshot": stage_zeroshot, "adapt": stage_adapt}[stage](plan, work, res)

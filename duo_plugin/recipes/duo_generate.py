@@ -263,11 +263,13 @@ def model_objective(model) -> str:
 
 
 def mdlm_mask_id(model) -> int:
-    """The [MASK] id of an MDLM model: its last embedding row (``objectives.mdlm``), which must not be a data id."""
-    mask_id = int(model.vocab_size) - 1
+    """The [MASK] id of an MDLM model: ``mask_id`` in its metadata, else its last embedding row
+    (``objectives.mdlm``); it must not be a data id."""
+    meta = getattr(model, "duo_metadata", {}) or {}
+    mask_id = int(meta["mask_id"]) if meta.get("mask_id") is not None else int(model.vocab_size) - 1
     valid = getattr(model, "valid_vocab", None)
     if valid is not None and bool(valid[mask_id]):
-        raise ValueError(f"the model folder says objective 'mdlm' but its last row {mask_id} is a valid token id, not "
+        raise ValueError(f"the model folder says objective 'mdlm' but its [MASK] row {mask_id} is a valid token id, not "
                          "a [MASK] row: the folder's metadata does not match the model")
     return mask_id
 
