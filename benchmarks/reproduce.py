@@ -416,11 +416,52 @@ def stage_genppl(plan: Plan, work: Path, res: Results, jobs: int = 1) -> None:
             res.save()
 
     _pool(jobs, todo, one)
+    if "_references" not in sec and _final(work, f"ar_s{plan.seeds[0]}").is_dir() \
+            and (work / "runs" / f"duo_s{plan.seeds[0]}" / "torchtune_config.yaml").is_file():
+        sec["_references"] = _references(plan, work)
     sec["_command_example"] = command_line(["duo_generate", "--config", "duo/generate", "checkpoint=<model>/final",
                                             "steps=<T>", "noise_removal=<ancestral|greedy>",
                                             f"num_samples={plan.gen_samples}", "genppl.path=<AR model>/final",
                                             "genppl.scorer=dit", "genppl.max_len=64"])
     res.save()
+
+
+def _references(plan: Plan, work: Path) -> dict:
+    """What the numbers should be compared with: a unigram model fitted on the training split (validation PPL over
+    the recipe's validation blocks, all tokens like the recipe's ``val_ppl``, and content tokens only), and the Gen
+    PPL + entropy, scored exactly like the samples, of held-out text and of unigram samples (no context at all)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from duo_plugin.data.tokenizers import load_tokenizer
+    from duo_plugin.eval.genppl import gen_ppl_and_entropy, load_dit_scorer, unigram_entropy
+    from duo_plugin.eval.learning import split_blocks, unigram_ppl
+
+    cfg = OmegaConf.load(work / "runs" / f"duo_s{plan.seeds[0]}" / "torchtune_config.yaml")
+    tok = load_tokenizer(work / "tokenizer")
+    train_ids, vb, vm = split_blocks(cfg, tok)
+    K = int(tok.vocab_size)
+    specials = sorted({i for i in (tok.bos_id, tok.eos_id, getattr(tok, "pad_id", None)) if i is not None})
+    n_eval = plan.eval_max_batches * int(cfg.get("eval_batch_size") or 32)
+    ev = vb[:n_eval][vm[:n_eval]]
+    out = {"val_blocks": int(min(n_eval, vb.shape[0])),
+           "unigram_val_ppl_all_tokens": unigram_ppl(train_ids, ev, K),
+           "unigram_val_ppl_content": unigram_ppl(train_ids, ev, K, specials)}
+    scorer = load_dit_scorer(_final(work, f"ar_s{plan.seeds[0]}"))
+    n, L = plan.gen_samples, int(vb.shape[1])
+
+    def score(ids):
+        g = gen_ppl_and_entropy(ids, diffusion_tokenizer=tok, scorer=scorer, scorer_tokenizer=tok,
+                                eos_id_scorer=tok.eos_id, max_len=64, bos_id_scorer=tok.bos_id)
+        return {"gen_ppl": g["gen_ppl"], "entropy": float(unigram_entropy(ids).mean())}
+
+    out["held_out_text"] = score(vb[:n].long())
+    counts = torch.bincount(train_ids.long(), minlength=K).double()
+    counts[specials] = 0.0
+    uni = torch.multinomial(counts / counts.sum(), n * L, replacement=True,
+                            generator=torch.Generator().manual_seed(0)).view(n, L)
+    out["unigram_samples"] = score(uni)
+    return out
 
 
 def _write_zeroshot_corpus(work: Path) -> Path:
@@ -614,7 +655,9 @@ def stage_report(plan: Plan, work: Path, res: Results, report: Path, quick: bool
                for lab, rows in gen.items() if isinstance(rows, dict) and not lab.startswith("_") and "[seed" not in lab}
     ent_pts = {lab: [(r["entropy"], r["gen_ppl"]) for s, r in rows.items() if s.isdigit() and r.get("gen_ppl")]
                for lab, rows in gen.items() if isinstance(rows, dict) and not lab.startswith("_") and "[seed" not in lab}
-    plots.plot_genppl_vs_steps(gen_pts, figs / "genppl_vs_steps.png")
+    refs = gen.get("_references") or {}
+    plots.plot_genppl_vs_steps(gen_pts, figs / "genppl_vs_steps.png",
+                               reference=(refs.get("held_out_text") or {}).get("gen_ppl"))
     plots.plot_genppl_vs_entropy(ent_pts, figs / "genppl_vs_entropy.png")
     rel = lambda p: os.path.relpath(p, report.parent)  # noqa: E731
 
@@ -659,6 +702,11 @@ def stage_report(plan: Plan, work: Path, res: Results, report: Path, quick: bool
                  + f" | {len([v for v in vals if v])} | {_fmt(wm, 0)} |")
     L.append("")
     L.append("AR perplexity is exact; diffusion perplexities are NELBO upper bounds (one stratified t per sequence).")
+    if refs.get("unigram_val_ppl_all_tokens"):
+        L.append(f"Reference: a unigram model fitted on the training split scores the same {refs['val_blocks']} "
+                 f"validation blocks at PPL {refs['unigram_val_ppl_all_tokens']:.2f} over all tokens (as above) and "
+                 f"{refs['unigram_val_ppl_content']:.2f} over content tokens (BOS/EOS left out): a model above that "
+                 "line has not learned to use context.")
     L.append("")
     # steps to reach UDLM's final PPL
     udlm_m = finals.get("udlm", (None, None))[0]
@@ -708,6 +756,11 @@ def stage_report(plan: Plan, work: Path, res: Results, report: Path, quick: bool
             r = rows.get(str(s))
             cells.append("n/a" if not r else f"{_fmt(r['gen_ppl'], 1)} (H={_fmt(r['entropy'], 2)})")
         L.append(f"| {lab} | " + " | ".join(cells) + " |")
+    for name, lab in (("held_out_text", "reference: held-out text"), ("unigram_samples", "reference: unigram samples")):
+        r = refs.get(name)
+        if r:
+            L.append(f"| {lab} | " + " | ".join([f"{_fmt(r['gen_ppl'], 1)} (H={_fmt(r['entropy'], 2)})"]
+                                                  * len(plan.gen_steps)) + " |")
     L.append("")
     L.append(f"{plan.gen_samples} samples per cell, seed 0 (the same prior draws for every model), length 64. "
              "H = mean unigram entropy of a sample (nats); low H with low Gen PPL means repetitive text.")
