@@ -676,7 +676,10 @@ def stage_report(plan: Plan, work: Path, res: Results, report: Path, quick: bool
              f"(shared by all runs), sequence length 64, last 2% of documents held out.")
     L.append(f"- Budget per run: {plan.steps} steps x {plan.global_batch_size} sequences x 64 tokens = "
              f"{plan.steps * plan.global_batch_size * 64:,} tokens; seeds {list(plan.seeds)}; model `duo_dit_tiny`.")
-    L.append(f"- Wall time of this invocation's stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in wall.items()))
+    L.append(f"- Wall time of the stages (summed over the invocations of this work dir; `--jobs "
+             f"{max([r.get('concurrent_jobs', 1) for r in train.values() if isinstance(r, dict)] or [1])}` "
+             "concurrent `tune run` processes in the train, genppl and adapt stages): "
+             + ", ".join(f"{k} {v:.0f} s" for k, v in wall.items()))
     L.append("")
     L.append("## (a) Validation NELBO perplexity")
     L.append("")
@@ -684,7 +687,7 @@ def stage_report(plan: Plan, work: Path, res: Results, report: Path, quick: bool
     if wall_ok and runs:
         L.append(f"![training curves vs wall time]({rel(figs / 'training_vs_wall.png')})")
     L.append("")
-    L.append("| method | final val PPL (mean ± half-range over seeds) | seeds | train wall time (s, mean) |")
+    L.append("| method | final val PPL (mean ± half-range over seeds) | seeds | train wall time per run (s, mean) |")
     L.append("|---|---|---|---|")
     finals = {}
     for method in METHODS:
@@ -982,7 +985,8 @@ def main(argv=None) -> int:
             {"distill": stage_distill, "variance": stage_variance, "genppl": stage_genppl,
              "zeroshot": stage_zeroshot, "adapt": stage_adapt}[stage](plan, work, res)
         wall[stage] = time.perf_counter() - t0
-        res.data.setdefault("stage_wall_s", {})[stage] = wall[stage]
+        acc = res.data.setdefault("stage_wall_s", {})  # summed over invocations (resumed runs add up)
+        acc[stage] = acc.get(stage, 0.0) + wall[stage]
         res.save()
     print(json.dumps({"work": str(work), "report": str(report), "stage_wall_s": wall}), flush=True)
     return 0
