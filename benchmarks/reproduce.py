@@ -57,8 +57,8 @@ class Plan:
     zs_mc_passes: int = 4
     zs_max_blocks: int | None = None
     var_batches: int = 16
-    ar_llama_steps: int = 1200
-    adapt_steps: int = 600
+    ar_llama_steps: int = 800
+    adapt_steps: int = 400
     adapt_eval_every: int = 50
     log_every: int = 10
     gen_labels: tuple | None = None  # None: every row of GEN_RUNS
