@@ -53,7 +53,7 @@ class Plan:
     gen_steps: tuple = (8, 16, 32, 64, 128)
     gen_samples: int = 64
     dcd_rounds: int = 3
-    dcd_steps_per_round: int = 200
+    dcd_steps_per_round: int = 100
     zs_mc_passes: int = 4
     zs_max_blocks: int | None = None
     var_batches: int = 16
