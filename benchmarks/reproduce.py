@@ -53,7 +53,7 @@ class Plan:
     gen_steps: tuple = (8, 16, 32, 64, 128)
     gen_samples: int = 64
     dcd_rounds: int = 3
-    dcd_steps_per_round: int = 100
+    dcd_steps_per_round: int = 200
     zs_mc_passes: int = 4
     zs_max_blocks: int | None = None
     var_batches: int = 16
@@ -465,12 +465,41 @@ def _references(plan: Plan, work: Path) -> dict:
 
 
 def _write_zeroshot_corpus(work: Path) -> Path:
+    """The Britannica article, made encodable by the shared tokenizer: it has no byte fallback (docs/
+    demo-investigation.md), so characters Shakespeare never uses (accents, typographic symbols) would become <unk>,
+    an id outside every model's valid vocabulary (NELBO +inf). They are NFKD-folded to ASCII where possible, else
+    dropped; the count is written next to the file."""
+    import unicodedata
+
     from duo_plugin.data.corpora import britannica_documents
+    from duo_plugin.data.tokenizers import load_tokenizer
 
     path = work / "zeroshot" / "britannica_1911_shakespeare.txt"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n\n".join(britannica_documents()) + "\n", encoding="utf-8")
+        tok = load_tokenizer(work / "tokenizer")
+        unk = getattr(tok, "unk_id", None)
+        text = "\n\n".join(britannica_documents()) + "\n"
+        ok: dict[str, str] = {}
+        folded = dropped = 0
+        out = []
+        for ch in text:
+            if ch not in ok:
+                if ch == "\n" or unk is None or unk not in tok.encode(ch):
+                    ok[ch] = ch
+                else:
+                    alt = {"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u2014": "--", "`": "'"}.get(ch)
+                    if alt is None:
+                        alt = "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c))
+                    ok[ch] = alt if alt and unk not in tok.encode(alt) else ""
+            rep = ok[ch]
+            if rep != ch:
+                folded += bool(rep)
+                dropped += not rep
+            out.append(rep)
+        path.write_text("".join(out), encoding="utf-8")
+        (path.parent / "cleaning.json").write_text(json.dumps({"chars": len(text), "folded": folded,
+                                                              "dropped": dropped}))
     return path
 
 
@@ -711,17 +740,27 @@ def stage_report(plan: Plan, work: Path, res: Results, report: Path, quick: bool
                  f"{refs['unigram_val_ppl_content']:.2f} over content tokens (BOS/EOS left out): a model above that "
                  "line has not learned to use context.")
     L.append("")
-    # steps to reach UDLM's final PPL
-    udlm_m = finals.get("udlm", (None, None))[0]
+    # steps to reach UDLM's final PPL, per seed pair (the seed-to-seed spread of the plateau escape is large)
     speed = None
-    if udlm_m:
-        sd = [_steps_to_reach(logs.get(f"duo_s{s}"), udlm_m) for s in plan.seeds]
-        su = [_steps_to_reach(logs.get(f"udlm_s{s}"), udlm_m) for s in plan.seeds]
-        L.append(f"Steps to reach UDLM's mean final validation PPL ({_fmt(udlm_m)}): Duo {sd}, UDLM {su} (per seed; "
-                 f"evaluated every {plan.eval_every} steps).")
-        if all(sd) and all(su):
-            speed = (sum(su) / len(su)) / (sum(sd) / len(sd))
-            L.append(f"Speed-up (UDLM steps / Duo steps): {speed:.2f}x.")
+    pairs = []
+    for sd_ in plan.seeds:
+        lu, ld = logs.get(f"udlm_s{sd_}"), logs.get(f"duo_s{sd_}")
+        fu = train.get(f"udlm_s{sd_}", {}).get("summary", {}).get("final_val_ppl")
+        if not (lu and ld and fu):
+            continue
+        su, sdd = _steps_to_reach(lu, fu), _steps_to_reach(ld, fu)
+        pairs.append((sd_, fu, su, sdd))
+    if pairs:
+        L.append("Steps to reach UDLM's final validation PPL, per seed (same seed for both; evaluated every "
+                 f"{plan.eval_every} steps): " + "; ".join(
+                     f"seed {k}: target {fu:.2f}, UDLM step {su}, Duo step {sdd}"
+                     + (f" ({su / sdd:.2f}x)" if su and sdd else " (Duo never reached it)") for k, fu, su, sdd in pairs)
+                 + ".")
+        ratios = [su / sdd for _, _, su, sdd in pairs if su and sdd]
+        if ratios and len(ratios) == len(pairs):
+            speed = sum(ratios) / len(ratios)
+            L.append(f"Speed-up (UDLM steps / Duo steps), mean over seeds: {speed:.2f}x "
+                     f"(per seed {', '.join(f'{r:.2f}x' for r in ratios)}).")
         L.append("")
     # variance
     var = res.section("variance")
@@ -750,6 +789,8 @@ def stage_report(plan: Plan, work: Path, res: Results, report: Path, quick: bool
     for lab, rows in gen.items():
         if lab.startswith("_") or not isinstance(rows, dict):
             continue
+        if "skipped" in rows and "[seed" in lab:
+            continue  # a seed this run did not train
         if "skipped" in rows or ("error" in rows and not any(k.isdigit() for k in rows)):
             L.append(f"| {lab} | " + (rows.get("skipped") or rows.get("error", ""))[:120]
                      + " |" + " |" * (len(plan.gen_steps) - 1))
@@ -821,7 +862,8 @@ def stage_report(plan: Plan, work: Path, res: Results, report: Path, quick: bool
     L.append("## Commands")
     L.append("")
     L.append("```")
-    L.append("python benchmarks/reproduce.py" + (" --quick" if quick else ""))
+    for inv in res.data.get("invocations") or ["python benchmarks/reproduce.py" + (" --quick" if quick else "")]:
+        L.append(inv)
     for k, r in train.items():
         if "command" in r:
             L.append(r["command"])
@@ -831,7 +873,9 @@ def stage_report(plan: Plan, work: Path, res: Results, report: Path, quick: bool
         L.append(gen["_command_example"])
     L.append("```")
     report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text("\n".join(L) + "\n", encoding="utf-8")
+    text = "\n".join(L) + "\n"
+    text = text.replace(str(work), "<work>").replace(str(REPO) + "/", "")  # no machine paths in the report
+    report.write_text(text, encoding="utf-8")
     print(f"[report] wrote {report} and {figs}/*.png", flush=True)
 
 
@@ -970,6 +1014,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     res = Results(work / "results.json")
     res.data["plan"] = asdict(plan)
+    res.data.setdefault("invocations", []).append(
+        "python benchmarks/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     res.save()
     wall = {}
     for stage in STAGES:
