@@ -3,6 +3,7 @@ zero-shot PPL, the training-loss variance at fixed weights, and a report with pl
 
     python benchmarks/reproduce.py                 # the full run (see docs/reproduction.md for its measured time)
     python benchmarks/reproduce.py --quick         # the same pipeline at toy size (minutes; the test suite runs it)
+    python benchmarks/reproduce.py --jobs 2        # two tune-run processes at a time (train/genppl/adapt); same numbers
     python benchmarks/reproduce.py --stages train genppl report --work outputs/reproduce
 
 Everything trains and evaluates through ``tune run`` subprocesses with config overrides, as a user would:
