@@ -3,6 +3,7 @@ zero-shot PPL, the training-loss variance at fixed weights, and a report with pl
 
     python benchmarks/reproduce.py                 # the full run (see docs/reproduction.md for its measured time)
     python benchmarks/reproduce.py --quick         # the same pipeline at toy size (minutes; the test suite runs it)
+    python benchmarks/reproduce.py --jobs 2        # two tune-run processes at a time (train/genppl/adapt); same numbers
     python benchmarks/reproduce.py --stages train genppl report --work outputs/reproduce
 
 Everything trains and evaluates through ``tune run`` subprocesses with config overrides, as a user would:
@@ -44,8 +45,8 @@ STAGES = ("train", "distill", "variance", "genppl", "zeroshot", "adapt", "report
 
 @dataclass
 class Plan:
-    steps: int = 4000
-    eval_every: int = 250
+    steps: int = 1600
+    eval_every: int = 100
     eval_max_batches: int = 4
     global_batch_size: int = 32
     curriculum_steps: int = 100
@@ -57,9 +58,9 @@ class Plan:
     zs_mc_passes: int = 4
     zs_max_blocks: int | None = None
     var_batches: int = 16
-    ar_llama_steps: int = 2000
-    adapt_steps: int = 1000
-    adapt_eval_every: int = 100
+    ar_llama_steps: int = 800
+    adapt_steps: int = 400
+    adapt_eval_every: int = 50
     log_every: int = 10
     gen_labels: tuple | None = None  # None: every row of GEN_RUNS
     extra: list = field(default_factory=list)  # overrides for every training run
@@ -156,8 +157,16 @@ class Results:
 
 
 # ------------------------------------------------------------------------------------------------------- stages
-def stage_train(plan: Plan, work: Path, res: Results) -> None:
+def stage_train(plan: Plan, work: Path, res: Results, jobs: int = 1) -> None:
+    """Every (seed, method) run. ``jobs`` > 1 runs that many ``tune run`` processes at once (each single-threaded
+    under OMP_NUM_THREADS=1; every run is seeded on its own, so the numbers do not depend on ``jobs``, only the
+    wall times do). The first run goes alone when the shared tokenizer / data cache does not exist yet."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     sec = res.section("train")
+    lock = threading.Lock()
+    todo = []
     for seed in plan.seeds:
         for method, (config, extra) in METHODS.items():
             key = f"{method}_s{seed}"
@@ -175,13 +184,29 @@ def stage_train(plan: Plan, work: Path, res: Results) -> None:
                     *extra, *plan.extra]
             if method == "duo":
                 args.append(f"curriculum.steps={plan.curriculum_steps}")
-            print(f"[train] {key}: {command_line(args)}", flush=True)
-            wall = run_tune(args, work / "logs" / f"train_{key}.log")
-            summary = json.loads((out / "summary.json").read_text())
-            summary.pop("losses", None)
-            summary.pop("phases", None)
-            sec[key] = {"command": command_line(args), "wall_s": wall, "summary": summary, "dir": str(out)}
+            todo.append((key, out, args))
+
+    def one(item):
+        key, out, args = item
+        print(f"[train] {key}: {command_line(args)}", flush=True)
+        wall = run_tune(args, work / "logs" / f"train_{key}.log")
+        summary = json.loads((out / "summary.json").read_text())
+        summary.pop("losses", None)
+        summary.pop("phases", None)
+        with lock:
+            sec[key] = {"command": command_line(args), "wall_s": wall, "summary": summary, "dir": str(out),
+                        "concurrent_jobs": jobs}
             res.save()
+
+    if todo and (jobs <= 1 or not (work / "tokenizer").exists()):
+        one(todo.pop(0))  # builds the shared tokenizer and data cache
+    if jobs <= 1:
+        for item in todo:
+            one(item)
+    else:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            for f in [pool.submit(one, item) for item in todo]:
+                f.result()
     res.save()
 
 
@@ -296,31 +321,6 @@ def _mdlm_process(model):
     return AbsorbingProcess(width, width - 1, valid_vocab=model.valid_vocab)
 
 
-def _mdlm_genppl(model_dir: Path, scorer_dir: Path, steps: int, num: int) -> dict:
-    """MDLM samples (ancestral steps, greedy noise removal, x_θ cache when not time-conditioned) scored like
-    duo_generate does, through the library (duo_generate samples the uniform-state process only in this build)."""
-    import torch
-
-    from duo_plugin.data.tokenizers import load_tokenizer
-    from duo_plugin.eval.genppl import gen_ppl_and_entropy, load_dit_scorer, unigram_entropy
-    from duo_plugin.models.checkpoint import load_pretrained
-    from duo_plugin.sampling.mdlm import sample_mdlm
-    from duo_plugin.sampling.samplers import DenoiserFn
-
-    model = load_pretrained(model_dir, weights="ema")
-    tok = load_tokenizer(model_dir / "tokenizer")
-    t0 = time.perf_counter()
-    ids = sample_mdlm(DenoiserFn(model), batch_size=num, seq_len=int(model.max_seq_len),
-                      vocab_size=int(model.vocab_size), mask_id=int(model.vocab_size) - 1, steps=steps, noise_removal="greedy",
-                      time_conditioned=bool(getattr(model, "time_conditioning", True)),
-                      valid_vocab=model.valid_vocab, seed=0)
-    secs = time.perf_counter() - t0
-    g = gen_ppl_and_entropy(ids, diffusion_tokenizer=tok, scorer=load_dit_scorer(scorer_dir), scorer_tokenizer=tok,
-                            eos_id_scorer=tok.eos_id, max_len=64)
-    return {"gen_ppl": g["gen_ppl"], "entropy": float(unigram_entropy(ids).mean()), "sample_seconds": secs,
-            "path": "library (sampling.mdlm.sample_mdlm)"}
-
-
 def _mdlm_zeroshot(model_dir: Path, corpus: Path, max_blocks: int | None, mc_passes: int) -> dict:
     """MDLM NELBO PPL on the zero-shot blocks (duo_eval's files/wrap blocks) with the absorbing process."""
     from duo_plugin.data import text as data_text
@@ -349,12 +349,37 @@ GEN_RUNS = (  # (label, model key, noise_removal)
     ("Duo+DCD (greedy-tail)", "duo_dcd", "greedy"),
     ("UDLM (ancestral)", "udlm_s0", "ancestral"),
     ("MDLM (greedy)", "mdlm_s0", "greedy"),
+    ("Duo (ancestral) [seed 1]", "duo_s1", "ancestral"),  # seed noise of the few-step Duo vs MDLM comparison
+    ("Duo (greedy-tail) [seed 1]", "duo_s1", "greedy"),
+    ("MDLM (greedy) [seed 1]", "mdlm_s1", "greedy"),
+    ("Duo (ancestral) [seed 2]", "duo_s2", "ancestral"),
+    ("Duo (greedy-tail) [seed 2]", "duo_s2", "greedy"),
+    ("MDLM (greedy) [seed 2]", "mdlm_s2", "greedy"),
 )
 
 
-def stage_genppl(plan: Plan, work: Path, res: Results) -> None:
+def _pool(jobs: int, items: list, fn) -> None:
+    """``fn(item)`` for every item, ``jobs`` at a time (threads driving ``tune run`` subprocesses)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if jobs <= 1:
+        for item in items:
+            fn(item)
+        return
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for f in [pool.submit(fn, item) for item in items]:
+            f.result()
+
+
+def stage_genppl(plan: Plan, work: Path, res: Results, jobs: int = 1) -> None:
+    """Gen PPL + entropy through ``tune run duo_generate`` for every model (MDLM folders are sampled with the
+    absorbing process by the recipe itself), all scored the same way by the AR model of seed 0."""
+    import threading
+
     sec = res.section("genppl")
+    lock = threading.Lock()
     scorer = _final(work, f"ar_s{plan.seeds[0]}")
+    todo = []
     for label, key, mode in GEN_RUNS:
         if plan.gen_labels is not None and label not in plan.gen_labels:
             continue
@@ -366,28 +391,35 @@ def stage_genppl(plan: Plan, work: Path, res: Results) -> None:
         rows.pop("skipped", None)
         rows.pop("error", None)
         for steps in plan.gen_steps:
-            if str(steps) in rows:
-                continue
-            if _is_mdlm(model_dir):
-                print(f"[genppl] {label} T={steps} (library sampler)", flush=True)
-                rows[str(steps)] = _mdlm_genppl(model_dir, scorer, steps, plan.gen_samples)
-                res.save()
-                continue
-            out = work / "gen" / f"{key}_{mode}_{steps}"
-            args = ["duo_generate", "--config", "duo/generate", f"checkpoint={model_dir}", f"output_dir={out}",
-                    f"steps={steps}", f"noise_removal={mode}", f"num_samples={plan.gen_samples}",
-                    f"batch_size={min(plan.gen_samples, 64)}", "seed=0", f"genppl.path={scorer}",
-                    "genppl.scorer=dit", "genppl.max_len=64", "progress_bar=true"]  # 64 = the AR scorer's length
-            print(f"[genppl] {label} T={steps}", flush=True)
-            try:
-                wall = run_tune(args, work / "logs" / f"gen_{key}_{mode}_{steps}.log")
-            except RuntimeError as e:  # e.g. a process this build's duo_generate cannot sample yet
+            if str(steps) not in rows:
+                todo.append((label, key, mode, steps, model_dir))
+
+    def one(item):
+        label, key, mode, steps, model_dir = item
+        rows = sec[label]
+        out = work / "gen" / f"{key}_{mode}_{steps}"
+        args = ["duo_generate", "--config", "duo/generate", f"checkpoint={model_dir}", f"output_dir={out}",
+                f"steps={steps}", f"noise_removal={mode}", f"num_samples={plan.gen_samples}",
+                f"batch_size={min(plan.gen_samples, 64)}", "seed=0", f"genppl.path={scorer}",
+                "genppl.scorer=dit", "genppl.max_len=64", "progress_bar=true"]  # 64 = the AR scorer's length
+        print(f"[genppl] {label} T={steps}", flush=True)
+        try:
+            wall = run_tune(args, work / "logs" / f"gen_{key}_{mode}_{steps}.log")
+        except RuntimeError as e:
+            with lock:
                 rows["error"] = str(e).splitlines()[0]
-                break
-            m = json.loads((out / "metrics.json").read_text())
+            return
+        m = json.loads((out / "metrics.json").read_text())
+        with lock:
             rows[str(steps)] = {"gen_ppl": m.get("gen_ppl"), "entropy": m.get("entropy"),
-                                "sample_seconds": m.get("seconds"), "wall_s": wall}
+                                "sample_seconds": m.get("seconds"), "nfe": m.get("nfe"),
+                                "process": m.get("process"), "wall_s": wall}
             res.save()
+
+    _pool(jobs, todo, one)
+    if "_references" not in sec and _final(work, f"ar_s{plan.seeds[0]}").is_dir() \
+            and (work / "runs" / f"duo_s{plan.seeds[0]}" / "torchtune_config.yaml").is_file():
+        sec["_references"] = _references(plan, work)
     sec["_command_example"] = command_line(["duo_generate", "--config", "duo/generate", "checkpoint=<model>/final",
                                             "steps=<T>", "noise_removal=<ancestral|greedy>",
                                             f"num_samples={plan.gen_samples}", "genppl.path=<AR model>/final",
@@ -395,13 +427,80 @@ def stage_genppl(plan: Plan, work: Path, res: Results) -> None:
     res.save()
 
 
+def _references(plan: Plan, work: Path) -> dict:
+    """What the numbers should be compared with: a unigram model fitted on the training split (validation PPL over
+    the recipe's validation blocks, all tokens like the recipe's ``val_ppl``, and content tokens only), and the Gen
+    PPL + entropy, scored exactly like the samples, of held-out text and of unigram samples (no context at all)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from duo_plugin.data.tokenizers import load_tokenizer
+    from duo_plugin.eval.genppl import gen_ppl_and_entropy, load_dit_scorer, unigram_entropy
+    from duo_plugin.eval.learning import split_blocks, unigram_ppl
+
+    cfg = OmegaConf.load(work / "runs" / f"duo_s{plan.seeds[0]}" / "torchtune_config.yaml")
+    tok = load_tokenizer(work / "tokenizer")
+    train_ids, vb, vm = split_blocks(cfg, tok)
+    K = int(tok.vocab_size)
+    specials = sorted({i for i in (tok.bos_id, tok.eos_id, getattr(tok, "pad_id", None)) if i is not None})
+    n_eval = plan.eval_max_batches * int(cfg.get("eval_batch_size") or 32)
+    ev = vb[:n_eval][vm[:n_eval]]
+    out = {"val_blocks": int(min(n_eval, vb.shape[0])),
+           "unigram_val_ppl_all_tokens": unigram_ppl(train_ids, ev, K),
+           "unigram_val_ppl_content": unigram_ppl(train_ids, ev, K, specials)}
+    scorer = load_dit_scorer(_final(work, f"ar_s{plan.seeds[0]}"))
+    n, L = plan.gen_samples, int(vb.shape[1])
+
+    def score(ids):
+        g = gen_ppl_and_entropy(ids, diffusion_tokenizer=tok, scorer=scorer, scorer_tokenizer=tok,
+                                eos_id_scorer=tok.eos_id, max_len=64, bos_id_scorer=tok.bos_id)
+        return {"gen_ppl": g["gen_ppl"], "entropy": float(unigram_entropy(ids).mean())}
+
+    out["held_out_text"] = score(vb[:n].long())
+    counts = torch.bincount(train_ids.long(), minlength=K).double()
+    counts[specials] = 0.0
+    uni = torch.multinomial(counts / counts.sum(), n * L, replacement=True,
+                            generator=torch.Generator().manual_seed(0)).view(n, L)
+    out["unigram_samples"] = score(uni)
+    return out
+
+
 def _write_zeroshot_corpus(work: Path) -> Path:
+    """The Britannica article, made encodable by the shared tokenizer: it has no byte fallback (docs/
+    demo-investigation.md), so characters Shakespeare never uses (accents, typographic symbols) would become <unk>,
+    an id outside every model's valid vocabulary (NELBO +inf). They are NFKD-folded to ASCII where possible, else
+    dropped; the count is written next to the file."""
+    import unicodedata
+
     from duo_plugin.data.corpora import britannica_documents
+    from duo_plugin.data.tokenizers import load_tokenizer
 
     path = work / "zeroshot" / "britannica_1911_shakespeare.txt"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n\n".join(britannica_documents()) + "\n", encoding="utf-8")
+        tok = load_tokenizer(work / "tokenizer")
+        unk = getattr(tok, "unk_id", None)
+        text = "\n\n".join(britannica_documents()) + "\n"
+        ok: dict[str, str] = {}
+        folded = dropped = 0
+        out = []
+        for ch in text:
+            if ch not in ok:
+                if ch == "\n" or unk is None or unk not in tok.encode(ch):
+                    ok[ch] = ch
+                else:
+                    alt = {"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u2014": "--", "`": "'"}.get(ch)
+                    if alt is None:
+                        alt = "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c))
+                    ok[ch] = alt if alt and unk not in tok.encode(alt) else ""
+            rep = ok[ch]
+            if rep != ch:
+                folded += bool(rep)
+                dropped += not rep
+            out.append(rep)
+        path.write_text("".join(out), encoding="utf-8")
+        (path.parent / "cleaning.json").write_text(json.dumps({"chars": len(text), "folded": folded,
+                                                              "dropped": dropped}))
     return path
 
 
@@ -488,7 +587,7 @@ def _llama_args(plan: Plan, work: Path, out: Path, seed: int, *, shift: bool) ->
     return args
 
 
-def stage_adapt(plan: Plan, work: Path, res: Results) -> None:
+def stage_adapt(plan: Plan, work: Path, res: Results, jobs: int = 1) -> None:
     """(d): an AR model on the Llama-3.2 architecture, saved as a plain HF Llama checkpoint, adapted to Duo through
     the documented adaptation config (``duo/llama3_2_1b_adapt``: shift, top-k curriculum) vs the same Duo recipe
     from scratch, for the same number of steps."""
@@ -514,9 +613,12 @@ def stage_adapt(plan: Plan, work: Path, res: Results) -> None:
     sec["hf_checkpoint"] = {"dir": str(hf), "architectures": cfg.get("architectures"),
                             "model_type": cfg.get("model_type")}
     curriculum = max(1, plan.adapt_steps // 4)
-    for name, init in (("adapted", str(hf)), ("scratch", "null")):
-        if name in sec:
-            continue
+    import threading
+
+    lock = threading.Lock()
+
+    def one(item):
+        name, init = item
         out = work / "runs" / f"duo_llama_{name}"
         args = _llama_args(plan, work, out, seed, shift=True) + [
             f"init_from={init}", f"max_steps={plan.adapt_steps}", f"eval_every={plan.adapt_eval_every}",
@@ -524,9 +626,12 @@ def stage_adapt(plan: Plan, work: Path, res: Results) -> None:
         print(f"[adapt] Duo {name}: {command_line(args)}", flush=True)
         wall = run_tune(args, work / "logs" / f"adapt_{name}.log")
         s = json.loads((out / "summary.json").read_text())
-        sec[name] = {"command": command_line(args), "wall_s": wall, "final_val_ppl": s.get("final_val_ppl"),
-                     "first_val_ppl": (s.get("first_val") or {}).get("val_ppl"), "dir": str(out)}
-        res.save()
+        with lock:
+            sec[name] = {"command": command_line(args), "wall_s": wall, "final_val_ppl": s.get("final_val_ppl"),
+                         "first_val_ppl": (s.get("first_val") or {}).get("val_ppl"), "dir": str(out)}
+            res.save()
+
+    _pool(jobs, [(n, i) for n, i in (("adapted", str(hf)), ("scratch", "null")) if n not in sec], one)
     res.save()
 
 
@@ -577,10 +682,12 @@ def stage_report(plan: Plan, work: Path, res: Results, report: Path, quick: bool
         plots.plot_training_curves(runs, figs / "training_vs_wall.png", x="wall")
     gen = res.section("genppl")
     gen_pts = {lab: [(int(s), r["gen_ppl"]) for s, r in rows.items() if s.isdigit() and r.get("gen_ppl")]
-               for lab, rows in gen.items() if isinstance(rows, dict) and not lab.startswith("_")}
+               for lab, rows in gen.items() if isinstance(rows, dict) and not lab.startswith("_") and "[seed" not in lab}
     ent_pts = {lab: [(r["entropy"], r["gen_ppl"]) for s, r in rows.items() if s.isdigit() and r.get("gen_ppl")]
-               for lab, rows in gen.items() if isinstance(rows, dict) and not lab.startswith("_")}
-    plots.plot_genppl_vs_steps(gen_pts, figs / "genppl_vs_steps.png")
+               for lab, rows in gen.items() if isinstance(rows, dict) and not lab.startswith("_") and "[seed" not in lab}
+    refs = gen.get("_references") or {}
+    plots.plot_genppl_vs_steps(gen_pts, figs / "genppl_vs_steps.png",
+                               reference=(refs.get("held_out_text") or {}).get("gen_ppl"))
     plots.plot_genppl_vs_entropy(ent_pts, figs / "genppl_vs_entropy.png")
     rel = lambda p: os.path.relpath(p, report.parent)  # noqa: E731
 
@@ -599,7 +706,10 @@ def stage_report(plan: Plan, work: Path, res: Results, report: Path, quick: bool
              f"(shared by all runs), sequence length 64, last 2% of documents held out.")
     L.append(f"- Budget per run: {plan.steps} steps x {plan.global_batch_size} sequences x 64 tokens = "
              f"{plan.steps * plan.global_batch_size * 64:,} tokens; seeds {list(plan.seeds)}; model `duo_dit_tiny`.")
-    L.append(f"- Wall time of this invocation's stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in wall.items()))
+    L.append(f"- Wall time of the stages (summed over the invocations of this work dir; `--jobs "
+             f"{max([r.get('concurrent_jobs', 1) for r in train.values() if isinstance(r, dict)] or [1])}` "
+             "concurrent `tune run` processes in the train, genppl and adapt stages): "
+             + ", ".join(f"{k} {v:.0f} s" for k, v in wall.items()))
     L.append("")
     L.append("## (a) Validation NELBO perplexity")
     L.append("")
@@ -607,7 +717,7 @@ def stage_report(plan: Plan, work: Path, res: Results, report: Path, quick: bool
     if wall_ok and runs:
         L.append(f"![training curves vs wall time]({rel(figs / 'training_vs_wall.png')})")
     L.append("")
-    L.append("| method | final val PPL (mean ± half-range over seeds) | seeds | train wall time (s, mean) |")
+    L.append("| method | final val PPL (mean ± half-range over seeds) | seeds | train wall time per run (s, mean) |")
     L.append("|---|---|---|---|")
     finals = {}
     for method in METHODS:
@@ -625,18 +735,33 @@ def stage_report(plan: Plan, work: Path, res: Results, report: Path, quick: bool
                  + f" | {len([v for v in vals if v])} | {_fmt(wm, 0)} |")
     L.append("")
     L.append("AR perplexity is exact; diffusion perplexities are NELBO upper bounds (one stratified t per sequence).")
+    if refs.get("unigram_val_ppl_all_tokens"):
+        L.append(f"Reference: a unigram model fitted on the training split scores the same {refs['val_blocks']} "
+                 f"validation blocks at PPL {refs['unigram_val_ppl_all_tokens']:.2f} over all tokens (as above) and "
+                 f"{refs['unigram_val_ppl_content']:.2f} over content tokens (BOS/EOS left out): a model above that "
+                 "line has not learned to use context.")
     L.append("")
-    # steps to reach UDLM's final PPL
-    udlm_m = finals.get("udlm", (None, None))[0]
+    # steps to reach UDLM's final PPL, per seed pair (the seed-to-seed spread of the plateau escape is large)
     speed = None
-    if udlm_m:
-        sd = [_steps_to_reach(logs.get(f"duo_s{s}"), udlm_m) for s in plan.seeds]
-        su = [_steps_to_reach(logs.get(f"udlm_s{s}"), udlm_m) for s in plan.seeds]
-        L.append(f"Steps to reach UDLM's mean final validation PPL ({_fmt(udlm_m)}): Duo {sd}, UDLM {su} (per seed; "
-                 f"evaluated every {plan.eval_every} steps).")
-        if all(sd) and all(su):
-            speed = (sum(su) / len(su)) / (sum(sd) / len(sd))
-            L.append(f"Speed-up (UDLM steps / Duo steps): {speed:.2f}x.")
+    pairs = []
+    for sd_ in plan.seeds:
+        lu, ld = logs.get(f"udlm_s{sd_}"), logs.get(f"duo_s{sd_}")
+        fu = train.get(f"udlm_s{sd_}", {}).get("summary", {}).get("final_val_ppl")
+        if not (lu and ld and fu):
+            continue
+        su, sdd = _steps_to_reach(lu, fu), _steps_to_reach(ld, fu)
+        pairs.append((sd_, fu, su, sdd))
+    if pairs:
+        L.append("Steps to reach UDLM's final validation PPL, per seed (same seed for both; evaluated every "
+                 f"{plan.eval_every} steps): " + "; ".join(
+                     f"seed {k}: target {fu:.2f}, UDLM step {su}, Duo step {sdd}"
+                     + (f" ({su / sdd:.2f}x)" if su and sdd else " (Duo never reached it)") for k, fu, su, sdd in pairs)
+                 + ".")
+        ratios = [su / sdd for _, _, su, sdd in pairs if su and sdd]
+        if ratios and len(ratios) == len(pairs):
+            speed = sum(ratios) / len(ratios)
+            L.append(f"Speed-up (UDLM steps / Duo steps), mean over seeds: {speed:.2f}x "
+                     f"(per seed {', '.join(f'{r:.2f}x' for r in ratios)}).")
         L.append("")
     # variance
     var = res.section("variance")
@@ -665,6 +790,8 @@ def stage_report(plan: Plan, work: Path, res: Results, report: Path, quick: bool
     for lab, rows in gen.items():
         if lab.startswith("_") or not isinstance(rows, dict):
             continue
+        if "skipped" in rows and "[seed" in lab:
+            continue  # a seed this run did not train
         if "skipped" in rows or ("error" in rows and not any(k.isdigit() for k in rows)):
             L.append(f"| {lab} | " + (rows.get("skipped") or rows.get("error", ""))[:120]
                      + " |" + " |" * (len(plan.gen_steps) - 1))
@@ -674,6 +801,11 @@ def stage_report(plan: Plan, work: Path, res: Results, report: Path, quick: bool
             r = rows.get(str(s))
             cells.append("n/a" if not r else f"{_fmt(r['gen_ppl'], 1)} (H={_fmt(r['entropy'], 2)})")
         L.append(f"| {lab} | " + " | ".join(cells) + " |")
+    for name, lab in (("held_out_text", "reference: held-out text"), ("unigram_samples", "reference: unigram samples")):
+        r = refs.get(name)
+        if r:
+            L.append(f"| {lab} | " + " | ".join([f"{_fmt(r['gen_ppl'], 1)} (H={_fmt(r['entropy'], 2)})"]
+                                                  * len(plan.gen_steps)) + " |")
     L.append("")
     L.append(f"{plan.gen_samples} samples per cell, seed 0 (the same prior draws for every model), length 64. "
              "H = mean unigram entropy of a sample (nats); low H with low Gen PPL means repetitive text.")
@@ -731,7 +863,8 @@ def stage_report(plan: Plan, work: Path, res: Results, report: Path, quick: bool
     L.append("## Commands")
     L.append("")
     L.append("```")
-    L.append("python benchmarks/reproduce.py" + (" --quick" if quick else ""))
+    for inv in res.data.get("invocations") or ["python benchmarks/reproduce.py" + (" --quick" if quick else "")]:
+        L.append(inv)
     for k, r in train.items():
         if "command" in r:
             L.append(r["command"])
@@ -741,7 +874,9 @@ def stage_report(plan: Plan, work: Path, res: Results, report: Path, quick: bool
         L.append(gen["_command_example"])
     L.append("```")
     report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text("\n".join(L) + "\n", encoding="utf-8")
+    text = "\n".join(L) + "\n"
+    text = text.replace(str(work), "<work>").replace(str(REPO) + "/", "")  # no machine paths in the report
+    report.write_text(text, encoding="utf-8")
     print(f"[report] wrote {report} and {figs}/*.png", flush=True)
 
 
@@ -782,20 +917,40 @@ def _claims(finals, speed, var, gen, plan, quick, res_adapt=None) -> list[str]:
         r = gen.get(label, {}).get(str(s)) if isinstance(gen.get(label), dict) else None
         return r.get("entropy") if r else None
 
+    def seeds_of(label, s):  # (gen_ppl, entropy) of the seed-0 row and of every "[seed k]" row
+        out_ = []
+        for lab in [label] + [f"{label} [seed {k}]" for k in plan.seeds[1:]]:
+            if g(lab, s):
+                out_.append((g(lab, s), h(lab, s)))
+        return out_
+
     mm, mh = g("MDLM (greedy)", few), h("MDLM (greedy)", few)
     if mm:
-        parts, verdicts = [], []
-        for lab in ("Duo (ancestral)", "Duo (greedy-tail)"):
-            dm, dh = g(lab, few), h(lab, few)
-            if not dm:
+        lines = []
+        for s_ in sorted({few, sorted(plan.gen_steps)[1] if len(plan.gen_steps) > 1 else few}):
+            m_rows = seeds_of("MDLM (greedy)", s_)
+            if not m_rows:
                 continue
-            comparable = dh is not None and mh is not None and dh >= 0.9 * mh
-            parts.append(f"{lab} {dm:.1f} (H={dh:.2f})")
-            verdicts.append("shown" if dm < mm and comparable else
-                            "not comparable (Duo's samples have lower entropy)" if dm < mm else "not shown")
-        out.append(f"4. **Duo's few-step Gen PPL beats MDLM's** (T={few}): MDLM {mm:.1f} (H={mh:.2f}) vs "
-                   + ", ".join(parts) + ": " + " / ".join(verdicts) + " (ancestral / greedy-tail; a lower Gen PPL "
-                   "only counts at a comparable entropy, here ≥ 0.9x MDLM's).")
+            mg, msp = _mean_spread([r[0] for r in m_rows])
+            me, _ = _mean_spread([r[1] for r in m_rows])
+            parts = []
+            for lab in ("Duo (ancestral)", "Duo (greedy-tail)"):
+                d_rows = seeds_of(lab, s_)
+                if not d_rows:
+                    continue
+                dg, dsp = _mean_spread([r[0] for r in d_rows])
+                de, _ = _mean_spread([r[1] for r in d_rows])
+                noise = max(msp or 0.0, dsp or 0.0)
+                comparable = de >= 0.9 * me
+                verdict = ("shown" if dg + noise < mg and comparable else
+                           "lower Gen PPL but not at a comparable entropy" if dg + noise < mg else
+                           "within the seed spread" if abs(dg - mg) <= noise else "not shown (MDLM is better)")
+                parts.append(f"{lab} {dg:.1f}" + (f" ± {dsp:.1f}" if dsp is not None else "")
+                             + f" (H={de:.2f}): {verdict}")
+            lines.append(f"T={s_}: MDLM {mg:.1f}" + (f" ± {msp:.1f}" if msp is not None else "")
+                         + f" (H={me:.2f}) vs " + "; ".join(parts) + f" [{len(m_rows)} seed(s)]")
+        out.append("4. **Duo's few-step Gen PPL beats MDLM's** (mean ± half-range over the seeds' models; a lower Gen "
+                   "PPL only counts at a comparable entropy, here ≥ 0.9× MDLM's): " + " — ".join(lines) + ".")
     else:
         out.append("4. **Duo vs MDLM at few steps**: not measured in this run (MDLM samples unavailable).")
     b_few, b_many, s_few = g("Duo (ancestral)", few), g("Duo (ancestral)", many), g("Duo+DCD (ancestral)", few)
@@ -843,6 +998,8 @@ def main(argv=None) -> int:
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--steps", type=int, default=None, help="override the training steps of every run")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="training runs at once (stage train; default 1). Results do not depend on it, wall times do")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra override for every training run (repeatable)")
     args = p.parse_args(argv)
@@ -858,6 +1015,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     res = Results(work / "results.json")
     res.data["plan"] = asdict(plan)
+    res.data.setdefault("invocations", []).append(
+        "python benchmarks/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     res.save()
     wall = {}
     for stage in STAGES:
@@ -866,11 +1025,15 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         if stage == "report":
             stage_report(plan, work, res, report, args.quick, dict(res.data.get("stage_wall_s", {})))
+        elif stage in ("train", "genppl", "adapt"):
+            {"train": stage_train, "genppl": stage_genppl, "adapt": stage_adapt}[stage](plan, work, res,
+                                                                                      jobs=max(1, args.jobs))
         else:
-            {"train": stage_train, "distill": stage_distill, "variance": stage_variance, "genppl": stage_genppl,
+            {"distill": stage_distill, "variance": stage_variance, "genppl": stage_genppl,
              "zeroshot": stage_zeroshot, "adapt": stage_adapt}[stage](plan, work, res)
         wall[stage] = time.perf_counter() - t0
-        res.data.setdefault("stage_wall_s", {})[stage] = wall[stage]
+        acc = res.data.setdefault("stage_wall_s", {})  # summed over invocations (resumed runs add up)
+        acc[stage] = acc.get(stage, 0.0) + wall[stage]
         res.save()
     print(json.dumps({"work": str(work), "report": str(report), "stage_wall_s": wall}), flush=True)
     return 0

@@ -256,6 +256,60 @@ def sampler_options(cfg) -> dict:
             "block_len": int(block_len or 0)}
 
 
+def model_objective(model) -> str:
+    """The training objective recorded in the model folder's metadata (``duo`` when absent: older folders)."""
+    meta = getattr(model, "duo_metadata", {}) or {}
+    return str(meta.get("objective") or "duo")
+
+
+def mdlm_mask_id(model) -> int:
+    """The [MASK] id of an MDLM model: ``mask_id`` in its metadata, else its last embedding row
+    (``objectives.mdlm``); it must not be a data id."""
+    meta = getattr(model, "duo_metadata", {}) or {}
+    mask_id = int(meta["mask_id"]) if meta.get("mask_id") is not None else int(model.vocab_size) - 1
+    valid = getattr(model, "valid_vocab", None)
+    if valid is not None and bool(valid[mask_id]):
+        raise ValueError(f"the model folder says objective 'mdlm' but its [MASK] row {mask_id} is a valid token id, not "
+                         "a [MASK] row: the folder's metadata does not match the model")
+    return mask_id
+
+
+def check_mdlm_options(opts: dict, n_blocks: int) -> None:
+    """The absorbing sampler has no Ψ predictor, prompt guidance, block generation or posterior variants."""
+    if opts["predictor"] != "ancestral":
+        raise ConfigError("predictor=psi is for uniform-state (Duo/UDLM) models; this model was trained with the MDLM "
+                          "objective: set predictor=ancestral")
+    if opts["guidance_weight"] != 1.0:
+        raise ConfigError("guidance_weight is for uniform-state (Duo/UDLM) models; set guidance_weight=1.0 for an MDLM "
+                          "model")
+    if n_blocks:
+        raise ConfigError("blocks.n_blocks > 0 is for uniform-state (Duo/UDLM) models; set blocks.n_blocks=0 for an "
+                          "MDLM model")
+    if opts["posterior_impl"] != "auto":
+        raise ConfigError("posterior_impl selects a uniform-state posterior; set posterior_impl=auto for an MDLM model")
+
+
+def sample_mdlm_rows(den, schedule, *, num: int, chunk: int, seq_len: int, vocab_size: int, mask_id: int, steps: int,
+                     mode: str, time_conditioned: bool, valid, temperature: float, top_p: float, seed: int,
+                     t_eps: float, device, clamp_mask=None, clamp_values=None):
+    """``sample_mdlm`` over ``num`` rows in chunks of ``chunk``; row i always uses ``row_generators(seed, 0, [i])``,
+    so the samples do not depend on ``chunk``. Returns ``(tokens Long[num, L], nfe = the most calls of a chunk)``."""
+    from duo_plugin.diffusion.uniform import row_generators
+    from duo_plugin.sampling.mdlm import sample_mdlm
+
+    out, nfe = [], 0
+    for lo in range(0, num, chunk):
+        hi = min(num, lo + chunk)
+        z, n = sample_mdlm(den, schedule, batch_size=hi - lo, seq_len=seq_len, vocab_size=vocab_size,
+                           mask_id=mask_id, steps=steps, noise_removal=mode, time_conditioned=time_conditioned,
+                           valid_vocab=valid, temperature=temperature, top_p=top_p,
+                           generator=row_generators(seed, 0, range(lo, hi), device=device), t_eps=t_eps,
+                           device=device, return_nfe=True, clamp_mask=clamp_mask, clamp_values=clamp_values)
+        out.append(z)
+        nfe = max(nfe, int(n))
+    return torch.cat(out, 0), nfe
+
+
 def run(cfg: DictConfig) -> dict:
     """The recipe body (``recipe_main`` = ``@config.parse`` + this); returns the metrics dict."""
     from duo_plugin.diffusion.schedules import LogLinearSchedule
@@ -279,6 +333,11 @@ def run(cfg: DictConfig) -> dict:
     n_blocks, block_len = opts.pop("n_blocks"), opts.pop("block_len")
     variable_length = bool(cfg.get("variable_length", False))
     eos_id = int(tok.eos_id) if variable_length else None
+    objective = model_objective(model)
+    mask_id = None
+    if objective == "mdlm":  # absorbing process (docs/baselines.md): the [MASK] row is the model's last row
+        check_mdlm_options(opts, n_blocks)
+        mask_id = mdlm_mask_id(model)
 
     prompts = cfg.get("prompts")
     infill = cfg.get("infill")
@@ -310,14 +369,32 @@ def run(cfg: DictConfig) -> dict:
             device=device, chunk_size=int(cfg.get("batch_size") or num), progress=bool(cfg.get("progress_bar", True)),
             eos_id=eos_id, **opts,
         )
-        with eta_lines():  # the sampler's bar on a terminal, else an ETA line every 30 s
-            if n_blocks:
-                res = sample_blocks(den, schedule, n_blocks=n_blocks, block_len=block_len, **kw)
-            else:
-                res = sample(den, schedule, clamp_mask=job.get("clamp_mask"), clamp_values=job.get("clamp_values"),
-                             return_trajectory=True, **kw)
-        nfe = res.nfe
-        ids = res.tokens.cpu()
+        if mask_id is not None:
+            cm, cv = job.get("clamp_mask"), job.get("clamp_values")
+            if job.get("prompt_ids") is not None:
+                pids = job["prompt_ids"]
+                if len(pids) > seq_len:
+                    raise ValueError(f"the prompt has {len(pids)} tokens but seq_len={seq_len}")
+                cm = torch.zeros(seq_len, dtype=torch.bool)
+                cm[: len(pids)] = True
+                cv = torch.zeros(seq_len, dtype=torch.long)
+                cv[: len(pids)] = pids
+            tokens, nfe = sample_mdlm_rows(
+                den, schedule, num=num, chunk=kw["chunk_size"], seq_len=seq_len, vocab_size=int(model.vocab_size),
+                mask_id=mask_id, steps=steps, mode=mode, time_conditioned=bool(getattr(model, "time_conditioning",
+                True)), valid=valid, temperature=kw["temperature"], top_p=kw["top_p"], seed=seed + j,
+                t_eps=kw["t_eps"], device=device, clamp_mask=cm, clamp_values=cv)
+            res = None
+        else:
+            with eta_lines():  # the sampler's bar on a terminal, else an ETA line every 30 s
+                if n_blocks:
+                    res = sample_blocks(den, schedule, n_blocks=n_blocks, block_len=block_len, **kw)
+                else:
+                    res = sample(den, schedule, clamp_mask=job.get("clamp_mask"),
+                                 clamp_values=job.get("clamp_values"), return_trajectory=True, **kw)
+        if res is not None:
+            nfe, tokens = res.nfe, res.tokens
+        ids = tokens.cpu()
         all_ids.append(ids)
         p_len = len(job["prompt_ids"]) if job.get("prompt_ids") is not None else 0
         rows, lengths = trim_at_eos(ids, eos_id, start=p_len) if eos_id is not None else (ids.tolist(), None)
@@ -340,6 +417,8 @@ def run(cfg: DictConfig) -> dict:
         "steps": steps,
         "noise_removal": mode,
         "nfe": nfe,
+        "objective": objective,
+        "process": "absorbing" if mask_id is not None else "uniform",
         "predictor": opts["predictor"],
         "guidance_weight": opts["guidance_weight"],
         "n_blocks": n_blocks,

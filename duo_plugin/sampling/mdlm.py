@@ -91,6 +91,8 @@ def sample_mdlm(
     t_eps: float = 1e-5,
     device=None,
     return_nfe: bool = False,
+    clamp_mask: Optional[torch.Tensor] = None,
+    clamp_values: Optional[torch.Tensor] = None,
 ):
     """Draw ``Long[batch_size, seq_len]`` from an MDLM denoiser ``denoiser(z, sigma) -> log-probs [B, L, W]``.
 
@@ -99,6 +101,11 @@ def sample_mdlm(
     ignores σ, so x_θ only changes when z does).  Exactly one of ``generator`` (one, or one per row) / ``seed``
     (→ ``row_generators(seed, 0, range(B))``).  Returns the tokens, or ``(tokens, nfe)`` with ``return_nfe=True``.
     No [MASK] is left unless ``noise_removal="none"``.
+
+    Conditioning (prompts, infilling): ``clamp_mask`` ``Bool[L]`` or ``Bool[B, L]`` marks positions that start as
+    ``clamp_values`` (``Long[L]`` / ``Long[B, L]``, token ids other than [MASK]; BOS is fine) instead of [MASK]. The absorbing posterior never changes
+    an unmasked token, so they stay, and the chain is exactly the model's reverse process started from that
+    partially masked state (the conditional given the clamped tokens, as far as x_θ is).
     """
     if noise_removal not in ("greedy", "ancestral", "none"):
         raise ValueError(f"noise_removal must be 'greedy', 'ancestral' or 'none'; got {noise_removal!r}")
@@ -123,6 +130,15 @@ def sample_mdlm(
 
     cache = absorbing.XThetaCache(call, time_conditioned)
     z = proc.prior_sample((batch_size, seq_len), device=device)
+    if clamp_mask is not None:
+        if clamp_values is None:
+            raise ValueError("clamp_mask needs clamp_values (the data ids of the clamped positions)")
+        cm = torch.as_tensor(clamp_mask, dtype=torch.bool, device=device).expand(batch_size, seq_len)
+        cv = torch.as_tensor(clamp_values, dtype=torch.long, device=device).expand(batch_size, seq_len)
+        bad = cm & ((cv < 0) | (cv >= proc.vocab_size) | (cv == mask_id))
+        if bool(bad.any()):
+            raise ValueError("clamp_values must be token ids in [0, vocab_size) other than the [MASK] id at every clamped position")
+        z = torch.where(cm, cv, z)
     for i in range(int(steps)):
         z_new = scheduler.step(cache(z, grid[i]), grid[i], grid[i + 1], z, StepNoise(gen, None, i))
         cache.update(z, z_new)

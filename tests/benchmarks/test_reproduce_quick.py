@@ -42,6 +42,8 @@ def test_reproduce_quick(tmp_path):
             r = res["genppl"][lab][steps]
             # (greedy-tail samples of a 40-step model may be one repeated token: entropy 0)
             assert math.isfinite(r["gen_ppl"]) and r["gen_ppl"] > 1 and 0 <= r["entropy"] < 10, (lab, steps, r)
+    r = res["genppl"]["MDLM (greedy)"]["8"]  # sampled by duo_generate itself, from the folder's objective
+    assert r["process"] == "absorbing" and math.isfinite(r["gen_ppl"]) and r["gen_ppl"] > 1, r
     for key in ("duo_s0", "udlm_s0", "ar_s0"):
         assert math.isfinite(res["zeroshot"][key]["ppl"]), key
     ad = res["adapt"]

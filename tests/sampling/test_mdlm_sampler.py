@@ -50,7 +50,7 @@ def ref_filter(x, temperature, top_p):
     return q / q.sum()
 
 
-def exact_final_distribution(den, K, L, steps, noise_removal, t_eps=1e-5, temperature=1.0, top_p=1.0):
+def exact_final_distribution(den, K, L, steps, noise_removal, t_eps=1e-5, temperature=1.0, top_p=1.0, init=None):
     W, mask = K + 1, K
     alphas = LogLinearSchedule().alpha(time_grid(steps, t_eps)).numpy()
     states = list(itertools.product(range(W), repeat=L))
@@ -77,7 +77,7 @@ def exact_final_distribution(den, K, L, steps, noise_removal, t_eps=1e-5, temper
         return out / out.sum()
 
     dist = np.zeros(len(states))
-    dist[index[(mask,) * L]] = 1.0
+    dist[index[tuple(init) if init is not None else (mask,) * L]] = 1.0
     grid = list(alphas) + ([1.0] if noise_removal == "ancestral" else [])
     for i in range(len(grid) - 1):
         new = np.zeros_like(dist)
@@ -130,6 +130,33 @@ def test_sampler_matches_exact_chain(noise_removal, time_conditioned, K, tempera
     exp = np.append(dist[big] * N, dist[~big].sum() * N)
     keep = exp > 0
     assert stats.chisquare(obs[keep], exp[keep]).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("noise_removal", ["ancestral", "greedy"])
+def test_clamped_start_matches_exact_chain_from_that_state(noise_removal):
+    """Prompt / infill conditioning: positions clamped to data ids never change, and the draws follow the exact
+    chain started from the partially masked state (middle position clamped to id 1)."""
+    K, L, steps, N = 2, 3, 4, 6000
+    den = TableDenoiser(K + 1, L, seed=3)
+    init = (K, 1, K)
+    states, dist = exact_final_distribution(den, K, L, steps, noise_removal, init=init)
+    cm = torch.tensor([False, True, False])
+    cv = torch.tensor([0, 1, 0])
+    z = sample_mdlm(den, batch_size=N, seq_len=L, vocab_size=K + 1, mask_id=K, steps=steps,
+                    noise_removal=noise_removal, generator=torch.Generator().manual_seed(11), clamp_mask=cm,
+                    clamp_values=cv)
+    assert bool((z[:, 1] == 1).all()) and int((z == K).sum()) == 0
+    index = {s: i for i, s in enumerate(states)}
+    counts = np.zeros(len(states))
+    for row in z.tolist():
+        counts[index[tuple(row)]] += 1
+    assert counts[dist == 0].sum() == 0
+    big = dist * N >= 5
+    freq, ref = counts[big] / N, dist[big]
+    assert np.all(np.abs(freq - ref) <= 4 * np.sqrt(ref * (1 - ref) / N) + 1e-12)
+    with pytest.raises(ValueError, match="MASK"):
+        sample_mdlm(den, batch_size=1, seq_len=L, vocab_size=K + 1, mask_id=K, steps=2, seed=0, clamp_mask=cm,
+                    clamp_values=torch.tensor([0, K, 0]))
 
 
 def test_cache_skips_calls_without_changing_draws():
