@@ -428,6 +428,20 @@ def _round_times_and_gens(seed, index, r, m, t_min, time_sampling, device):
 
 
 @torch.no_grad()
+def _check_mc_options(m: int, time_sampling: str, conditioning: str, target_stderr, max_mc_samples) -> int:
+    """Validate the Monte Carlo options shared by the conditional-NELBO estimators; return the adaptive cap."""
+    if time_sampling not in ("stratified", "iid"):
+        raise ValueError(f"time_sampling must be 'stratified' or 'iid', got {time_sampling!r}")
+    if conditioning not in CONDITIONING_MODES:
+        raise ValueError(f"conditioning must be one of {CONDITIONING_MODES}, got {conditioning!r}")
+    if target_stderr is not None and not float(target_stderr) > 0:
+        raise ValueError(f"target_stderr must be > 0 nats, got {target_stderr}")
+    cap = int(max_mc_samples) if max_mc_samples is not None else 32 * m
+    if target_stderr is not None and cap < m:
+        raise ValueError(f"max_mc_samples={cap} must be >= mc_samples={m}")
+    return cap
+
+
 def conditional_nelbo(
     denoiser: Denoiser,
     x0: torch.Tensor,
@@ -496,15 +510,7 @@ def conditional_nelbo(
     m = int(mc_samples)
     if m < 1 or int(batch_size) < 1:
         raise ValueError("mc_samples and batch_size must be >= 1")
-    if time_sampling not in ("stratified", "iid"):
-        raise ValueError(f"time_sampling must be 'stratified' or 'iid', got {time_sampling!r}")
-    if conditioning not in CONDITIONING_MODES:
-        raise ValueError(f"conditioning must be one of {CONDITIONING_MODES}, got {conditioning!r}")
-    if target_stderr is not None and not float(target_stderr) > 0:
-        raise ValueError(f"target_stderr must be > 0 nats, got {target_stderr}")
-    cap = int(max_mc_samples) if max_mc_samples is not None else 32 * m
-    if target_stderr is not None and cap < m:
-        raise ValueError(f"max_mc_samples={cap} must be >= mc_samples={m}")
+    cap = _check_mc_options(m, time_sampling, conditioning, target_stderr, max_mc_samples)
     if indices is None:
         indices = torch.arange(b)
     indices = torch.as_tensor(indices, dtype=torch.long).flatten()
@@ -714,15 +720,7 @@ def conditional_nelbo_ragged(
         raise ValueError("mc_samples must be >= 1")
     if (max_rows is not None and int(max_rows) < 1) or (max_batch_tokens is not None and int(max_batch_tokens) < 1):
         raise ValueError("max_rows and max_batch_tokens must be >= 1")
-    if time_sampling not in ("stratified", "iid"):
-        raise ValueError(f"time_sampling must be 'stratified' or 'iid', got {time_sampling!r}")
-    if conditioning not in CONDITIONING_MODES:
-        raise ValueError(f"conditioning must be one of {CONDITIONING_MODES}, got {conditioning!r}")
-    if target_stderr is not None and not float(target_stderr) > 0:
-        raise ValueError(f"target_stderr must be > 0 nats, got {target_stderr}")
-    cap = int(max_mc_samples) if max_mc_samples is not None else 32 * m
-    if target_stderr is not None and cap < m:
-        raise ValueError(f"max_mc_samples={cap} must be >= mc_samples={m}")
+    cap = _check_mc_options(m, time_sampling, conditioning, target_stderr, max_mc_samples)
     indices = list(range(n)) if indices is None else [int(i) for i in indices]
     if len(indices) != n:
         raise ValueError(f"indices must have one entry per sequence ({n})")
