@@ -24,6 +24,7 @@ from duo_plugin._progress import Eta
 from duo_plugin.diffusion.losses import duo_nelbo
 from duo_plugin.diffusion.schedules import LogLinearSchedule, stratified_times
 from duo_plugin.diffusion.uniform import corrupt, row_generators, stable_seed, valid_ids
+from duo_plugin.eval.mc import MCPolicy, mean_and_stderr, plan_samples
 
 __all__ = [
     "nelbo_perplexity",
@@ -406,15 +407,18 @@ class ConditionalNELBO(NamedTuple):
     mc_samples: Optional[torch.Tensor] = None
 
 
-def _round_times_and_gens(seed, index, r, m, t_min, time_sampling, device):
-    """Times ``[m]`` and generators for MC round ``r`` (samples ``r·m … r·m + m − 1``) of sequence ``index``.
+def _round_times_and_gens(seed, index, r, m, t_min, time_sampling, device, start=None):
+    """Times ``[m]`` and generators for MC stage ``r`` of sequence ``index`` (samples ``start … start + m − 1``,
+    default ``start = r·m``).
 
-    Round 0 keeps the streams of the non-adaptive estimator: stratified times ``stratified_times(seed,
+    Stage 0 keeps the streams of the non-adaptive estimator: stratified times ``stratified_times(seed,
     _COND_STEP_OFFSET + index, range(m), m)`` (or i.i.d. times from a generator seeded by ``seed·1000003 + index``)
-    and corruption generators ``row_generators(seed, offset + index, [j])``. Later rounds shift the time stream by
-    ``r · 2^48`` and continue the sample index j.
+    and corruption generators ``row_generators(seed, offset + index, [j])``. Stage r ≥ 1 (the adaptive policy's
+    fresh round) shifts the time stream by ``r · 2^48`` (its m times stratified among themselves) and continues the
+    sample index j at ``start``, so its draws are independent of the pilot's.
     """
     index = int(index)
+    start = r * m if start is None else int(start)
     if time_sampling == "stratified":
         times = stratified_times(seed, _COND_STEP_OFFSET + index + r * _ROUND_STRIDE, range(m), m, t_min=t_min,
                                  dtype=torch.float64)
@@ -423,23 +427,16 @@ def _round_times_and_gens(seed, index, r, m, t_min, time_sampling, device):
         g = torch.Generator().manual_seed((seed * 1_000_003 + index + r * _ROUND_STRIDE) % (1 << 63))
         times = t_min + (1 - t_min) * torch.rand(m, generator=g, dtype=torch.float64)
         step = _IID_STEP_OFFSET + index
-    gens = row_generators(seed, step, range(r * m, r * m + m), device=device)
+    gens = row_generators(seed, step, range(start, start + m), device=device)
     return times, gens
 
 
-@torch.no_grad()
-def _check_mc_options(m: int, time_sampling: str, conditioning: str, target_stderr, max_mc_samples) -> int:
-    """Validate the Monte Carlo options shared by the conditional-NELBO estimators; return the adaptive cap."""
-    if time_sampling not in ("stratified", "iid"):
-        raise ValueError(f"time_sampling must be 'stratified' or 'iid', got {time_sampling!r}")
+def _check_mc_options(m: int, time_sampling: str, conditioning: str, target_stderr, max_mc_samples) -> MCPolicy:
+    """Validate the Monte Carlo options shared by the conditional-NELBO estimators; return the policy."""
     if conditioning not in CONDITIONING_MODES:
         raise ValueError(f"conditioning must be one of {CONDITIONING_MODES}, got {conditioning!r}")
-    if target_stderr is not None and not float(target_stderr) > 0:
-        raise ValueError(f"target_stderr must be > 0 nats, got {target_stderr}")
-    cap = int(max_mc_samples) if max_mc_samples is not None else 32 * m
-    if target_stderr is not None and cap < m:
-        raise ValueError(f"max_mc_samples={cap} must be >= mc_samples={m}")
-    return cap
+    return MCPolicy(int(m), None if target_stderr is None else float(target_stderr),
+                    None if max_mc_samples is None else int(max_mc_samples), time_sampling)
 
 
 def conditional_nelbo(
@@ -472,10 +469,11 @@ def conditional_nelbo(
     i.i.d. (``"iid"``), and the corruption of MC sample j of sequence ``index`` comes from its own generator, so a
     sequence's result depends only on (seed, index, its content) and not on the batch it is in.
 
-    Adaptive mode (``target_stderr`` set): after the first M samples, every sequence whose MC standard error (of the
-    summed NELBO, nats) is above ``target_stderr`` gets another round of M samples (a new stratified set), until it
-    is below the target or ``max_mc_samples`` (default 32·M) samples are used. The standard error is the pooled
-    std / sqrt(#samples) (conservative for stratified rounds).
+    Adaptive mode (``target_stderr`` set, the two-stage policy of :mod:`duo_plugin.eval.mc`): the first M samples
+    of each sequence are a pilot; the sequence then gets ``clip(ceil(s²/target²), M, max_mc_samples)`` fresh samples
+    (s² the pilot variance of its summed NELBO, nats²; default cap 32·M, times stratified among the fresh samples)
+    and its value is their mean, the pilot discarded: unbiased, unlike stopping when the running standard error
+    falls below the target (docs/evaluation.md).
 
     Args:
         denoiser: denoiser callable (see :func:`nelbo_perplexity`).
@@ -510,7 +508,7 @@ def conditional_nelbo(
     m = int(mc_samples)
     if m < 1 or int(batch_size) < 1:
         raise ValueError("mc_samples and batch_size must be >= 1")
-    cap = _check_mc_options(m, time_sampling, conditioning, target_stderr, max_mc_samples)
+    _check_mc_options(m, time_sampling, conditioning, target_stderr, max_mc_samples)
     if indices is None:
         indices = torch.arange(b)
     indices = torch.as_tensor(indices, dtype=torch.long).flatten()
@@ -680,6 +678,45 @@ def _rows_nelbo(denoiser, seqs: Sequence[_Seq], rows, times, gens, *, schedule, 
     return torch.where(oov, torch.full_like(out, float("inf")), out)
 
 
+class _RowSetup(NamedTuple):
+    """What every scored row of one estimator call shares (see :func:`_rows_nelbo`)."""
+
+    schedule: object
+    valid_vocab: Optional[torch.Tensor]
+    k_model: int
+    conditioning: str
+    dev: torch.device
+    process: object
+    seed: int
+    t_min: float
+    time_sampling: str
+    max_rows: Optional[int]
+    max_batch_tokens: Optional[int]
+
+
+def _score_stage(denoiser, prepared, indices, plan: dict, stage: int, setup: _RowSetup, on_batch=None) -> dict:
+    """One MC stage of every planned sequence: ``plan[s] = (n, start)`` draws ``n`` samples of sequence ``s`` from
+    the stage's streams (:func:`_round_times_and_gens`); all rows are sorted by length and packed under the row and
+    token caps. Returns ``{s: Float64[n]}``."""
+    order = sorted(plan, key=lambda s: -prepared[s].width)  # stable: equal lengths keep their order
+    tg = {s: _round_times_and_gens(setup.seed, indices[s], stage, plan[s][0], setup.t_min, setup.time_sampling,
+                                   setup.dev, start=plan[s][1]) for s in order}
+    rows = [(s, j) for s in order for j in range(plan[s][0])]
+    est = {s: torch.zeros(plan[s][0], dtype=torch.float64) for s in order}
+    for batch in pack_rows([prepared[s].width for s, _ in rows], setup.max_rows, setup.max_batch_tokens):
+        rs = [rows[i] for i in batch]
+        times = torch.stack([tg[s][0][j] for s, j in rs])
+        gens = [tg[s][1][j] for s, j in rs]
+        vals = _rows_nelbo(denoiser, prepared, [s for s, _ in rs], times, gens, schedule=setup.schedule,
+                           valid_vocab=setup.valid_vocab, k_model=setup.k_model, conditioning=setup.conditioning,
+                           dev=setup.dev, process=setup.process)
+        for (s, j), v in zip(rs, vals.tolist()):
+            est[s][j] = v
+        if on_batch is not None:
+            on_batch(len(rs))
+    return est
+
+
 @torch.no_grad()
 def conditional_nelbo_ragged(
     denoiser: Denoiser,
@@ -711,6 +748,9 @@ def conditional_nelbo_ragged(
     corruption noise are those of :func:`conditional_nelbo` for the sequence alone (keyed by ``(seed, indices[i],
     sample)``, drawn at length ``L_i``), so every value is that of the one-sequence call up to floating-point
     rounding of the batched forward. ``on_batch(rows)`` is called after each denoiser call.
+
+    With ``target_stderr`` the two-stage policy of :mod:`duo_plugin.eval.mc` applies: the first ``mc_samples``
+    samples are a pilot that sizes each sequence's fresh round and is then discarded.
     """
     n = len(seqs)
     m = int(mc_samples)
@@ -720,7 +760,7 @@ def conditional_nelbo_ragged(
         raise ValueError("mc_samples must be >= 1")
     if (max_rows is not None and int(max_rows) < 1) or (max_batch_tokens is not None and int(max_batch_tokens) < 1):
         raise ValueError("max_rows and max_batch_tokens must be >= 1")
-    cap = _check_mc_options(m, time_sampling, conditioning, target_stderr, max_mc_samples)
+    policy = _check_mc_options(m, time_sampling, conditioning, target_stderr, max_mc_samples)
     indices = list(range(n)) if indices is None else [int(i) for i in indices]
     if len(indices) != n:
         raise ValueError(f"indices must have one entry per sequence ({n})")
@@ -743,51 +783,21 @@ def conditional_nelbo_ragged(
             raise ValueError(f"sequence {i}: ids, keep and real masks differ in length")
         prepared.append(_prepare_seq(x, kp, rl, k_model, None if valid_vocab is None else valid_vocab.cpu()))
 
-    samples: list[list[torch.Tensor]] = [[] for _ in range(n)]
-    active = list(range(n))
-    r = 0
-    while active:
-        order = sorted(active, key=lambda s: -prepared[s].width)  # stable: equal lengths keep their order
-        tg = {s: _round_times_and_gens(seed, indices[s], r, m, t_min, time_sampling, dev) for s in order}
-        rows = [(s, j) for s in order for j in range(m)]
-        est = {s: torch.zeros(m, dtype=torch.float64) for s in order}
-        for batch in pack_rows([prepared[s].width for s, _ in rows], max_rows, max_batch_tokens):
-            rs = [rows[i] for i in batch]
-            times = torch.stack([tg[s][0][j] for s, j in rs])
-            gens = [tg[s][1][j] for s, j in rs]
-            vals = _rows_nelbo(denoiser, prepared, [s for s, _ in rs], times, gens, schedule=schedule,
-                               valid_vocab=valid_vocab, k_model=k_model, conditioning=conditioning, dev=dev,
-                               process=process)
-            for (s, j), v in zip(rs, vals.tolist()):
-                est[s][j] = v
-            if on_batch is not None:
-                on_batch(len(rs))
-        for s in active:
-            samples[s].append(est[s])
-        r += 1
-        if target_stderr is None:
-            break
-        nxt = []
-        for s in active:
-            v = torch.cat(samples[s])
-            if v.numel() + m > cap or not bool(torch.isfinite(v).all()):
-                continue
-            se = float(v.std(unbiased=True) / math.sqrt(v.numel())) if v.numel() >= 2 else float("inf")
-            if se > float(target_stderr):
-                nxt.append(s)
-        active = nxt
+    setup = _RowSetup(schedule, valid_vocab, k_model, conditioning, dev, process, seed, t_min, time_sampling,
+                      max_rows, max_batch_tokens)
+    samples = _score_stage(denoiser, prepared, indices, {s: (m, 0) for s in range(n)}, 0, setup, on_batch)
+    if policy.adaptive:  # pilot discarded: fresh samples, as many as the pilot's variance asks for
+        plan = {s: (plan_samples(samples[s], policy), m) for s in range(n)}
+        fresh = _score_stage(denoiser, prepared, indices, {s: p for s, p in plan.items() if p[0] > 0}, 1, setup,
+                             on_batch)
+        samples = {s: fresh.get(s, torch.full((1,), float("inf"), dtype=torch.float64)) for s in range(n)}
 
     nelbo = torch.zeros(n, dtype=torch.float64)
     stderr = torch.full((n,), float("nan"), dtype=torch.float64)
     used = torch.zeros(n, dtype=torch.long)
     for s in range(n):
-        v = torch.cat(samples[s])
-        nelbo[s] = v.mean()
-        used[s] = v.numel()
-        if not bool(torch.isfinite(v).all()):
-            nelbo[s], stderr[s] = float("inf"), 0.0
-        elif v.numel() >= 2:
-            stderr[s] = v.std(unbiased=True) / math.sqrt(v.numel())
+        nelbo[s], stderr[s] = mean_and_stderr(samples[s])
+        used[s] = samples[s].numel() if bool(torch.isfinite(samples[s]).all()) else m
     ntok = torch.tensor([int(q.score.sum()) for q in prepared], dtype=torch.long)
     return ConditionalNELBO(nelbo=nelbo, stderr=stderr, num_tokens=ntok, mc_samples=used)
 

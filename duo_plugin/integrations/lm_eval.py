@@ -223,8 +223,8 @@ class DuoLM(TemplateLM):
         likelihood: ``nelbo`` (default) | ``official`` | ``official_suffix`` (the official harness' score,
             docs/evaluation.md). conditioning: ``alpha_t`` (default, measured slightly tighter) | ``clean_fraction``
             (σ = −log α_eff); the greedy check always uses the clean fraction.
-        mc_target_stderr / mc_max_samples: adaptive MC (rounds of ``mc_samples`` until the per-request MC standard
-            error is below the target, nats, at most ``mc_max_samples`` samples).
+        mc_target_stderr / mc_max_samples: two-stage adaptive MC (a pilot of ``mc_samples`` sizes each request's
+            fresh round for the target standard error, nats, at most ``mc_max_samples`` samples; pilot discarded).
         window_eos: rolling windows end with a clean ``[EOS]`` (default true). progress: tqdm bar on a terminal.
         batch_size 1 (lm-eval's default) means "unset" (:data:`DEFAULT_BATCH_SIZE` rows per ``generate_until`` call).
 
@@ -935,12 +935,12 @@ class DuoLM(TemplateLM):
         if self.likelihood != "nelbo":
             return (f"official-harness score ({self.likelihood}: -mean per-token f_Duo), M={self.mc_samples} "
                     f"stratified times")
-        m = (f"adaptive M (rounds of {self.mc_samples} until the MC stderr < {self.mc_target_stderr:g} nats, at most "
-             f"{self.mc_max_samples or 32 * self.mc_samples})" if self.mc_target_stderr is not None
-             else f"M={self.mc_samples}")
+        from duo_plugin.eval.mc import MCPolicy
+
+        m = MCPolicy(self.mc_samples, self.mc_target_stderr, self.mc_max_samples, self.time_sampling).describe()
         integrand = "f_Duo" if self.process is None else f"{self.process_spec.kind} NELBO, {type(self.process).__name__}"
         return (f"-conditional NELBO ({integrand}, log-linear alpha, network conditioned on {self.conditioning}), {m} "
-                f"{self.time_sampling} times per request")
+                "")
 
     def mc_summary(self) -> Dict[str, dict]:
         """Per task: number of scored items, mean NELBO, mean / RMS / max MC standard error of the summed
