@@ -13,7 +13,6 @@ one sequence over its MC samples. docs/evaluation.md describes the estimators, t
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -21,9 +20,10 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from duo_plugin._progress import Eta
-from duo_plugin.diffusion.losses import duo_nelbo
+from duo_plugin.diffusion.process import UniformProcess
 from duo_plugin.diffusion.schedules import LogLinearSchedule, stratified_times
-from duo_plugin.diffusion.uniform import corrupt, row_generators, stable_seed, valid_ids
+from duo_plugin.diffusion.uniform import row_generators, stable_seed
+from duo_plugin.models.denoiser import log_probs_at
 from duo_plugin.eval.mc import MCPolicy, mean_and_stderr, plan_samples
 
 __all__ = [
@@ -76,9 +76,8 @@ def _model_device(denoiser) -> torch.device:
 
 
 def _eval_setup(denoiser, device, schedule, valid_vocab):
-    """The device (``device`` or the denoiser's), the schedule (default log-linear) and ``valid_vocab`` on it."""
+    """The device (``device`` or the denoiser's), the schedule (as given) and ``valid_vocab`` on it."""
     dev = torch.device(device) if device is not None else _model_device(denoiser)
-    schedule = schedule or LogLinearSchedule()
     if valid_vocab is not None:
         valid_vocab = valid_vocab.to(dev)
     return dev, schedule, valid_vocab
@@ -125,6 +124,34 @@ def _vocab_check(x0: torch.Tensor, scored: torch.Tensor, k: int, valid_vocab: Op
     return torch.where(bad, torch.full_like(x0, fill), x0), row_oov
 
 
+def resolve_process(denoiser, process, valid_vocab: Optional[torch.Tensor], schedule=None):
+    """``(process, schedule, K)`` of an estimator call: ``process`` as given (e.g. ``AbsorbingProcess`` for MDLM, what
+    :func:`~duo_plugin.eval.processes.process_for` returns for every model folder), or, when None, the uniform-state
+    process over ``valid_vocab`` (or the denoiser's ``vocab_size``) with ``schedule``. ``schedule`` defaults to the
+    process's own (log-linear). K is the model's output width."""
+    if process is None:
+        k = int(valid_vocab.numel()) if valid_vocab is not None else getattr(denoiser, "vocab_size", None)
+        if k is None:
+            raise ValueError("the denoiser has no .vocab_size attribute; pass valid_vocab=BoolTensor[K] (all True "
+                             "is fine)")
+        process = UniformProcess(int(k), valid_vocab, schedule or LogLinearSchedule())
+    schedule = schedule or getattr(process, "schedule", None) or LogLinearSchedule()
+    k_model = int(valid_vocab.numel()) if valid_vocab is not None else int(process.vocab_size)
+    return process, schedule, k_model
+
+
+def _integrand_name(process) -> str:
+    """``f_Duo`` for the uniform-state process, else the process class (as the estimator lines have said)."""
+    return "f_Duo" if isinstance(process, UniformProcess) else type(process).__name__
+
+
+def _network_sigma(alpha: torch.Tensor, kept: torch.Tensor, real: torch.Tensor, conditioning: str) -> torch.Tensor:
+    """The σ the network is told (float64 ``[B]``): −log α_t, or −log α_eff over the real positions."""
+    if conditioning == "clean_fraction":
+        alpha = effective_alpha(alpha, (kept & real).sum(-1), (~kept & real).sum(-1))
+    return -torch.log(alpha.to(torch.float64))
+
+
 @torch.no_grad()
 def sequence_nelbo(
     denoiser: Denoiser,
@@ -160,38 +187,20 @@ def sequence_nelbo(
     """
     if conditioning not in CONDITIONING_MODES:
         raise ValueError(f"conditioning must be one of {CONDITIONING_MODES}, got {conditioning!r}")
-    schedule = schedule or (process.schedule if process is not None and hasattr(process, "schedule") else None)
-    schedule = schedule or LogLinearSchedule()
+    process, schedule, k_model = resolve_process(denoiser, process, valid_vocab, schedule)
     dev = x0.device
     t64 = t.to(device=dev, dtype=torch.float64)
     alpha = schedule.alpha(t64).to(dev)
     alpha_prime = schedule.alpha_prime(t64).to(dev)
     if alpha_prime.dim() == 0:
         alpha_prime = alpha_prime.expand_as(alpha)
-    vocab_size = getattr(denoiser, "vocab_size", None)
-    if vocab_size is None and process is not None:
-        vocab_size = process.vocab_size
-    if valid_vocab is None and vocab_size is None:
-        raise ValueError("the denoiser has no .vocab_size attribute; pass valid_vocab=BoolTensor[K] (all True is fine)")
-    k_model = int(valid_vocab.numel()) if valid_vocab is not None else int(vocab_size)
     real = padding_mask.to(dev).bool() if padding_mask is not None else torch.ones_like(x0, dtype=torch.bool)
     scored = (score_mask.to(dev).bool() if score_mask is not None else torch.ones_like(real)) & real
     x0, row_oov = _vocab_check(x0, scored, k_model, valid_vocab)
-    if process is not None:
-        z = process.corrupt(x0, alpha, generators)
-    else:
-        z = corrupt(x0, alpha, generators, valid_vocab, vocab_size=None if valid_vocab is not None else int(vocab_size))
+    z = process.corrupt(x0, alpha, generators)
     kept = torch.zeros_like(real) if keep_mask is None else keep_mask.to(dev).bool()
-    if keep_mask is not None:
-        z = torch.where(kept, x0, z)
-    if padding_mask is not None:
-        z = torch.where(real, z, x0)  # padding stays as is
-    if conditioning == "clean_fraction":
-        n_clean = (kept & real).sum(-1)
-        n_noised = (~kept & real).sum(-1)
-        sigma = (-torch.log(effective_alpha(alpha, n_clean, n_noised))).to(torch.float32)
-    else:
-        sigma = (-torch.log(alpha)).to(torch.float32)
+    z = torch.where(kept | ~real, x0, z)  # kept positions and padding stay as they are
+    sigma = _network_sigma(alpha, kept, real, conditioning).to(torch.float32)
     if padding_mask is not None and not bool(real.all()):
         log_x = denoiser(z, sigma, padding_mask=real)
     else:
@@ -199,10 +208,7 @@ def sequence_nelbo(
     k = log_x.shape[-1]
     if valid_vocab is not None and valid_vocab.numel() != k:
         raise ValueError(f"valid_vocab has {valid_vocab.numel()} entries but the denoiser outputs K={k}")
-    if process is not None:
-        f = process.nelbo(log_x.float(), z, x0, alpha, alpha_prime).to(torch.float64)
-    else:
-        f = duo_nelbo(log_x.float(), z, x0, alpha, alpha_prime, valid_vocab=valid_vocab).to(torch.float64)
+    f = process.nelbo(log_x.float(), z, x0, alpha, alpha_prime).to(torch.float64)
     if score_mask is not None:
         f = f * score_mask.to(dev, torch.float64)
     out = f.sum(-1)
@@ -297,12 +303,8 @@ def nelbo_perplexity(
         raise ValueError("the split has no content token (every counted position is a special id)")
     if int(mc_passes) < 1 or int(batch_size) < 1:
         raise ValueError("mc_passes and batch_size must be >= 1")
-    if schedule is None and process is not None:
-        schedule = getattr(process, "schedule", None)
     dev, schedule, valid_vocab = _eval_setup(denoiser, device, schedule, valid_vocab)
-    k = int(valid_vocab.numel()) if valid_vocab is not None else int(getattr(denoiser, "vocab_size", 0) or 0)
-    if not k and process is not None:
-        k = int(process.vocab_size)
+    process, schedule, k = resolve_process(denoiser, process, valid_vocab, schedule)
     structural = None  # special ids the model cannot produce: kept clean (known markers), neither noised nor scored
     if k:
         invalid = (blocks < 0) | (blocks >= k)
@@ -319,8 +321,6 @@ def nelbo_perplexity(
                 f"(K={k}): its NELBO is +inf. Use the tokenizer the checkpoint was trained with (or mask the token)"
             )
 
-    if not k and process is None:
-        raise ValueError("the denoiser has no .vocab_size attribute; pass valid_vocab=BoolTensor[K] (all True is fine)")
     blocks = blocks.cpu()
     attention_mask = attention_mask.cpu()
     attended = attended.cpu()
@@ -348,7 +348,7 @@ def nelbo_perplexity(
                     keep = structural[i] if structural is not None else torch.zeros(length, dtype=torch.bool)
                     prepared[i] = _prepare_seq(blocks[i], keep, attended[i], k, vv_cpu, counted=attention_mask[i])
             vals = _rows_nelbo(denoiser, prepared, ns, t, gens, schedule=schedule, valid_vocab=valid_vocab,
-                               k_model=k, conditioning="alpha_t", dev=dev, process=process)
+                               conditioning="alpha_t", dev=dev, process=process)
             per_seq[torch.tensor(ps), ns_t] = vals
             bar.update(1)
     finally:
@@ -386,7 +386,7 @@ def nelbo_perplexity(
         "sequences": n,
         "passes": int(mc_passes),
         "per_pass_nll": per_pass.tolist(),
-        "estimator": (f"NELBO ({'f_Duo' if process is None else type(process).__name__}, log-linear alpha), one time per sequence per pass, stratified over the split "
+        "estimator": (f"NELBO ({_integrand_name(process)}, log-linear alpha), one time per sequence per pass, stratified over the split "
                       f"with a fresh permutation per pass; {int(mc_passes)} pass(es); stderr {method}; "
                       f"per content token (all-token figure beside it)"),
     }
@@ -514,8 +514,6 @@ def conditional_nelbo(
     indices = torch.as_tensor(indices, dtype=torch.long).flatten()
     if indices.numel() != b:
         raise ValueError(f"indices must have one entry per sequence ({b})")
-    if schedule is None and process is not None:
-        schedule = getattr(process, "schedule", None)
     dev, schedule, valid_vocab = _eval_setup(denoiser, device, schedule, valid_vocab)
     score = attention_mask & ~keep_mask
     seqs = [x0[i] for i in range(b)]
@@ -571,54 +569,35 @@ def _prepare_seq(x: torch.Tensor, keep: torch.Tensor, real: torch.Tensor, k_mode
     return _Seq(xs[0], keep, real, sc, x.numel(), bool(oov is not None and bool(oov[0])))
 
 
-def log_probs_at(denoiser, z: torch.Tensor, sigma: torch.Tensor, padding_mask: Optional[torch.Tensor],
-                  rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """``log x_θ(z, σ)`` at the positions ``(rows[i], pos[i])`` only: fp32 ``[P, K]``.
-
-    For a :class:`~duo_plugin.sampling.DenoiserFn` around a model with ``forward_hidden`` and ``output_projection``
-    (the DiT and the adapters, whose forward is ``log_softmax(output_projection(forward_hidden(...)))``), the
-    position-wise output projection and log-softmax run only at the requested positions: the network input is
-    unchanged, so the values are those of the full forward, without the K-wide work at the context positions. Any
-    other denoiser is called in full and indexed.
-    """
-    from duo_plugin.sampling import DenoiserFn
-
-    kw = {} if padding_mask is None else {"padding_mask": padding_mask}
-    model = denoiser.model if isinstance(denoiser, DenoiserFn) else None
-    if model is None or not (hasattr(model, "forward_hidden") and hasattr(model, "output_projection")):
-        return denoiser(z, sigma, **kw)[rows, pos].float()
-    saved = [(m, m.training) for m in model.modules()] if model.training else None
-    if saved is not None:
-        model.eval()
-    try:
-        denoiser.nfe += 1
-        ctx = contextlib.nullcontext()
-        if denoiser.autocast_dtype is not None and z.device.type == "cuda":
-            ctx = torch.autocast("cuda", dtype=denoiser.autocast_dtype)
-        with ctx:
-            h = model.forward_hidden(z, sigma, padding_mask)
-            out = model.output_projection(h[rows, pos])
-        return torch.log_softmax(out.float(), dim=-1)
-    finally:
-        if saved is not None:
-            for m, mode in saved:
-                m.training = mode
+def _corrupt_rows(process, seqs: Sequence[_Seq], rows, alpha: torch.Tensor, gens) -> torch.Tensor:
+    """``z`` of each row ``[R, max width]`` (right-padded with the clean ids): row j drawn by ``process.corrupt`` at
+    its own sequence's length from its own generator. Consecutive rows of equal length share one call: the draws of
+    a row depend only on its generator and length, so they are those of the row alone."""
+    z = pad_sequence([seqs[s].x0 for s in rows], batch_first=True, padding_value=0)
+    lo = 0
+    while lo < len(rows):
+        w = seqs[rows[lo]].width
+        hi = lo
+        while hi < len(rows) and seqs[rows[hi]].width == w:
+            hi += 1
+        g = gens[lo]
+        dev = g.device if isinstance(g, torch.Generator) else None
+        x0 = torch.stack([seqs[s].x0 for s in rows[lo:hi]]).to(dev)
+        z[lo:hi, :w] = process.corrupt(x0, alpha[lo:hi].to(dev), list(gens[lo:hi])).cpu()
+        lo = hi
+    return z
 
 
 @torch.no_grad()
-def _rows_nelbo(denoiser, seqs: Sequence[_Seq], rows, times, gens, *, schedule, valid_vocab, k_model, conditioning,
-                dev, process=None) -> torch.Tensor:
+def _rows_nelbo(denoiser, seqs: Sequence[_Seq], rows, times, gens, *, schedule, valid_vocab, conditioning, dev,
+                process) -> torch.Tensor:
     """One-sample NELBO of each row ``(sequence, time, generator)`` in **one** denoiser call (float64 ``[R]``).
 
-    Each row's corruption is drawn at its sequence's own length exactly as :func:`sequence_nelbo` draws it for that
-    sequence alone (uniforms ``[L_i]`` then replacement ids ``[L_i]`` from the row's generator), so the noise does
-    not depend on the batch; rows of different lengths are right-padded and the network gets ``padding_mask``. The
-    output projection and f_Duo are evaluated only at the scored positions (:func:`log_probs_at`; both are
-    per-position, so the values are those of the unbatched call).
-
-    ``process`` (e.g. :class:`~duo_plugin.diffusion.absorbing.AbsorbingProcess`): each row is corrupted by
-    ``process.corrupt`` at its own length with its own generator (exactly :func:`sequence_nelbo`'s draw for the row
-    alone) and scored by ``process.nelbo`` at the scored positions; None = the uniform-state process and f_Duo.
+    Each row is corrupted by ``process.corrupt`` at its sequence's own length from the row's generator
+    (:func:`_corrupt_rows`: exactly :func:`sequence_nelbo`'s draw for that sequence alone), so the noise does not
+    depend on the batch; rows of different lengths are right-padded and the network gets ``padding_mask``. The
+    output projection and ``process.nelbo`` are evaluated only at the scored positions (:func:`log_probs_at`; both
+    are per-position, so the values are those of the unbatched call).
     """
     r = len(rows)
     t64 = times.to(dtype=torch.float64)
@@ -635,44 +614,17 @@ def _rows_nelbo(denoiser, seqs: Sequence[_Seq], rows, times, gens, *, schedule, 
     real = stack([seqs[s].real for s in rows], False)
     score = stack([seqs[s].score for s in rows], False)
     kept = stack([seqs[s].keep for s in rows], False)
-    if process is not None:  # another noise process: its own corrupt(), one row at a time at the row's length
-        zs = []
-        for j, s in enumerate(rows):
-            g = gens[j]
-            zs.append(process.corrupt(seqs[s].x0[None].to(g.device), alpha[j : j + 1].to(g.device), [g])[0].cpu())
-        z = stack(zs)
-    else:
-        ids = valid_ids(k_model, valid_vocab.cpu()) if valid_vocab is not None else None
-        k = int(ids.numel()) if ids is not None else int(k_model)
-        us, draws = [], []
-        for j, s in enumerate(rows):
-            g = gens[j]
-            n = seqs[s].width
-            us.append(torch.rand((n,), generator=g, device=g.device, dtype=torch.float64).cpu())
-            draws.append(torch.randint(0, k, (n,), generator=g, device=g.device).cpu())
-        u, idx = stack(us), stack(draws)
-        noise = idx if ids is None else ids[idx]
-        z = torch.where(u < alpha[:, None], x0, noise)  # q_t(z | x) exactly as corrupt() draws it for the row alone
-    z = torch.where(kept | ~real, x0, z)
-    if conditioning == "clean_fraction":
-        sigma = -torch.log(effective_alpha(alpha, (kept & real).sum(-1), (~kept & real).sum(-1)))
-    else:
-        sigma = -torch.log(alpha)
-    sigma = sigma.to(torch.float32).to(dev)
+    z = torch.where(kept | ~real, x0, _corrupt_rows(process, seqs, rows, alpha, gens))
+    sigma = _network_sigma(alpha, kept, real, conditioning).to(torch.float32).to(dev)
     out = torch.zeros(r, dtype=torch.float64)
     rr, pp = score.nonzero(as_tuple=True)
     if rr.numel():
         sel = log_probs_at(denoiser, z.to(dev), sigma, None if bool(real.all()) else real.to(dev), rr.to(dev),
-                            pp.to(dev))[None]
+                           pp.to(dev))[None]
         if valid_vocab is not None and valid_vocab.numel() != sel.shape[-1]:
             raise ValueError(f"valid_vocab has {valid_vocab.numel()} entries but the denoiser outputs K={sel.shape[-1]}")
-        a_tok = alpha[rr][None].to(dev)
-        ap_tok = alpha_prime[rr][None].to(dev)
-        if process is not None:
-            f = process.nelbo(sel, z[rr, pp][None].to(dev), x0[rr, pp][None].to(dev), a_tok, ap_tok)
-        else:
-            f = duo_nelbo(sel, z[rr, pp][None].to(dev), x0[rr, pp][None].to(dev), a_tok, ap_tok,
-                          valid_vocab=valid_vocab)
+        f = process.nelbo(sel, z[rr, pp][None].to(dev), x0[rr, pp][None].to(dev), alpha[rr][None].to(dev),
+                          alpha_prime[rr][None].to(dev))
         out.index_add_(0, rr, f[0].to(torch.float64).cpu())
     oov = torch.tensor([seqs[s].oov for s in rows], dtype=torch.bool)
     return torch.where(oov, torch.full_like(out, float("inf")), out)
@@ -683,7 +635,6 @@ class _RowSetup(NamedTuple):
 
     schedule: object
     valid_vocab: Optional[torch.Tensor]
-    k_model: int
     conditioning: str
     dev: torch.device
     process: object
@@ -708,8 +659,8 @@ def _score_stage(denoiser, prepared, indices, plan: dict, stage: int, setup: _Ro
         times = torch.stack([tg[s][0][j] for s, j in rs])
         gens = [tg[s][1][j] for s, j in rs]
         vals = _rows_nelbo(denoiser, prepared, [s for s, _ in rs], times, gens, schedule=setup.schedule,
-                           valid_vocab=setup.valid_vocab, k_model=setup.k_model, conditioning=setup.conditioning,
-                           dev=setup.dev, process=setup.process)
+                           valid_vocab=setup.valid_vocab, conditioning=setup.conditioning, dev=setup.dev,
+                           process=setup.process)
         for (s, j), v in zip(rs, vals.tolist()):
             est[s][j] = v
         if on_batch is not None:
@@ -764,15 +715,8 @@ def conditional_nelbo_ragged(
     indices = list(range(n)) if indices is None else [int(i) for i in indices]
     if len(indices) != n:
         raise ValueError(f"indices must have one entry per sequence ({n})")
-    if schedule is None and process is not None:
-        schedule = getattr(process, "schedule", None)
     dev, schedule, valid_vocab = _eval_setup(denoiser, device, schedule, valid_vocab)
-    vocab_size = getattr(denoiser, "vocab_size", None)
-    if vocab_size is None and process is not None:
-        vocab_size = process.vocab_size
-    if valid_vocab is None and vocab_size is None:
-        raise ValueError("the denoiser has no .vocab_size attribute; pass valid_vocab=BoolTensor[K] (all True is fine)")
-    k_model = int(valid_vocab.numel()) if valid_vocab is not None else int(vocab_size)
+    process, schedule, k_model = resolve_process(denoiser, process, valid_vocab, schedule)
 
     prepared = []
     for i in range(n):
@@ -783,7 +727,7 @@ def conditional_nelbo_ragged(
             raise ValueError(f"sequence {i}: ids, keep and real masks differ in length")
         prepared.append(_prepare_seq(x, kp, rl, k_model, None if valid_vocab is None else valid_vocab.cpu()))
 
-    setup = _RowSetup(schedule, valid_vocab, k_model, conditioning, dev, process, seed, t_min, time_sampling,
+    setup = _RowSetup(schedule, valid_vocab, conditioning, dev, process, seed, t_min, time_sampling,
                       max_rows, max_batch_tokens)
     samples = _score_stage(denoiser, prepared, indices, {s: (m, 0) for s in range(n)}, 0, setup, on_batch)
     if policy.adaptive:  # pilot discarded: fresh samples, as many as the pilot's variance asks for
@@ -835,7 +779,7 @@ def official_harness_nll(
     dev, schedule, valid_vocab = _eval_setup(denoiser, device, schedule, valid_vocab)
     ids = torch.tensor(list(prefix) + list(target), dtype=torch.long, device=dev)
     n_pre, length = len(prefix), ids.numel()
-    k = int(valid_vocab.numel()) if valid_vocab is not None else int(denoiser.vocab_size)
+    process, schedule, k = resolve_process(denoiser, None, valid_vocab, schedule)  # the official Duo harness
     scored = torch.ones(1, length, dtype=torch.bool, device=dev)
     if mode == "suffix":
         scored[:, :n_pre] = False
@@ -854,14 +798,14 @@ def official_harness_nll(
         alpha_prime = schedule.alpha_prime(t)
         if alpha_prime.dim() == 0:
             alpha_prime = alpha_prime.expand_as(alpha)
-        z = corrupt(x0, alpha, gens[lo : lo + bsz], valid_vocab, vocab_size=None if valid_vocab is not None else k)
+        z = process.corrupt(x0, alpha, gens[lo : lo + bsz])
         if mode == "suffix":
             z[:, :n_pre] = x0[:, :n_pre]
             # the realised clean fraction; capped at α(t_min) so that a fully clean draw stays finite
             alpha = (z == x0).to(torch.float64).mean(-1).clamp(max=float(schedule.alpha(torch.tensor(t_min))))
         sigma = (-torch.log(alpha)).to(torch.float32)
         log_x = denoiser(z, sigma)
-        f = duo_nelbo(log_x.float(), z, x0, alpha, alpha_prime, valid_vocab=valid_vocab).to(torch.float64)
+        f = process.nelbo(log_x.float(), z, x0, alpha, alpha_prime).to(torch.float64)
         vals.append(f[:, n_pre:].mean(-1) if mode == "suffix" else f.mean(-1))
     v = torch.cat(vals).cpu()
     se = float(v.std(unbiased=True) / math.sqrt(m)) if m >= 2 else float("nan")

@@ -6,7 +6,8 @@ duo_pretrain / duo_distill). Evaluation needs the matching noise process:
 =================  ==========================================================================================
 objective          evaluation path
 =================  ==========================================================================================
-``duo``, ``udlm``,  ``uniform``: the uniform-state process, f_Duo (``process=None`` in ``eval.likelihood``)
+``duo``, ``udlm``,  ``uniform``: :class:`~duo_plugin.diffusion.process.UniformProcess` over the folder's
+                   ``valid_vocab`` (f_Duo)
 ``dcd``, missing
 ``mdlm``           ``absorbing``: :class:`~duo_plugin.diffusion.absorbing.AbsorbingProcess` with the folder's
                    ``[MASK]`` id (``metadata.mask_id``, default the last embedding row)
@@ -14,6 +15,8 @@ objective          evaluation path
 =================  ==========================================================================================
 
 Recipes and backends call :func:`process_for` once and pass ``spec.process`` on; they never branch on the objective.
+Every diffusion model gets a process object (``corrupt``, ``nelbo``, ``sigma``, ``prior_sample``, ``subs``); only
+the causal kind has none (exact log-likelihood, no noise).
 """
 
 from __future__ import annotations
@@ -29,9 +32,8 @@ OBJECTIVE_KINDS = {"duo": "uniform", "udlm": "uniform", "dcd": "uniform", "mdlm"
 
 
 class EvalProcess(NamedTuple):
-    """``kind``: ``uniform`` | ``absorbing`` | ``causal``; ``process``: the object passed as ``process=`` to
-    ``eval.likelihood`` (None for ``uniform``, whose f_Duo path is the default, and for ``causal``); ``mask_id``:
-    the [MASK] id (absorbing only)."""
+    """``kind``: ``uniform`` | ``absorbing`` | ``causal``; ``process``: the noise process passed as ``process=`` to
+    ``eval.likelihood`` (None only for ``causal``); ``mask_id``: the [MASK] id (absorbing only)."""
 
     kind: str
     process: Any = None
@@ -46,7 +48,7 @@ def process_for(metadata: Optional[Mapping], *, vocab_size: int, valid_vocab: Op
         metadata: the folder's metadata dict (``objective``, optionally ``mask_id``); None/empty = a uniform-state
             model (or causal when ``causal``).
         vocab_size: the model's output width W. valid_vocab: ``Bool[W]`` ids the data may hold (or None).
-        causal: the model was built causal (``model.causal``). schedule: α_t for the absorbing process (default
+        causal: the model was built causal (``model.causal``). schedule: α_t of the process (default
             log-linear, ε = 1e-3).
     Raises:
         ValueError naming the objective when it has no evaluation path, or when the metadata and the model's causal
@@ -64,8 +66,12 @@ def process_for(metadata: Optional[Mapping], *, vocab_size: int, valid_vocab: Op
     if (kind == "causal") != bool(causal):
         raise ValueError(f"{where}: metadata says objective={objective or 'none'!r} but the model is "
                          f"{'' if causal else 'not '}causal; cannot score it")
-    if kind != "absorbing":
+    if kind == "causal":
         return EvalProcess(kind)
+    if kind == "uniform":
+        from duo_plugin.diffusion.process import UniformProcess
+
+        return EvalProcess(kind, UniformProcess(int(vocab_size), valid_vocab, schedule))
     from duo_plugin.diffusion.absorbing import AbsorbingProcess
 
     width = int(vocab_size)

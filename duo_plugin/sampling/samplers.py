@@ -34,13 +34,13 @@ log x_θ: FloatTensor[B, L, K]`` with ``sigma = -log α_t``.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 from duo_plugin._progress import progress_bar
+from duo_plugin.models.denoiser import DenoiserFn  # noqa: F401  (re-exported: it lives in models/)
 from duo_plugin.diffusion.uniform import row_generators
 from duo_plugin.sampling.schedulers import (
     POSTERIOR_IMPLS,
@@ -92,57 +92,6 @@ class SampleResult:
     trajectory: Optional[torch.Tensor] = None
     times: Optional[torch.Tensor] = None
     lengths: Optional[torch.Tensor] = None
-
-
-class DenoiserFn:
-    """Wrap a model as a sampler/eval denoiser: eval mode during each call (the model's previous train/eval mode is
-    restored afterwards), ``torch.no_grad``, optional bf16 autocast (CUDA only).
-
-    ``DenoiserFn(model)(z, sigma)`` returns fp32 log-probabilities ``[B, L, K]`` (re-normalised with log_softmax, so
-    a model returning logits also works, unless the model sets ``output_is_log_probs = True``). ``nfe`` counts calls (one per batched forward).
-
-    Args:
-        model: a module following the denoiser convention ``model(x, sigma) -> log x_θ``.
-        dtype: ``None``/``"fp32"`` (no autocast) or ``"bf16"``/``torch.bfloat16`` (autocast, only if the input is on
-            CUDA; ignored on CPU so CPU runs stay fp32).
-    """
-
-    def __init__(self, model: torch.nn.Module, dtype: Union[str, torch.dtype, None] = None):
-        self.model = model
-        if isinstance(dtype, str):
-            dtype = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}.get(dtype, "?")
-            if dtype == "?":
-                raise ValueError("DenoiserFn dtype must be one of None, 'fp32', 'bf16'")
-        if dtype not in (None, torch.float32, torch.bfloat16):
-            raise ValueError(f"DenoiserFn supports fp32 or bf16 autocast, got {dtype}")
-        self.autocast_dtype = dtype if dtype == torch.bfloat16 else None
-        self.nfe = 0
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.model.vocab_size)
-
-    @torch.no_grad()
-    def __call__(self, z: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
-        # The forward runs in eval mode (no dropout), then every submodule gets its previous mode back: sampling or
-        # evaluating mid-training must not leave the live model in eval mode.
-        saved = [(m, m.training) for m in self.model.modules()] if self.model.training else None
-        if saved is not None:
-            self.model.eval()
-        try:
-            self.nfe += 1
-            ctx = contextlib.nullcontext()
-            if self.autocast_dtype is not None and z.device.type == "cuda":
-                ctx = torch.autocast("cuda", dtype=self.autocast_dtype)
-            with ctx:
-                out = self.model(z, sigma, **kwargs)
-            out = out.float()
-            # models that declare normalised log-probabilities (the DiT) skip a second K-wide log_softmax
-            return out if getattr(self.model, "output_is_log_probs", False) else torch.log_softmax(out, dim=-1)
-        finally:
-            if saved is not None:
-                for m, mode in saved:
-                    m.training = mode
 
 
 def _row_stream_seeds(gen, rows: int, device) -> torch.Tensor:
