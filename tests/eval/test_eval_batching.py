@@ -98,7 +98,7 @@ def test_lm_eval_backend_scores_match_one_request_at_a_time():
     for (la, ga), (lb, gb) in zip(a, b):
         assert la == pytest.approx(lb, rel=2e-5, abs=1e-5) and ga == gb
     # the greedy check of every request against an unbatched forward of that request alone
-    assert packed._is_greedy(reqs) == single._is_greedy(reqs)
+    assert packed.scorer.greedy([r[1:] for r in reqs]) == single.scorer.greedy([r[1:] for r in reqs])
 
 
 def test_ar_prefix_sharing_and_padding_are_exact():

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from duo_plugin.diffusion.absorbing import AbsorbingProcess, mask_vocab
+from duo_plugin.diffusion.process import UniformProcess
 from duo_plugin.eval.likelihood import conditional_nelbo
 from duo_plugin.eval.processes import process_for
 
@@ -127,8 +128,14 @@ def test_conditional_nelbo_is_an_upper_bound_in_expectation():
 def test_process_lookup_from_metadata():
     vv = torch.tensor([True] * K + [False])
     assert process_for({"objective": "duo"}, vocab_size=W).kind == "uniform"
-    assert process_for({"objective": "udlm"}, vocab_size=W).process is None
+    uni = process_for({"objective": "udlm"}, vocab_size=W, valid_vocab=vv).process  # a real process, not None
+    assert isinstance(uni, UniformProcess) and uni.vocab_size == W and uni.valid_vocab is vv
     assert process_for({}, vocab_size=W, causal=True).kind == "causal"
+    assert process_for({}, vocab_size=W, causal=True).process is None
+    # every process owns sigma(t) = -log alpha_t (log-linear: alpha_t = 1 - (1 - 1e-3) t, closed form)
+    t = torch.tensor([0.0, 0.25, 0.999, 1.0], dtype=torch.float64)
+    for proc in (uni, process_for({"objective": "mdlm"}, vocab_size=W, valid_vocab=vv).process):
+        torch.testing.assert_close(proc.sigma(t), -torch.log(1 - (1 - 1e-3) * t), rtol=1e-15, atol=0)
     spec = process_for({"objective": "mdlm"}, vocab_size=W, valid_vocab=vv)
     assert spec.kind == "absorbing" and spec.mask_id == MASK and isinstance(spec.process, AbsorbingProcess)
     assert process_for({"objective": "mdlm", "mask_id": 1}, vocab_size=W).mask_id == 1
@@ -164,7 +171,7 @@ def test_lm_eval_mdlm_loglikelihood_greedy_and_rolling_on_the_exact_toy():
     best = int(np.argmax([sum(q for s, q in zip(states, p) if s[1] == 2 and s[2] == c) for c in range(K)]))
     reqs = [(("", ""), [2], [1, 2]), (("", ""), [1, 0], [0]), (("", ""), [], [2, 2, 1]), (("", ""), [2], [best])]
     out = lm._loglikelihood_tokens(reqs)
-    recs = lm._mc_records["unknown"]
+    recs = lm.scorer.recorder.records["unknown"]
     for (_, ctx, cont), (ll, greedy), (_, se, _) in zip(reqs, out, recs):
         ids = [0] + ctx + cont
         ref = exact_conditional(states, p, ids, 1 + len(ctx))
@@ -185,7 +192,7 @@ def test_lm_eval_mdlm_loglikelihood_greedy_and_rolling_on_the_exact_toy():
         args = ("2 1 2",)
 
     (ll_r,) = lm_r.loglikelihood_rolling([Req()])
-    se_r = lm_r._mc_records["unknown"][0][1]
+    se_r = lm_r.scorer.recorder.records["unknown"][0][1]
     ref_r = exact_conditional(states, p, [0, 2, 1, 2], 1)
     assert abs(-ll_r - ref_r) < 4 * se_r + 0.02
     with pytest.raises(ValueError, match="likelihood=nelbo"):

@@ -158,14 +158,14 @@ def test_loglikelihood_matches_exact_conditional_nelbo():
     for (_, ctx, cont), (ll, greedy) in zip(reqs, out):
         exact = exact_conditional_nelbo(model, [0] + ctx + cont, 1 + len(ctx), k)
         assert greedy is False
-        se = [s for v, s, _ in lm._mc_records["unknown"] if abs(v + ll) < 1e-9][0]
+        se = [s for v, s, _ in lm.scorer.recorder.records["unknown"] if abs(v + ll) < 1e-9][0]
         assert 0 < se < 0.5 * exact
         assert abs(-ll - exact) < 4.5 * se, (ll, exact, se)
     # iid time sampling estimates the same quantity (larger variance)
     lm2 = dl.DuoLM(model=model, tokenizer=IdTok(k), mc_samples=256, batch_size=128, greedy_check="off",
                    time_sampling="iid", conditioning="alpha_t")
     ll2, _ = lm2._loglikelihood_tokens(reqs[:1])[0]
-    se2 = lm2._mc_records["unknown"][0][1]
+    se2 = lm2.scorer.recorder.records["unknown"][0][1]
     exact = exact_conditional_nelbo(model, [0, 3, 4, 5, 2], 3, k)
     assert abs(-ll2 - exact) < 4.5 * se2
 
@@ -194,7 +194,7 @@ def test_overlong_context_truncated_left_not_free():
     )
     assert ll_long < 0 and ll_long == pytest.approx(ll_tail, abs=1e-9)  # same window: BOS + last 5 + cont
     # a continuation longer than the window is rolled, every token scored
-    lm._mc_records.clear()
+    lm.scorer.recorder.records.clear()
     ll, _ = lm._loglikelihood_tokens([(("", ""), [2, 3], [2, 3, 4, 5, 2, 3, 4, 5, 2, 3, 4])])[0]
     assert ll < 0 and lm.mc_summary()["unknown"]["tokens"] == 11
 
@@ -392,7 +392,7 @@ def test_greedy_check_and_nelbo_condition_on_the_clean_fraction():
     k = 6
     m = SigmaSpy([0.0] * k)
     lm = dl.DuoLM(model=m, tokenizer=IdTok(k), mc_samples=4, batch_size=4, conditioning="clean_fraction")
-    lm._is_greedy([(("", ""), [2, 3, 4], [5, 2])])
+    lm.scorer.greedy([([2, 3, 4], [5, 2])])
     (z, sigma), = m.calls
     n_ctx, n_cont = 4, 2
     assert float(sigma[0]) == pytest.approx(-math.log((n_ctx + 1e-3 * n_cont) / (n_ctx + n_cont)), rel=1e-5)
@@ -421,8 +421,9 @@ def test_rolling_windows_never_score_the_last_position():
 
 def test_out_of_vocabulary_continuation_is_minus_infinity():
     k = 6
-    lm = dl.DuoLM(model=ConstModel([0.0] * k), tokenizer=IdTok(k + 0), mc_samples=2)
-    lm.valid_vocab = torch.tensor([True] * 5 + [False])  # id 5: a special id the model never produces
+    m = ConstModel([0.0] * k)
+    m.valid_vocab = torch.tensor([True] * 5 + [False])  # id 5: a special id the model never produces
+    lm = dl.DuoLM(model=m, tokenizer=IdTok(k + 0), mc_samples=2)
     (ll_ok, _), (ll_bad, g_bad) = lm._loglikelihood_tokens([(("", ""), [2], [3, 4]), (("", ""), [2], [3, 5])])
     assert math.isfinite(ll_ok) and ll_bad == -math.inf and g_bad is False
 
@@ -433,12 +434,21 @@ def test_default_batch_size_and_progress_bar(monkeypatch):
     assert dl.DuoLM(model=m, tokenizer=IdTok(k), batch_size=1).batch_size == dl.DEFAULT_BATCH_SIZE
     assert dl.DuoLM(model=m, tokenizer=IdTok(k), batch_size="1").batch_size == dl.DEFAULT_BATCH_SIZE
     assert dl.DuoLM(model=m, tokenizer=IdTok(k), batch_size="8").batch_size == 8
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
-    lm = dl.DuoLM(model=m, tokenizer=IdTok(k))
-    bar = lm._bar(3, "x")
-    assert bar is not None and bar.total == 3
-    bar.close()
-    assert dl.DuoLM(model=m, tokenizer=IdTok(k), progress="false")._bar(3, "x") is None
+    # progress: a bar on a terminal, else an ETA line every 30 s on stderr (and nothing with progress=false)
+    from duo_plugin import _progress
+
+    monkeypatch.setattr(_progress, "_enabled", lambda progress: False)
+    clock = iter(range(0, 100_000, 31))  # 31 s between two readings: every update is due a line
+    monkeypatch.setattr(_progress, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: next(clock))}))
+    lines = []
+    monkeypatch.setattr(_progress, "print", lambda *a, **kw: lines.append(a[0]), raising=False)
+    lm = dl.DuoLM(model=m, tokenizer=IdTok(k), mc_samples=4, batch_size="4", greedy_check="off")
+    lm._loglikelihood_tokens([(("", ""), [2, 3], [4]), (("", ""), [3], [4, 2])])
+    assert lines and all(ln.startswith("duo: scoring: ") and "ETA" in ln for ln in lines)
+    lines.clear()
+    quiet = dl.DuoLM(model=m, tokenizer=IdTok(k), mc_samples=4, batch_size="4", greedy_check="off", progress="false")
+    quiet._loglikelihood_tokens([(("", ""), [2, 3], [4]), (("", ""), [3], [4, 2])])
+    assert lines == []
 
 
 def test_mc_noise_of_multiple_choice_decisions_is_reported(caplog):
@@ -452,7 +462,7 @@ def test_mc_noise_of_multiple_choice_decisions_is_reported(caplog):
             self.args, self.task_name, self.doc_id = (ctx, cont), "mc", doc
 
     reqs = [Req(f"{d % 4 + 2} 3", f" {c + 2} {c + 2}", d) for d in range(10) for c in range(3)]
-    with caplog.at_level("INFO", logger="duo_plugin.lm_eval"):
+    with caplog.at_level("INFO", logger="duo_plugin.eval"):
         lm.loglikelihood(reqs)
     s = lm.mc_summary()["mc"]
     assert s["decisions"] == 10 and s["frac_decisions_within_noise"] >= 0.5
