@@ -62,20 +62,24 @@ def _legacy_conditional(den, x0, keep, *, m, batch_size, seed, indices, valid_vo
 
 
 def _legacy_class():
+    from duo_plugin.diffusion.schedules import LogLinearSchedule
     from duo_plugin.diffusion.uniform import prior_sample, row_generators
+    from duo_plugin.eval.causal import ar_log_probs
     from duo_plugin.eval.likelihood import effective_alpha
     from duo_plugin.integrations.lm_eval import DuoLM, request_index, truncate_left
 
-    class _LegacyDuoLM(DuoLM):
-        """The scoring loops as they were before packing (equal-length groups, one greedy forward per request)."""
+    def legacy(**kw):
+        """A DuoLM whose scorer runs the loops as they were before packing (equal-length groups of windows, one
+        greedy forward per request)."""
+        lm = DuoLM(**kw)
+        sc, rows, schedule = lm.scorer, 64, LogLinearSchedule()
+        c = sc.config
 
-        rows = 64
-
-        def _score_windows(self, windows, disable_tqdm=False):
+        def score_windows(windows, progress=True):
             n = len(windows)
             nelbo = torch.zeros(n, dtype=torch.float64)
             order = sorted(range(n), key=lambda i: -len(windows[i][0]))
-            per_call = max(1, self.rows // (1 if self.is_ar else self.mc_samples))
+            per_call = max(1, rows // (1 if sc.is_ar else c.mc.samples))
             groups, cur = [], []
             for i in order:
                 if cur and (len(cur) == per_call or len(windows[i][0]) != len(windows[cur[0]][0])):
@@ -90,41 +94,43 @@ def _legacy_class():
                 for r, i in enumerate(grp):
                     keep[r, : windows[i][1]] = True
                     keep[r, x0.shape[1] - windows[i][3]:] = True
-                if self.is_ar:
-                    logp = self._ar_log_probs(x0)[:, :-1].cpu()
+                if sc.is_ar:
+                    logp = ar_log_probs(sc.model, x0, sc.valid_vocab)[:, :-1].cpu()
                     tok = logp.gather(-1, x0[:, 1:, None]).squeeze(-1)
                     nelbo[grp] = -(tok * (~keep[:, 1:])).sum(-1)
                 else:
                     nelbo[grp] = _legacy_conditional(
-                        self.denoiser, x0, keep, m=self.mc_samples, batch_size=self.rows, seed=self.seed,
-                        indices=[windows[i][2] for i in grp], valid_vocab=self.valid_vocab, schedule=self.schedule,
-                        t_min=self.t_min, conditioning=self.conditioning)
+                        sc.denoiser, x0, keep, m=c.mc.samples, batch_size=rows, seed=c.seed,
+                        indices=[windows[i][2] for i in grp], valid_vocab=sc.valid_vocab, schedule=schedule,
+                        t_min=c.t_min, conditioning=c.conditioning)
             return nelbo, torch.zeros(n, dtype=torch.float64)
 
         @torch.no_grad()
-        def _is_greedy(self, requests):
-            out = [True] * len(requests)
-            alpha1 = self.schedule.alpha(torch.ones(1, dtype=torch.float64))
-            room = self._window_room()
-            for r, (_, ctx, cont) in enumerate(requests):
-                kept, _ = truncate_left(list(ctx), list(cont), room, 1)
-                ids = torch.tensor([self.prefix_token_id] + kept + list(cont))
+        def greedy(pairs):
+            out = [True] * len(pairs)
+            alpha1 = schedule.alpha(torch.ones(1, dtype=torch.float64))
+            for r, (ctx, cont) in enumerate(pairs):
+                kept, _ = truncate_left(list(ctx), list(cont), sc.windows.room, 1)
+                ids = torch.tensor([sc.windows.bos] + kept + list(cont))
                 n_keep = 1 + len(kept)
-                if self.is_ar:
-                    pred = self._ar_log_probs(ids[None])[0, n_keep - 1 : -1].argmax(-1)
+                if sc.is_ar:
+                    pred = ar_log_probs(sc.model, ids[None], sc.valid_vocab)[0, n_keep - 1 : -1].argmax(-1)
                     out[r] = bool((pred == ids[n_keep:]).all())
                     continue
-                gen = row_generators(self.seed, (1 << 42), [request_index(ids.tolist())])
+                gen = row_generators(c.seed, (1 << 42), [request_index(ids.tolist())])
                 z = ids.clone()[None]
-                z[0, n_keep:] = prior_sample((1, len(cont)), self.vocab_size, gen, valid_vocab=self.valid_vocab)[0]
+                z[0, n_keep:] = prior_sample((1, len(cont)), sc.vocab_size, gen, valid_vocab=sc.valid_vocab)[0]
                 a_eff = effective_alpha(alpha1, torch.tensor([n_keep]), torch.tensor([len(cont)]))
-                logp = self.denoiser(z, (-torch.log(a_eff)).to(torch.float32))
-                if self.valid_vocab is not None:
-                    logp = logp.masked_fill(~self.valid_vocab, float("-inf"))
+                logp = sc.denoiser(z, (-torch.log(a_eff)).to(torch.float32))
+                if sc.valid_vocab is not None:
+                    logp = logp.masked_fill(~sc.valid_vocab, float("-inf"))
                 out[r] = bool((logp[0, n_keep:].argmax(-1) == ids[n_keep:]).all())
             return out
 
-    return _LegacyDuoLM
+        sc.score_windows, sc.greedy = score_windows, greedy
+        return lm
+
+    return legacy
 
 
 def _legacy_nelbo_ppl(den, blocks, batch_size, passes, seed=0, mask=None):
@@ -223,7 +229,7 @@ def main():
         if not path or not Path(path).exists():
             report[name] = f"skipped: {path} not found"
             continue
-        kw = dict(pretrained=path, mc_samples=args.mc, progress=False)
+        kw = dict(pretrained=path, mc_samples=args.mc, progress=False, cpu_threads=str(args.threads))
         new_lm, old_lm = DuoLM(**kw), legacy(**kw)
         report.setdefault("model_params", {})[name] = sum(p.numel() for p in new_lm.model.parameters())
         o, n, res = interleaved(lambda: old_lm.loglikelihood(reqs), lambda: new_lm.loglikelihood(reqs), args.rounds)
@@ -303,7 +309,7 @@ def wide(args, legacy):
     for i in range(args.wide_requests // 4):
         ctx = torch.randint(2, k, (100,), generator=g).tolist()
         reqs += [(("", ""), ctx, torch.randint(2, k, (8,), generator=g).tolist()) for _ in range(4)]
-    kw = dict(model=model, tokenizer=Tok(), mc_samples=args.mc, progress=False)
+    kw = dict(model=model, tokenizer=Tok(), mc_samples=args.mc, progress=False, cpu_threads=str(args.threads))
     new_lm, old_lm = DuoLM(**kw), legacy(**kw)
     o, n, res = interleaved(lambda: old_lm._loglikelihood_tokens(reqs), lambda: new_lm._loglikelihood_tokens(reqs),
                             args.rounds)

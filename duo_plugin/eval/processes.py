@@ -25,7 +25,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 
 import torch
 
-__all__ = ["EvalProcess", "OBJECTIVE_KINDS", "process_for", "process_for_model"]
+__all__ = ["EvalProcess", "OBJECTIVE_KINDS", "check_scorable", "process_for", "process_for_model"]
 
 #: objective name (model-folder metadata) -> evaluation path
 OBJECTIVE_KINDS = {"duo": "uniform", "udlm": "uniform", "dcd": "uniform", "mdlm": "absorbing", "ar": "causal"}
@@ -90,3 +90,22 @@ def process_for_model(model, where: Optional[str] = None, schedule=None) -> Eval
                        valid_vocab=vv if isinstance(vv, torch.Tensor) else None,
                        causal=bool(getattr(model, "causal", False)), schedule=schedule,
                        where=where or type(model).__name__)
+
+
+def check_scorable(model, name=None) -> bool:
+    """``True`` for a causal (AR-objective) model, ``False`` for a diffusion denoiser; ``ValueError`` for anything
+    the evaluation cannot score (no integer ``vocab_size`` / ``max_seq_len``, or metadata contradicting the
+    architecture)."""
+    what = f"{name}" if name is not None else type(model).__name__
+    for attr in ("vocab_size", "max_seq_len"):
+        if not isinstance(getattr(model, attr, None), int):
+            raise ValueError(f"{what} is not a model the duo backend can score: it has no integer .{attr} (expected a "
+                             "duo_plugin model directory: a Duo denoiser or an objective=ar DiT)")
+    objective = str((getattr(model, "duo_metadata", None) or {}).get("objective", "") or "")
+    causal = bool(getattr(model, "causal", False))
+    if objective == "ar" and not causal:
+        raise ValueError(f"{what}: metadata says objective=ar but the model is not causal; cannot score it")
+    if causal and objective not in ("", "ar"):
+        raise ValueError(f"{what}: a causal model trained with objective={objective!r}; the duo backend scores "
+                         "causal models only as AR (next-token) models")
+    return causal

@@ -44,6 +44,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from duo_plugin.eval.mc import MCPolicy
+from duo_plugin.eval.processes import check_scorable, process_for_model
 from duo_plugin.eval.scoring import LIKELIHOOD_MODES, RequestScorer, ScoringConfig
 from duo_plugin.eval.windows import WindowSpec, request_index, rolling_windows, truncate_left
 
@@ -72,23 +73,6 @@ def _as_bool(v) -> bool:
             return False
         raise ValueError(f"expected a boolean (true/false), got {v!r}")
     return bool(v)
-
-
-def check_scorable(model, name=None) -> bool:
-    """``True`` for a causal (AR-objective) model, ``False`` for a diffusion denoiser; ``ValueError`` otherwise."""
-    what = f"{name}" if name is not None else type(model).__name__
-    for attr in ("vocab_size", "max_seq_len"):
-        if not isinstance(getattr(model, attr, None), int):
-            raise ValueError(f"{what} is not a model the duo backend can score: it has no integer .{attr} (expected a "
-                             "duo_plugin model directory: a Duo denoiser or an objective=ar DiT)")
-    objective = str((getattr(model, "duo_metadata", None) or {}).get("objective", "") or "")
-    causal = bool(getattr(model, "causal", False))
-    if objective == "ar" and not causal:
-        raise ValueError(f"{what}: metadata says objective=ar but the model is not causal; cannot score it")
-    if causal and objective not in ("", "ar"):
-        raise ValueError(f"{what}: a causal model trained with objective={objective!r}; the duo backend scores "
-                         "causal models only as AR (next-token) models")
-    return causal
 
 
 def parse_batch_size(value, default: int = 32) -> int:
@@ -287,8 +271,6 @@ class DuoLM(TemplateLM):
 
             choice = configure_cpu(cfg.cpu_threads, n_params=sum(p.numel() for p in model.parameters()))
             log.info("duo: %s", choice.log_line())
-        from duo_plugin.eval.processes import process_for_model
-
         self.process_spec = process_for_model(model, pretrained)
         self.vocab_size = int(model.vocab_size)
         if int(self.tokenizer.vocab_size) > self.vocab_size:
