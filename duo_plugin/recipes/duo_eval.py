@@ -181,9 +181,9 @@ def build_eval_sets(cfg: DictConfig, tok, block_size: int, info=None) -> dict[st
 def run(cfg: DictConfig) -> dict:
     """The recipe body (``recipe_main`` = ``@config.parse`` + this); returns the metrics dict."""
     from duo_plugin.diffusion.schedules import LogLinearSchedule
-    from duo_plugin.eval.likelihood import nelbo_perplexity
+    from duo_plugin.eval.metrics import NelboSpec, compute_metrics
     from duo_plugin.eval.processes import process_for_model
-    from duo_plugin.sampling import DenoiserFn
+    from duo_plugin.models.denoiser import DenoiserFn
 
     validate_config(cfg)
     device, out_dir, model, tok = open_run(cfg)
@@ -207,11 +207,11 @@ def run(cfg: DictConfig) -> dict:
         t0 = time.perf_counter()
         print(f"duo_eval: set {i + 1}/{len(sets)} {name}: {int(blocks.shape[0])} blocks x {int(cfg.mc_passes)} "
               f"pass(es)", file=sys.stderr, flush=True)
-        res = nelbo_perplexity(den, blocks, mask, batch_size=int(cfg.batch_size), mc_passes=int(cfg.mc_passes),
-                               seed=int(cfg.seed), valid_vocab=getattr(model, "valid_vocab", None), schedule=schedule,
-                               t_min=float(cfg.get("t_min") or 1e-3), device=device,
-                               progress=bool(cfg.get("progress_bar", True)),
-                               special_ids=(tok.bos_id, tok.eos_id, tok.pad_id), process=spec.process)
+        opts = dict(batch_size=int(cfg.batch_size), mc_passes=int(cfg.mc_passes), seed=int(cfg.seed),
+                    valid_vocab=getattr(model, "valid_vocab", None), schedule=schedule,
+                    t_min=float(cfg.get("t_min") or 1e-3), device=device, progress=bool(cfg.get("progress_bar", True)),
+                    special_ids=(tok.bos_id, tok.eos_id, tok.pad_id), process=spec.process)
+        res = compute_metrics(nelbo=NelboSpec(den, blocks, mask, opts))["nelbo"]
         res["blocks"] = int(blocks.shape[0])
         res["seconds"] = time.perf_counter() - t0
         if str(cfg.dataset.get("packing") or "wrap") == "pad" and str(cfg.dataset.get("source") or "corpus") != "zeroshot":

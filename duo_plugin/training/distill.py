@@ -114,7 +114,7 @@ def sample_quality_table(
 
     Row keys: model, sampler, steps, nfe, gen_ppl, gen_nll, entropy, n_samples, sample_seconds.
     """
-    from duo_plugin.eval.genppl import gen_ppl_and_entropy, unigram_entropy
+    from duo_plugin.eval.metrics import GenPPLSpec, compute_metrics
     from duo_plugin.sampling.samplers import DenoiserFn, sample
 
     for name in samplers:
@@ -124,6 +124,8 @@ def sample_quality_table(
         raise ValueError("Gen PPL needs diffusion_tokenizer, scorer_tokenizer and eos_id_scorer with the scorer")
     from duo_plugin._progress import Eta, eta_lines
 
+    genppl = GenPPLSpec(diffusion_tokenizer, scorer, scorer_tokenizer, None if scorer is None else int(eos_id_scorer),
+                        bos_id_scorer, int(score_batch_size), int(max_len))
     rows = []
     cells = sum(len((models_steps or {}).get(m, steps)) for m in models) * len(samplers)
     bar = Eta(progress, cells, "duo_distill quality table", unit="cell")
@@ -140,15 +142,10 @@ def sample_quality_table(
                 dt = time.perf_counter() - t0
                 row = {"model": mname, "sampler": mode, "steps": int(n_steps), "nfe": int(n_steps) + 1,
                        "n_samples": int(num_samples), "sample_seconds": dt}
+                r = compute_metrics(samples=toks, genppl=genppl)["gen"]
+                row.update(gen_ppl=r["gen_ppl"], gen_nll=r["gen_nll"], entropy=r["entropy"])
                 if scorer is not None:
-                    r = gen_ppl_and_entropy(toks.cpu(), diffusion_tokenizer=diffusion_tokenizer, scorer=scorer,
-                                            scorer_tokenizer=scorer_tokenizer, eos_id_scorer=int(eos_id_scorer),
-                                            batch_size=int(score_batch_size), max_len=int(max_len),
-                                            bos_id_scorer=bos_id_scorer)
-                    row.update(gen_ppl=r["gen_ppl"], gen_nll=r["gen_nll"], entropy=r["entropy"],
-                               gen_ppl_scorer=r["scorer"])
-                else:
-                    row.update(gen_ppl=None, gen_nll=None, entropy=float(unigram_entropy(toks.cpu()).mean()))
+                    row.update(gen_ppl_scorer=r["scorer"])
                 rows.append(row)
                 bar.set_postfix(model=mname, sampler=mode, T=int(n_steps))
                 bar.update(1)
