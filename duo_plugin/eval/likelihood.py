@@ -104,24 +104,27 @@ def _vocab_check(x0: torch.Tensor, scored: torch.Tensor, k: int, valid_vocab: Op
     """``(x0_safe, row_oov)``: ids outside the model's vocabulary in scored positions make their row +∞.
 
     A token the model cannot produce (an id ≥ K, or one outside ``valid_vocab``) has probability 0 under the model,
-    so its NELBO (and −log p) is +∞. Such ids are replaced by a valid id for the forward pass and the row is flagged.
-    Unscored positions (a kept context) with an id ≥ K cannot be embedded: ``ValueError``.
+    so its NELBO (and −log p) is +∞: such a *scored* id is replaced by a valid id for the forward pass (the value is
+    +∞ whatever the network says) and the row is flagged. An *unscored* id that the model embeds (< K) is left as
+    it is even when it is outside ``valid_vocab`` -- a BOS, a kept context token, or an LM1B ``[PAD]`` / ``[UNK]`` in
+    the official pad mode: the network sees it exactly as in training and in the official code (the noise of the
+    process still never produces it). Unscored ids ≥ K cannot be embedded: ``ValueError``.
     """
-    bad = (x0 < 0) | (x0 >= k)
+    unembeddable = (x0 < 0) | (x0 >= k)
+    bad = unembeddable.clone()
     if valid_vocab is not None:
         bad = bad | ~valid_vocab[x0.clamp(0, k - 1)]
-    if not bool(bad.any()):
-        return x0, None
-    unembeddable = ((x0 < 0) | (x0 >= k)) & ~scored
-    if bool(unembeddable.any()):
-        r, c = (int(v) for v in unembeddable.nonzero()[0])
+    bad &= scored
+    if bool((unembeddable & ~scored).any()):
+        r, c = (int(v) for v in (unembeddable & ~scored).nonzero()[0])
         raise ValueError(
             f"token id {int(x0[r, c])} at row {r}, position {c} is outside the model's vocabulary (K={k}) and is "
             "not scored (context): use the tokenizer the checkpoint was trained with"
         )
+    if not bool(bad.any()):
+        return x0, None
     fill = int(valid_vocab.nonzero()[0]) if valid_vocab is not None else 0
-    row_oov = (bad & scored).any(-1)
-    return torch.where(bad, torch.full_like(x0, fill), x0), row_oov
+    return torch.where(bad, torch.full_like(x0, fill), x0), bad.any(-1)
 
 
 def resolve_process(denoiser, process, valid_vocab: Optional[torch.Tensor], schedule=None):
@@ -209,9 +212,8 @@ def sequence_nelbo(
     if valid_vocab is not None and valid_vocab.numel() != k:
         raise ValueError(f"valid_vocab has {valid_vocab.numel()} entries but the denoiser outputs K={k}")
     f = process.nelbo(log_x.float(), z, x0, alpha, alpha_prime).to(torch.float64)
-    if score_mask is not None:
-        f = f * score_mask.to(dev, torch.float64)
-    out = f.sum(-1)
+    summed = score_mask.to(dev).bool() if score_mask is not None else torch.ones_like(real)
+    out = torch.where(summed, f, torch.zeros_like(f)).sum(-1)  # unsummed ids (e.g. pads) may have no finite f
     if row_oov is not None:
         out = torch.where(row_oov, torch.full_like(out, float("inf")), out)
     return out

@@ -6,6 +6,10 @@ log-likelihoods and greedy flags for the same seeds, for every process it scores
 absorbing, AR causal) and every likelihood mode (``nelbo`` under both conditionings and time samplings, ``official``,
 ``official_suffix``).
 
+``udlm_nelbo`` and ``mdlm_nelbo`` (whose ``valid_vocab`` leaves out BOS) were re-recorded once, deliberately, when
+evaluation stopped replacing unscored ids outside ``valid_vocab`` by the first valid id (the network now sees BOS,
+as in training and in the official code); every other case is still the pre-move recording.
+
 The models are tiny DiTs with seeded random weights (no training needed: the scores are a deterministic function of
 the weights, the requests and the seed), on an integer "tokenizer" (``"3 4 5"`` -> ``[3, 4, 5]``).
 """
