@@ -13,12 +13,12 @@ from duo_plugin.sampling.samplers import (
     time_grid,
     trim_at_eos,
 )
+from duo_plugin.sampling.base import Scheduler, SchedulerBase, StepNoise
 from duo_plugin.sampling.schedulers import (
     PSI_MODES,
     AncestralScheduler,
     PsiSchedule,
     PsiScheduler,
-    StepNoise,
     UniformProcess,
     make_scheduler,
 )
@@ -31,6 +31,8 @@ __all__ = [
     "PsiSchedule",
     "PsiScheduler",
     "SampleResult",
+    "Scheduler",
+    "SchedulerBase",
     "StepNoise",
     "UniformProcess",
     "apply_temperature",
