@@ -310,6 +310,23 @@ def sample_mdlm_rows(den, schedule, *, num: int, chunk: int, seq_len: int, vocab
     return torch.cat(out, 0), nfe
 
 
+def generate_ar(model, job: dict, kw: dict, cfg, *, infill: bool, n_blocks: int, bos_id):
+    """Sample an ``objective: ar`` model token by token with its KV cache (prompt, or [BOS] alone); the diffusion
+    keys (``steps``, ``noise_removal``, ``predictor``, ``psi``, ``posterior_impl``) do not apply to it."""
+    from duo_plugin.sampling.ar_decode import sample_ar
+
+    if infill or n_blocks or str(kw.get("predictor")) != "ancestral" or float(kw.get("guidance_weight")) != 1.0:
+        raise ConfigError("this model was trained with objective: ar and is sampled left to right: infill, blocks, "
+                          "predictor=psi and guidance_weight do not apply (remove them)")
+    prompt = job.get("prompt_ids")
+    if prompt is None and cfg.get("add_bos", True):
+        prompt = torch.tensor([int(bos_id)], dtype=torch.long)
+    with eta_lines():
+        return sample_ar(model, batch_size=kw["batch_size"], seq_len=kw["seq_len"], prompt=prompt,
+                         temperature=kw["temperature"], top_p=kw["top_p"], valid_vocab=kw["valid_vocab"],
+                         seed=kw["seed"], chunk_size=kw["chunk_size"], progress=kw["progress"])
+
+
 def run(cfg: DictConfig) -> dict:
     """The recipe body (``recipe_main`` = ``@config.parse`` + this); returns the metrics dict."""
     from duo_plugin.diffusion.schedules import LogLinearSchedule
@@ -385,6 +402,8 @@ def run(cfg: DictConfig) -> dict:
                 True)), valid=valid, temperature=kw["temperature"], top_p=kw["top_p"], seed=seed + j,
                 t_eps=kw["t_eps"], device=device, clamp_mask=cm, clamp_values=cv)
             res = None
+        elif objective == "ar":  # KV-cache decoding (sampling/ar_decode.py); NFE = seq_len - prompt length
+            res = generate_ar(model, job, kw, cfg, infill=bool(infill), n_blocks=n_blocks, bos_id=tok.bos_id)
         else:
             with eta_lines():  # the sampler's bar on a terminal, else an ETA line every 30 s
                 if n_blocks:
@@ -418,7 +437,7 @@ def run(cfg: DictConfig) -> dict:
         "noise_removal": mode,
         "nfe": nfe,
         "objective": objective,
-        "process": "absorbing" if mask_id is not None else "uniform",
+        "process": "absorbing" if mask_id is not None else ("causal" if objective == "ar" else "uniform"),
         "predictor": opts["predictor"],
         "guidance_weight": opts["guidance_weight"],
         "n_blocks": n_blocks,
