@@ -28,7 +28,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from duo_plugin.diffusion import absorbing
-from duo_plugin.diffusion.uniform import row_generators, sample_categorical
+from duo_plugin.diffusion.uniform import sample_categorical
 
 from .base import SchedulerBase, StepNoise, check_alpha_grid, time_grid
 from .schedulers import PsiSchedule, XThetaFilter, guided_posterior
@@ -168,65 +168,39 @@ def sample_mdlm(
     noise_removal: str = "greedy",
     time_conditioned: bool = True,
     valid_vocab: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
     generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
     seed: Optional[int] = None,
-    t_eps: float = 1e-5,
     device=None,
     return_nfe: bool = False,
     clamp_mask: Optional[torch.Tensor] = None,
     clamp_values: Optional[torch.Tensor] = None,
+    **options,
 ):
-    """Draw ``Long[batch_size, seq_len]`` from an MDLM denoiser ``denoiser(z, sigma) -> log-probs [B, L, W]``.
+    """Draw ``Long[batch_size, seq_len]`` from an MDLM denoiser ``denoiser(z, sigma) -> log-probs [B, L, W]``: the
+    one sampling loop, :func:`duo_plugin.sampling.sample`, with an :class:`AbsorbingScheduler` (or
+    :class:`AbsorbingPsiScheduler` with ``predictor="psi"``).
 
     ``vocab_size`` = W (data ids + the mask row), ``mask_id`` the [MASK] id, ``valid_vocab`` ``Bool[W]`` the ids x_θ
-    may produce (the mask id is always excluded).  ``time_conditioned=False`` turns on the x_θ cache (the network
-    ignores σ, so x_θ only changes when z does).  Exactly one of ``generator`` (one, or one per row) / ``seed``
-    (→ ``row_generators(seed, 0, range(B))``).  Returns the tokens, or ``(tokens, nfe)`` with ``return_nfe=True``.
-    No [MASK] is left unless ``noise_removal="none"``.
+    may produce (the mask id is always excluded). ``time_conditioned=False`` turns on the x_θ cache (the network
+    ignores σ, so x_θ only changes when z does). ``options``: any other :class:`~duo_plugin.sampling.SamplerOptions`
+    field (``temperature``, ``top_p``, ``t_eps``, ``predictor``, ``psi``, ``guidance_weight``, ...). Exactly one of
+    ``generator`` (one, or one per row) / ``seed`` (→ ``row_generators(seed, 0, range(B))``). Returns the tokens, or
+    ``(tokens, nfe)`` with ``return_nfe=True``. No [MASK] is left unless ``noise_removal="none"``.
 
     Conditioning (prompts, infilling): ``clamp_mask`` ``Bool[L]`` or ``Bool[B, L]`` marks positions that start as
-    ``clamp_values`` (``Long[L]`` / ``Long[B, L]``, token ids other than [MASK]; BOS is fine) instead of [MASK]. The absorbing posterior never changes
-    an unmasked token, so they stay, and the chain is exactly the model's reverse process started from that
-    partially masked state (the conditional given the clamped tokens, as far as x_θ is).
+    ``clamp_values`` (``Long[L]`` / ``Long[B, L]``, token ids other than [MASK]; BOS is fine) instead of [MASK]. The
+    absorbing posterior never changes an unmasked token, so they stay, and the chain is exactly the model's reverse
+    process started from that partially masked state (the conditional given the clamped tokens, as far as x_θ is).
     """
-    if noise_removal not in ("greedy", "ancestral", "none"):
-        raise ValueError(f"noise_removal must be 'greedy', 'ancestral' or 'none'; got {noise_removal!r}")
-    if (generator is None) == (seed is None):
-        raise ValueError("pass exactly one of generator= (torch.Generator or one per sequence) or seed= (int)")
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    gen = row_generators(int(seed), 0, range(batch_size), device=device) if seed is not None else generator
+    from .options import SamplerOptions
+    from .samplers import sample
+    from .select import scheduler_for_process
+
+    if clamp_mask is not None and clamp_values is None:
+        raise ValueError("clamp_mask needs clamp_values (the data ids of the clamped positions)")
     proc = absorbing.AbsorbingProcess(vocab_size, mask_id, valid_vocab=valid_vocab, schedule=schedule)
-    scheduler = AbsorbingScheduler(proc, temperature=temperature, top_p=top_p)
-    grid = scheduler.timesteps(steps, t_eps)
-    alphas = torch.as_tensor(proc.alpha(grid), dtype=_F64)
-    if bool(((alphas < 0) | (alphas >= 1)).any()):
-        raise ValueError("schedule.alpha(t) must lie in [0, 1) on the sampling grid (t_eps > 0)")
-
-    def call(z, t):
-        sigma = (-torch.log(proc.alpha(t).clamp_min(torch.finfo(_F64).tiny))).to(torch.float32).expand(batch_size)
-        out = denoiser(z, sigma.to(device))
-        if tuple(out.shape) != (batch_size, seq_len, proc.vocab_size):
-            raise ValueError(f"denoiser returned shape {tuple(out.shape)}; expected [B, L, W] = "
-                             f"{[batch_size, seq_len, proc.vocab_size]}")
-        return out
-
-    cache = absorbing.XThetaCache(call, time_conditioned)
-    z = proc.prior_sample((batch_size, seq_len), device=device)
-    if clamp_mask is not None:
-        if clamp_values is None:
-            raise ValueError("clamp_mask needs clamp_values (the data ids of the clamped positions)")
-        cm = torch.as_tensor(clamp_mask, dtype=torch.bool, device=device).expand(batch_size, seq_len)
-        cv = torch.as_tensor(clamp_values, dtype=torch.long, device=device).expand(batch_size, seq_len)
-        bad = cm & ((cv < 0) | (cv >= proc.vocab_size) | (cv == mask_id))
-        if bool(bad.any()):
-            raise ValueError("clamp_values must be token ids in [0, vocab_size) other than the [MASK] id at every clamped position")
-        z = torch.where(cm, cv, z)
-    for i in range(int(steps)):
-        z_new = scheduler.step(cache(z, grid[i]), grid[i], grid[i + 1], z, StepNoise(gen, None, i))
-        cache.update(z, z_new)
-        z = z_new
-    if noise_removal != "none":
-        z = scheduler.final(cache(z, grid[-1]), grid[-1], z, StepNoise(gen, None, int(steps)), noise_removal)
-    return (z, cache.nfe) if return_nfe else z
+    opts = SamplerOptions(steps=steps, noise_removal=noise_removal, progress=False, **options)
+    sched = scheduler_for_process(proc, opts, reuse_x_theta=not time_conditioned)
+    res = sample(denoiser, sched, batch_size=batch_size, seq_len=seq_len, options=opts, clamp_mask=clamp_mask,
+                 clamp_values=clamp_values, generator=generator, seed=seed, device=device, return_trajectory=True)
+    return (res.tokens, res.nfe) if return_nfe else res.tokens
