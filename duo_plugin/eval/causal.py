@@ -17,7 +17,7 @@ import torch
 from duo_plugin.eval.likelihood import pack_rows
 from duo_plugin.eval.windows import Window
 
-__all__ = ["ar_log_probs", "ar_windows_nll", "ar_argmax_windows", "ar_generate"]
+__all__ = ["ar_log_probs", "ar_windows_nll", "ar_argmax_windows"]
 
 
 @torch.no_grad()
@@ -102,21 +102,3 @@ def ar_argmax_windows(model, windows: Sequence[Window], *, vocab_size: int,
             ids, n_keep = windows[i].ids, windows[i].n_keep
             res[i] = bool((pred[r, n_keep - 1 : len(ids) - 1] == torch.tensor(ids[n_keep:])).all())
     return res
-
-
-@torch.no_grad()
-def ar_generate(model, prompt: Sequence[int], max_new: int, *, eos_id: int, greedy: bool, temperature: float = 1.0,
-                generator: Optional[torch.Generator] = None, valid_vocab: Optional[torch.Tensor] = None) -> List[int]:
-    """Token-by-token decoding from ``prompt`` (full forward per token): the argmax (``greedy``) or a float64
-    categorical draw at ``temperature`` from ``generator``; stops before ``eos_id``. Returns the new ids."""
-    new: List[int] = []
-    for _ in range(int(max_new)):
-        logp = ar_log_probs(model, torch.tensor([list(prompt) + new]), valid_vocab)[0, -1].cpu()
-        if greedy:
-            nxt = int(logp.argmax())
-        else:
-            nxt = int(torch.multinomial(torch.softmax(logp / float(temperature), -1), 1, generator=generator))
-        if nxt == eos_id:
-            break
-        new.append(nxt)
-    return new

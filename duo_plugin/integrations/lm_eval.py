@@ -17,9 +17,11 @@ What the numbers are (docs/evaluation.md) is the library's: the model folder's n
   the official harness loads them; ``weights=ema`` to score the EMA weights; the choice is in every summary);
 * ``loglikelihood_rolling``: the bound over rolling windows scoring every token once (word/byte perplexities are
   upper bounds);
-* ``generate_until``: :func:`duo_plugin.sampling.sample` with ``[BOS] + context`` clamped as prompt (token-by-token
-  decoding for AR models). ``do_sample: false`` / ``temperature: 0`` select diffusion "greedy" decoding (the argmax
-  of x_θ before each posterior step, Greedy-Tail noise removal): not autoregressive greedy decoding.
+* ``generate_until``: :func:`duo_plugin.sampling.generate_continuations` for every process (Duo/UDLM, MDLM: the
+  one sampling loop with the folder's scheduler; AR: left-to-right decoding with the KV cache) with ``[BOS] +
+  context`` clamped as prompt, options in one :class:`~duo_plugin.sampling.SamplerOptions`. ``do_sample: false`` /
+  ``temperature: 0`` select "greedy" decoding (diffusion: the argmax of x_θ before each posterior step, Greedy-Tail
+  noise removal -- not autoregressive greedy decoding; AR: the argmax).
 
 Noise is seeded per request from a hash of its token ids (``seed``), so scores do not depend on the batch, ``--limit``
 or request order. Scoring packs the rows (request × MC sample) of all requests into forwards of ``max_batch_tokens``
@@ -110,9 +112,9 @@ class DuoLMConfig:
     ``conditioning``, ``greedy_check``, ``seed``, ``t_min``, ``batch_size`` / ``max_batch_size`` (rows per
     forward; lm-eval's default 1 = unset), ``max_batch_tokens``, ``rolling_context`` (default ``max_length // 4``),
     ``window_eos``, ``progress``, ``mc_stderr_path`` (JSON of the per-task MC summary).
-    Generation: ``gen_steps``, ``noise_removal``, ``max_gen_toks``, ``block_len`` (semi-autoregressive windows
-    beyond the model's width), ``predictor`` (``ancestral`` | ``psi``) with the Ψ settings ``psi_*``,
-    ``guidance_weight``, ``posterior_impl`` (docs/sampling.md).
+    Generation (:class:`~duo_plugin.sampling.SamplerOptions`): ``gen_steps``, ``noise_removal``, ``max_gen_toks``,
+    ``block_len`` (semi-autoregressive windows beyond the model's width), ``predictor`` (``ancestral`` | ``psi``)
+    with the Ψ settings ``psi_*``, ``guidance_weight``, ``posterior_impl`` (docs/sampling.md).
     """
 
     weights: Optional[str] = None
@@ -200,18 +202,15 @@ class DuoLMConfig:
         return ScoringConfig(policy, self.likelihood, self.conditioning, self.greedy_check, int(self.seed),
                              float(self.t_min), cap, self.max_batch_tokens, rows, bool(self.progress), weights_label)
 
-    def sampler_kwargs(self) -> dict:
-        """The sampler options of ``generate_until`` (validated: a bad Ψ mode raises here)."""
-        if self.predictor not in ("ancestral", "psi"):
-            raise ValueError(f"predictor must be 'ancestral' or 'psi', got {self.predictor!r}")
-        from duo_plugin.sampling import PsiSchedule
+    def sampler_options(self, rows: int):
+        """The :class:`~duo_plugin.sampling.SamplerOptions` of ``generate_until`` (validated: a bad Ψ mode or
+        predictor raises here); ``rows`` sequences per sampler call."""
+        from duo_plugin.sampling import SamplerOptions
 
-        psi = None
-        if self.predictor == "psi":
-            psi = PsiSchedule(self.psi_high_mode, self.psi_middle_mode, self.psi_low_mode, float(self.psi_high_frac),
-                              float(self.psi_middle_frac), self.psi_time_profile)
-        return {"predictor": self.predictor, "guidance_weight": float(self.guidance_weight),
-                "posterior_impl": str(self.posterior_impl), "psi": psi}
+        keys = ("noise_removal", "predictor", "guidance_weight", "posterior_impl", "psi_high_mode", "psi_middle_mode",
+                "psi_low_mode", "psi_high_frac", "psi_middle_frac", "psi_time_profile")
+        return SamplerOptions.from_config({k: getattr(self, k) for k in keys}, steps=int(self.gen_steps),
+                                          block_len=int(self.block_len or 0), chunk_size=int(rows), progress=False)
 
 
 def _load(pretrained, model, tokenizer, cfg: DuoLMConfig, device: torch.device):
@@ -289,7 +288,7 @@ class DuoLM(TemplateLM):
         self.denoiser, self.valid_vocab, self.process = self.scorer.denoiser, self.scorer.valid_vocab, \
             self.scorer.process
         self.batch_size = self.scorer.config.official_batch_size
-        self.sampler_kwargs = cfg.sampler_kwargs()
+        self.sampler_options = cfg.sampler_options(self.batch_size)
         self.block_len = None if cfg.block_len is None else int(cfg.block_len)
         if self.block_len is not None and not 1 <= self.block_len < self.max_length - 1:
             raise ValueError(f"block_len must lie in [1, {self.max_length - 2}] for this model, got {cfg.block_len}")
@@ -396,51 +395,26 @@ class DuoLM(TemplateLM):
         return text
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
-        """Sample continuations with the project's sampler; the prompt ``[BOS] + context`` is clamped."""
+        """Continuations from :func:`duo_plugin.sampling.generate_continuations`, for every process the toolkit
+        trains (the scheduler is picked from the folder's metadata; AR models decode left to right with the KV
+        cache); the prompt ``[BOS] + context`` is clamped; each request draws from its own seeded generator."""
         from duo_plugin.diffusion.uniform import row_generators
+        from duo_plugin.sampling import generate_continuations
 
         prepared = [self._prepare(req) for req in requests]
-        if self.is_ar:
-            from duo_plugin.eval.causal import ar_generate
-
-            out = []
-            for prompt, g, until, (temp, top_p, _) in prepared:
-                gen = row_generators(self.config.seed, 1 << 44, [request_index(prompt, f"ar{g}")])[0]
-                out.append(self._finish(ar_generate(self.model, prompt, g, eos_id=self.eot_token_id,
-                                                    greedy=top_p < 1.0, temperature=temp, generator=gen,
-                                                    valid_vocab=self.valid_vocab), until))
-            return out
-        if self.process_spec.kind != "uniform":
-            raise ValueError(f"generate_until is not available for {self.process_spec.kind} "
-                             f"({type(self.process).__name__}) models in the duo backend (no prompt-clamped sampler); "
-                             "sample them with duo_generate, score them with loglikelihood tasks")
         results: List[Optional[str]] = [None] * len(requests)
         groups: Dict[tuple, List[int]] = defaultdict(list)
-        for i, (prompt, g, _, decoding) in enumerate(prepared):
-            groups[(len(prompt), g, decoding)].append(i)
-        for (p_len, g, decoding), members in groups.items():
-            for lo in range(0, len(members), max(1, self.batch_size)):
-                mem = members[lo : lo + max(1, self.batch_size)]
-                toks = self._sample_group([prepared[i][0] for i in mem], p_len, g, decoding)
-                for r, i in enumerate(mem):
-                    results[i] = self._finish(toks[r, p_len:].tolist(), prepared[i][2])
+        for i, (_, g, _, decoding) in enumerate(prepared):
+            groups[(g, decoding)].append(i)
+        step, tag = (1 << 44, "ar") if self.is_ar else (1 << 43, "gen")
+        for (g, (temp, top_p, mode)), members in groups.items():
+            prompts = [prepared[i][0] for i in members]
+            gens = [row_generators(self.config.seed, step, [request_index(p, f"{tag}{g}")], device=self._device)[0]
+                    for p in prompts]
+            opts = self.sampler_options.replace(temperature=temp, top_p=top_p, noise_removal=mode)
+            new = generate_continuations(self.model, prompts, g, opts, generators=gens, eos_id=self.eot_token_id,
+                                         window=self.max_length, denoiser=None if self.is_ar else self.denoiser,
+                                         schedule=getattr(self.process, "schedule", None), device=self._device)
+            for i, ids in zip(members, new):
+                results[i] = self._finish(ids, prepared[i][2])
         return results  # type: ignore[return-value]
-
-    def _sample_group(self, prompts: List[List[int]], p_len: int, g: int, decoding) -> torch.Tensor:
-        """Tokens ``[B, ≥ p_len + g]`` sampled for prompts of one length (one window, or stride windows)."""
-        from duo_plugin.diffusion.uniform import row_generators
-        from duo_plugin.sampling import sample, sample_blocks
-
-        temp, top_p, mode = decoding
-        gens = row_generators(self.config.seed, 1 << 43, [request_index(p, f"gen{g}") for p in prompts],
-                              device=self._device)
-        kw = dict(batch_size=len(prompts), vocab_size=self.vocab_size, steps=int(self.config.gen_steps),
-                  noise_removal=mode, temperature=temp, top_p=top_p, prompt=torch.tensor(prompts, dtype=torch.long),
-                  valid_vocab=self.valid_vocab, generator=gens, device=self._device, progress=False,
-                  **self.sampler_kwargs)
-        schedule = self.process.schedule
-        if p_len + g <= self.max_length:
-            return sample(self.denoiser, schedule, seq_len=p_len + g, **kw)
-        n_blocks = -(-(p_len + g - self.max_length) // self.block_len)  # stride windows of block_len new tokens
-        return sample_blocks(self.denoiser, schedule, seq_len=self.max_length, n_blocks=n_blocks,
-                             block_len=self.block_len, eos_id=self.eot_token_id, **kw).tokens[:, : p_len + g]

@@ -267,13 +267,13 @@ def test_generate_until_greedy_requests_use_argmax_x_theta(monkeypatch, caplog):
             self.args = (ctx, kw)
 
     calls = []
-    real = sampling.sample
+    real = sampling.generate_continuations
 
-    def spy(*a, **kw):
-        calls.append({key: kw.get(key) for key in ("noise_removal", "top_p", "temperature")})
-        return real(*a, **kw)
+    def spy(model, prompts, g, options, **kw):
+        calls.append({key: getattr(options, key) for key in ("noise_removal", "top_p", "temperature")})
+        return real(model, prompts, g, options, **kw)
 
-    monkeypatch.setattr(sampling, "sample", spy)
+    monkeypatch.setattr(sampling, "generate_continuations", spy)
     with caplog.at_level("WARNING", logger="duo_plugin.lm_eval"):
         greedy = lm.generate_until([Req("2", {"do_sample": False, "max_gen_toks": 6}),
                                     Req("4", {"temperature": 0.0, "max_gen_toks": 6}),

@@ -48,13 +48,13 @@ def test_sampler_model_args_reach_the_sampler(monkeypatch):
     import duo_plugin.sampling as sampling
 
     calls = []
-    real = sampling.sample
+    real = sampling.generate_continuations
 
-    def spy(*a, **kw):
-        calls.append({key: kw.get(key) for key in ("predictor", "psi", "guidance_weight", "posterior_impl")})
-        return real(*a, **kw)
+    def spy(model, prompts, g, options, **kw):
+        calls.append({key: getattr(options, key) for key in ("predictor", "psi", "guidance_weight", "posterior_impl")})
+        return real(model, prompts, g, options, **kw)
 
-    monkeypatch.setattr(sampling, "sample", spy)
+    monkeypatch.setattr(sampling, "generate_continuations", spy)
     lm = dl.DuoLM(model=PosModel(), tokenizer=IdTok(6), gen_steps=3, predictor="psi", psi_high_mode="pure-pc",
                   psi_middle_mode="max-capped-0.01", psi_low_mode="max-rescale-0.1", psi_high_frac="0.1",
                   psi_middle_frac="0.5", guidance_weight="1.5", posterior_impl="chunked")
