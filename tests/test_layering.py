@@ -29,6 +29,8 @@ FORBIDDEN = {
     "training/": ("duo_plugin.integrations", "duo_plugin.recipes"),
     "sampling/": ("duo_plugin.integrations", "duo_plugin.recipes", "duo_plugin.training", "duo_plugin.objectives",
                   "duo_plugin.eval"),
+    "eval/": ("duo_plugin.integrations", "duo_plugin.recipes", "duo_plugin.training", "duo_plugin.objectives",
+              "duo_plugin.sampling"),
 }
 # (module, private name) pairs allowed to cross a module boundary. Keep empty: make a shared helper public instead.
 PRIVATE_OK: set[tuple[str, str]] = set()
@@ -81,6 +83,15 @@ def test_the_sampling_rule_catches_a_planted_violation():
     mods = [m for m, _ in _imports(tree, "sampling/planted.py")]
     assert [m for m in mods if m.startswith(FORBIDDEN["sampling/"])] == ["duo_plugin.eval.genppl",
                                                                            "duo_plugin.objectives"]
+
+
+def test_the_eval_rule_catches_a_planted_violation():
+    """eval/ sits beside objectives/ and sampling/ (Gen PPL takes samples, or a sample function, passed in): a
+    planted import of either, eager or lazy, is flagged."""
+    tree = ast.parse("from duo_plugin.sampling import sample\n"
+                     "def f():\n    import duo_plugin.objectives.duo\n")
+    mods = [m for m, _ in _imports(tree, "eval/planted.py")]
+    assert [m for m in mods if m.startswith(FORBIDDEN["eval/"])] == ["duo_plugin.sampling", "duo_plugin.objectives.duo"]
 
 
 def test_no_private_names_across_modules():

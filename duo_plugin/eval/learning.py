@@ -88,7 +88,7 @@ def content_ppl(model, blocks: torch.Tensor, mask: torch.Tensor, special_ids: Se
         return {"ppl": math.exp(nll), "nll": nll, "stderr": 0.0, "tokens": n, "passes": 1}
     from duo_plugin.diffusion.schedules import LogLinearSchedule
     from duo_plugin.eval.likelihood import nelbo_perplexity
-    from duo_plugin.sampling.samplers import DenoiserFn
+    from duo_plugin.models.denoiser import DenoiserFn
 
     r = nelbo_perplexity(DenoiserFn(model), blocks, mask, batch_size=batch_size, mc_passes=int(passes), seed=seed,
                          valid_vocab=valid_vocab, schedule=LogLinearSchedule(eps=alpha_eps), t_min=t_min,

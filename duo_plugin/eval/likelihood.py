@@ -13,6 +13,7 @@ one sequence over its MC samples. docs/evaluation.md describes the estimators, t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -33,6 +34,8 @@ __all__ = [
     "pack_rows",
     "log_probs_at",
     "ConditionalNELBO",
+    "NelboOptions",
+    "resolve_process",
     "sequence_nelbo",
     "official_harness_nll",
     "stratum_permutation",
@@ -227,15 +230,11 @@ def nelbo_perplexity(
     *,
     batch_size: int = 16,
     mc_passes: int = 1,
-    seed: int = 0,
-    valid_vocab: Optional[torch.Tensor] = None,
-    schedule=None,
-    t_min: float = 1e-3,
-    device=None,
     progress: bool = True,
     special_ids: Optional[Sequence[int]] = None,
-    process=None,
     pad_mode: str = "clean_masked",
+    options: Optional["NelboOptions"] = None,
+    **kwargs,
 ) -> dict:
     """NELBO perplexity of a split (docs/method.md §8): PPL = exp(Σ NELBO / #tokens), an upper bound.
 
@@ -260,8 +259,9 @@ def nelbo_perplexity(
             needs ``.vocab_size`` unless ``valid_vocab`` is given.
         blocks: ``Long[N, L]`` token blocks. attention_mask: ``Bool[N, L]`` positions that count (and padding).
         special_ids: ids not counted as content (default none).
-        process: the noise process (see :func:`sequence_nelbo`; None = uniform-state, e.g. ``AbsorbingProcess`` for
-            an MDLM denoiser).
+        options / keyword arguments: ``seed``, ``valid_vocab``, ``schedule``, ``t_min``, ``device`` and ``process``
+            (the noise process; None = uniform-state, e.g. ``AbsorbingProcess`` for an MDLM denoiser) of
+            :class:`NelboOptions` (its other fields are not used here).
         pad_mode: ``clean_masked`` (default: positions outside ``attention_mask`` stay clean, are masked from
             attention and not scored, so the bound is conditional on each row's length) or ``official`` (as the
             official Duo/MDLM code: they are noised and attended to like any token and only left out of the sum and
@@ -279,6 +279,48 @@ def nelbo_perplexity(
         ``ppl_all_tokens``, ``nll_per_token_all``, ``stderr_all``, ``tokens`` (content), ``tokens_all``,
         ``sequences``, ``passes``, ``per_pass_nll`` (list, content tokens), ``estimator`` (a one-line description).
     """
+    o = NelboOptions.of(options, kwargs)
+    blocks, attention_mask, attended, content = _split_masks(blocks, attention_mask, special_ids, pad_mode)
+    n = blocks.shape[0]
+    tokens_all, tokens = int(attention_mask.sum()), int(content.sum())
+    if int(mc_passes) < 1 or int(batch_size) < 1:
+        raise ValueError("mc_passes and batch_size must be >= 1")
+    dev, schedule, valid_vocab = _eval_setup(denoiser, o.device, o.schedule, o.valid_vocab)
+    process, schedule, k = resolve_process(denoiser, o.process, valid_vocab, schedule)
+    structural = _structural_ids(blocks, attention_mask, content, k, valid_vocab)
+    vv_cpu = None if valid_vocab is None else valid_vocab.cpu()
+    prepared: dict = {}  # block -> _Seq (ids, kept, real, scored); padding and kept markers are neither noised nor scored
+    per_seq = torch.zeros(int(mc_passes), n, dtype=torch.float64)
+    # (pass, sequence) rows in pass-major order, batch_size rows per call: the passes of a small split share calls.
+    # A row's time and noise depend only on (seed, pass, sequence), so the values do not depend on the batching.
+    total = int(mc_passes) * n
+    times = torch.stack([stratified_times(o.seed, p, stratum_permutation(o.seed, p, n), n, t_min=o.t_min,
+                                          dtype=torch.float64) for p in range(int(mc_passes))])  # [P, N]
+    bar = Eta(progress, (total + batch_size - 1) // batch_size, "nelbo ppl")
+    try:
+        for lo in range(0, total, batch_size):
+            ps = [r // n for r in range(lo, min(total, lo + batch_size))]
+            ns = [r % n for r in range(lo, min(total, lo + batch_size))]
+            gens = [g for p, i in zip(ps, ns) for g in row_generators(o.seed, p, [i], device=dev)]
+            # packed rows, output projection and the NELBO integrand only at counted positions (any process);
+            # official pad mode: padding is noised and attended to (real) but not counted
+            for i in ns:
+                if i not in prepared:
+                    keep = structural[i] if structural is not None else torch.zeros(blocks.shape[1], dtype=torch.bool)
+                    prepared[i] = _prepare_seq(blocks[i], keep, attended[i], k, vv_cpu, counted=attention_mask[i])
+            per_seq[torch.tensor(ps), torch.tensor(ns)] = _rows_nelbo(
+                denoiser, prepared, ns, times[torch.tensor(ps), torch.tensor(ns)], gens, schedule=schedule,
+                valid_vocab=valid_vocab, conditioning="alpha_t", dev=dev, process=process)
+            bar.update(1)
+    finally:
+        bar.close()
+    return _ppl_summary(per_seq, tokens, tokens_all, process)
+
+
+def _split_masks(blocks, attention_mask, special_ids, pad_mode):
+    """Checked ``(blocks, attention_mask, attended, content)`` on CPU: counted positions, positions noised and
+    attended to (the counted ones, or every position in the official pad mode), content positions (counted and not
+    a special id)."""
     if blocks.dim() != 2 or blocks.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"blocks must be an integer tensor [N, L]; got {tuple(blocks.shape)} {blocks.dtype}")
     n, length = blocks.shape
@@ -288,79 +330,51 @@ def nelbo_perplexity(
         attention_mask = torch.ones(n, length, dtype=torch.bool)
     if tuple(attention_mask.shape) != (n, length):
         raise ValueError(f"attention_mask must have the shape of blocks {n, length}; got {tuple(attention_mask.shape)}")
-    attention_mask = attention_mask.bool()
+    attention_mask = attention_mask.bool().cpu()
     if pad_mode not in ("clean_masked", "official"):
         raise ValueError(f"pad_mode must be 'clean_masked' or 'official', got {pad_mode!r}")
-    # attended (and noised) positions: the counted ones, or every position in the official mode
     attended = attention_mask if pad_mode == "clean_masked" else torch.ones_like(attention_mask)
-    tokens_all = int(attention_mask.sum())
-    if tokens_all == 0:
+    if int(attention_mask.sum()) == 0:
         raise ValueError("attention_mask selects no token")
+    blocks = blocks.cpu()
     content = attention_mask.clone()
     for sid in special_ids or ():
         if sid is not None:
             content &= blocks != int(sid)
-    tokens = int(content.sum())
-    if tokens == 0:
+    if int(content.sum()) == 0:
         raise ValueError("the split has no content token (every counted position is a special id)")
-    if int(mc_passes) < 1 or int(batch_size) < 1:
-        raise ValueError("mc_passes and batch_size must be >= 1")
-    dev, schedule, valid_vocab = _eval_setup(denoiser, device, schedule, valid_vocab)
-    process, schedule, k = resolve_process(denoiser, process, valid_vocab, schedule)
-    structural = None  # special ids the model cannot produce: kept clean (known markers), neither noised nor scored
-    if k:
-        invalid = (blocks < 0) | (blocks >= k)
-        if valid_vocab is not None:
-            invalid |= ~valid_vocab.cpu()[blocks.clamp(0, k - 1)]
-        bad = invalid & content
-        if bool((invalid & ~content & attention_mask).any()):
-            structural = invalid & ~content & attention_mask & (blocks >= 0) & (blocks < k)
-            bad |= invalid & ~content & attention_mask & ~structural
-        if bool(bad.any()):
-            r, c = (int(v) for v in bad.nonzero()[0])
-            raise ValueError(
-                f"token id {int(blocks[r, c])} (block {r}, position {c}) is outside the model's valid vocabulary "
-                f"(K={k}): its NELBO is +inf. Use the tokenizer the checkpoint was trained with (or mask the token)"
-            )
+    return blocks, attention_mask, attended, content
 
-    blocks = blocks.cpu()
-    attention_mask = attention_mask.cpu()
-    attended = attended.cpu()
-    vv_cpu = None if valid_vocab is None else valid_vocab.cpu()
-    prepared: dict = {}  # block -> _Seq (ids, kept, real, scored); padding and kept markers are neither noised nor scored
-    per_seq = torch.zeros(int(mc_passes), n, dtype=torch.float64)
-    # (pass, sequence) rows in pass-major order, batch_size rows per call: the passes of a small split share calls.
-    # A row's time and noise depend only on (seed, pass, sequence), so the values do not depend on the batching.
-    total = int(mc_passes) * n
-    times = torch.stack([stratified_times(seed, p, stratum_permutation(seed, p, n), n, t_min=t_min,
-                                          dtype=torch.float64) for p in range(int(mc_passes))])  # [P, N]
-    bar = Eta(progress, (total + batch_size - 1) // batch_size, "nelbo ppl")
-    try:
-        for lo in range(0, total, batch_size):
-            hi = min(total, lo + batch_size)
-            ps = [r // n for r in range(lo, hi)]
-            ns = [r % n for r in range(lo, hi)]
-            ns_t = torch.tensor(ns)
-            t = times[torch.tensor(ps), ns_t]
-            gens = [g for p, i in zip(ps, ns) for g in row_generators(seed, p, [i], device=dev)]
-            # packed rows, output projection and the NELBO integrand only at counted positions (any process);
-            # official pad mode: padding is noised and attended to (real) but not counted
-            for i in ns:
-                if i not in prepared:
-                    keep = structural[i] if structural is not None else torch.zeros(length, dtype=torch.bool)
-                    prepared[i] = _prepare_seq(blocks[i], keep, attended[i], k, vv_cpu, counted=attention_mask[i])
-            vals = _rows_nelbo(denoiser, prepared, ns, t, gens, schedule=schedule, valid_vocab=valid_vocab,
-                               conditioning="alpha_t", dev=dev, process=process)
-            per_seq[torch.tensor(ps), ns_t] = vals
-            bar.update(1)
-    finally:
-        bar.close()
+
+def _structural_ids(blocks, attention_mask, content, k: int, valid_vocab) -> Optional[torch.Tensor]:
+    """Counted special ids the model cannot produce (kept clean: known markers, neither noised nor scored), or
+    None; a counted content id outside the vocabulary is a ``ValueError`` (its NELBO would be +∞)."""
+    invalid = (blocks < 0) | (blocks >= k)
+    if valid_vocab is not None:
+        invalid |= ~valid_vocab.cpu()[blocks.clamp(0, k - 1)]
+    bad = invalid & content
+    structural = None
+    if bool((invalid & ~content & attention_mask).any()):
+        structural = invalid & ~content & attention_mask & (blocks >= 0) & (blocks < k)
+        bad |= invalid & ~content & attention_mask & ~structural
+    if bool(bad.any()):
+        r, c = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(
+            f"token id {int(blocks[r, c])} (block {r}, position {c}) is outside the model's valid vocabulary "
+            f"(K={k}): its NELBO is +inf. Use the tokenizer the checkpoint was trained with (or mask the token)"
+        )
+    return structural
+
+
+def _ppl_summary(per_seq: torch.Tensor, tokens: int, tokens_all: int, process) -> dict:
+    """The result dict of :func:`nelbo_perplexity` from the per-(pass, sequence) NELBOs ``[P, N]``."""
+    passes, n = per_seq.shape
 
     def summary(count: int):
         per_pass = per_seq.sum(1) / count  # [P]
         nll = float(per_pass.mean())
-        if mc_passes >= 2:
-            se = float(per_pass.std(unbiased=True) / math.sqrt(mc_passes))
+        if passes >= 2:
+            se = float(per_pass.std(unbiased=True) / math.sqrt(passes))
             method = "between-pass"
         elif n >= 2:
             seq_est = per_seq.mean(0)  # [N]
@@ -386,11 +400,11 @@ def nelbo_perplexity(
         "tokens": tokens,
         "tokens_all": tokens_all,
         "sequences": n,
-        "passes": int(mc_passes),
+        "passes": passes,
         "per_pass_nll": per_pass.tolist(),
-        "estimator": (f"NELBO ({_integrand_name(process)}, log-linear alpha), one time per sequence per pass, stratified over the split "
-                      f"with a fresh permutation per pass; {int(mc_passes)} pass(es); stderr {method}; "
-                      f"per content token (all-token figure beside it)"),
+        "estimator": (f"NELBO ({_integrand_name(process)}, log-linear alpha), one time per sequence per pass, "
+                      f"stratified over the split with a fresh permutation per pass; {passes} pass(es); stderr "
+                      f"{method}; per content token (all-token figure beside it)"),
     }
 
 
@@ -433,6 +447,41 @@ def _round_times_and_gens(seed, index, r, m, t_min, time_sampling, device, start
     return times, gens
 
 
+@dataclasses.dataclass(frozen=True)
+class NelboOptions:
+    """Options of the conditional-NELBO estimators (:func:`conditional_nelbo`, :func:`conditional_nelbo_ragged`),
+    passed as ``options=`` or as keyword arguments.
+
+    Attributes:
+        mc_samples: M (the pilot size with ``target_stderr``). seed: noise seed. valid_vocab: ``Bool[K]`` or None.
+        schedule: α_t (default: the process's, log-linear). t_min: smallest time. device: where to run (default the
+        denoiser's). conditioning: ``alpha_t`` | ``clean_fraction``. time_sampling: ``stratified`` | ``iid``.
+        target_stderr / max_mc_samples: the two-stage adaptive policy (:mod:`duo_plugin.eval.mc`).
+        max_rows / max_batch_tokens: caps of one denoiser call. on_batch: called with the rows of each call.
+        process: the noise process (None = uniform-state over ``valid_vocab``).
+    """
+
+    mc_samples: int = 8
+    seed: int = 0
+    valid_vocab: Optional[torch.Tensor] = None
+    schedule: object = None
+    t_min: float = 1e-3
+    device: object = None
+    conditioning: str = "alpha_t"
+    time_sampling: str = "stratified"
+    target_stderr: Optional[float] = None
+    max_mc_samples: Optional[int] = None
+    max_rows: Optional[int] = None
+    max_batch_tokens: Optional[int] = None
+    on_batch: Optional[Callable[[int], None]] = None
+    process: object = None
+
+    @classmethod
+    def of(cls, options: Optional["NelboOptions"], kwargs: dict) -> "NelboOptions":
+        """``options`` updated by ``kwargs`` (an unknown key is a ``TypeError`` naming it)."""
+        return dataclasses.replace(options, **kwargs) if options is not None else cls(**kwargs)
+
+
 def _check_mc_options(m: int, time_sampling: str, conditioning: str, target_stderr, max_mc_samples) -> MCPolicy:
     """Validate the Monte Carlo options shared by the conditional-NELBO estimators; return the policy."""
     if conditioning not in CONDITIONING_MODES:
@@ -447,20 +496,10 @@ def conditional_nelbo(
     keep_mask: torch.Tensor,
     *,
     attention_mask: Optional[torch.Tensor] = None,
-    mc_samples: int = 8,
-    batch_size: int = 32,
-    seed: int = 0,
-    valid_vocab: Optional[torch.Tensor] = None,
-    schedule=None,
-    t_min: float = 1e-3,
     indices: Optional[torch.Tensor] = None,
-    device=None,
-    conditioning: str = "alpha_t",
-    time_sampling: str = "stratified",
-    target_stderr: Optional[float] = None,
-    max_mc_samples: Optional[int] = None,
-    max_batch_tokens: Optional[int] = None,
-    process=None,
+    batch_size: int = 32,
+    options: Optional["NelboOptions"] = None,
+    **kwargs,
 ) -> ConditionalNELBO:
     """Conditional NELBO of the non-kept positions given the kept ones (for loglikelihood requests).
 
@@ -481,13 +520,12 @@ def conditional_nelbo(
         denoiser: denoiser callable (see :func:`nelbo_perplexity`).
         x0: ``Long[B, L]`` ids (context + continuation, padded). keep_mask: ``Bool[B, L]`` or ``[L]``.
         attention_mask: ``Bool[B, L]``; False = padding (neither scored nor corrupted).
-        mc_samples: M ≥ 1 (per round in adaptive mode). batch_size: rows (sequence × MC sample) per denoiser call.
-        max_batch_tokens: also cap every call at this many (padded) tokens (default: rows only).
         indices: ``Long[B]`` global ids of the sequences for the noise (default ``arange(B)``).
-        conditioning: ``alpha_t`` | ``clean_fraction`` (see :func:`sequence_nelbo`).
-        process: the noise process (see :func:`sequence_nelbo`; None = uniform-state f_Duo). With
-            ``AbsorbingProcess`` (MDLM) only the non-kept positions are masked and the value is the MDLM NELBO of
-            the continuation given the clean context, an upper bound on −log p(continuation | context).
+        batch_size: rows (sequence × MC sample) per denoiser call.
+        options / keyword arguments: :class:`NelboOptions` (``mc_samples`` M ≥ 1, the pilot size in adaptive mode;
+            ``max_batch_tokens``; ``seed``; ``conditioning``; ``process`` -- with ``AbsorbingProcess`` (MDLM) only the
+            non-kept positions are masked and the value is the MDLM NELBO of the continuation given the clean
+            context, an upper bound on −log p(continuation | context); ...).
 
     Returns:
         :class:`ConditionalNELBO` ``(nelbo[B], stderr[B], num_tokens[B], mc_samples[B])``.
@@ -507,25 +545,19 @@ def conditional_nelbo(
     attention_mask = torch.as_tensor(attention_mask, dtype=torch.bool)
     if tuple(attention_mask.shape) != (b, length):
         raise ValueError(f"attention_mask must be [B, L] = {[b, length]}; got {tuple(attention_mask.shape)}")
-    m = int(mc_samples)
-    if m < 1 or int(batch_size) < 1:
+    o = NelboOptions.of(options, kwargs)
+    if int(o.mc_samples) < 1 or int(batch_size) < 1:
         raise ValueError("mc_samples and batch_size must be >= 1")
-    _check_mc_options(m, time_sampling, conditioning, target_stderr, max_mc_samples)
+    _check_mc_options(int(o.mc_samples), o.time_sampling, o.conditioning, o.target_stderr, o.max_mc_samples)
     if indices is None:
         indices = torch.arange(b)
     indices = torch.as_tensor(indices, dtype=torch.long).flatten()
     if indices.numel() != b:
         raise ValueError(f"indices must have one entry per sequence ({b})")
-    dev, schedule, valid_vocab = _eval_setup(denoiser, device, schedule, valid_vocab)
     score = attention_mask & ~keep_mask
-    seqs = [x0[i] for i in range(b)]
-    keeps = [keep_mask[i] for i in range(b)]
     reals = None if bool(attention_mask.all()) else [attention_mask[i] for i in range(b)]
-    res = conditional_nelbo_ragged(
-        denoiser, seqs, keeps, reals=reals, indices=indices.tolist(), mc_samples=m, max_rows=int(batch_size),
-        max_batch_tokens=max_batch_tokens, seed=seed, valid_vocab=valid_vocab, schedule=schedule, t_min=t_min,
-        device=dev, conditioning=conditioning, time_sampling=time_sampling, target_stderr=target_stderr,
-        max_mc_samples=max_mc_samples, process=process)
+    res = conditional_nelbo_ragged(denoiser, [x0[i] for i in range(b)], [keep_mask[i] for i in range(b)], reals=reals,
+                                   indices=indices.tolist(), options=dataclasses.replace(o, max_rows=int(batch_size)))
     return res._replace(num_tokens=score.sum(1).long())
 
 
@@ -678,20 +710,8 @@ def conditional_nelbo_ragged(
     *,
     reals: Optional[Sequence[torch.Tensor]] = None,
     indices: Optional[Sequence[int]] = None,
-    mc_samples: int = 8,
-    max_rows: Optional[int] = None,
-    max_batch_tokens: Optional[int] = None,
-    seed: int = 0,
-    valid_vocab: Optional[torch.Tensor] = None,
-    schedule=None,
-    t_min: float = 1e-3,
-    device=None,
-    conditioning: str = "alpha_t",
-    time_sampling: str = "stratified",
-    target_stderr: Optional[float] = None,
-    max_mc_samples: Optional[int] = None,
-    on_batch: Optional[Callable[[int], None]] = None,
-    process=None,
+    options: Optional["NelboOptions"] = None,
+    **kwargs,
 ) -> ConditionalNELBO:
     """:func:`conditional_nelbo` of sequences of **different lengths**, batched together.
 
@@ -700,11 +720,15 @@ def conditional_nelbo_ragged(
     packed into denoiser calls of at most ``max_rows`` rows and ``max_batch_tokens`` padded tokens. Times and
     corruption noise are those of :func:`conditional_nelbo` for the sequence alone (keyed by ``(seed, indices[i],
     sample)``, drawn at length ``L_i``), so every value is that of the one-sequence call up to floating-point
-    rounding of the batched forward. ``on_batch(rows)`` is called after each denoiser call.
+    rounding of the batched forward. ``on_batch(rows)`` is called after each denoiser call. The estimator options
+    are a :class:`NelboOptions` (``options=``) or its fields as keyword arguments.
 
     With ``target_stderr`` the two-stage policy of :mod:`duo_plugin.eval.mc` applies: the first ``mc_samples``
     samples are a pilot that sizes each sequence's fresh round and is then discarded.
     """
+    o = NelboOptions.of(options, kwargs)
+    mc_samples, max_rows, max_batch_tokens, seed = o.mc_samples, o.max_rows, o.max_batch_tokens, o.seed
+    valid_vocab, schedule, process = o.valid_vocab, o.schedule, o.process
     n = len(seqs)
     m = int(mc_samples)
     if len(keeps) != n or (reals is not None and len(reals) != n):
@@ -713,12 +737,13 @@ def conditional_nelbo_ragged(
         raise ValueError("mc_samples must be >= 1")
     if (max_rows is not None and int(max_rows) < 1) or (max_batch_tokens is not None and int(max_batch_tokens) < 1):
         raise ValueError("max_rows and max_batch_tokens must be >= 1")
-    policy = _check_mc_options(m, time_sampling, conditioning, target_stderr, max_mc_samples)
+    policy = _check_mc_options(m, o.time_sampling, o.conditioning, o.target_stderr, o.max_mc_samples)
     indices = list(range(n)) if indices is None else [int(i) for i in indices]
     if len(indices) != n:
         raise ValueError(f"indices must have one entry per sequence ({n})")
-    dev, schedule, valid_vocab = _eval_setup(denoiser, device, schedule, valid_vocab)
+    dev, schedule, valid_vocab = _eval_setup(denoiser, o.device, schedule, valid_vocab)
     process, schedule, k_model = resolve_process(denoiser, process, valid_vocab, schedule)
+    on_batch = o.on_batch
 
     prepared = []
     for i in range(n):
@@ -729,7 +754,7 @@ def conditional_nelbo_ragged(
             raise ValueError(f"sequence {i}: ids, keep and real masks differ in length")
         prepared.append(_prepare_seq(x, kp, rl, k_model, None if valid_vocab is None else valid_vocab.cpu()))
 
-    setup = _RowSetup(schedule, valid_vocab, conditioning, dev, process, seed, t_min, time_sampling,
+    setup = _RowSetup(schedule, valid_vocab, o.conditioning, dev, process, seed, o.t_min, o.time_sampling,
                       max_rows, max_batch_tokens)
     samples = _score_stage(denoiser, prepared, indices, {s: (m, 0) for s in range(n)}, 0, setup, on_batch)
     if policy.adaptive:  # pilot discarded: fresh samples, as many as the pilot's variance asks for
