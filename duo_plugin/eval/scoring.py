@@ -17,6 +17,7 @@ MC standard errors and multiple-choice decisions are recorded in an :class:`~duo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -91,15 +92,18 @@ class RequestScorer:
     Args:
         model: the loaded model (``vocab_size``, ``max_seq_len``; a denoiser or a causal model).
         process: the model folder's :class:`~duo_plugin.eval.processes.EvalProcess` (``process_for_model``).
-        windows: the :class:`~duo_plugin.eval.windows.WindowSpec` (BOS/EOS ids, window, rolling context).
+        windows: the :class:`~duo_plugin.eval.windows.WindowSpec` (BOS/EOS ids, window, rolling context; its
+            ``causal`` flag is set from ``process``).
         config: :class:`ScoringConfig`. pad_id: the id padding AR batches (default EOS). device: where to run.
         autocast: ``None`` | ``"bf16"`` (CUDA only).
     """
 
     def __init__(self, model, process, windows: WindowSpec, config: ScoringConfig = ScoringConfig(), *,
                  pad_id: Optional[int] = None, device=None, autocast=None):
-        self.model, self.spec, self.windows, self.config = model, process, windows, config
         self.is_ar = process.kind == "causal"
+        if windows.causal != self.is_ar:  # the windows follow the model (an AR model uses the whole window)
+            windows = dataclasses.replace(windows, causal=self.is_ar)
+        self.model, self.spec, self.windows, self.config = model, process, windows, config
         self.process = process.process
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.denoiser = DenoiserFn(model, autocast)
