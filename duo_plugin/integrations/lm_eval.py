@@ -106,7 +106,8 @@ class DuoLMConfig:
 
     Model: ``weights`` (``ema`` | ``raw``; default ``raw`` for ``likelihood=official*`` as the official harness,
     else ``ema``), ``device`` (``cpu`` | ``cuda[:N]``), ``dtype`` (``float32`` | ``bfloat16`` autocast on CUDA),
-    ``max_length`` (≤ the model's ``max_seq_len``), ``cpu_threads`` (``auto`` | N, CPU only).
+    ``max_length`` (≤ the model's ``max_seq_len``), ``cpu_threads`` (``auto`` | N on CPU; default ``auto`` for a
+    model folder, the process's setting for a model passed in from Python).
     Scoring (:class:`~duo_plugin.eval.scoring.ScoringConfig`): ``mc_samples``, ``time_sampling``,
     ``mc_target_stderr`` / ``mc_max_samples`` (two-stage adaptive MC, :mod:`duo_plugin.eval.mc`), ``likelihood``,
     ``conditioning``, ``greedy_check``, ``seed``, ``t_min``, ``batch_size`` / ``max_batch_size`` (rows per
@@ -121,7 +122,7 @@ class DuoLMConfig:
     device: Optional[str] = None
     dtype: str = "float32"
     max_length: Optional[int] = None
-    cpu_threads: str = "auto"
+    cpu_threads: Optional[str] = None
     mc_samples: int = 128
     time_sampling: str = "stratified"
     mc_target_stderr: Optional[float] = None
@@ -265,10 +266,10 @@ class DuoLM(TemplateLM):
         model, self.tokenizer, weights_label = _load(pretrained, model, tokenizer, cfg, self._device)
         self.model = model
         self.is_ar = check_scorable(model, pretrained)
-        if self._device.type == "cpu":
-            from duo_plugin.runtime import configure_cpu
+        if self._device.type == "cpu" and (cfg.cpu_threads is not None or pretrained is not None):
+            from duo_plugin.runtime import configure_cpu  # a model folder (CLI) gets the policy; Python: when asked
 
-            choice = configure_cpu(cfg.cpu_threads, n_params=sum(p.numel() for p in model.parameters()))
+            choice = configure_cpu(cfg.cpu_threads or "auto", n_params=sum(p.numel() for p in model.parameters()))
             log.info("duo: %s", choice.log_line())
         self.process_spec = process_for_model(model, pretrained)
         self.vocab_size = int(model.vocab_size)

@@ -554,3 +554,22 @@ def test_official_likelihood_mode_is_mean_per_token_over_the_whole_sequence():
     one = exact_conditional_nelbo(ConstModel([0.0] * k), [0, 4], 1, k)
     se = lm.mc_summary()["off"]["mean_stderr"]
     assert abs(-ll - one) < 4 * se + 1e-9
+
+
+def test_cpu_thread_policy_is_applied_when_asked(monkeypatch):
+    """cpu_threads=N sets N intra-op threads (the CLI's default ``auto`` gives a tiny model one thread: two spinning
+    OpenMP threads made the backend ~7x slower on a shared 2-core machine, docs/evaluation.md §8)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        dl.DuoLM(model=ConstModel([0.0] * 5), tokenizer=IdTok(5), cpu_threads="1")
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        dl.DuoLM(model=ConstModel([0.0] * 5), tokenizer=IdTok(5))  # a model passed in: the process's setting
+        assert torch.get_num_threads() == 2
+        dl.DuoLM(model=ConstModel([0.0] * 5), tokenizer=IdTok(5), cpu_threads="auto")
+        assert torch.get_num_threads() == 1  # 30 parameters < 20M
+        with pytest.raises(ValueError, match="cpu_threads"):
+            dl.DuoLM(model=ConstModel([0.0] * 5), tokenizer=IdTok(5), cpu_threads="many")
+    finally:
+        torch.set_num_threads(before)
