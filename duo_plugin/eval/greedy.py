@@ -17,6 +17,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from duo_plugin.diffusion import streams
 from duo_plugin.diffusion.uniform import row_generators
 from duo_plugin.eval.likelihood import effective_alpha, pack_rows
 from duo_plugin.eval.windows import request_index
@@ -24,9 +25,9 @@ from duo_plugin.models.denoiser import log_probs_at
 
 __all__ = ["onepass_greedy", "official_onepass_greedy", "GREEDY_STEP", "OFFICIAL_GREEDY_STEP"]
 
-#: noise stream (step) of the one-pass check's t = 1 draw, keyed by the request's ids
-GREEDY_STEP = 1 << 42
-OFFICIAL_GREEDY_STEP = (1 << 42) + 1
+#: noise stream (step) of the one-pass check's t = 1 draw, keyed by the request's ids (diffusion/streams.py)
+GREEDY_STEP = streams.EVAL_GREEDY
+OFFICIAL_GREEDY_STEP = streams.EVAL_GREEDY + 1
 
 
 def _noised_batch(items, process, seed: int, device):

@@ -21,6 +21,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from duo_plugin._progress import Eta
+from duo_plugin.diffusion import streams
 from duo_plugin.diffusion.process import UniformProcess
 from duo_plugin.diffusion.schedules import LogLinearSchedule, stratified_times
 from duo_plugin.diffusion.uniform import row_generators, stable_seed
@@ -47,11 +48,11 @@ __all__ = [
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-# Offsets that keep the (seed, step) streams of the estimators apart.
-_COND_STEP_OFFSET = 1 << 40
-_IID_STEP_OFFSET = 1 << 41
-_ROUND_STRIDE = 1 << 48  # adaptive MC: round r >= 1 of request i uses step (offset + i + r * _ROUND_STRIDE)
-_PERM_TAG = 0x5EED_9E4D
+# The (seed, step) streams of the estimators (registered in diffusion/streams.py).
+_COND_STEP_OFFSET = streams.EVAL_COND
+_IID_STEP_OFFSET = streams.EVAL_IID
+_ROUND_STRIDE = streams.EVAL_STAGE  # adaptive MC: stage r >= 1 of request i: times at step offset + i + r * stride
+_PERM_TAG = streams.EVAL_PERM
 
 #: Padded tokens (rows x longest row) per evaluation forward when rows of different requests / samples are packed
 #: together (lm-eval scoring, the Gen PPL scorer), per device type: on CPU larger calls were slower (cache), on CUDA

@@ -399,6 +399,7 @@ class DuoLM(TemplateLM):
         """Continuations from :func:`duo_plugin.sampling.generate_continuations`, for every process the toolkit
         trains (the scheduler is picked from the folder's metadata; AR models decode left to right with the KV
         cache); the prompt ``[BOS] + context`` is clamped; each request draws from its own seeded generator."""
+        from duo_plugin.diffusion import streams
         from duo_plugin.diffusion.uniform import row_generators
         from duo_plugin.sampling import generate_continuations
 
@@ -407,7 +408,7 @@ class DuoLM(TemplateLM):
         groups: Dict[tuple, List[int]] = defaultdict(list)
         for i, (_, g, _, decoding) in enumerate(prepared):
             groups[(g, decoding)].append(i)
-        step, tag = (1 << 44, "ar") if self.is_ar else (1 << 43, "gen")
+        step, tag = (streams.EVAL_GENERATE_AR, "ar") if self.is_ar else (streams.EVAL_GENERATE, "gen")
         for (g, (temp, top_p, mode)), members in groups.items():
             prompts = [prepared[i][0] for i in members]
             gens = [row_generators(self.config.seed, step, [request_index(p, f"{tag}{g}")], device=self._device)[0]
