@@ -305,6 +305,7 @@ class DuoPretrainRecipe(RecipeBase):
         if init_from:
             model = self._load_init_from(Path(str(init_from)))
         else:
+            self._check_memory(lambda: self._build_model(int(self.tokenizer.vocab_size)), "model.*")
             model = self._build_model(int(self.tokenizer.vocab_size))
             init = getattr(model, "init_weights", None)  # from-scratch init, for backbones that define one
             if callable(init):
@@ -355,6 +356,22 @@ class DuoPretrainRecipe(RecipeBase):
         if self.is_rank_zero:
             log.info("model: %s, K=%d (K_eff=%d), params=%.2fM", type(model).__name__, k, self.k_eff, n / 1e6)
 
+    def _check_memory(self, build, what: str) -> None:
+        """Parameter, optimizer and activation memory of the model ``build()`` makes, from its config (built on the
+        meta device) against the device's free memory: one line naming the sizes instead of an allocation failure."""
+        from duo_plugin.errors import UserError
+        from duo_plugin.models.checkpoint import check_training_memory
+
+        rows = max(1, self.global_batch_size // (self.world_size * self.accum))
+        try:
+            check_training_memory(build, rows=rows, seq_len=self.seq_len, device=self.device,
+                                  what=f"training the model of {what}", ema=bool((self.cfg.ema or {}).get("decay")))
+        except UserError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"cannot build the model of {what} ({type(e).__name__}: {e}); check the model.* keys "
+                              "against the builder's arguments") from None
+
     def _set_trainable(self, model: torch.nn.Module) -> None:
         """``adapt.trainable``: auto = LoRA-only for LoRA models (+ adaLN), else all; lora; all. Logs the
         vocabulary report (docs/llm-adaptation.md)."""
@@ -401,7 +418,11 @@ class DuoPretrainRecipe(RecipeBase):
             # The architecture comes from the checkpoint's config.json (the embedding size too, e.g. Qwen's padded
             # 151,936 rows vs ~151,665 tokenizer ids; padded rows are excluded by valid_vocab); model.* keys in the
             # config override it (and are logged).
-            hf_cfg = json.loads((src / "config.json").read_text())
+            from duo_plugin.models.checkpoint import read_folder_json
+
+            hf_cfg = read_folder_json(src / "config.json", what=f"init_from={src}")  # data: nothing names code
+            if not isinstance(hf_cfg, dict):
+                raise ConfigError(f"{src / 'config.json'} must hold a JSON object (an HF model config)")
             hf_vocab = hf_cfg.get("vocab_size")
             self.hf_arch = architecture_from_hf_config(hf_cfg, component=self.cfg.model.get("_component_"),
                                                        where=str(src / "config.json"))
@@ -409,6 +430,8 @@ class DuoPretrainRecipe(RecipeBase):
                 user = {k: self.cfg.model[k] for k in self.hf_arch if self.cfg.model.get(k) is not None}
                 log.info("model architecture from %s: %s%s", src / "config.json", self.hf_arch,
                          f"; overridden by model.*: {user}" if user else "")
+            self._check_memory(lambda: self._build_model(int(hf_vocab or self.tokenizer.vocab_size)),
+                               str(src / "config.json"))
             model = self._build_model(int(hf_vocab or self.tokenizer.vocab_size))
             return load_hf_checkpoint(model, src)
         raise FileNotFoundError(f"init_from={src} holds neither duo_config.json (a duo model dir) nor config.json "
