@@ -94,17 +94,48 @@ class RecipeBase:
             # the config's own inputs inside output_dir (e.g. ${output_dir}/tokenizer) are not an earlier run
             inputs = ((cfg.get("tokenizer") or {}).get("path"), (cfg.get("data") or {}).get("cache_dir"))
             overwrite = bool(cfg.get("overwrite", False))
-            self.resume_from = run_dir.check_output_dir(self.output_dir, cfg.resume, overwrite, inputs)
-            if self.is_rank_zero:
-                run_dir.prepare_output_dir(self.output_dir, cfg.resume, overwrite, inputs)
-                self._run_lock = run_dir.RunDirLock(self.output_dir).acquire()
+            if self.is_rank_zero:  # the lock first: nothing in output_dir changes while another run holds it
+                self.resume_from, self._run_lock = run_dir.open_output_dir(self.output_dir, cfg.resume, overwrite,
+                                                                           inputs)
+            self._barrier()
+            if not self.is_rank_zero:  # read-only, after rank 0 prepared the directory
+                self.resume_from = run_dir.check_output_dir(self.output_dir, cfg.resume, True, inputs)
         elif self.is_rank_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self._barrier()
+        self._log_files_before = self._log_files()
         self.metric_logger = tt_config.instantiate(cfg.metric_logger) if (self.is_rank_zero and cfg.get(
             "metric_logger")) else None
         if self.metric_logger is not None:
             self.metric_logger.log_config(cfg)
+        self._record_log_files()
+
+    def _log_dir(self) -> Path | None:
+        d = OmegaConf.select(self.cfg, "metric_logger.log_dir", default=None) if self.cfg.get("metric_logger") else None
+        return Path(str(d)) if d else None
+
+    def _log_files(self) -> set:
+        d = self._log_dir()
+        return {p for p in d.rglob("*") if p.is_file()} if self.is_rank_zero and d is not None and d.is_dir() else set()
+
+    def _record_log_files(self) -> None:
+        """Put the files the metric logger created inside ``output_dir`` into the run's manifest (what
+        ``overwrite=true`` may remove later; a user's own files in the log folder are never listed)."""
+        if not (self.is_rank_zero and getattr(self, "_run_lock", None) is not None):
+            return
+        from duo_plugin.training import run_dir
+
+        out = self.output_dir.resolve()
+        new = []
+        for f in self._log_files() - getattr(self, "_log_files_before", set()):
+            try:
+                rel = f.resolve().relative_to(out).as_posix()
+            except ValueError:
+                continue  # a log folder outside output_dir is not the run's to remove
+            if rel.split("/", 1)[0] in run_dir.RUN_ARTIFACTS:
+                new.append(rel)
+        if new:
+            run_dir.record_outputs(self.output_dir, sorted(new))
 
     def _check_batch_split(self, global_batch_size: int) -> None:
         if global_batch_size % (self.world_size * self.accum) != 0:
@@ -237,6 +268,18 @@ class RecipeBase:
             return None
         return loop.publish_final(self.output_dir, checkpoint)
 
+    def _write_summary(self, summary: dict) -> Path:
+        """``output_dir/summary.json`` (atomic; recorded in the run's manifest)."""
+        import json
+
+        from duo_plugin._io import atomic_write_text
+        from duo_plugin.training import run_dir
+
+        path = self.output_dir / "summary.json"
+        atomic_write_text(path, json.dumps(summary, indent=2))
+        run_dir.record_outputs(self.output_dir, ["summary.json"])
+        return path
+
     # ------------------------------------------------------------------------------------------ logging
     def _progress_bar(self, desc: str):
         """Training progress with an ETA (rank 0, ``progress_bar: true``): a tqdm bar on a terminal, else a line
@@ -256,5 +299,6 @@ class RecipeBase:
         # setup may have failed before these were set: never hide the real error behind an AttributeError
         if getattr(self, "metric_logger", None) is not None:
             self.metric_logger.close()
+            self._record_log_files()
         if getattr(self, "_run_lock", None) is not None:
             self._run_lock.release()

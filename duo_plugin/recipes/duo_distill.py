@@ -499,7 +499,7 @@ class DuoDistillRecipe(RecipeBase):
                    "model_dir": str(final_dir) if final_dir else None,
                    "quality_table": str(self.output_dir / "quality_table.md") if self.quality_rows else None}
         if self.is_rank_zero:
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            self._write_summary(summary)
             print(f"duo_distill: done: {self.step} steps; student model dir: {final_dir}; table: "
                   f"{summary['quality_table']}", flush=True)
         return summary

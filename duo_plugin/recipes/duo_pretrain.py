@@ -630,7 +630,7 @@ class DuoPretrainRecipe(RecipeBase):
             "losses": self.losses, "phases": self.phases,
         }
         if self.is_rank_zero:
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            self._write_summary(summary)
             print(f"duo_pretrain: done: {self.step} steps; final model dir: {final_dir}; summary: "
                   f"{self.output_dir / 'summary.json'}", flush=True)
         return summary
