@@ -759,6 +759,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = sub.add_parser("info", help="print a tokenizer's descriptor")
     info.add_argument("path")
     args = ap.parse_args(argv)
+    from duo_plugin.errors import user_errors
+    from duo_plugin.runtime import drop_cwd_from_sys_path
+
+    drop_cwd_from_sys_path()  # a tokenizer folder used as the working directory is data, not importable code
+    with user_errors("duo-tokenizer"):
+        return _main(args)
+
+
+def _main(args) -> int:
     if args.cmd == "train":
         tok = train_sentencepiece(
             args.input,

@@ -59,6 +59,18 @@ def pad_mode_of(cfg) -> str:
     return mode
 
 
+#: ``optimizer.lr`` above this is legal but almost certainly a mistake (AdamW LMs train at ~1e-5..1e-2)
+SUSPICIOUS_LR = 1.0
+
+
+def warn_suspicious_lr(cfg) -> None:
+    """WARNING (not an error: the value is legal) for ``optimizer.lr`` > :data:`SUSPICIOUS_LR`."""
+    lr = OmegaConf.select(cfg, "optimizer.lr", default=None)
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > SUSPICIOUS_LR:
+        log.warning("WARNING: optimizer.lr=%g is far above the usual range (1e-5 .. 1e-2 for AdamW); the loss will "
+                    "likely explode: lower optimizer.lr (e.g. 3e-4) unless this is deliberate", lr)
+
+
 class RecipeBase:
     """Run state and the steps both training recipes take the same way."""
 
@@ -66,6 +78,9 @@ class RecipeBase:
 
     def _open_run(self, cfg: DictConfig) -> None:
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        from duo_plugin.runtime import check_device
+
+        check_device(cfg.device)  # cuda without CUDA, unknown names: an error naming `device`, never a silent CPU run
         self.device = tt_utils.get_device(cfg.device)
         if self.distributed and not is_dist():
             dist.init_process_group(backend=tt_training.get_distributed_backend(self.device.type))

@@ -174,9 +174,10 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         if bad:
             raise ConfigError(bad[0])
     merged = OmegaConf.merge(OmegaConf.create(DEFAULTS), cfg)
-    from duo_plugin.training.config_values import PRETRAIN_TYPES, coerce_config
+    from duo_plugin.training.config_values import PRETRAIN_TYPES, check_data_source, coerce_config
 
     coerce_config(merged, PRETRAIN_TYPES)  # max_steps=abc, optimizer.lr=fast, global_batch_size=31.9: name the key
+    check_data_source(merged)  # data.files with data.source=shakespeare would be ignored: name both keys
     for req in ("output_dir", "tokenizer", "data", "model", "global_batch_size", "max_steps", "optimizer"):
         if OmegaConf.select(merged, req) is None:
             raise ConfigError(f"config key '{req}' is required (see duo_plugin/configs/duo/tiny_cpu.yaml)")
@@ -198,9 +199,10 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(str(e)) from None
     if merged.resume not in (False, True, "auto") and not isinstance(merged.resume, str):
         raise ConfigError("resume must be false, true/'auto' (latest checkpoint in output_dir) or a checkpoint dir")
-    from duo_plugin.recipes.common import pad_mode_of
+    from duo_plugin.recipes.common import pad_mode_of, warn_suspicious_lr
 
     pad_mode_of(merged)
+    warn_suspicious_lr(merged)
     build_objective(merged)  # the objective's own checks (curriculum / kernels / adapt values), naming the key
     return merged
 
@@ -574,6 +576,24 @@ class DuoPretrainRecipe(RecipeBase):
         if self.is_rank_zero:
             log.info("resumed from %s at step %d (phase %s)", ckpt, self.step, self.phase(self.step))
 
+    #: the first steps watched for an exploding loss; the rise over the first step's loss, sustained for RUN steps
+    EXPLODE_WINDOW, EXPLODE_FACTOR, EXPLODE_RUN = 50, 1.3, 5
+
+    def _warn_if_loss_explodes(self) -> None:
+        """A learning rate far too high (``optimizer.lr=1e6``) can train a dead model with finite losses: warn once
+        when, within the first :data:`EXPLODE_WINDOW` steps, :data:`EXPLODE_RUN` consecutive losses all exceed
+        ``EXPLODE_FACTOR`` x the first step's loss (same objective phase; single noisy steps do not count).  A
+        warning, not an error: the input is legal."""
+        n, k = len(self.losses), self.EXPLODE_RUN
+        if getattr(self, "_explode_warned", False) or n <= k or n > self.EXPLODE_WINDOW or not self.is_rank_zero:
+            return
+        first, recent = self.losses[0], self.losses[-k:]
+        if set(self.phases[-k:]) == {self.phases[0]} and min(recent) > self.EXPLODE_FACTOR * first > 0:
+            self._explode_warned = True
+            log.warning("WARNING: the loss rose from %.4g at step 1 to %.4g at step %d and stays there: "
+                        "optimizer.lr=%s is likely far too high (the model is diverging); lower optimizer.lr (e.g. "
+                        "3e-4) or raise lr_scheduler.warmup_steps", first, recent[-1], n, self.cfg.optimizer.get("lr"))
+
     # ------------------------------------------------------------------------------------------------ loop
     def train(self) -> dict:
         cfg = self.cfg
@@ -593,13 +613,14 @@ class DuoPretrainRecipe(RecipeBase):
             self.step = step + 1
             self.losses.append(m["loss"])
             self.phases.append(m["phase"])
+            self._warn_if_loss_explodes()
             metrics = {"loss": m["loss"], "lr": m["lr"], "tokens_per_second": m["tokens"] / max(dt, 1e-9),
                        "curriculum": 1.0 if m["phase"] == "curriculum" else 0.0}
             if m["grad_norm"] is not None:
                 metrics["grad_norm"] = m["grad_norm"]
             if eval_every > 0 and (self.step % eval_every == 0 or self.step == self.max_steps):
-                metrics.update(self.evaluate())
-                val_ppl = metrics["val_ppl"]
+                metrics.update(self.evaluate())  # {} without a held-out split (data.val_fraction: 0)
+                val_ppl = metrics.get("val_ppl", val_ppl)
             if self.step % int(cfg.log_every) == 0 or "val_ppl" in metrics:
                 self._log(metrics, self.step)
             if pbar is not None:
@@ -650,6 +671,9 @@ def run(cfg: DictConfig) -> dict:
 def recipe_main(cfg: DictConfig) -> None:
     """Train a Duo diffusion LM. Config keys: see duo_plugin/configs/duo/tiny_cpu.yaml."""
     from duo_plugin.errors import user_errors
+    from duo_plugin.runtime import drop_cwd_from_sys_path
+
+    drop_cwd_from_sys_path()  # `tune run` / `python -m` put the working directory (maybe a model folder) on sys.path
 
     try:
         with user_errors("duo_pretrain"):  # a user error: one line, exit 2 (DUO_DEBUG=1: traceback)
