@@ -33,6 +33,7 @@ import torch
 
 from duo_plugin._io import atomic_write_text
 from duo_plugin.errors import UserError
+from duo_plugin.untrusted import names_code
 
 __all__ = [
     "DESCRIPTOR_NAME",
@@ -615,6 +616,9 @@ def check_descriptor(desc: Any, base: Path, where: str | None = None) -> dict:
                             "tokenizer")
         if not _CHECKS[fields[key]](value):
             raise UserError(f"tokenizer descriptor in {where}: field {key!r} must be {fields[key]}, got {value!r}")
+        if key not in ("file", "component") and isinstance(value, str) and names_code(value):
+            raise UserError(f"tokenizer descriptor in {where}: refusing field {key}={value!r}: it names Python code "
+                            "and a model folder is data; remove the value or pass tokenizer=<path> explicitly")
     if kind != "torchtune":
         f = desc.get("file")
         if not isinstance(f, str) or Path(f).name != f or f in ("", ".", ".."):
@@ -623,11 +627,12 @@ def check_descriptor(desc: Any, base: Path, where: str | None = None) -> dict:
     component = check_tokenizer_builder(desc.get("component"), where=where)
     allowed = TORCHTUNE_TOKENIZER_ARGS[component]
     kwargs, hashes = {}, desc.get("file_sha256") or {}
-    for name, value in (desc.get("kwargs") or {}).items():
+    for name in desc.get("kwargs") or {}:  # every name first: nothing is opened while a refused one is present
         if name not in allowed:
             raise UserError(f"tokenizer descriptor in {where}: refusing argument {name!r} for {component} (a model "
                             f"folder is data; allowed arguments: {', '.join(allowed)}); remove it from "
                             f"{DESCRIPTOR_NAME} or pass tokenizer=<path> explicitly")
+    for name, value in (desc.get("kwargs") or {}).items():
         if name in TORCHTUNE_INT_ARGS:
             if not (value is None or _is_int(value)):
                 raise UserError(f"tokenizer descriptor in {where}: argument {name!r} must be an integer or null, "

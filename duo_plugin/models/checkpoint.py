@@ -25,8 +25,6 @@ import importlib
 import json
 import logging
 import os
-import re
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -36,9 +34,10 @@ import torch.nn as nn
 from duo_plugin._io import atomic_dir
 from duo_plugin.models.dit import DiT
 from duo_plugin.errors import UserError
+from duo_plugin.untrusted import check_folder_json
 
 __all__ = ["CONFIG_NAME", "save_pretrained", "load_pretrained", "read_duo_config", "encode_valid_vocab",
-           "decode_valid_vocab", "check_folder_json", "read_folder_json", "estimate_model_bytes", "available_memory",
+           "decode_valid_vocab", "read_folder_json", "estimate_model_bytes", "available_memory",
            "check_memory", "activation_bytes", "check_training_memory"]
 
 log = logging.getLogger(__name__)
@@ -223,49 +222,7 @@ def save_pretrained(model: nn.Module, out_dir: Union[str, Path], *,
     return out_dir
 
 
-# -- a model folder is data -------------------------------------------------------------------------
-_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*([.:][A-Za-z_][A-Za-z0-9_]*)+$")
-#: Keys of instantiation / remote-code mechanisms (hydra/torchtune ``_component_``/``_target_``, HF ``auto_map``): no
-#: JSON of a model folder may carry them, even where nothing reads them today.
-_CODE_KEYS = frozenset({"_component_", "_target_", "_partial_", "auto_map"})
-
-
-def _names_code(value: str) -> bool:
-    """``value`` looks like a dotted path into an importable module (``tempfile.mkstemp``, ``os.system``,
-    ``torchtune.x.y``, ``pkg:fn``): its first component is a standard-library or already-imported module."""
-    if not _DOTTED.match(value):
-        return False
-    head = re.split(r"[.:]", value, maxsplit=1)[0]
-    return ":" in value or head in sys.stdlib_module_names or head in sys.modules
-
-
-def check_folder_json(obj: Any, where: str, *, skip: tuple = ()) -> None:
-    """Refuse JSON from a model folder that could name code: a key of :data:`_CODE_KEYS` or a string that reads as a
-    dotted path into a module (see :func:`_names_code`), at any depth; values must be JSON scalars, lists or
-    objects.  ``skip``: top-level keys validated elsewhere (the allow-listed ``builder``, the tokenizer descriptor).
-    Raises :class:`UserError` naming the file and the field."""
-    def walk(v: Any, path: str) -> None:
-        if isinstance(v, dict):
-            for k, x in v.items():
-                if not isinstance(k, str) or k in _CODE_KEYS:
-                    raise UserError(f"{where}: refusing field {path}{k!r}: a model folder is data and may not carry "
-                                    "instantiation keys; remove it (or use another model folder)")
-                if not path and k in skip:
-                    continue
-                walk(x, f"{path}{k}.")
-        elif isinstance(v, list):
-            for i, x in enumerate(v):
-                walk(x, f"{path}{i}.")
-        elif isinstance(v, str):
-            if _names_code(v):
-                raise UserError(f"{where}: refusing field {path.rstrip('.')}={v!r}: it names a Python object and a "
-                                "model folder is data (nothing in it is imported or called); remove the value")
-        elif v is not None and not isinstance(v, (bool, int, float)):
-            raise UserError(f"{where}: field {path.rstrip('.')} holds a {type(v).__name__}, not JSON data")
-
-    walk(obj, "")
-
-
+# -- a model folder is data (duo_plugin.untrusted) ---------------------------------------------------
 def read_folder_json(f: Union[str, Path], what: str = "the model directory") -> Any:
     """Parse a JSON file of a model folder and :func:`check_folder_json` it; one-line errors naming the file."""
     f = Path(f)
