@@ -142,7 +142,10 @@ class RecipeBase:
 
         out = self.output_dir.resolve()
         new = []
-        for f in self._log_files() - getattr(self, "_log_files_before", set()):
+        written = self._log_files() - getattr(self, "_log_files_before", set())
+        if (self.output_dir / "torchtune_config.yaml").is_file():  # the metric logger's log_config writes it
+            written.add(self.output_dir / "torchtune_config.yaml")
+        for f in written:
             try:
                 rel = f.resolve().relative_to(out).as_posix()
             except ValueError:

@@ -8,7 +8,8 @@ Rules (:func:`open_output_dir`; nothing in ``output_dir`` is changed before the 
   ``overwrite=true``) against a live run is refused with nothing changed -- no temp clean-up, no removal;
 * a fresh run (``resume=false``) refuses an ``output_dir`` that already holds files, unless ``overwrite=true``: then
   only what the toolkit wrote there is removed -- the entries of its manifest ``output_dir/.duo_manifest.json``
-  (step checkpoints, ``checkpoints/latest``, the files of ``final/``, ``summary.json``, the metric logger's files);
+  (step checkpoints, ``checkpoints/latest``, the files of ``final/``, ``summary.json``, the metric logger's files and
+  ``torchtune_config.yaml``);
   a user's own files, also inside ``final/`` or ``logs/``, stay.  A directory written before manifests existed is
   recognised by the toolkit's file names instead (:func:`toolkit_outputs`);
 * ``resume=true`` needs a checkpoint in ``output_dir/checkpoints`` (else it is an error); ``resume=auto`` resumes
@@ -33,7 +34,7 @@ __all__ = ["LOCK_NAME", "MANIFEST_NAME", "RUN_ARTIFACTS", "check_output_dir", "p
 LOCK_NAME = ".duo_run.lock"
 MANIFEST_NAME = ".duo_manifest.json"
 #: Top-level names a training run writes (a directory without a manifest: only toolkit-named files under these go).
-RUN_ARTIFACTS = ("checkpoints", "final", ".final.tmp", "summary.json", "logs")
+RUN_ARTIFACTS = ("checkpoints", "final", ".final.tmp", "summary.json", "logs", "torchtune_config.yaml")
 _MODEL_DIR_FILES = ("duo_config.json", "model.safetensors", "ema.safetensors", "config.json", "duo_extra.safetensors",
                     "model.safetensors.index.json")
 
@@ -114,7 +115,8 @@ def toolkit_outputs(output_dir: str | os.PathLike) -> list[str]:
     ck = out / "checkpoints"
     if ck.is_dir():
         found += [f"checkpoints/{p.name}" for p in ck.iterdir() if is_checkpoint_entry(p.name)]
-    found += [p.name for p in out.iterdir() if p.name == "summary.json" or p.name.startswith(".final.tmp")]
+    found += [p.name for p in out.iterdir()
+              if p.name in ("summary.json", "torchtune_config.yaml") or p.name.startswith(".final.tmp")]
     final = out / "final"
     if final.is_dir():
         found += [f"final/{n}" for n in _MODEL_DIR_FILES if (final / n).exists()]
@@ -225,6 +227,7 @@ def open_output_dir(output_dir: str | os.PathLike, resume: Any, overwrite: bool 
                     inputs: Sequence[Any] = ()) -> tuple[Path | None, "RunDirLock"]:
     """The writing rank's start of a run: validate (read-only), create ``output_dir``, take the run lock, then
     :func:`prepare_output_dir` under it.  Returns ``(checkpoint to resume or None, the held lock)``."""
+    RunDirLock(output_dir).refuse_if_held()  # a live run first: its directory is not "an earlier run"
     check_output_dir(output_dir, resume, overwrite, inputs)
     out = Path(output_dir)
     _probe_writable(out)
@@ -243,6 +246,26 @@ class RunDirLock:
     def __init__(self, output_dir: str | os.PathLike):
         self.path = Path(output_dir) / LOCK_NAME
         self._fd: int | None = None
+
+    def refuse_if_held(self) -> None:
+        """:class:`UserError` when another live process holds the lock (an existing lock file is opened read-only and
+        probed; nothing is created or written)."""
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return  # no lock file (or no directory): nobody holds it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise UserError(f"output_dir={self.path.parent} is in use by another run (pid {holder} holds "
+                            f"{self.path}); wait for it to finish, stop it, or use another output_dir") from None
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
     def acquire(self) -> "RunDirLock":
         import fcntl
