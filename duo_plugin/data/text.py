@@ -590,7 +590,7 @@ class GlobalBatchSampler:
         if self.num_blocks < self.global_batch_size:
             raise ValueError(
                 f"dataset has {self.num_blocks} blocks, fewer than global_batch_size={self.global_batch_size}; "
-                "use more data, a smaller block_size or a smaller global batch"
+                "use more data, a smaller data.seq_len (block_size) or a smaller global_batch_size"
             )
         self.steps_per_epoch = self.num_blocks // self.global_batch_size
         self._cache: tuple[int, torch.Tensor] | None = None

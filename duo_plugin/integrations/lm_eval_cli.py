@@ -92,8 +92,10 @@ def keep_bundled_tasks() -> None:
 
 def _cli_running() -> bool:
     """True inside lm-eval's command line (``lm_eval ...`` / ``duo-eval ...``), False for the Python API."""
-    return "lm_eval.__main__" in sys.modules and Path(sys.argv[0]).name in ("lm_eval", "lm-eval", "duo-eval",
-                                                                             "__main__.py", "lm_eval_cli.py")
+    prog = Path(sys.argv[0] if sys.argv else "")
+    return "lm_eval.__main__" in sys.modules and (
+        prog.name in ("lm_eval", "lm-eval", "duo-eval", "lm_eval_cli.py")
+        or (prog.name == "__main__.py" and prog.parent.name == "lm_eval"))  # python -m lm_eval
 
 
 def unknown_arg_error(cls, e: TypeError) -> Exception:
