@@ -510,7 +510,8 @@ def load_tokenizer(path_or_spec, *, base: str | os.PathLike | None = None, **kwa
         if p.name == DESCRIPTOR_NAME:
             return _from_descriptor(_read_descriptor(p), base=p.parent)
         return HFTokenizer(p, **kwargs)
-    raise ValueError(f"unrecognised tokenizer file {p}: expected a directory, a .model or a tokenizer.json")
+    raise UserError(f"unrecognised tokenizer file {p} (tokenizer.path / tokenizer=): expected a tokenizer directory, "
+                    "a SentencePiece .model or an HF tokenizer.json")
 
 
 #: The only callables a ``torchtune`` tokenizer descriptor may name, each with the only keyword arguments it may pass

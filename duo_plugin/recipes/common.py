@@ -23,7 +23,7 @@ from torchtune import config as tt_config
 from torchtune import training as tt_training
 from torchtune import utils as tt_utils
 
-__all__ = ["RecipeBase", "build_data"]
+__all__ = ["RecipeBase", "build_data", "instantiate", "warn_suspicious_lr", "SUSPICIOUS_LR"]
 
 log = tt_utils.get_logger("INFO")
 
@@ -69,6 +69,21 @@ def warn_suspicious_lr(cfg) -> None:
     if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > SUSPICIOUS_LR:
         log.warning("WARNING: optimizer.lr=%g is far above the usual range (1e-5 .. 1e-2 for AdamW); the loss will "
                     "likely explode: lower optimizer.lr (e.g. 3e-4) unless this is deliberate", lr)
+
+
+def instantiate(section: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any:
+    """``torchtune.config.instantiate`` of the config section ``key`` (model / optimizer / metric_logger): a dotted
+    path that does not load or an argument the component does not take is a :class:`ConfigError` naming the key."""
+    try:
+        return tt_config.instantiate(section, *args, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}; fix the {key}.* keys (they are the arguments of "
+                          f"{key}._component_={section.get('_component_')})") from None
+    except Exception as e:
+        if type(e).__name__ != "InstantiationError":
+            raise
+        raise ConfigError(f"{key}._component_={section.get('_component_')!r} cannot be loaded "
+                          f"({' '.join(str(e).split())[:200]}); set it to an importable dotted path") from None
 
 
 class RecipeBase:
@@ -119,7 +134,7 @@ class RecipeBase:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self._barrier()
         self._log_files_before = self._log_files()
-        self.metric_logger = tt_config.instantiate(cfg.metric_logger) if (self.is_rank_zero and cfg.get(
+        self.metric_logger = instantiate(cfg.metric_logger, "metric_logger") if (self.is_rank_zero and cfg.get(
             "metric_logger")) else None
         if self.metric_logger is not None:
             self.metric_logger.log_config(cfg)
@@ -193,8 +208,8 @@ class RecipeBase:
     # ------------------------------------------------------------------------------------------ optimizer
     def _setup_optimizer(self) -> None:
         # frozen parameters (LoRA base weights) are not handed to the optimizer
-        self.optimizer = tt_config.instantiate(self.cfg.optimizer,
-                                               [p for p in self.model.parameters() if p.requires_grad])
+        self.optimizer = instantiate(self.cfg.optimizer, "optimizer",
+                                     [p for p in self.model.parameters() if p.requires_grad])
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
 
     def _set_lr(self, step: int) -> float:

@@ -70,6 +70,8 @@ def validate_config(cfg: DictConfig) -> None:
     from duo_plugin.training.config_values import EVAL_TYPES, coerce_config
 
     coerce_config(cfg, EVAL_TYPES)  # block_size=0 / max_blocks=0 (not "default"/"all"), batch_size=abc: name the key
+    if cfg.get("dtype") not in (None, "fp32", "bf16"):
+        raise ConfigError(f"dtype must be fp32 or bf16 (bf16 autocast on CUDA only), got {cfg.get('dtype')!r}")
 
 
 def _list(x) -> list:

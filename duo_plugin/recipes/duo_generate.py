@@ -62,6 +62,8 @@ def validate_config(cfg: DictConfig) -> None:
     from duo_plugin.training.config_values import GENERATE_TYPES, coerce_config
 
     coerce_config(cfg, GENERATE_TYPES)  # add_bos=maybe, batch_size=abc: errors naming the key (strict booleans)
+    if cfg.get("dtype") not in (None, "fp32", "bf16"):
+        raise ConfigError(f"dtype must be fp32 or bf16 (bf16 autocast on CUDA only), got {cfg.get('dtype')!r}")
     sampling_params(cfg)  # top_p / temperature / steps / counts: wrong values are errors naming the key
 
 

@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from duo_plugin.objectives import ar_token_nll, objective_from_config  # noqa: F401  (ar_token_nll: re-export)
 from duo_plugin.objectives.config import PRETRAIN_KEYS, legacy_conflicts
-from duo_plugin.recipes.common import RecipeBase, log
+from duo_plugin.recipes.common import RecipeBase, instantiate, log
 from duo_plugin.training import loop
 from duo_plugin.training.recipe_utils import (ANY, COMPONENT, ConfigError, all_ranks_agree, check_keys,  # noqa: F401
                                              is_dist, lr_multiplier, masked_token_sum)
@@ -189,6 +189,9 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"max_steps must be >= 0, got {merged.max_steps}")
     if merged.lr_scheduler.name not in ("constant_with_warmup", "cosine"):
         raise ConfigError(f"lr_scheduler.name must be constant_with_warmup or cosine, got {merged.lr_scheduler.name!r}")
+    if merged.init_weights not in ("ema", "model"):
+        raise ConfigError(f"init_weights must be 'ema' or 'model' (which weights of init_from), got "
+                          f"{merged.init_weights!r}")
     if merged.adapt.trainable not in ("auto", "all", "lora"):
         raise ConfigError(f"adapt.trainable must be auto, all or lora, got {merged.adapt.trainable!r}")
     from duo_plugin.runtime import choose_cpu_threads
@@ -295,7 +298,7 @@ class DuoPretrainRecipe(RecipeBase):
                 extra[key] = value
         if getattr(self.objective, "causal", False) and "causal" not in mcfg:
             extra["causal"] = True
-        return tt_config.instantiate(mcfg, **extra)
+        return instantiate(mcfg, "model", **extra)
 
     def _setup_model(self) -> None:
         from duo_plugin.data.tokenizers import check_vocab

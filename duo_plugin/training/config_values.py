@@ -42,7 +42,8 @@ def read_int(key: str, value: Any, *, minimum: int | None = None) -> int:
     return out
 
 
-def read_float(key: str, value: Any, *, minimum: float | None = None, positive: bool = False) -> float:
+def read_float(key: str, value: Any, *, minimum: float | None = None, positive: bool = False,
+               maximum: float | None = None, below: float | None = None) -> float:
     """``value`` as a finite float (ints, floats, numeric strings such as ``"3e-4"``); anything else names ``key``."""
     out = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -58,6 +59,10 @@ def read_float(key: str, value: Any, *, minimum: float | None = None, positive: 
         raise ConfigError(f"config key '{key}' must be > 0, got {out}")
     if minimum is not None and out < minimum:
         raise ConfigError(f"config key '{key}' must be >= {minimum}, got {out}")
+    if maximum is not None and out > maximum:
+        raise ConfigError(f"config key '{key}' must be <= {maximum}, got {out}")
+    if below is not None and not out < below:
+        raise ConfigError(f"config key '{key}' must be < {below}, got {out}")
     return out
 
 
@@ -107,10 +112,12 @@ def _i(minimum: int | None = None) -> tuple:
     return (INT, {} if minimum is None else {"minimum": minimum})
 
 
-def _f(minimum: float | None = None, positive: bool = False) -> tuple:
+def _f(minimum: float | None = None, positive: bool = False, maximum: float | None = None,
+       below: float | None = None) -> tuple:
     opts: dict = {"positive": True} if positive else {}
-    if minimum is not None:
-        opts["minimum"] = minimum
+    for name, v in (("minimum", minimum), ("maximum", maximum), ("below", below)):
+        if v is not None:
+            opts[name] = v
     return (FLOAT, opts)
 
 
@@ -120,8 +127,8 @@ _B = (BOOL, {})
 COMMON_TYPES: dict[str, tuple] = {
     "seed": _i(0), "global_batch_size": _i(1), "gradient_accumulation_steps": _i(1), "max_steps": _i(0),
     "optimizer.lr": _f(positive=True), "optimizer.weight_decay": _f(0.0), "optimizer.eps": _f(positive=True),
-    "lr_scheduler.warmup_steps": _i(0), "clip_grad_norm": _f(positive=True), "ema.decay": _f(0.0),
-    "data.seq_len": _i(1), "data.val_fraction": _f(0.0), "data.val_docs": _i(0),
+    "lr_scheduler.warmup_steps": _i(0), "clip_grad_norm": _f(positive=True), "ema.decay": _f(0.0, maximum=1.0),
+    "data.seq_len": _i(1), "data.val_fraction": _f(0.0, below=1.0), "data.val_docs": _i(0),
     "checkpoint.every": _i(0), "checkpoint.keep_last": _i(0), "log_every": _i(1), "max_wall_s": _f(0.0),
     "compile": _B, "progress_bar": _B, "overwrite": _B,
 }
@@ -145,12 +152,12 @@ DISTILL_TYPES: dict[str, tuple] = {
 #: duo_generate's typed keys (booleans strict: ``add_bos=maybe`` is an error, not "true").
 GENERATE_TYPES: dict[str, tuple] = {
     "seed": _i(0), "num_samples": _i(1), "batch_size": _i(1), "seq_len": _i(1), "steps": _i(1), "add_bos": _B,
-    "variable_length": _B, "progress_bar": _B,
+    "variable_length": _B, "progress_bar": _B, "blocks.n_blocks": _i(0), "blocks.block_len": _i(1),
 }
 
 #: duo_eval's typed keys (``block_size=0`` / ``max_blocks=0`` are errors: leave the key unset for the default / all).
 EVAL_TYPES: dict[str, tuple] = {
     "seed": _i(0), "block_size": _i(3), "mc_passes": _i(1), "batch_size": _i(1), "max_blocks": _i(1),
-    "t_min": _f(0.0), "alpha_eps": _f(positive=True), "progress_bar": _B, "dataset.val_fraction": _f(0.0),
+    "t_min": _f(0.0), "alpha_eps": _f(positive=True), "progress_bar": _B, "dataset.val_fraction": _f(0.0, below=1.0),
     "dataset.max_docs": _i(1),
 }

@@ -217,12 +217,19 @@ def test_lm_eval_model_args_errors_propagate_from_the_python_api(trained):
 
 
 @pytest.mark.slow
-def test_duo_eval_cli_bad_model_args_exit_2(trained, tmp_path):
+@pytest.mark.parametrize("args,task,must", [
+    ("foo=1", "duo_shakespeare_ppl", "unknown --model_args for duo: ['foo']"),
+    ("weights=best", "duo_shakespeare_ppl", "weights must be 'ema' or 'model', got 'best'"),
+    ("", "no_such_task", "Tasks not found: no_such_task"),
+])
+def test_duo_eval_cli_errors_exit_2(args, task, must, trained, tmp_path):
+    """The real ``duo-eval`` command line (lm-eval's CLI): one line, exit status 2, no traceback."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     env.pop("DUO_DEBUG", None)
-    cmd = [sys.executable, "-m", "duo_plugin.integrations.lm_eval_cli", "--model", "duo", "--model_args",
-           f"pretrained={trained['good'] / 'final'},foo=1", "--tasks", "shakespeare_ppl", "--device", "cpu"]
+    ma = f"pretrained={trained['good'] / 'final'}" + (f",{args}" if args else "")
+    cmd = [sys.executable, "-m", "duo_plugin.integrations.lm_eval_cli", "--model", "duo", "--model_args", ma,
+           "--tasks", task, "--device", "cpu"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=str(tmp_path))
     errs = [ln for ln in p.stderr.splitlines() if "error:" in ln]
     assert p.returncode == 2 and len(errs) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
-    assert "unknown --model_args for duo: ['foo']" in errs[0]
+    assert must in errs[0], errs[0]
