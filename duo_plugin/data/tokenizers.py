@@ -99,8 +99,8 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-#: descriptor ``type`` -> ``loader(descriptor, base) -> DuoTokenizer`` for tokenizer families defined outside this module
-#: (integrations fill it: ``duo_plugin.integrations.torchtune_tokenizer`` registers ``"torchtune"`` on import).
+#: descriptor ``type`` -> ``loader(descriptor, base) -> DuoTokenizer`` for tokenizer families defined outside this
+#: module (integrations fill it: ``duo_plugin.integrations.torchtune_tokenizer`` registers ``"torchtune"`` on import).
 DESCRIPTOR_LOADERS: dict = {}
 
 

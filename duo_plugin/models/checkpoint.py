@@ -234,7 +234,7 @@ def read_folder_json(f: Union[str, Path], what: str = "the model directory") -> 
     return data
 
 
-# -- memory estimate before building (the public helpers are below check_memory) ----------------------------------------------------------------
+# -- memory estimate before building ----------------------------------------------------------------
 def available_memory(device: Union[str, torch.device] = "cpu") -> Optional[int]:
     """Bytes free for a new model on ``device``: CUDA free memory, else ``MemAvailable`` (Linux) capped by a cgroup
     memory limit; None when unknown."""

@@ -196,6 +196,7 @@ def test_live_run_survives_second_commands_of_every_kind(trained, tmp_path, h, c
     finally:
         if live.poll() is None:
             live.kill()
+    print(f"second commands refused while the live run trained: {fired}")
     assert live.returncode == 0, out[-3000:]
     assert min(fired.values()) >= 1, f"the live run ended before every kind was tried: {fired}"
     assert json.loads((d / "summary.json").read_text())["losses"] == ref
