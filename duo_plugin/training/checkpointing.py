@@ -96,6 +96,7 @@ def check_finite(state: Mapping[str, Any], source: str | os.PathLike) -> None:
 
 
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
+_WARNED_LATEST: set = set()
 _TMP_PREFIX = ".tmp-"
 _LATEST = "latest"
 
@@ -206,9 +207,12 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
         cand = root / name
         if _STEP_RE.match(name) and cand.is_dir() and not cand.is_symlink():
             return cand
-        logging.getLogger(__name__).warning(
-            "%s does not name a checkpoint (%r); using the highest step directory instead: %s", ptr, raw[:40],
-            done[-1].name if done else "none")
+        key = (str(ptr), raw)
+        if key not in _WARNED_LATEST:  # once per pointer content (run_dir checks the directory more than once)
+            _WARNED_LATEST.add(key)
+            logging.getLogger(__name__).warning(
+                "%s does not name a checkpoint (%r); using the highest step directory instead: %s", ptr, raw[:40],
+                done[-1].name if done else "none")
     return done[-1] if done else None
 
 

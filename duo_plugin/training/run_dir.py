@@ -128,12 +128,20 @@ def toolkit_outputs(output_dir: str | os.PathLike) -> list[str]:
 
 
 def remove_outputs(output_dir: str | os.PathLike) -> list[str]:
-    """Remove :func:`toolkit_outputs` (then the toolkit's directories left empty); never anything else.  Call with
-    the run lock held.  Returns what was removed."""
+    """Remove :func:`toolkit_outputs` (then the directories they leave empty); never anything else -- no entry
+    reached through a symlink out of ``output_dir``, no directory that still holds a user's file.  Call with the run
+    lock held.  Returns what was removed."""
     out = Path(output_dir)
-    gone = []
+    root = out.resolve()
+    gone, parents = [], set()
     for rel in toolkit_outputs(out):
         p = out / rel
+        try:
+            inside = p.parent.resolve().is_relative_to(root)
+        except OSError:
+            inside = False
+        if not inside:
+            continue
         if p.is_symlink() or p.is_file():
             p.unlink()
         elif p.is_dir():
@@ -141,14 +149,11 @@ def remove_outputs(output_dir: str | os.PathLike) -> list[str]:
         else:
             continue
         gone.append(rel)
-    for top in RUN_ARTIFACTS:  # a toolkit directory now empty (nothing of the user's in it) goes too
-        d = out / top
-        if d.is_dir() and not d.is_symlink():
-            for sub in sorted((x for x in d.rglob("*") if x.is_dir()), key=lambda x: -len(x.parts)):
-                if not any(sub.iterdir()):
-                    sub.rmdir()
-            if not any(d.iterdir()):
-                d.rmdir()
+        parents.update(p.parents[i] for i in range(len(Path(rel).parts) - 1))
+    parents.update(out / top for top in RUN_ARTIFACTS)  # the toolkit's own folders, when nothing is left in them
+    for d in sorted(parents, key=lambda x: -len(x.parts)):  # deepest first; only directories our files were in
+        if d.is_dir() and not d.is_symlink() and not any(d.iterdir()):
+            d.rmdir()
     record_outputs(out, [], replace=True)
     return gone
 

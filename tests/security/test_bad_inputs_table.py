@@ -251,18 +251,22 @@ def test_lm_eval_model_args_errors_propagate_from_the_python_api(trained):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args,task,must", [
-    ("foo=1", "duo_shakespeare_ppl", "unknown --model_args for duo: ['foo']"),
-    ("weights=best", "duo_shakespeare_ppl", "weights must be 'ema' or 'model', got 'best'"),
-    ("", "no_such_task", "Tasks not found: no_such_task"),
+@pytest.mark.parametrize("cli,args,task,must", [
+    ("duo-eval", "foo=1", "duo_shakespeare_ppl", "unknown --model_args for duo: ['foo']"),
+    ("duo-eval", "weights=best", "duo_shakespeare_ppl", "weights must be 'ema' or 'model', got 'best'"),
+    ("duo-eval", "", "no_such_task", "Tasks not found: no_such_task"),
+    ("lm_eval", "weights=best", "duo_shakespeare_ppl", "lm_eval: error: weights must be 'ema' or 'model'"),
 ])
-def test_duo_eval_cli_errors_exit_2(args, task, must, trained, tmp_path):
-    """The real ``duo-eval`` command line (lm-eval's CLI): one line, exit status 2, no traceback."""
+def test_eval_cli_errors_exit_2(cli, args, task, must, trained, tmp_path):
+    """The real command lines (``duo-eval``; lm-eval's own ``python -m lm_eval --model duo``): one line, exit status
+    2, no traceback."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     env.pop("DUO_DEBUG", None)
     ma = f"pretrained={trained['good'] / 'final'}" + (f",{args}" if args else "")
-    cmd = [sys.executable, "-m", "duo_plugin.integrations.lm_eval_cli", "--model", "duo", "--model_args", ma,
-           "--tasks", task, "--device", "cpu"]
+    mod = "duo_plugin.integrations.lm_eval_cli" if cli == "duo-eval" else "lm_eval"
+    cmd = [sys.executable, "-m", mod, "--model", "duo", "--model_args", ma, "--tasks", task, "--device", "cpu"]
+    if cli == "lm_eval":
+        cmd += ["--include_path", str(REPO / "duo_plugin" / "lm_eval_tasks")]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=str(tmp_path))
     errs = [ln for ln in p.stderr.splitlines() if "error:" in ln]
     assert p.returncode == 2 and len(errs) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
