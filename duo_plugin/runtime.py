@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AUTO_MULTI_THREAD_MIN_PARAMS", "ThreadChoice", "available_cpus", "choose_cpu_threads", "configure_cpu"]
+__all__ = ["AUTO_MULTI_THREAD_MIN_PARAMS", "ThreadChoice", "available_cpus", "choose_cpu_threads", "configure_cpu",
+           "check_device", "drop_cwd_from_sys_path"]
 
 # Measured (benchmarks/bench_threads.py, docs/performance.md) at 0.2M and 8.3M parameters on a shared 2-core machine:
 # one thread beats two spinning threads 7-14x and is on par with two passive ones; the 20M threshold above which
@@ -89,3 +90,53 @@ def configure_cpu(setting, *, n_params: int, local_world_size: int = 1) -> Threa
     torch.set_num_threads(choice.threads)
     torch.set_flush_denormal(True)
     return choice
+
+
+def check_device(value, key: str = "device") -> torch.device:
+    """The ``device`` config value as a :class:`torch.device`, refusing what would silently run elsewhere: an unknown
+    name, ``cuda`` without CUDA (torchtune's ``get_device`` would fall back to the CPU without a word), a CUDA index
+    beyond the devices present.  :class:`~duo_plugin.errors.UserError` naming ``key`` and the fix."""
+    from duo_plugin.errors import UserError
+
+    text = "cpu" if value is None else str(value).strip()
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UserError(f"{key}={value!r} is not a device; set {key}=cpu, {key}=cuda or {key}=cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{key}={text} but CUDA is not available here (torch.cuda.is_available() is False); set "
+                            f"{key}=cpu, or run on a machine with an NVIDIA GPU and a CUDA build of PyTorch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"{key}={text} but only {torch.cuda.device_count()} CUDA device(s) exist; set "
+                            f"{key}=cuda:0..{torch.cuda.device_count() - 1}")
+    elif dev.type not in ("cpu", "mps", "xpu", "meta"):
+        raise UserError(f"{key}={text}: unsupported device type {dev.type!r}; set {key}=cpu or {key}=cuda")
+    return dev
+
+
+def drop_cwd_from_sys_path() -> list[str]:
+    """Remove the working directory (``''``, ``'.'`` or its absolute path) from ``sys.path``: ``tune run`` and
+    ``python -m`` put it there, and a model folder one works from (``checkpoint=.``) is data -- a package shipped in
+    it must never shadow a module imported later.  The directory holding duo_plugin itself (a source checkout) is
+    kept.  Entry points call this first; returns the removed entries."""
+    import sys
+    from pathlib import Path
+
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:
+        cwd = None
+    own = Path(__file__).resolve().parent.parent
+    removed = []
+    for entry in list(sys.path):
+        try:
+            here = Path(entry or ".").resolve()
+        except OSError:
+            continue
+        if entry in ("", ".") or (cwd is not None and here == cwd):
+            if here == own:
+                continue
+            sys.path.remove(entry)
+            removed.append(entry)
+    return removed

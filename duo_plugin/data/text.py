@@ -32,6 +32,8 @@ from typing import Any, Callable, Iterator, Sequence, Union
 import numpy as np
 import torch
 
+from duo_plugin.errors import UserError
+
 __all__ = [
     "read_text_file",
     "TokenizedDocs",
@@ -172,7 +174,8 @@ def split_text(text: str, sample_by: str) -> list[str]:
     elif sample_by == "line":
         parts = text.splitlines()
     else:
-        raise ValueError(f"sample_by must be 'document', 'paragraph' or 'line', got {sample_by!r}")
+        raise ValueError(f"sample_by (data.sample_by / dataset.sample_by) must be 'document', 'paragraph' or "
+                         f"'line', got {sample_by!r}")
     return [p.strip() for p in parts if p.strip()]
 
 
@@ -181,6 +184,9 @@ def _as_paths(source) -> list[Path] | None:
     if isinstance(source, (list, tuple)):
         paths = [Path(s) for s in source]
         for p in paths:
+            if p.is_dir():
+                raise UserError(f"data file {p} is a directory; list its files (data.files: [{p}/a.txt, ...]) or "
+                                f"use a glob ({p}/*.txt)")
             if not p.is_file():
                 raise FileNotFoundError(f"data file not found: {p}")
         return paths
@@ -339,6 +345,9 @@ def cached_tokenize(
         except Exception:  # corrupt/partial file from another tool: rebuild
             pass
     td = tokenize_documents(get_texts(), tokenizer)
+    if cdir.exists() and not cdir.is_dir():
+        raise UserError(f"the tokenized-data cache directory {cdir} (data.cache_dir) is a file; set data.cache_dir "
+                        "to a directory")
     cdir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cdir, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -449,7 +458,8 @@ def wrap_blocks(
     if n == 0:
         raise ValueError(
             f"wrap_blocks produced no blocks: the set has {len(stream)} tokens (with separators), fewer than "
-            f"block_size-2={c}; use drop_remainder=False for evaluation sets or a smaller block_size"
+            f"block_size-2={c}; lower the block length (data.seq_len when training, block_size in duo_eval) or add "
+            "data (evaluation sets: drop_remainder=False)"
         )
     out = np.full((n, L), int(eos_id) if pad_id is None else int(pad_id), dtype=np.int64)
     mask = np.zeros((n, L), dtype=bool)
@@ -590,7 +600,7 @@ class GlobalBatchSampler:
         if self.num_blocks < self.global_batch_size:
             raise ValueError(
                 f"dataset has {self.num_blocks} blocks, fewer than global_batch_size={self.global_batch_size}; "
-                "use more data, a smaller block_size or a smaller global batch"
+                "use more data, a smaller data.seq_len (block_size) or a smaller global_batch_size"
             )
         self.steps_per_epoch = self.num_blocks // self.global_batch_size
         self._cache: tuple[int, torch.Tensor] | None = None

@@ -33,6 +33,7 @@ import torch
 
 from duo_plugin._io import atomic_write_text
 from duo_plugin.errors import UserError
+from duo_plugin.untrusted import names_code
 
 __all__ = [
     "DESCRIPTOR_NAME",
@@ -46,6 +47,11 @@ __all__ = [
     "file_sha256",
     "SpecialIds",
     "DESCRIPTOR_LOADERS",
+    "TORCHTUNE_TOKENIZER_ARGS",
+    "TORCHTUNE_TOKENIZER_BUILDERS",
+    "check_descriptor",
+    "check_tokenizer_builder",
+    "folder_file",
     "register_descriptor_loader",
     "main",
 ]
@@ -93,13 +99,15 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-#: descriptor ``type`` -> ``loader(descriptor) -> DuoTokenizer`` for tokenizer families defined outside this module
-#: (integrations fill it: ``duo_plugin.integrations.torchtune_tokenizer`` registers ``"torchtune"`` on import).
+#: descriptor ``type`` -> ``loader(descriptor, base) -> DuoTokenizer`` for tokenizer families defined outside this
+#: module (integrations fill it: ``duo_plugin.integrations.torchtune_tokenizer`` registers ``"torchtune"`` on import).
 DESCRIPTOR_LOADERS: dict = {}
 
 
 def register_descriptor_loader(kind: str, loader) -> None:
-    """Let :func:`load_tokenizer` rebuild descriptors of ``type: kind`` with ``loader(descriptor)``."""
+    """Let :func:`load_tokenizer` rebuild descriptors of ``type: kind`` with ``loader(descriptor, base)`` (``base``:
+    the folder holding the descriptor; the loader must validate the descriptor, e.g. with :func:`check_descriptor`,
+    before importing or opening anything it names)."""
     DESCRIPTOR_LOADERS[str(kind)] = loader
 
 
@@ -459,7 +467,15 @@ def train_sentencepiece(
     return tok
 
 
-def load_tokenizer(path_or_spec, **kwargs) -> DuoTokenizer:
+def _read_descriptor(f: Path) -> Any:
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{f} is not valid JSON ({str(e).splitlines()[0]}): the tokenizer folder is truncated or "
+                        "corrupt; re-save the tokenizer or pass tokenizer=<path>") from None
+
+
+def load_tokenizer(path_or_spec, *, base: str | os.PathLike | None = None, **kwargs) -> DuoTokenizer:
     """Load a tokenizer from a duo tokenizer directory, a ``.model`` file or a ``tokenizer.json``.
 
     Args:
@@ -467,17 +483,17 @@ def load_tokenizer(path_or_spec, **kwargs) -> DuoTokenizer:
             ``tokenizer.json`` or ``tokenizer.model``, a ``*.model`` SentencePiece file, a ``*.json``
             HF tokenizer file, or a dict descriptor (as in ``duo_tokenizer.json``). An object that already
             satisfies :class:`DuoTokenizer` is returned as is.
+        base: for a dict descriptor, the folder its file names are relative to (default: the working directory).
         **kwargs: forwarded to :class:`HFTokenizer` (``bos_token=...`` etc.).
     """
     if isinstance(path_or_spec, dict):
-        return _from_descriptor(path_or_spec, base=Path("."))
+        return _from_descriptor(path_or_spec, base=Path(base) if base is not None else Path("."))
     if isinstance(path_or_spec, DuoTokenizer) and not isinstance(path_or_spec, (str, os.PathLike)):
         return path_or_spec
     p = Path(path_or_spec)
     if p.is_dir():
         if (p / DESCRIPTOR_NAME).is_file():
-            desc = json.loads((p / DESCRIPTOR_NAME).read_text(encoding="utf-8"))
-            return _from_descriptor(desc, base=p)
+            return _from_descriptor(_read_descriptor(p / DESCRIPTOR_NAME), base=p)
         if (p / "tokenizer.json").is_file():
             return HFTokenizer(p / "tokenizer.json", **kwargs)
         if (p / "tokenizer.model").is_file():
@@ -492,23 +508,61 @@ def load_tokenizer(path_or_spec, **kwargs) -> DuoTokenizer:
         return SentencePieceTokenizer(p)
     if p.suffix == ".json":
         if p.name == DESCRIPTOR_NAME:
-            return _from_descriptor(json.loads(p.read_text(encoding="utf-8")), base=p.parent)
+            return _from_descriptor(_read_descriptor(p), base=p.parent)
         return HFTokenizer(p, **kwargs)
-    raise ValueError(f"unrecognised tokenizer file {p}: expected a directory, a .model or a tokenizer.json")
+    raise UserError(f"unrecognised tokenizer file {p} (tokenizer.path / tokenizer=): expected a tokenizer directory, "
+                    "a SentencePiece .model or an HF tokenizer.json")
 
 
-#: The only callables a ``torchtune`` tokenizer descriptor may name.  A descriptor comes from a model folder, which is
-#: DATA (it may have been downloaded): naming an arbitrary importable callable would let a folder run code (as
+#: The only callables a ``torchtune`` tokenizer descriptor may name, each with the only keyword arguments it may pass
+#: (files inside the tokenizer folder, or an integer).  A descriptor comes from a model folder, which is DATA (it may
+#: have been downloaded): naming an arbitrary importable callable -- or handing an allowed builder an argument it
+#: resolves as a dotted path, like torchtune's ``prompt_template`` -- would let a folder run code (as
 #: :mod:`duo_plugin.models.checkpoint` restricts model builders).  Checked before anything is imported.
-TORCHTUNE_TOKENIZER_BUILDERS = frozenset({
-    "torchtune.models.llama2.llama2_tokenizer",
-    "torchtune.models.llama3.llama3_tokenizer",
-    "torchtune.models.qwen2.qwen2_tokenizer",
-    "torchtune.models.qwen2_5.qwen2_5_tokenizer",
-    "torchtune.models.mistral.mistral_tokenizer",
-    "torchtune.models.gemma.gemma_tokenizer",
-    "torchtune.models.phi3.phi3_mini_tokenizer",
-})
+TORCHTUNE_TOKENIZER_ARGS: dict[str, tuple[str, ...]] = {
+    "torchtune.models.llama2.llama2_tokenizer": ("path", "max_seq_len"),
+    "torchtune.models.llama3.llama3_tokenizer": ("path", "special_tokens_path", "max_seq_len"),
+    "torchtune.models.qwen2.qwen2_tokenizer": ("path", "merges_file", "special_tokens_path", "max_seq_len"),
+    "torchtune.models.qwen2_5.qwen2_5_tokenizer": ("path", "merges_file", "special_tokens_path", "max_seq_len"),
+    "torchtune.models.mistral.mistral_tokenizer": ("path", "max_seq_len"),
+    "torchtune.models.gemma.gemma_tokenizer": ("path", "max_seq_len"),
+    "torchtune.models.phi3.phi3_mini_tokenizer": ("path", "special_tokens_path", "max_seq_len"),
+}
+TORCHTUNE_TOKENIZER_BUILDERS = frozenset(TORCHTUNE_TOKENIZER_ARGS)
+#: builder arguments that name a file (a plain relative path inside the tokenizer folder) / that are integers
+TORCHTUNE_FILE_ARGS = frozenset({"path", "merges_file", "special_tokens_path"})
+TORCHTUNE_INT_ARGS = frozenset({"max_seq_len"})
+
+#: Every field a descriptor may hold, with its type (anything else is refused, naming the field).
+_INT, _OPT_INT, _INT_LIST, _STR, _OPT_STR, _HEX, _HEX_MAP, _ANY_KW = (
+    "int", "int|null", "list[int]", "str", "str|null", "sha256", "{arg: sha256}", "kwargs")
+_DESCRIPTOR_FIELDS: dict[str, dict[str, str]] = {
+    "sentencepiece": {"file": _STR, "sha256": _HEX},
+    "hf": {"file": _STR, "sha256": _HEX, "bos_token": _OPT_STR, "eos_token": _OPT_STR, "pad_token": _OPT_STR},
+    "torchtune": {"component": _STR, "kwargs": _ANY_KW, "file_sha256": _HEX_MAP},
+}
+_COMMON_FIELDS = {"type": _STR, "vocab_size": _INT, "bos_id": _INT, "eos_id": _OPT_INT, "pad_id": _OPT_INT,
+                  "special_ids": _INT_LIST}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_hex(v: Any) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
+_CHECKS = {
+    _INT: _is_int,
+    _OPT_INT: lambda v: v is None or _is_int(v),
+    _INT_LIST: lambda v: isinstance(v, list) and all(_is_int(i) for i in v),
+    _STR: lambda v: isinstance(v, str),
+    _OPT_STR: lambda v: v is None or isinstance(v, str),
+    _HEX: lambda v: v is None or _is_hex(v),
+    _HEX_MAP: lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_hex(h) for k, h in v.items()),
+    _ANY_KW: lambda v: isinstance(v, dict),
+}
 
 
 def check_tokenizer_builder(component: Any, where: str = "the descriptor") -> str:
@@ -520,15 +574,86 @@ def check_tokenizer_builder(component: Any, where: str = "the descriptor") -> st
     return component
 
 
-def _from_descriptor(desc: dict, base: Path) -> DuoTokenizer:
+def folder_file(base: Path, value: Any, what: str, where: str) -> Path:
+    """``base / value`` for a descriptor's file entry: a relative path that stays inside ``base`` (no ``..``, no
+    absolute path, no symlink leaving the folder) and names an existing file; else :class:`UserError`."""
+    if not isinstance(value, str) or not value or Path(value).is_absolute() or ".." in Path(value).parts:
+        raise UserError(f"tokenizer descriptor in {where}: {what} must be a file name inside the tokenizer folder, "
+                        f"got {value!r}; re-save the tokenizer (it copies its files next to {DESCRIPTOR_NAME}) or "
+                        "pass tokenizer=<path> explicitly")
+    p = base / value
+    try:
+        inside = p.resolve().is_relative_to(base.resolve())
+    except OSError:
+        inside = False
+    if not inside:
+        raise UserError(f"tokenizer descriptor in {where}: {what}={value!r} leads outside the tokenizer folder; "
+                        "pass tokenizer=<path> explicitly")
+    if not p.is_file():
+        raise FileNotFoundError(f"tokenizer descriptor in {where}: {what}={value!r} is not a file in {base}")
+    return p
+
+
+def check_descriptor(desc: Any, base: Path, where: str | None = None) -> dict:
+    """Validate a tokenizer descriptor (data from a model folder) BEFORE anything is imported or opened as code:
+    only the fields of its ``type`` with their types; for ``torchtune``, an allow-listed builder and only its
+    allow-listed arguments (file names inside ``base``, integers).  Returns the descriptor with the torchtune
+    ``kwargs`` resolved (files as absolute paths inside ``base``, sha256 checked).  :class:`UserError` otherwise,
+    naming the field and the fix."""
+    where = where or str(base)
     if not isinstance(desc, dict):
-        raise UserError(f"tokenizer descriptor in {base} must be a JSON object, got {type(desc).__name__}")
+        raise UserError(f"tokenizer descriptor in {where} must be a JSON object, got {type(desc).__name__}")
     kind = desc.get("type")
-    f = desc.get("file")
-    if kind in ("sentencepiece", "hf") and (not isinstance(f, str) or Path(f).name != f or f in ("", ".", "..")):
-        raise UserError(f"tokenizer descriptor in {base}: 'file' must be a plain file name next to it, got {f!r}")
-    if kind == "torchtune":  # names a builder: allow-listed before any loader imports or calls anything
-        check_tokenizer_builder(desc.get("component"), where=str(base))
+    if kind not in _DESCRIPTOR_FIELDS:
+        if isinstance(kind, str) and kind in DESCRIPTOR_LOADERS:
+            return desc
+        raise UserError(f"tokenizer descriptor in {where}: unknown type {kind!r} (expected sentencepiece, hf or "
+                        "torchtune); pass tokenizer=<a tokenizer.json / .model / dir> instead")
+    fields = {**_COMMON_FIELDS, **_DESCRIPTOR_FIELDS[kind]}
+    for key, value in desc.items():
+        if key not in fields:
+            raise UserError(f"tokenizer descriptor in {where}: unexpected field {key!r} for type {kind!r} (allowed: "
+                            f"{', '.join(sorted(fields))}); a model folder is data: remove the field or re-save the "
+                            "tokenizer")
+        if not _CHECKS[fields[key]](value):
+            raise UserError(f"tokenizer descriptor in {where}: field {key!r} must be {fields[key]}, got {value!r}")
+        if key not in ("file", "component") and isinstance(value, str) and names_code(value):
+            raise UserError(f"tokenizer descriptor in {where}: refusing field {key}={value!r}: it names Python code "
+                            "and a model folder is data; remove the value or pass tokenizer=<path> explicitly")
+    if kind != "torchtune":
+        f = desc.get("file")
+        if not isinstance(f, str) or Path(f).name != f or f in ("", ".", ".."):
+            raise UserError(f"tokenizer descriptor in {where}: 'file' must be a plain file name next to it, got {f!r}")
+        return desc
+    component = check_tokenizer_builder(desc.get("component"), where=where)
+    allowed = TORCHTUNE_TOKENIZER_ARGS[component]
+    kwargs, hashes = {}, desc.get("file_sha256") or {}
+    for name in desc.get("kwargs") or {}:  # every name first: nothing is opened while a refused one is present
+        if name not in allowed:
+            raise UserError(f"tokenizer descriptor in {where}: refusing argument {name!r} for {component} (a model "
+                            f"folder is data; allowed arguments: {', '.join(allowed)}); remove it from "
+                            f"{DESCRIPTOR_NAME} or pass tokenizer=<path> explicitly")
+    for name, value in (desc.get("kwargs") or {}).items():
+        if name in TORCHTUNE_INT_ARGS:
+            if not (value is None or _is_int(value)):
+                raise UserError(f"tokenizer descriptor in {where}: argument {name!r} must be an integer or null, "
+                                f"got {value!r}")
+            kwargs[name] = value
+            continue
+        p = folder_file(base, value, f"argument {name!r}", where)
+        if name in hashes and file_sha256(p) != hashes[name]:
+            raise UserError(f"{p} does not match the sha256 recorded in {where}; the tokenizer file was replaced: "
+                            "re-save the tokenizer or restore the original file")
+        kwargs[name] = str(p.resolve())
+    if "path" not in kwargs:
+        raise UserError(f"tokenizer descriptor in {where}: {component} needs the argument 'path' (a file in the "
+                        "tokenizer folder)")
+    return {**desc, "kwargs": kwargs}
+
+
+def _from_descriptor(raw: dict, base: Path) -> DuoTokenizer:
+    desc = check_descriptor(raw, base)  # every field typed, builders and their arguments allow-listed: before imports
+    kind = desc.get("type")
     if kind == "sentencepiece":
         tok = SentencePieceTokenizer(base / desc["file"])
     elif kind == "hf":
@@ -539,14 +664,11 @@ def _from_descriptor(desc: dict, base: Path) -> DuoTokenizer:
             pad_token=desc.get("pad_token"),
         )
     elif kind in DESCRIPTOR_LOADERS:
-        return DESCRIPTOR_LOADERS[kind](desc)
-    elif kind == "torchtune":
-        raise ValueError("a 'torchtune' tokenizer descriptor needs the torchtune integration: `import "
-                         "duo_plugin.integrations.torchtune_tokenizer` (the recipes and the lm-eval backend do) and "
-                         "install torchtune")
-    else:
-        raise ValueError(f"unknown tokenizer type {kind!r} in descriptor (expected sentencepiece, hf, "
-                         f"{', '.join(sorted(DESCRIPTOR_LOADERS)) or 'torchtune'})")
+        return DESCRIPTOR_LOADERS[kind](raw, base)  # the loader checks ``raw`` again (it is public)
+    else:  # torchtune, integration not imported
+        raise UserError("a 'torchtune' tokenizer descriptor needs the torchtune integration: `import "
+                        "duo_plugin.integrations.torchtune_tokenizer` (the recipes and the lm-eval backend do) and "
+                        "install torchtune")
     sha = desc.get("sha256")
     if sha is not None and file_sha256(tok._model_file()) != sha:
         raise ValueError(
@@ -643,6 +765,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = sub.add_parser("info", help="print a tokenizer's descriptor")
     info.add_argument("path")
     args = ap.parse_args(argv)
+    from duo_plugin.errors import user_errors
+    from duo_plugin.runtime import drop_cwd_from_sys_path
+
+    drop_cwd_from_sys_path()  # a tokenizer folder used as the working directory is data, not importable code
+    with user_errors("duo-tokenizer"):
+        return _main(args)
+
+
+def _main(args) -> int:
     if args.cmd == "train":
         tok = train_sentencepiece(
             args.input,

@@ -306,22 +306,24 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--alpha-min", type=float, default=0.05)
     w.add_argument("--alpha-max", type=float, default=0.95)
     args = parser.parse_args(argv)
+    from duo_plugin.errors import user_errors
+
     try:
-        if args.cmd == "build":
-            t0 = time.perf_counter()
-            table = DualityTable.build(args.vocab_size, args.gamma_min, args.gamma_max, args.num_points)
-            table.save(args.out)
-            print(
-                f"wrote {args.out}: K={table.vocab_size} gamma=[{table.gamma_min}, {table.gamma_max}] "
-                f"points={args.num_points} alpha=[{float(table.alphas[-1]):.6f}, {float(table.alphas[0]):.6f}] "
-                f"in {time.perf_counter() - t0:.1f}s"
-            )
-        else:
-            g0, g1 = gamma_window(args.vocab_size, args.alpha_min, args.alpha_max)
-            print(f"gamma_min={g0:.6f} gamma_max={g1:.6f}")
-    except ValueError as e:
-        print(f"duo-duality: error: {e}", file=sys.stderr)
-        return 2
+        with user_errors("duo-duality"):  # one line, exit 2 (also an unwritable --out or a full disk)
+            if args.cmd == "build":
+                t0 = time.perf_counter()
+                table = DualityTable.build(args.vocab_size, args.gamma_min, args.gamma_max, args.num_points)
+                table.save(args.out)
+                print(
+                    f"wrote {args.out}: K={table.vocab_size} gamma=[{table.gamma_min}, {table.gamma_max}] "
+                    f"points={args.num_points} alpha=[{float(table.alphas[-1]):.6f}, {float(table.alphas[0]):.6f}] "
+                    f"in {time.perf_counter() - t0:.1f}s"
+                )
+            else:
+                g0, g1 = gamma_window(args.vocab_size, args.alpha_min, args.alpha_max)
+                print(f"gamma_min={g0:.6f} gamma_max={g1:.6f}")
+    except SystemExit as e:
+        return int(e.code)
     return 0
 
 

@@ -247,6 +247,22 @@ class DuoLM(TemplateLM):
     ``model=`` (an ``nn.Module`` following the denoiser convention, or a causal model) and ``tokenizer=``
     programmatically; every other keyword is a :class:`DuoLMConfig` field."""
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None) -> "DuoLM":
+        """lm-eval's ``--model_args`` entry: a bad argument is one line with exit status 2 on the command line
+        (:func:`duo_plugin.integrations.lm_eval_cli.model_args_errors`)."""
+        from duo_plugin.integrations.lm_eval_cli import model_args_errors
+
+        with model_args_errors(cls):
+            return super().create_from_arg_string(arg_string, additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: Optional[dict] = None) -> "DuoLM":
+        from duo_plugin.integrations.lm_eval_cli import model_args_errors
+
+        with model_args_errors(cls):
+            return super().create_from_arg_obj(arg_dict, additional_config)
+
     def __init__(self, pretrained: Optional[str] = None, *, checkpoint: Optional[str] = None,
                  model: Optional[torch.nn.Module] = None, tokenizer=None, **model_args):
         super().__init__()

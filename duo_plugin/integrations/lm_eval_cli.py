@@ -12,10 +12,14 @@ Also runnable as ``python -m duo_plugin.integrations.lm_eval_cli``.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import inspect
 import json
+import re
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "lm_eval_tasks"
 _SUBCOMMANDS = {"run", "ls", "validate"}
@@ -86,7 +90,61 @@ def keep_bundled_tasks() -> None:
     manager.TaskManager.__init__ = __init__
 
 
+def _cli_running() -> bool:
+    """True inside lm-eval's command line (``lm_eval ...`` / ``duo-eval ...``), False for the Python API."""
+    prog = Path(sys.argv[0] if sys.argv else "")
+    return "lm_eval.__main__" in sys.modules and (
+        prog.name in ("lm_eval", "lm-eval", "duo-eval", "lm_eval_cli.py")
+        or (prog.name == "__main__.py" and prog.parent.name == "lm_eval"))  # python -m lm_eval
+
+
+def unknown_arg_error(cls, e: TypeError) -> Exception:
+    """``cls(**model_args)`` with a key ``cls`` does not take: a :class:`~duo_plugin.errors.UserError` naming the key,
+    the closest valid one and the list (else ``e`` itself)."""
+    from duo_plugin.errors import UserError
+
+    m = re.search(r"unexpected keyword argument '([^']+)'", str(e))
+    if not m:
+        return e
+    valid = sorted(k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "kwargs"))
+    close = difflib.get_close_matches(m.group(1), valid, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return UserError(f"--model_args: unknown key {m.group(1)!r} for --model duo; {hint}valid keys: {', '.join(valid)}")
+
+
+@contextlib.contextmanager
+def model_args_errors(cls=None, prog: str = "lm_eval") -> Iterator[None]:
+    """Around building the ``duo`` model from ``--model_args``: on lm-eval's command line a user error (a bad value,
+    an unknown key, a missing checkpoint) is one line ``lm_eval: error: ...`` and exit status 2, the traceback only
+    with ``DUO_DEBUG=1``; from the Python API the exception propagates unchanged."""
+    from duo_plugin.errors import user_errors
+
+    if _cli_running():
+        from duo_plugin.runtime import drop_cwd_from_sys_path
+
+        drop_cwd_from_sys_path()  # `python -m lm_eval` from inside a model folder: the folder is data, not code
+    try:
+        yield
+    except TypeError as e:
+        err = unknown_arg_error(cls, e) if cls is not None else e
+        if err is e or not _cli_running():
+            raise
+        with user_errors(prog):
+            raise err from e
+    except Exception:
+        if not _cli_running():
+            raise
+        with user_errors(prog):
+            raise
+
+
 def main(argv: Optional[List[str]] = None) -> None:
+    """``duo-eval``: every user error (bad flags values, model args, a missing checkpoint, a full disk) is one line
+    ``duo-eval: error: ...`` with exit status 2 (``DUO_DEBUG=1``: the traceback)."""
+    from duo_plugin.errors import user_errors
+    from duo_plugin.runtime import drop_cwd_from_sys_path
+
+    drop_cwd_from_sys_path()  # a model folder used as the working directory is data, not importable code
     from duo_plugin.integrations.lm_eval_registry import register
 
     register()
@@ -95,7 +153,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     keep_bundled_tasks()
     from lm_eval.__main__ import cli_evaluate
 
-    cli_evaluate()
+    with user_errors("duo-eval"):
+        cli_evaluate()
 
 
 if __name__ == "__main__":

@@ -12,11 +12,13 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 from duo_plugin._io import atomic_write_text
-from duo_plugin.data.tokenizers import DESCRIPTOR_NAME, SpecialIds, file_sha256, register_descriptor_loader
+from duo_plugin.data.tokenizers import (DESCRIPTOR_NAME, TORCHTUNE_FILE_ARGS, TORCHTUNE_TOKENIZER_ARGS, SpecialIds,
+                                        check_descriptor, file_sha256, register_descriptor_loader)
 
 __all__ = ["TorchtuneTokenizer"]
 
@@ -82,11 +84,15 @@ class TorchtuneTokenizer(SpecialIds):
         return cls(_resolve(component)(**kwargs), component=component, kwargs=kwargs)
 
     @classmethod
-    def from_descriptor(cls, desc: dict) -> "TorchtuneTokenizer":
-        """Rebuild from a saved descriptor; only allow-listed builders (a descriptor is data from a model folder)."""
-        from duo_plugin.data.tokenizers import check_tokenizer_builder
-
-        return cls.from_config(check_tokenizer_builder(desc.get("component")), **desc.get("kwargs", {}))
+    def from_descriptor(cls, desc: dict, base: str | os.PathLike = ".") -> "TorchtuneTokenizer":
+        """Rebuild from a saved descriptor (``base``: the folder holding it).  A descriptor is data from a model
+        folder: only allow-listed builders with allow-listed arguments (files inside ``base``, integers), checked
+        by :func:`~duo_plugin.data.tokenizers.check_descriptor` before anything is imported; ``prompt_template``
+        is passed as ``None`` so torchtune resolves no dotted path either (encode/decode never use it)."""
+        checked = check_descriptor(desc, Path(base))
+        component, kwargs = checked["component"], checked["kwargs"]
+        tok = _resolve(component)(**kwargs, prompt_template=None)
+        return cls(tok, component=component, kwargs=kwargs)
 
     @property
     def vocab_size(self) -> int:
@@ -103,12 +109,12 @@ class TorchtuneTokenizer(SpecialIds):
         if self.component is None:
             raise ValueError("this TorchtuneTokenizer was wrapped from an instance; build it with "
                              "TorchtuneTokenizer.from_config(component, **kwargs) to save or cache it")
-        files = {k: file_sha256(v) for k, v in self.kwargs.items() if isinstance(v, (str, os.PathLike))
-                 and Path(v).is_file()}
+        kept = self._saved_kwargs()
+        files = {k: file_sha256(self.kwargs[k]) for k in kept if k in TORCHTUNE_FILE_ARGS}
         return {
             "type": self.type_name,
             "component": self.component,
-            "kwargs": {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in self.kwargs.items()},
+            "kwargs": {k: (Path(str(v)).name if k in TORCHTUNE_FILE_ARGS else v) for k, v in kept.items()},
             "file_sha256": files,
             "vocab_size": self.vocab_size,
             "bos_id": self._bos,
@@ -117,14 +123,26 @@ class TorchtuneTokenizer(SpecialIds):
             "special_ids": sorted(self._specials),
         }
 
+    def _saved_kwargs(self) -> dict:
+        """The builder arguments a descriptor records: the allow-listed ones (files and integers; e.g. a
+        ``prompt_template`` does not change encode/decode and a descriptor may not name one)."""
+        allowed = TORCHTUNE_TOKENIZER_ARGS.get(str(self.component), ())
+        kept = {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in self.kwargs.items() if k in allowed}
+        names = [Path(v).name for k, v in kept.items() if k in TORCHTUNE_FILE_ARGS]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tokenizer files {names} share a file name; rename one so save() can copy both")
+        return kept
+
     def save(self, out_dir: str | os.PathLike) -> Path:
-        """Write ``duo_tokenizer.json`` (builder + kwargs with absolute file paths; files are not copied)."""
+        """Copy the tokenizer files into ``out_dir`` and write ``duo_tokenizer.json`` naming them by file name (a
+        saved folder is self-contained data: :func:`~duo_plugin.data.tokenizers.load_tokenizer` accepts only files
+        inside it)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        desc = self.descriptor()
-        desc["kwargs"] = {k: (str(Path(v).resolve()) if isinstance(v, str) and Path(v).exists() else v)
-                          for k, v in desc["kwargs"].items()}
-        atomic_write_text(out / DESCRIPTOR_NAME, json.dumps(desc, indent=2, sort_keys=True))
+        for k, v in self._saved_kwargs().items():
+            if k in TORCHTUNE_FILE_ARGS and Path(v).resolve() != (out / Path(v).name).resolve():
+                shutil.copyfile(v, out / Path(v).name)
+        atomic_write_text(out / DESCRIPTOR_NAME, json.dumps(self.descriptor(), indent=2, sort_keys=True))
         return out
 
     def __repr__(self) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -33,9 +34,11 @@ import torch.nn as nn
 from duo_plugin._io import atomic_dir
 from duo_plugin.models.dit import DiT
 from duo_plugin.errors import UserError
+from duo_plugin.untrusted import check_folder_json
 
 __all__ = ["CONFIG_NAME", "save_pretrained", "load_pretrained", "read_duo_config", "encode_valid_vocab",
-           "decode_valid_vocab"]
+           "decode_valid_vocab", "read_folder_json", "estimate_model_bytes", "available_memory",
+           "check_memory", "activation_bytes", "check_training_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +222,92 @@ def save_pretrained(model: nn.Module, out_dir: Union[str, Path], *,
     return out_dir
 
 
+# -- a model folder is data (duo_plugin.untrusted) ---------------------------------------------------
+def read_folder_json(f: Union[str, Path], what: str = "the model directory") -> Any:
+    """Parse a JSON file of a model folder and :func:`check_folder_json` it; one-line errors naming the file."""
+    f = Path(f)
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{f} is not valid JSON ({str(e).splitlines()[0]}): {what} is truncated or corrupt") from None
+    check_folder_json(data, str(f))
+    return data
+
+
+# -- memory estimate before building ----------------------------------------------------------------
+def available_memory(device: Union[str, torch.device] = "cpu") -> Optional[int]:
+    """Bytes free for a new model on ``device``: CUDA free memory, else ``MemAvailable`` (Linux) capped by a cgroup
+    memory limit; None when unknown."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free)
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    for f in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            lim = Path(f).read_text().strip()
+            used_f = Path(f).with_name("memory.current" if f.endswith(".max") else "memory.usage_in_bytes")
+            if lim.isdigit() and int(lim) < (1 << 60):
+                room = int(lim) - int(used_f.read_text().strip())
+                avail = room if avail is None else min(avail, room)
+        except (OSError, ValueError):
+            continue
+    return avail
+
+
+def estimate_model_bytes(build, *, dtype_bytes: int = 4) -> tuple[int, nn.Module]:
+    """``(parameter + buffer bytes, meta model)`` of ``build()`` run on the meta device: exact sizes from the
+    config, nothing allocated (a folder declaring a 10^9 vocabulary costs nothing to inspect)."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the global RNG is left as it was
+        model = build()
+    n = sum(t.numel() for t in model.parameters()) + sum(t.numel() for t in model.buffers())
+    return int(n) * int(dtype_bytes), model
+
+
+def activation_bytes(model: nn.Module, rows: int, seq_len: int) -> int:
+    """Rough fp32 activation memory of one training forward/backward of ``rows`` sequences of ``seq_len`` tokens:
+    ~24 floats per hidden unit per token per block (attention and MLP inputs/outputs, norms, residuals) plus ~4
+    per vocabulary entry per token (logits, softmax/log-softmax and their gradient).  An estimate for the
+    before-build check, not a measurement."""
+    hidden = max((m.embedding_dim for m in model.modules() if isinstance(m, nn.Embedding)), default=0)
+    layers = max((len(m) for m in model.modules() if isinstance(m, nn.ModuleList)), default=0)
+    vocab = int(getattr(model, "vocab_size", 0) or 0)
+    return int(rows) * int(seq_len) * (24 * hidden * layers + 4 * vocab) * 4
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def check_memory(need: int, device: Union[str, torch.device], what: str, detail: str = "") -> None:
+    """:class:`UserError` (one line naming the sizes) when ``need`` bytes exceed the free memory of ``device``.
+    ``DUO_SKIP_MEMORY_CHECK=1`` skips the check (e.g. when swap or unified memory make it too strict)."""
+    if os.environ.get("DUO_SKIP_MEMORY_CHECK", "").strip() not in ("", "0"):
+        return
+    avail = available_memory(device)
+    if avail is not None and need > avail:
+        raise UserError(f"{what} needs about {_gb(need)}{detail} but {torch.device(device).type} has "
+                        f"{_gb(avail)} available; use a smaller model or batch (or a machine with more memory; "
+                        "DUO_SKIP_MEMORY_CHECK=1 skips this check)")
+
+
+def check_training_memory(build, *, rows: int, seq_len: int, device: Any, what: str, ema: bool = True) -> None:
+    """Before building a model to train: parameters, gradients, two AdamW moments (and an EMA copy) plus
+    :func:`activation_bytes` of one micro-batch, against the free memory of ``device`` (:func:`check_memory`)."""
+    n_bytes, meta = estimate_model_bytes(build)
+    trainable = sum(p.numel() for p in meta.parameters() if p.requires_grad) * 4
+    states = n_bytes + 3 * trainable + (n_bytes if ema else 0)
+    act = activation_bytes(meta, rows, seq_len)
+    check_memory(states + act, device, what, f" ({_gb(n_bytes)} of parameters, {_gb(states - n_bytes)} of "
+                 f"gradients/optimizer/EMA state, ~{_gb(act)} of activations for {rows} x {seq_len} tokens)")
+
+
 def read_duo_config(path: Union[str, Path]) -> Dict[str, Any]:
     """Read and validate ``duo_config.json`` of a model directory."""
     p = Path(path)
@@ -229,16 +318,24 @@ def read_duo_config(path: Union[str, Path]) -> Dict[str, Any]:
         raise FileNotFoundError(f"{f} is missing: {p} is not a duo_plugin model directory (save it with "
                                 f"duo_plugin.models.save_pretrained)")
     try:
-        cfg = json.loads(f.read_text())
+        cfg = json.loads(f.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{f} is not valid JSON ({e}): the model directory is truncated or corrupt") from None
+        raise UserError(f"{f} is not valid JSON ({str(e).splitlines()[0]}): the model directory is truncated or "
+                        "corrupt") from None
     if not isinstance(cfg, dict):
         raise UserError(f"{f} must hold a JSON object")
+    check_folder_json(cfg, str(f), skip=("builder", "metadata"))
+    meta = cfg.get("metadata")
+    if meta is not None and not isinstance(meta, dict):
+        raise UserError(f"{f}: metadata must be a JSON object")
+    # metadata.tokenizer is a tokenizer descriptor: typed and allow-listed by check_descriptor whenever it is loaded
+    check_folder_json({k: v for k, v in (meta or {}).items() if k != "tokenizer"}, f"{f} (metadata)")
     for key in ("family", "builder", "builder_kwargs"):
         if key not in cfg:
-            raise ValueError(f"{f} lacks the required key {key!r}")
+            raise UserError(f"{f} lacks the required key {key!r}: not a duo model directory written by "
+                            "save_pretrained; re-save it")
     if cfg["family"] not in ("dit", "decoder"):
-        raise ValueError(f"{f}: unknown family {cfg['family']!r} (expected 'dit' or 'decoder')")
+        raise UserError(f"{f}: unknown family {cfg['family']!r} (expected 'dit' or 'decoder')")
     return cfg
 
 
@@ -247,7 +344,9 @@ def read_duo_config(path: Union[str, Path]) -> Dict[str, Any]:
 BUILDER_MODULES = ("duo_plugin.models.dit", "duo_plugin.models.builders", "duo_plugin.models")
 
 
-def _build(cfg: Dict[str, Any]) -> nn.Module:
+def _build(cfg: Dict[str, Any], where: Union[str, Path] = CONFIG_NAME, device: Any = "cpu") -> nn.Module:
+    """Call the (allow-listed) builder of ``cfg`` -- first on the meta device, so that a model too large for
+    ``device`` stops with one line naming the sizes instead of allocating (the weights are read once more)."""
     dotpath = cfg["builder"]
     module, _, name = str(dotpath).rpartition(".")
     if module not in BUILDER_MODULES or not name.isidentifier() or name.startswith("_"):
@@ -258,9 +357,17 @@ def _build(cfg: Dict[str, Any]) -> nn.Module:
         raise UserError(f"builder {dotpath!r} named in {CONFIG_NAME} not found")
     if not getattr(fn, "_duo_record_builder", False):
         raise UserError(f"refusing to call {dotpath!r} named in {CONFIG_NAME}: not a duo model builder")
-    if not isinstance(cfg["builder_kwargs"], dict):
-        raise UserError(f"{CONFIG_NAME}: builder_kwargs must be a JSON object")
-    return fn(**cfg["builder_kwargs"])
+    kwargs = cfg["builder_kwargs"]
+    if not isinstance(kwargs, dict):
+        raise UserError(f"{where}: builder_kwargs must be a JSON object")
+    try:
+        n_bytes, _ = estimate_model_bytes(lambda: fn(**kwargs))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where}: builder_kwargs do not fit {dotpath} ({type(e).__name__}: {e}); the model "
+                        "directory is corrupt or from another version: re-save it") from None
+    check_memory(2 * n_bytes, device, f"loading {Path(str(where)).parent}",
+                 f" ({_gb(n_bytes)} of parameters, x2 while the weights are read)")
+    return fn(**kwargs)
 
 
 def _read_weights(where: Path, read):
@@ -287,7 +394,7 @@ def load_pretrained(path: Union[str, Path], *, weights: str = "ema", device: Uni
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     p = Path(path)
     cfg = read_duo_config(p)
-    model = _build(cfg)
+    model = _build(cfg, p / CONFIG_NAME, device)
     if cfg.get("vocab_size") is not None and int(cfg["vocab_size"]) != model.vocab_size:
         raise ValueError(f"{p}: duo_config vocab_size={cfg['vocab_size']} but the builder made K={model.vocab_size}")
     if cfg["family"] == "dit":

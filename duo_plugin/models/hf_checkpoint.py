@@ -38,7 +38,19 @@ def hf_weight_files(checkpoint_dir: Union[str, Path]) -> List[str]:
     d = Path(checkpoint_dir)
     index = d / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        from duo_plugin.errors import UserError
+        from duo_plugin.untrusted import check_folder_json
+
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+            files = sorted(set(data["weight_map"].values()))
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index} is not a valid HF index ({type(e).__name__}: {e}); re-copy the "
+                            "checkpoint") from None
+        check_folder_json(data, str(index))
+        bad = [f for f in files if not isinstance(f, str) or Path(f).name != f or f in ("", ".", "..")]
+        if bad:  # data of the folder: shard names stay inside it
+            raise UserError(f"{index}: weight_map names files outside the checkpoint folder ({bad[:3]}); refusing")
     else:
         files = sorted(p.name for p in d.glob("*.safetensors") if p.name != EXTRA_FILE)
         if not files:
@@ -73,6 +85,15 @@ def load_hf_checkpoint(model: DecoderDenoiser, checkpoint_dir: Union[str, Path],
     d = Path(checkpoint_dir)
     if not (d / "config.json").exists():
         raise FileNotFoundError(f"{d / 'config.json'} is missing: FullModelHFCheckpointer needs the HF config")
+    from duo_plugin.errors import UserError
+    from duo_plugin.untrusted import check_folder_json
+
+    try:
+        check_folder_json(json.loads((d / "config.json").read_text(encoding="utf-8")), str(d / "config.json"))
+    except (ValueError, UnicodeDecodeError) as e:  # the folder's config is data: no code names, valid JSON
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"{d / 'config.json'} is not valid JSON ({e}); re-copy the checkpoint") from None
     model_type = model_type or getattr(model, "hf_model_type", None)
     if model_type is None:
         raise ValueError("pass model_type= (e.g. 'LLAMA3_2', 'QWEN2'); the model has no hf_model_type")

@@ -23,7 +23,7 @@ from torchtune import config as tt_config
 from torchtune import training as tt_training
 from torchtune import utils as tt_utils
 
-__all__ = ["RecipeBase", "build_data"]
+__all__ = ["RecipeBase", "build_data", "instantiate", "warn_suspicious_lr", "SUSPICIOUS_LR"]
 
 log = tt_utils.get_logger("INFO")
 
@@ -59,6 +59,33 @@ def pad_mode_of(cfg) -> str:
     return mode
 
 
+#: ``optimizer.lr`` above this is legal but almost certainly a mistake (AdamW LMs train at ~1e-5..1e-2)
+SUSPICIOUS_LR = 1.0
+
+
+def warn_suspicious_lr(cfg) -> None:
+    """WARNING (not an error: the value is legal) for ``optimizer.lr`` > :data:`SUSPICIOUS_LR`."""
+    lr = OmegaConf.select(cfg, "optimizer.lr", default=None)
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > SUSPICIOUS_LR:
+        log.warning("WARNING: optimizer.lr=%g is far above the usual range (1e-5 .. 1e-2 for AdamW); the loss will "
+                    "likely explode: lower optimizer.lr (e.g. 3e-4) unless this is deliberate", lr)
+
+
+def instantiate(section: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any:
+    """``torchtune.config.instantiate`` of the config section ``key`` (model / optimizer / metric_logger): a dotted
+    path that does not load or an argument the component does not take is a :class:`ConfigError` naming the key."""
+    try:
+        return tt_config.instantiate(section, *args, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}; fix the {key}.* keys (they are the arguments of "
+                          f"{key}._component_={section.get('_component_')})") from None
+    except Exception as e:
+        if type(e).__name__ != "InstantiationError":
+            raise
+        raise ConfigError(f"{key}._component_={section.get('_component_')!r} cannot be loaded "
+                          f"({' '.join(str(e).split())[:200]}); set it to an importable dotted path") from None
+
+
 class RecipeBase:
     """Run state and the steps both training recipes take the same way."""
 
@@ -66,6 +93,9 @@ class RecipeBase:
 
     def _open_run(self, cfg: DictConfig) -> None:
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        from duo_plugin.runtime import check_device
+
+        check_device(cfg.device)  # cuda without CUDA, unknown names: an error naming `device`, never a silent CPU run
         self.device = tt_utils.get_device(cfg.device)
         if self.distributed and not is_dist():
             dist.init_process_group(backend=tt_training.get_distributed_backend(self.device.type))
@@ -94,17 +124,51 @@ class RecipeBase:
             # the config's own inputs inside output_dir (e.g. ${output_dir}/tokenizer) are not an earlier run
             inputs = ((cfg.get("tokenizer") or {}).get("path"), (cfg.get("data") or {}).get("cache_dir"))
             overwrite = bool(cfg.get("overwrite", False))
-            self.resume_from = run_dir.check_output_dir(self.output_dir, cfg.resume, overwrite, inputs)
-            if self.is_rank_zero:
-                run_dir.prepare_output_dir(self.output_dir, cfg.resume, overwrite, inputs)
-                self._run_lock = run_dir.RunDirLock(self.output_dir).acquire()
+            if self.is_rank_zero:  # the lock first: nothing in output_dir changes while another run holds it
+                self.resume_from, self._run_lock = run_dir.open_output_dir(self.output_dir, cfg.resume, overwrite,
+                                                                           inputs)
+            self._barrier()
+            if not self.is_rank_zero:  # read-only, after rank 0 prepared the directory
+                self.resume_from = run_dir.check_output_dir(self.output_dir, cfg.resume, True, inputs)
         elif self.is_rank_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self._barrier()
-        self.metric_logger = tt_config.instantiate(cfg.metric_logger) if (self.is_rank_zero and cfg.get(
+        self._log_files_before = self._log_files()
+        self.metric_logger = instantiate(cfg.metric_logger, "metric_logger") if (self.is_rank_zero and cfg.get(
             "metric_logger")) else None
         if self.metric_logger is not None:
             self.metric_logger.log_config(cfg)
+        self._record_log_files()
+
+    def _log_dir(self) -> Path | None:
+        d = OmegaConf.select(self.cfg, "metric_logger.log_dir", default=None) if self.cfg.get("metric_logger") else None
+        return Path(str(d)) if d else None
+
+    def _log_files(self) -> set:
+        d = self._log_dir()
+        return {p for p in d.rglob("*") if p.is_file()} if self.is_rank_zero and d is not None and d.is_dir() else set()
+
+    def _record_log_files(self) -> None:
+        """Put the files the metric logger created inside ``output_dir`` into the run's manifest (what
+        ``overwrite=true`` may remove later; a user's own files in the log folder are never listed)."""
+        if not (self.is_rank_zero and getattr(self, "_run_lock", None) is not None):
+            return
+        from duo_plugin.training import run_dir
+
+        out = self.output_dir.resolve()
+        new = []
+        written = self._log_files() - getattr(self, "_log_files_before", set())
+        if (self.output_dir / "torchtune_config.yaml").is_file():  # the metric logger's log_config writes it
+            written.add(self.output_dir / "torchtune_config.yaml")
+        for f in written:
+            try:
+                rel = f.resolve().relative_to(out).as_posix()
+            except ValueError:
+                continue  # a log folder outside output_dir is not the run's to remove
+            if rel.split("/", 1)[0] in run_dir.RUN_ARTIFACTS:
+                new.append(rel)
+        if new:
+            run_dir.record_outputs(self.output_dir, sorted(new))
 
     def _check_batch_split(self, global_batch_size: int) -> None:
         if global_batch_size % (self.world_size * self.accum) != 0:
@@ -144,8 +208,8 @@ class RecipeBase:
     # ------------------------------------------------------------------------------------------ optimizer
     def _setup_optimizer(self) -> None:
         # frozen parameters (LoRA base weights) are not handed to the optimizer
-        self.optimizer = tt_config.instantiate(self.cfg.optimizer,
-                                               [p for p in self.model.parameters() if p.requires_grad])
+        self.optimizer = instantiate(self.cfg.optimizer, "optimizer",
+                                     [p for p in self.model.parameters() if p.requires_grad])
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
 
     def _set_lr(self, step: int) -> float:
@@ -237,6 +301,18 @@ class RecipeBase:
             return None
         return loop.publish_final(self.output_dir, checkpoint)
 
+    def _write_summary(self, summary: dict) -> Path:
+        """``output_dir/summary.json`` (atomic; recorded in the run's manifest)."""
+        import json
+
+        from duo_plugin._io import atomic_write_text
+        from duo_plugin.training import run_dir
+
+        path = self.output_dir / "summary.json"
+        atomic_write_text(path, json.dumps(summary, indent=2))
+        run_dir.record_outputs(self.output_dir, ["summary.json"])
+        return path
+
     # ------------------------------------------------------------------------------------------ logging
     def _progress_bar(self, desc: str):
         """Training progress with an ETA (rank 0, ``progress_bar: true``): a tqdm bar on a terminal, else a line
@@ -256,5 +332,6 @@ class RecipeBase:
         # setup may have failed before these were set: never hide the real error behind an AttributeError
         if getattr(self, "metric_logger", None) is not None:
             self.metric_logger.close()
+            self._record_log_files()
         if getattr(self, "_run_lock", None) is not None:
             self._run_lock.release()

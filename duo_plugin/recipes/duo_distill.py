@@ -136,9 +136,13 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         if bad:
             raise ConfigError(bad[0])
     merged = OmegaConf.merge(OmegaConf.create(DEFAULTS), cfg)
-    from duo_plugin.training.config_values import DISTILL_TYPES, coerce_config
+    from duo_plugin.training.config_values import DISTILL_TYPES, check_data_source, coerce_config
 
     coerce_config(merged, DISTILL_TYPES)  # a wrong type names the key
+    check_data_source(merged)  # data.files with data.source=shakespeare would be ignored: name both keys
+    from duo_plugin.recipes.common import warn_suspicious_lr
+
+    warn_suspicious_lr(merged)
     if not merged.get("init_from"):
         raise ConfigError("init_from is required: the duo model directory to distil (e.g. the 'final' dir that "
                           "`tune run duo_pretrain --config duo/tiny_cpu` writes: outputs/demo/final)")
@@ -499,7 +503,7 @@ class DuoDistillRecipe(RecipeBase):
                    "model_dir": str(final_dir) if final_dir else None,
                    "quality_table": str(self.output_dir / "quality_table.md") if self.quality_rows else None}
         if self.is_rank_zero:
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            self._write_summary(summary)
             print(f"duo_distill: done: {self.step} steps; student model dir: {final_dir}; table: "
                   f"{summary['quality_table']}", flush=True)
         return summary
@@ -525,6 +529,9 @@ def run(cfg: DictConfig) -> dict:
 def recipe_main(cfg: DictConfig) -> None:
     """Distil a Duo model with DCD. Config keys: see duo_plugin/configs/duo/distill_tiny_cpu.yaml."""
     from duo_plugin.errors import user_errors
+    from duo_plugin.runtime import drop_cwd_from_sys_path
+
+    drop_cwd_from_sys_path()  # `tune run` / `python -m` put the working directory (maybe a model folder) on sys.path
 
     try:
         with user_errors("duo_distill"):  # a user error: one line, exit 2 (DUO_DEBUG=1: traceback)

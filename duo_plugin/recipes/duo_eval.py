@@ -67,6 +67,11 @@ def validate_config(cfg: DictConfig) -> None:
     for req in ("checkpoint", "output_dir", "dataset", "mc_passes", "seed", "batch_size"):
         if cfg.get(req) is None:
             raise ConfigError(f"config key '{req}' is required (see duo_plugin/configs/duo/eval_ppl.yaml)")
+    from duo_plugin.training.config_values import EVAL_TYPES, coerce_config
+
+    coerce_config(cfg, EVAL_TYPES)  # block_size=0 / max_blocks=0 (not "default"/"all"), batch_size=abc: name the key
+    if cfg.get("dtype") not in (None, "fp32", "bf16"):
+        raise ConfigError(f"dtype must be fp32 or bf16 (bf16 autocast on CUDA only), got {cfg.get('dtype')!r}")
 
 
 def _list(x) -> list:
@@ -231,6 +236,9 @@ def run(cfg: DictConfig) -> dict:
 @tt_config.parse
 def recipe_main(cfg: DictConfig) -> None:
     from duo_plugin.errors import user_errors
+    from duo_plugin.runtime import drop_cwd_from_sys_path
+
+    drop_cwd_from_sys_path()  # `tune run` / `python -m` put the working directory (maybe a model folder) on sys.path
 
     with user_errors("duo_eval"):  # a user error: one line, exit 2 (DUO_DEBUG=1: traceback)
         run(cfg)

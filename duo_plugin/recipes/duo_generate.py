@@ -59,6 +59,11 @@ def validate_config(cfg: DictConfig) -> None:
     for req in ("checkpoint", "output_dir", "steps", "num_samples"):
         if cfg.get(req) is None:
             raise ConfigError(f"config key '{req}' is required (see duo_plugin/configs/duo/generate.yaml)")
+    from duo_plugin.training.config_values import GENERATE_TYPES, coerce_config
+
+    coerce_config(cfg, GENERATE_TYPES)  # add_bos=maybe, batch_size=abc: errors naming the key (strict booleans)
+    if cfg.get("dtype") not in (None, "fp32", "bf16"):
+        raise ConfigError(f"dtype must be fp32 or bf16 (bf16 autocast on CUDA only), got {cfg.get('dtype')!r}")
     sampling_params(cfg)  # top_p / temperature / steps / counts: wrong values are errors naming the key
 
 
@@ -111,6 +116,9 @@ def check_infill_markers(template: str) -> None:
 
 def open_run(cfg: DictConfig):
     """Common start of the generation/evaluation recipes: ``(device, output_dir (created), model, tokenizer)``."""
+    from duo_plugin.runtime import check_device
+
+    check_device(cfg.get("device") or "cpu")  # cuda without CUDA: an error, never a silent CPU run
     device = tt_utils.get_device(str(cfg.get("device") or "cpu"))
     out_dir = Path(str(cfg.output_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -136,7 +144,7 @@ def load_model_and_tokenizer(checkpoint: str, weights: str, tokenizer_path: Opti
     elif (ckpt / "tokenizer").exists():
         tok = load_tokenizer(ckpt / "tokenizer")
     elif isinstance(getattr(model, "duo_metadata", {}).get("tokenizer"), dict):
-        tok = load_tokenizer(model.duo_metadata["tokenizer"])
+        tok = load_tokenizer(model.duo_metadata["tokenizer"], base=ckpt)  # files inside the folder only
     else:
         raise FileNotFoundError(f"no tokenizer for {ckpt}: set tokenizer=<path> (dir, .model or tokenizer.json)")
     if int(tok.vocab_size) > int(model.vocab_size):
@@ -357,6 +365,9 @@ def run(cfg: DictConfig) -> dict:
 @tt_config.parse
 def recipe_main(cfg: DictConfig) -> None:
     from duo_plugin.errors import user_errors
+    from duo_plugin.runtime import drop_cwd_from_sys_path
+
+    drop_cwd_from_sys_path()  # `tune run` / `python -m` put the working directory (maybe a model folder) on sys.path
 
     with user_errors("duo_generate"):  # a user error: one line, exit 2 (DUO_DEBUG=1: traceback)
         run(cfg)

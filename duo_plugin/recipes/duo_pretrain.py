@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from duo_plugin.objectives import ar_token_nll, objective_from_config  # noqa: F401  (ar_token_nll: re-export)
 from duo_plugin.objectives.config import PRETRAIN_KEYS, legacy_conflicts
-from duo_plugin.recipes.common import RecipeBase, log
+from duo_plugin.recipes.common import RecipeBase, instantiate, log
 from duo_plugin.training import loop
 from duo_plugin.training.recipe_utils import (ANY, COMPONENT, ConfigError, all_ranks_agree, check_keys,  # noqa: F401
                                              is_dist, lr_multiplier, masked_token_sum)
@@ -174,9 +174,10 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         if bad:
             raise ConfigError(bad[0])
     merged = OmegaConf.merge(OmegaConf.create(DEFAULTS), cfg)
-    from duo_plugin.training.config_values import PRETRAIN_TYPES, coerce_config
+    from duo_plugin.training.config_values import PRETRAIN_TYPES, check_data_source, coerce_config
 
     coerce_config(merged, PRETRAIN_TYPES)  # max_steps=abc, optimizer.lr=fast, global_batch_size=31.9: name the key
+    check_data_source(merged)  # data.files with data.source=shakespeare would be ignored: name both keys
     for req in ("output_dir", "tokenizer", "data", "model", "global_batch_size", "max_steps", "optimizer"):
         if OmegaConf.select(merged, req) is None:
             raise ConfigError(f"config key '{req}' is required (see duo_plugin/configs/duo/tiny_cpu.yaml)")
@@ -188,6 +189,9 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"max_steps must be >= 0, got {merged.max_steps}")
     if merged.lr_scheduler.name not in ("constant_with_warmup", "cosine"):
         raise ConfigError(f"lr_scheduler.name must be constant_with_warmup or cosine, got {merged.lr_scheduler.name!r}")
+    if merged.init_weights not in ("ema", "model"):
+        raise ConfigError(f"init_weights must be 'ema' or 'model' (which weights of init_from), got "
+                          f"{merged.init_weights!r}")
     if merged.adapt.trainable not in ("auto", "all", "lora"):
         raise ConfigError(f"adapt.trainable must be auto, all or lora, got {merged.adapt.trainable!r}")
     from duo_plugin.runtime import choose_cpu_threads
@@ -198,9 +202,10 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(str(e)) from None
     if merged.resume not in (False, True, "auto") and not isinstance(merged.resume, str):
         raise ConfigError("resume must be false, true/'auto' (latest checkpoint in output_dir) or a checkpoint dir")
-    from duo_plugin.recipes.common import pad_mode_of
+    from duo_plugin.recipes.common import pad_mode_of, warn_suspicious_lr
 
     pad_mode_of(merged)
+    warn_suspicious_lr(merged)
     build_objective(merged)  # the objective's own checks (curriculum / kernels / adapt values), naming the key
     return merged
 
@@ -293,7 +298,7 @@ class DuoPretrainRecipe(RecipeBase):
                 extra[key] = value
         if getattr(self.objective, "causal", False) and "causal" not in mcfg:
             extra["causal"] = True
-        return tt_config.instantiate(mcfg, **extra)
+        return instantiate(mcfg, "model", **extra)
 
     def _setup_model(self) -> None:
         from duo_plugin.data.tokenizers import check_vocab
@@ -305,6 +310,7 @@ class DuoPretrainRecipe(RecipeBase):
         if init_from:
             model = self._load_init_from(Path(str(init_from)))
         else:
+            self._check_memory(lambda: self._build_model(int(self.tokenizer.vocab_size)), "model.*")
             model = self._build_model(int(self.tokenizer.vocab_size))
             init = getattr(model, "init_weights", None)  # from-scratch init, for backbones that define one
             if callable(init):
@@ -355,6 +361,22 @@ class DuoPretrainRecipe(RecipeBase):
         if self.is_rank_zero:
             log.info("model: %s, K=%d (K_eff=%d), params=%.2fM", type(model).__name__, k, self.k_eff, n / 1e6)
 
+    def _check_memory(self, build, what: str) -> None:
+        """Parameter, optimizer and activation memory of the model ``build()`` makes, from its config (built on the
+        meta device) against the device's free memory: one line naming the sizes instead of an allocation failure."""
+        from duo_plugin.errors import UserError
+        from duo_plugin.models.checkpoint import check_training_memory
+
+        rows = max(1, self.global_batch_size // (self.world_size * self.accum))
+        try:
+            check_training_memory(build, rows=rows, seq_len=self.seq_len, device=self.device,
+                                  what=f"training the model of {what}", ema=bool((self.cfg.ema or {}).get("decay")))
+        except UserError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"cannot build the model of {what} ({type(e).__name__}: {e}); check the model.* keys "
+                              "against the builder's arguments") from None
+
     def _set_trainable(self, model: torch.nn.Module) -> None:
         """``adapt.trainable``: auto = LoRA-only for LoRA models (+ adaLN), else all; lora; all. Logs the
         vocabulary report (docs/llm-adaptation.md)."""
@@ -401,7 +423,11 @@ class DuoPretrainRecipe(RecipeBase):
             # The architecture comes from the checkpoint's config.json (the embedding size too, e.g. Qwen's padded
             # 151,936 rows vs ~151,665 tokenizer ids; padded rows are excluded by valid_vocab); model.* keys in the
             # config override it (and are logged).
-            hf_cfg = json.loads((src / "config.json").read_text())
+            from duo_plugin.models.checkpoint import read_folder_json
+
+            hf_cfg = read_folder_json(src / "config.json", what=f"init_from={src}")  # data: nothing names code
+            if not isinstance(hf_cfg, dict):
+                raise ConfigError(f"{src / 'config.json'} must hold a JSON object (an HF model config)")
             hf_vocab = hf_cfg.get("vocab_size")
             self.hf_arch = architecture_from_hf_config(hf_cfg, component=self.cfg.model.get("_component_"),
                                                        where=str(src / "config.json"))
@@ -409,6 +435,8 @@ class DuoPretrainRecipe(RecipeBase):
                 user = {k: self.cfg.model[k] for k in self.hf_arch if self.cfg.model.get(k) is not None}
                 log.info("model architecture from %s: %s%s", src / "config.json", self.hf_arch,
                          f"; overridden by model.*: {user}" if user else "")
+            self._check_memory(lambda: self._build_model(int(hf_vocab or self.tokenizer.vocab_size)),
+                               str(src / "config.json"))
             model = self._build_model(int(hf_vocab or self.tokenizer.vocab_size))
             return load_hf_checkpoint(model, src)
         raise FileNotFoundError(f"init_from={src} holds neither duo_config.json (a duo model dir) nor config.json "
@@ -551,6 +579,24 @@ class DuoPretrainRecipe(RecipeBase):
         if self.is_rank_zero:
             log.info("resumed from %s at step %d (phase %s)", ckpt, self.step, self.phase(self.step))
 
+    #: the first steps watched for an exploding loss; the rise over the first step's loss, sustained for RUN steps
+    EXPLODE_WINDOW, EXPLODE_FACTOR, EXPLODE_RUN = 50, 1.3, 5
+
+    def _warn_if_loss_explodes(self) -> None:
+        """A learning rate far too high (``optimizer.lr=1e6``) can train a dead model with finite losses: warn once
+        when, within the first :data:`EXPLODE_WINDOW` steps, :data:`EXPLODE_RUN` consecutive losses all exceed
+        ``EXPLODE_FACTOR`` x the first step's loss (same objective phase; single noisy steps do not count).  A
+        warning, not an error: the input is legal."""
+        n, k = len(self.losses), self.EXPLODE_RUN
+        if getattr(self, "_explode_warned", False) or n <= k or n > self.EXPLODE_WINDOW or not self.is_rank_zero:
+            return
+        first, recent = self.losses[0], self.losses[-k:]
+        if set(self.phases[-k:]) == {self.phases[0]} and min(recent) > self.EXPLODE_FACTOR * first > 0:
+            self._explode_warned = True
+            log.warning("WARNING: the loss rose from %.4g at step 1 to %.4g at step %d and stays there: "
+                        "optimizer.lr=%s is likely far too high (the model is diverging); lower optimizer.lr (e.g. "
+                        "3e-4) or raise lr_scheduler.warmup_steps", first, recent[-1], n, self.cfg.optimizer.get("lr"))
+
     # ------------------------------------------------------------------------------------------------ loop
     def train(self) -> dict:
         cfg = self.cfg
@@ -570,13 +616,14 @@ class DuoPretrainRecipe(RecipeBase):
             self.step = step + 1
             self.losses.append(m["loss"])
             self.phases.append(m["phase"])
+            self._warn_if_loss_explodes()
             metrics = {"loss": m["loss"], "lr": m["lr"], "tokens_per_second": m["tokens"] / max(dt, 1e-9),
                        "curriculum": 1.0 if m["phase"] == "curriculum" else 0.0}
             if m["grad_norm"] is not None:
                 metrics["grad_norm"] = m["grad_norm"]
             if eval_every > 0 and (self.step % eval_every == 0 or self.step == self.max_steps):
-                metrics.update(self.evaluate())
-                val_ppl = metrics["val_ppl"]
+                metrics.update(self.evaluate())  # {} without a held-out split (data.val_fraction: 0)
+                val_ppl = metrics.get("val_ppl", val_ppl)
             if self.step % int(cfg.log_every) == 0 or "val_ppl" in metrics:
                 self._log(metrics, self.step)
             if pbar is not None:
@@ -607,7 +654,7 @@ class DuoPretrainRecipe(RecipeBase):
             "losses": self.losses, "phases": self.phases,
         }
         if self.is_rank_zero:
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            self._write_summary(summary)
             print(f"duo_pretrain: done: {self.step} steps; final model dir: {final_dir}; summary: "
                   f"{self.output_dir / 'summary.json'}", flush=True)
         return summary
@@ -627,6 +674,9 @@ def run(cfg: DictConfig) -> dict:
 def recipe_main(cfg: DictConfig) -> None:
     """Train a Duo diffusion LM. Config keys: see duo_plugin/configs/duo/tiny_cpu.yaml."""
     from duo_plugin.errors import user_errors
+    from duo_plugin.runtime import drop_cwd_from_sys_path
+
+    drop_cwd_from_sys_path()  # `tune run` / `python -m` put the working directory (maybe a model folder) on sys.path
 
     try:
         with user_errors("duo_pretrain"):  # a user error: one line, exit 2 (DUO_DEBUG=1: traceback)

@@ -4,16 +4,21 @@ Layout::
 
     out_dir/checkpoints/step_00000500/   (whatever the writer put there)
     out_dir/checkpoints/latest           (text file: "step_00000500")
-    out_dir/checkpoints/.tmp-step_...    (only while writing, or after a crash; ignored and cleaned)
+    out_dir/checkpoints/.tmp-step_...    (only while writing or pruning, or after a crash; ignored, and removed by
+                                          clean_tmp, which the run calls holding the output_dir lock)
 
 A step directory appears only after the writer returned and its files were fsynced (rename is atomic on POSIX),
 and ``latest`` is replaced atomically afterwards, so a crash at any point leaves the previous checkpoint intact.
+Pruning renames a step directory to a ``.tmp-`` name before deleting it, so a crash mid-delete never leaves a
+half-deleted directory under a valid ``step_*`` name.  A ``latest`` pointer holding anything but the name of an
+existing step directory (binary garbage included) is ignored with a WARNING: the highest step directory is used.
 In multi-process training, call these from rank 0 only (after a barrier if other ranks write shards into
 ``tmp_path`` from the writer).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -32,6 +37,8 @@ __all__ = [
     "save_step_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",
+    "clean_tmp",
+    "is_checkpoint_entry",
     "save_training_state",
     "load_training_state",
     "capture_rng_state",
@@ -89,6 +96,7 @@ def check_finite(state: Mapping[str, Any], source: str | os.PathLike) -> None:
 
 
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
+_WARNED_LATEST: set = set()
 _TMP_PREFIX = ".tmp-"
 _LATEST = "latest"
 
@@ -117,15 +125,33 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
     return sorted(dirs, key=checkpoint_step)
 
 
-def _clean_tmp(root: Path) -> None:
+def is_checkpoint_entry(name: str) -> bool:
+    """A name the checkpoint writer creates under ``checkpoints/`` (``step_*``, ``latest``, ``.tmp-*``)."""
+    return bool(_STEP_RE.match(name)) or name == _LATEST or name.startswith(_TMP_PREFIX)
+
+
+def clean_tmp(out_dir: str | os.PathLike) -> None:
+    """Remove ``checkpoints/.tmp-*`` leftovers of a crashed save or prune.  Only while holding the run lock of
+    ``out_dir`` (:mod:`duo_plugin.training.run_dir`): in a live run they are its checkpoint being written."""
+    root = Path(out_dir) / "checkpoints"
     if not root.is_dir():
         return
     for p in root.iterdir():
         if p.name.startswith(_TMP_PREFIX):
-            if p.is_dir():
+            if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
+
+
+def _prune(path: Path) -> None:
+    """Delete a step directory crash-safely: rename it to a ``.tmp-`` name (atomic), then delete that."""
+    doomed = path.with_name(f"{_TMP_PREFIX}pruned-{path.name}")
+    try:
+        os.replace(path, doomed)
+    except OSError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def save_step_checkpoint(
@@ -149,30 +175,44 @@ def save_step_checkpoint(
     with atomic_dir(final, prefix=f"{_TMP_PREFIX}{name}.", fsync=True) as tmp:
         writer(tmp)
     atomic_write_text(root / _LATEST, name + "\n", prefix=f"{_TMP_PREFIX}{_LATEST}.", fsync_dir=True)
+    from duo_plugin.training.run_dir import record_outputs
+
+    record_outputs(out_dir, [f"checkpoints/{name}", f"checkpoints/{_LATEST}"])  # what overwrite=true may remove
     if keep_last is not None and int(keep_last) > 0:
         done = list_checkpoints(out_dir)
         for p in done[: max(0, len(done) - int(keep_last))]:
             if p != final:
-                shutil.rmtree(p, ignore_errors=True)
+                _prune(p)
     return final
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The newest completed checkpoint directory, or None. Removes ``.tmp-*`` leftovers of a crashed save.
+    """The newest completed checkpoint directory, or None.  Read-only (``.tmp-*`` leftovers are ignored; see
+    :func:`clean_tmp`).
 
-    Uses the ``latest`` pointer when it names an existing directory, else the highest ``step_*`` directory.
+    Uses the ``latest`` pointer when it names an existing directory, else the highest ``step_*`` directory; a
+    pointer with other content (truncated, binary garbage, a name that does not exist) is reported with a WARNING.
     """
     root = Path(out_dir) / "checkpoints"
     if not root.is_dir():
         return None
-    _clean_tmp(root)
     ptr = root / _LATEST
-    if ptr.is_file():
-        name = ptr.read_text().strip()
-        cand = root / name
-        if _STEP_RE.match(name) and cand.is_dir():
-            return cand
     done = list_checkpoints(out_dir)
+    if ptr.is_file() or ptr.is_symlink():
+        try:
+            raw = ptr.read_bytes()[:256]
+        except OSError:
+            raw = b""
+        name = raw.decode("utf-8", errors="replace").strip()
+        cand = root / name
+        if _STEP_RE.match(name) and cand.is_dir() and not cand.is_symlink():
+            return cand
+        key = (str(ptr), raw)
+        if key not in _WARNED_LATEST:  # once per pointer content (run_dir checks the directory more than once)
+            _WARNED_LATEST.add(key)
+            logging.getLogger(__name__).warning(
+                "%s does not name a checkpoint (%r); using the highest step directory instead: %s", ptr, raw[:40],
+                done[-1].name if done else "none")
     return done[-1] if done else None
 
 

@@ -14,7 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from duo_plugin.training.recipe_utils import ConfigError
 
-__all__ = ["INT", "FLOAT", "BOOL", "read_int", "read_float", "read_bool", "coerce_config"]
+__all__ = ["INT", "FLOAT", "BOOL", "read_int", "read_float", "read_bool", "coerce_config", "check_data_source",
+           "COMMON_TYPES", "PRETRAIN_TYPES", "DISTILL_TYPES", "GENERATE_TYPES", "EVAL_TYPES"]
 
 INT, FLOAT, BOOL = "int", "float", "bool"
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
@@ -41,7 +42,8 @@ def read_int(key: str, value: Any, *, minimum: int | None = None) -> int:
     return out
 
 
-def read_float(key: str, value: Any, *, minimum: float | None = None, positive: bool = False) -> float:
+def read_float(key: str, value: Any, *, minimum: float | None = None, positive: bool = False,
+               maximum: float | None = None, below: float | None = None) -> float:
     """``value`` as a finite float (ints, floats, numeric strings such as ``"3e-4"``); anything else names ``key``."""
     out = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -57,6 +59,10 @@ def read_float(key: str, value: Any, *, minimum: float | None = None, positive: 
         raise ConfigError(f"config key '{key}' must be > 0, got {out}")
     if minimum is not None and out < minimum:
         raise ConfigError(f"config key '{key}' must be >= {minimum}, got {out}")
+    if maximum is not None and out > maximum:
+        raise ConfigError(f"config key '{key}' must be <= {maximum}, got {out}")
+    if below is not None and not out < below:
+        raise ConfigError(f"config key '{key}' must be < {below}, got {out}")
     return out
 
 
@@ -88,14 +94,30 @@ def coerce_config(cfg: DictConfig, spec: Mapping[str, tuple]) -> None:
             OmegaConf.update(cfg, key, new, merge=False)
 
 
+def check_data_source(cfg: DictConfig, key: str = "data", default_source: str = "files") -> None:
+    """``<key>.files`` / ``<key>.hub`` given while ``<key>.source`` reads another source would be silently ignored
+    (e.g. ``data.files=[...]`` on a config whose ``data.source`` is the built-in corpus): a :class:`ConfigError`
+    naming both keys."""
+    section = OmegaConf.select(cfg, key, default=None)
+    if section is None or not isinstance(section, (DictConfig, dict)):
+        return
+    source = section.get("source") or default_source
+    for field, wants in (("files", "files"), ("hub", "hub")):
+        if section.get(field) and str(source) != wants:
+            raise ConfigError(f"{key}.{field} is set but {key}.source={source} ignores it; set {key}.source={wants} "
+                              f"to read {key}.{field} (or remove {key}.{field})")
+
+
 def _i(minimum: int | None = None) -> tuple:
     return (INT, {} if minimum is None else {"minimum": minimum})
 
 
-def _f(minimum: float | None = None, positive: bool = False) -> tuple:
+def _f(minimum: float | None = None, positive: bool = False, maximum: float | None = None,
+       below: float | None = None) -> tuple:
     opts: dict = {"positive": True} if positive else {}
-    if minimum is not None:
-        opts["minimum"] = minimum
+    for name, v in (("minimum", minimum), ("maximum", maximum), ("below", below)):
+        if v is not None:
+            opts[name] = v
     return (FLOAT, opts)
 
 
@@ -105,8 +127,8 @@ _B = (BOOL, {})
 COMMON_TYPES: dict[str, tuple] = {
     "seed": _i(0), "global_batch_size": _i(1), "gradient_accumulation_steps": _i(1), "max_steps": _i(0),
     "optimizer.lr": _f(positive=True), "optimizer.weight_decay": _f(0.0), "optimizer.eps": _f(positive=True),
-    "lr_scheduler.warmup_steps": _i(0), "clip_grad_norm": _f(positive=True), "ema.decay": _f(0.0),
-    "data.seq_len": _i(1), "data.val_fraction": _f(0.0), "data.val_docs": _i(0),
+    "lr_scheduler.warmup_steps": _i(0), "clip_grad_norm": _f(positive=True), "ema.decay": _f(0.0, maximum=1.0),
+    "data.seq_len": _i(1), "data.val_fraction": _f(0.0, below=1.0), "data.val_docs": _i(0),
     "checkpoint.every": _i(0), "checkpoint.keep_last": _i(0), "log_every": _i(1), "max_wall_s": _f(0.0),
     "compile": _B, "progress_bar": _B, "overwrite": _B,
 }
@@ -125,4 +147,17 @@ DISTILL_TYPES: dict[str, tuple] = {
     **COMMON_TYPES, "distill.rounds": _i(1), "distill.steps_per_round": _i(1), "distill.delta0": _f(positive=True),
     "distill.growth": _f(positive=True), "distill.t_min": _f(0.0), "distill.table_points": _i(2),
     "eval.num_samples": _i(1), "eval.batch_size": _i(1), "eval.seq_len": _i(1), "eval.seed": _i(0),
+}
+
+#: duo_generate's typed keys (booleans strict: ``add_bos=maybe`` is an error, not "true").
+GENERATE_TYPES: dict[str, tuple] = {
+    "seed": _i(0), "num_samples": _i(1), "batch_size": _i(1), "seq_len": _i(1), "steps": _i(1), "add_bos": _B,
+    "variable_length": _B, "progress_bar": _B, "blocks.n_blocks": _i(0), "blocks.block_len": _i(1),
+}
+
+#: duo_eval's typed keys (``block_size=0`` / ``max_blocks=0`` are errors: leave the key unset for the default / all).
+EVAL_TYPES: dict[str, tuple] = {
+    "seed": _i(0), "block_size": _i(3), "mc_passes": _i(1), "batch_size": _i(1), "max_blocks": _i(1),
+    "t_min": _f(0.0), "alpha_eps": _f(positive=True), "progress_bar": _B, "dataset.val_fraction": _f(0.0, below=1.0),
+    "dataset.max_docs": _i(1),
 }

@@ -128,5 +128,25 @@ def resolve_resume(output_dir: Path, resume) -> Path | None:
 
 
 def publish_final(output_dir: Path, checkpoint: Path) -> Path:
-    """Atomically copy ``checkpoint/model`` to ``output_dir/final`` (the run's published model dir)."""
-    return publish_copy(Path(checkpoint) / "model", Path(output_dir) / "final")
+    """Atomically copy ``checkpoint/model`` to ``output_dir/final`` (the run's published model dir).  Files a user
+    put into an earlier ``final/`` (not in the run's manifest) are carried over; the published files are recorded in
+    the manifest (:mod:`duo_plugin.training.run_dir`)."""
+    import shutil
+
+    from duo_plugin._io import atomic_dir
+    from duo_plugin.training.run_dir import record_outputs, toolkit_outputs
+
+    src, dst = Path(checkpoint) / "model", Path(output_dir) / "final"
+    ours = set(toolkit_outputs(output_dir))
+    published = sorted(f"final/{f.relative_to(src).as_posix()}" for f in src.rglob("*") if f.is_file())
+    with atomic_dir(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        if dst.is_dir():
+            for f in dst.rglob("*"):
+                rel = f.relative_to(dst)
+                mine = any(f"final/{Path(*rel.parts[:i]).as_posix()}" in ours for i in range(1, len(rel.parts) + 1))
+                if f.is_file() and not mine and not (tmp / rel).exists():
+                    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(f, tmp / rel)  # the user's file, not the toolkit's: kept
+    record_outputs(output_dir, published)
+    return dst

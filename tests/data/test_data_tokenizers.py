@@ -77,8 +77,11 @@ def test_cli_train(train_text_file, tmp_path, capsys):
     t = load_tokenizer(out)
     assert isinstance(t, SentencePieceTokenizer)
     assert t.decode(t.encode(SAMPLES[0])) == SAMPLES[0]
-    with pytest.raises(FileNotFoundError, match="missing.txt"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:  # a console script: one line naming the file, exit status 2
         main(["train", "--input", str(tmp_path / "missing.txt"), "--vocab-size", "300", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "duo-tokenizer: error:" in err and "missing.txt" in err and "Traceback" not in err
 
 
 def test_check_vocab(sp_tok):

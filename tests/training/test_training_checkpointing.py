@@ -10,6 +10,7 @@ from duo_plugin.training.checkpointing import (
     capture_rng_state,
     check_resume_compatible,
     checkpoint_step,
+    clean_tmp,
     latest_checkpoint,
     list_checkpoints,
     load_training_state,
@@ -62,6 +63,8 @@ def test_crash_leftovers_are_ignored_and_cleaned(tmp_path):
     (root / ".tmp-step_00000009").mkdir()  # a crash during writing step 9
     (root / ".tmp-step_00000009" / "model.bin").write_bytes(b"partial")
     assert latest_checkpoint(tmp_path) == good
+    assert (root / ".tmp-step_00000009").exists()  # read-only: a live run's checkpoint being written looks the same
+    clean_tmp(tmp_path)  # what a run does holding the output_dir lock
     assert not (root / ".tmp-step_00000009").exists()
     # pointer lost (crash between rename and pointer update): the highest completed step is used
     save_step_checkpoint(tmp_path, 4, writer=_writer(b"y"))
