@@ -140,19 +140,23 @@ def _sizes_from_tensors(sd: Mapping[str, Any], inv: Any, where: str) -> Dict[str
     return sizes
 
 
+def _official_name(k: str) -> str:
+    return PREFIX + ("vocab_embed.embedding" if k == "vocab_embed.weight" else k)
+
+
 def _check_state(sd: Dict[str, torch.Tensor], model: torch.nn.Module, where: str) -> None:
     own = model.state_dict()
     unknown = sorted(set(sd) - set(own))
     if unknown:
-        raise UserError(f"{where}: tensor {unknown[0]!r} has no place in the DiT ({len(unknown)} unknown keys); "
+        raise UserError(f"{where}: tensor {_official_name(unknown[0])!r} has no place in the DiT ({len(unknown)} unknown keys); "
                         "refusing to drop it; is this an official Duo/MDLM/AR DiT checkpoint?")
     missing = sorted(set(own) - set(sd))
     if missing:
-        raise UserError(f"{where}: tensor {missing[0]!r} is missing ({len(missing)} missing keys); the checkpoint is "
+        raise UserError(f"{where}: tensor {_official_name(missing[0])!r} is missing ({len(missing)} missing keys); the checkpoint is "
                         "incomplete or of another architecture")
     for k, v in sd.items():
         if tuple(v.shape) != tuple(own[k].shape):
-            raise UserError(f"{where}: {k} has shape {tuple(v.shape)}, the DiT built from the config expects "
+            raise UserError(f"{where}: {_official_name(k)} has shape {tuple(v.shape)}, the DiT built from the config expects "
                             f"{tuple(own[k].shape)}; fix the sizes (config / flags) or the file")
 
 
@@ -267,7 +271,7 @@ def _read_ckpt(path: Path, weights: str) -> Tuple[Dict[str, Any], Any, Dict[str,
                                 f"{_shape(sd_raw[k])}; the EMA list is not in backbone.parameters() order")
             sd[k] = t
         sd.update({k: v for k, v in sd_raw.items() if k.endswith(INV_FREQ)})
-    return sd, hp, cfg, {"format": "lightning", "file": path.name, "weights": weights,
+    return sd, hp, cfg, {"format": "lightning", "file": path.name, "path": str(path), "weights": weights,
                          "global_step": ck.get("global_step") if isinstance(ck.get("global_step"), int) else None}
 
 
@@ -343,7 +347,7 @@ def read_official(src, *, weights: str = "ema", kind: Optional[str] = None,
             raise UserError(f"{src}: an HF export holds only the EMA weights; --weights raw needs the .ckpt")
         sd_off, cfg, cfg_sizes = _read_hf(src)
         cfg_kind = None if "time_conditioning" not in cfg else ("duo" if cfg["time_conditioning"] else "mdlm")
-        source = {"format": "hf", "weights": "ema", "config": cfg}
+        source = {"format": "hf", "weights": "ema", "config": cfg, "path": str(src)}
         hint = "config.json (time_conditioning true = duo, false = mdlm)"
     elif src.is_file():
         sd_off, hp, cfg, source = _read_ckpt(src, weights)
@@ -397,7 +401,7 @@ def build_model(om: OfficialModel) -> torch.nn.Module:
     sd = dict(om.state)
     if om.kind == "ar":
         sd.update(_identity_adaln(model))
-    _check_state(sd, model, om.source.get("file") or "the checkpoint")
+    _check_state(sd, model, om.source.get("path") or "the checkpoint")
     model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in sd.items()},
                           strict=True)
     return model.eval()
@@ -422,7 +426,7 @@ def convert_official(src, out, *, weights: str = "ema", tokenizer=None, kind: Op
     om = read_official(src, weights=weights, kind=kind, overrides=overrides)
     model = build_model(om)
     meta: Dict[str, Any] = {"objective": om.kind, "valid_vocab": _valid_vocab(om),
-                            "converted_from": {**{k: v for k, v in om.source.items() if k != "config"},
+                            "converted_from": {**{k: v for k, v in om.source.items() if k not in ("config", "path")},
                                                "kind": om.kind}}
     if om.kind == "mdlm":
         meta["mask_id"] = int(om.mask_id)
