@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import types
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -150,7 +151,7 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *rest):
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
-    if func not in (_rebuild_tensor, _rebuild_parameter):  # func went through find_class: ours or a placeholder
+    if getattr(func, "__code__", None) not in (_rebuild_tensor.__code__, _rebuild_parameter.__code__):  # func went through find_class: ours or a placeholder
         raise UnsafeCheckpointError(f"refusing to rebuild a tensor subclass with {func!r}: only plain tensors and "
                                     "parameters are read from a checkpoint")
     return func(*args)
@@ -199,7 +200,10 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) in _ALLOWED:
-            return _ALLOWED[(module, name)]
+            f = _ALLOWED[(module, name)]
+            if isinstance(f, types.FunctionType):  # a private copy: a pickled BUILD cannot alter our functions
+                f = types.FunctionType(f.__code__, f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+            return f
         if module in ("builtins", "__builtin__") and name in _SAFE_BUILTINS:
             return _SAFE_BUILTINS[name]
         if module == "torch" and name in STORAGE_DTYPES:
