@@ -443,11 +443,24 @@ def convert_official(src, out, *, weights: str = "ema", tokenizer=None, kind: Op
             tok = save_official_tokenizer(tokenizer, tmp / "tokenizer", kind=om.kind, width=om.vocab_size,
                                           embedded_json=None if tokenizer is not None else om.tokenizer_json)
             meta["tokenizer"] = tok.descriptor()
+            mask = _tokenizer_mask_id(tmp / "tokenizer" / "tokenizer.json")
+            if om.kind in ("mdlm", "ar") and mask is not None and "mask_id" not in (overrides or {}):
+                om.mask_id = mask  # the official rule: the tokenizer's [MASK] when it has one, else the last row
+                meta["valid_vocab"] = _valid_vocab(om)
+                if om.kind == "mdlm":
+                    meta["mask_id"] = int(mask)
         save_pretrained(model, tmp / "model", metadata=meta)
         for f in (tmp / "model").iterdir():
             os.replace(f, tmp / f.name)
         (tmp / "model").rmdir()
     return out
+
+
+def _tokenizer_mask_id(path: Path) -> Optional[int]:
+    from tokenizers import Tokenizer
+
+    i = Tokenizer.from_file(str(path)).token_to_id("[MASK]")
+    return None if i is None else int(i)
 
 
 def _official_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
