@@ -40,7 +40,7 @@ from duo_plugin.convert.safe_pickle import LazyTensor, load_checkpoint, placehol
 from duo_plugin.errors import UserError
 
 __all__ = ["KINDS", "OfficialModel", "read_official", "convert_official", "to_official", "map_official_keys",
-           "official_inv_freq", "HF_CONFIG_DEFAULTS"]
+           "official_inv_freq", "HF_CONFIG_DEFAULTS", "build_model", "duo_folder_hf_config"]
 
 log = logging.getLogger(__name__)
 
@@ -415,6 +415,15 @@ def _valid_vocab(om: OfficialModel) -> Optional[torch.Tensor]:
     return vv
 
 
+def duo_folder_hf_config(om: OfficialModel) -> Dict[str, Any]:
+    """The ``config.json`` written beside ``duo_config.json``: lets ``transformers.AutoModelForMaskedLM`` find our
+    registered ``duo_dit`` model type (duo_plugin.integrations.transformers). The duo loaders ignore it."""
+    return {"model_type": "duo_dit", "architectures": ["DuoDiTForMaskedLM"], "vocab_size": om.vocab_size,
+            "model_length": om.max_seq_len, "hidden_dim": om.dim, "cond_dim": om.cond_dim, "n_blocks": om.n_layers,
+            "n_heads": om.n_heads, "dropout": om.dropout, "time_conditioning": bool(om.time_conditioning),
+            "duo_objective": om.kind}
+
+
 def convert_official(src, out, *, weights: str = "ema", tokenizer=None, kind: Optional[str] = None,
                      overrides: Optional[Mapping[str, Any]] = None, embedded_tokenizer: bool = True) -> Path:
     """Convert an official checkpoint into a duo model folder ``out`` (``load_pretrained`` / ``duo_generate`` /
@@ -453,6 +462,7 @@ def convert_official(src, out, *, weights: str = "ema", tokenizer=None, kind: Op
         for f in (tmp / "model").iterdir():
             os.replace(f, tmp / f.name)
         (tmp / "model").rmdir()
+        (tmp / "config.json").write_text(json.dumps(duo_folder_hf_config(om), indent=2, sort_keys=True) + "\n")
     return out
 
 
