@@ -208,3 +208,31 @@ def test_cli_converts_and_reports(tmp_path, capsys):
     model = load_pretrained(tmp_path / "m")
     lp, _ = _outputs(model, _io("mdlm"), "mdlm")
     _check_log_probs(lp, _io("mdlm")["raw_log_probs"], "mdlm")
+
+
+@pytest.mark.parametrize("variant", ["pytorch_model.bin", "no_prefix", "sharded"])
+def test_hf_export_variants(tmp_path, variant):
+    """Known variants of the inferred HF-export layout load to the same weights as model.safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    src = FIX / "duo_dit_tiny" / "hf"
+    sd = load_file(str(src / "model.safetensors"))
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "config.json").write_text((src / "config.json").read_text())
+    if variant == "pytorch_model.bin":
+        torch.save(sd, d / "pytorch_model.bin")
+    elif variant == "no_prefix":
+        save_file({k[len("backbone."):]: v for k, v in sd.items()}, str(d / "model.safetensors"))
+    else:
+        keys = sorted(sd)
+        half = len(keys) // 2
+        parts = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
+        for name, ks in parts.items():
+            save_file({k: sd[k] for k in ks}, str(d / name))
+        (d / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {k: n for n, ks in parts.items() for k in ks}}))
+    got = load_pretrained(convert_official(d, tmp_path / "m"))
+    ref = load_pretrained(convert_official(src, tmp_path / "r"))
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, got.state_dict()[k]), k
