@@ -29,9 +29,9 @@ import json
 import logging
 import re
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -48,7 +48,7 @@ KINDS = ("duo", "mdlm", "ar")
 PREFIX = "backbone."
 INV_FREQ = "rotary_emb.inv_freq"
 ROPE_BASE = 10_000.0
-HF_CONFIG_DEFAULTS = {
+HF_CONFIG_DEFAULTS = {  # the fields of the official export (fixtures README; the remote code targets 4.38.2)
     "architectures": ["MDLM"],
     "auto_map": {"AutoConfig": "configuration_mdlm.MDLMConfig", "AutoModelForMaskedLM": "modeling_mdlm.MDLM"},
     "model_type": "mdlm", "return_dict": False, "torch_dtype": "float32", "transformers_version": "4.38.2",
@@ -148,15 +148,17 @@ def _check_state(sd: Dict[str, torch.Tensor], model: torch.nn.Module, where: str
     own = model.state_dict()
     unknown = sorted(set(sd) - set(own))
     if unknown:
-        raise UserError(f"{where}: tensor {_official_name(unknown[0])!r} has no place in the DiT ({len(unknown)} unknown keys); "
+        raise UserError(f"{where}: tensor {_official_name(unknown[0])!r} has no place in the DiT "
+                        f"({len(unknown)} unknown keys); "
                         "refusing to drop it; is this an official Duo/MDLM/AR DiT checkpoint?")
     missing = sorted(set(own) - set(sd))
     if missing:
-        raise UserError(f"{where}: tensor {_official_name(missing[0])!r} is missing ({len(missing)} missing keys); the checkpoint is "
-                        "incomplete or of another architecture")
+        raise UserError(f"{where}: tensor {_official_name(missing[0])!r} is missing ({len(missing)} missing keys); "
+                        "the checkpoint is incomplete or of another architecture")
     for k, v in sd.items():
         if tuple(v.shape) != tuple(own[k].shape):
-            raise UserError(f"{where}: {_official_name(k)} has shape {tuple(v.shape)}, the DiT built from the config expects "
+            raise UserError(f"{where}: {_official_name(k)} has shape {tuple(v.shape)}, the DiT built from the config "
+                            "expects "
                             f"{tuple(own[k].shape)}; fix the sizes (config / flags) or the file")
 
 

@@ -129,7 +129,8 @@ class LazyTensor:
         try:
             t = flat.as_strided(tuple(self.shape), self.stride, self.offset).clone()
         except RuntimeError as e:
-            raise UnsafeCheckpointError(f"malformed checkpoint: tensor view out of its storage's bounds ({e})") from None
+            raise UnsafeCheckpointError(
+                f"malformed checkpoint: tensor view out of its storage's bounds ({e})") from None
         return t
 
     def __repr__(self) -> str:
@@ -151,7 +152,8 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *rest):
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
-    if getattr(func, "__code__", None) not in (_rebuild_tensor.__code__, _rebuild_parameter.__code__):  # func went through find_class: ours or a placeholder
+    # func went through find_class: a copy of one of ours, or a placeholder
+    if getattr(func, "__code__", None) not in (_rebuild_tensor.__code__, _rebuild_parameter.__code__):
         raise UnsafeCheckpointError(f"refusing to rebuild a tensor subclass with {func!r}: only plain tensors and "
                                     "parameters are read from a checkpoint")
     return func(*args)
@@ -235,7 +237,8 @@ def load_checkpoint(path) -> Any:
     """Unpickle a zip-format PyTorch checkpoint (``torch.save`` since 1.6; Lightning ``.ckpt``) safely.
 
     Tensors come back as :class:`LazyTensor` (``.load()`` reads the bytes; :func:`materialize` does it for a whole
-    structure); allowed containers as themselves; everything else as inert :class:`Placeholder` objects. Raises :class:`UnsafeCheckpointError` (a :class:`UserError`) when the pickle asks
+    structure); allowed containers as themselves; everything else as inert :class:`Placeholder` objects.
+    Raises :class:`UnsafeCheckpointError` (a :class:`UserError`) when the pickle asks
     to call anything not allowed, and :class:`UserError` for a file that is not such a checkpoint.
     """
     p = Path(path)

@@ -104,7 +104,8 @@ def test_tokenizer_too_large_for_the_model_is_refused(tmp_path, capsys):
 
     d = tmp_path / "big"
     d.mkdir()
-    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(60)]))
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(60)]
+    (d / "vocab.txt").write_text("\n".join(words))
     with pytest.raises(SystemExit) as e:
         main(["official", str(FIX / "duo_dit_tiny" / "hf"), str(tmp_path / "m"), "--tokenizer", str(d)])
     assert e.value.code == 2 and "65 ids but the model has 50 rows" in capsys.readouterr().err
