@@ -244,6 +244,9 @@ def test_documented_commands_run(downloads, shims, tmp_path, section):
             REPORT[f"{section}/{metrics.parent.name}_seconds"] = round(m["seconds"], 1)
     if section in ("Duo", "MDLM", "AR"):
         assert list(runs.glob("*/val/metrics.json")) and list(runs.glob("*/zeroshot/metrics.json"))
+    if any("duo-eval" in blk for blk in blocks[section]):
+        res = [json.loads(p.read_text()) for p in runs.glob("*/lm_eval/**/results*.json")]
+        assert res and "duo_shakespeare_lastword" in res[0]["results"]
     path = os.environ.get("DUO_FULLSIZE_REPORT")
     if path:
         Path(path).write_text(json.dumps(REPORT, indent=2, sort_keys=True))
