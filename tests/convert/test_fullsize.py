@@ -193,6 +193,8 @@ SHIM = r'''#!{python}
 import os, sys
 args = sys.argv[1:]
 name = os.path.basename(sys.argv[0])
+if name == "python":
+    os.execv(sys.executable, [sys.executable, *args])
 if name == "duo-convert":
     os.execv(sys.executable, [sys.executable, "-m", "duo_plugin.convert", *args])
 if name == "tune":
@@ -217,7 +219,7 @@ raise SystemExit(f"unknown shim {{name}}")
 @pytest.fixture(scope="module")
 def shims(tmp_path_factory):
     d = tmp_path_factory.mktemp("bin")
-    for name in ("duo-convert", "tune", "duo-eval"):
+    for name in ("duo-convert", "tune", "duo-eval", "python"):
         p = d / name
         p.write_text(SHIM.format(python=sys.executable))
         p.chmod(0o755)
@@ -242,8 +244,12 @@ def test_documented_commands_run(downloads, shims, tmp_path, section):
             assert m["tokens_per_sample"] == L and m["num_samples"] == 1
             assert "gen_ppl" in m and m["gen_ppl"] > 0
             REPORT[f"{section}/{metrics.parent.name}_seconds"] = round(m["seconds"], 1)
-    if section in ("Duo", "MDLM", "AR"):
+    if section in ("Duo", "MDLM"):
         assert list(runs.glob("*/val/metrics.json")) and list(runs.glob("*/zeroshot/metrics.json"))
+    if section == "AR":
+        ppl = json.loads((runs / "ar" / "ppl.json").read_text())
+        assert set(ppl) == {"owt_val", "ptb", "wikitext", "lm1b", "lambada", "ag_news", "pubmed", "arxiv"}
+        assert ppl["owt_val"]["tokens"] > 0 and all(v["ppl"] > 1 for v in ppl.values())
     if any("duo-eval" in blk for blk in blocks[section]):
         res = [json.loads(p.read_text()) for p in runs.glob("*/lm_eval/**/results*.json")]
         assert res and "duo_shakespeare_lastword" in res[0]["results"]
