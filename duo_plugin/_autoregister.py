@@ -18,6 +18,9 @@ body has executed, our registration runs:
   *registry-empty pitfall*: ``get_model`` imports ``lm_eval.models`` only when the registry is
   empty, so registering anything before that import would hide all built-in backends.
 
+* ``transformers.models.auto.modeling_auto`` -> :func:`duo_plugin.integrations.transformers.register`
+  (``AutoConfig`` / ``AutoModelForMaskedLM`` load duo and official MDLM-layout folders without remote code).
+
 Any failure is reported on stderr and swallowed: the plugin must never break torchtune or lm-eval.
 """
 
@@ -28,6 +31,7 @@ import sys
 _TARGETS = {
     "torchtune._recipe_registry": ("duo_plugin.integrations.torchtune", "register"),
     "lm_eval.models": ("duo_plugin.integrations.lm_eval_registry", "register"),
+    "transformers.models.auto.modeling_auto": ("duo_plugin.integrations.transformers", "register"),
 }
 
 

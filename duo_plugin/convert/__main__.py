@@ -1,0 +1,5 @@
+import sys
+
+from duo_plugin.convert.cli import main
+
+sys.exit(main())
