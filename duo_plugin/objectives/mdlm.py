@@ -19,16 +19,16 @@ from __future__ import annotations
 import torch
 
 from duo_plugin.diffusion.absorbing import AbsorbingProcess
-from duo_plugin.diffusion.schedules import LogLinearSchedule, stratified_times
-from duo_plugin.diffusion.uniform import row_generators
 
-from .base import ObjectiveContext, masked_token_sum
+from .base import ObjectiveContext
+from .diffusion import DiffusionObjective
 
 __all__ = ["MDLMObjective"]
 
 
-class MDLMObjective:
-    """MDLM: continuous-time absorbing-state NELBO with the log-linear schedule.
+class MDLMObjective(DiffusionObjective):
+    """MDLM: continuous-time absorbing-state NELBO with the log-linear schedule; the :class:`DiffusionObjective`
+    path over :class:`~duo_plugin.diffusion.absorbing.AbsorbingProcess`.
 
     Args (``objective: {_component_: duo_plugin.objectives.MDLMObjective, ...}``):
         alpha_eps: ε of the log-linear schedule. t_min: times are stratified in ``[t_min, 1]``.
@@ -36,16 +36,12 @@ class MDLMObjective:
     """
 
     name = "mdlm"
-    causal = False
 
     def __init__(self, *, alpha_eps: float = 1e-3, t_min: float = 1e-3, mask_id: int | None = None):
-        self.alpha_eps, self.t_min = float(alpha_eps), float(t_min)
+        super().__init__(alpha_eps=alpha_eps, t_min=t_min)
         self.mask_id = mask_id
-        self.schedule = LogLinearSchedule(eps=self.alpha_eps)
-        self.ctx: ObjectiveContext | None = None
-        self.process: AbsorbingProcess | None = None
 
-    def setup(self, model: torch.nn.Module, ctx: ObjectiveContext) -> None:
+    def build_process(self, model: torch.nn.Module, ctx: ObjectiveContext) -> AbsorbingProcess:
         width = int(ctx.vocab_size)
         mask_id = width - 1 if self.mask_id is None else int(self.mask_id)
         if not 0 <= mask_id < width:
@@ -55,44 +51,7 @@ class MDLMObjective:
                 f"MDLM needs a [MASK] row that is not a tokenizer id, but row {mask_id} is a valid token: build the "
                 f"model with one extra row (model.vocab_size: {width + 1}, i.e. tokenizer size + 1) or set "
                 "objective.mask_id to an unused id")
-        self.ctx = ctx
-        self.process = AbsorbingProcess(width, mask_id, valid_vocab=ctx.valid_vocab, schedule=self.schedule)
         if ctx.log:
             ctx.log(f"mdlm: absorbing process, [MASK] = id {mask_id} of {width} rows, log-linear "
                     f"eps={self.alpha_eps:g}")
-
-    def phase(self, step: int) -> str:
-        return "mdlm"
-
-    def count_tokens(self, mask: torch.Tensor) -> int:
-        return int(mask.sum())
-
-    def __call__(self, model, x0, mask, positions, step):
-        ctx = self.ctx
-        dev = ctx.device
-        t = stratified_times(ctx.seed, step, positions, ctx.global_batch_size, self.t_min, dtype=torch.float64)
-        gens = row_generators(ctx.seed, step, positions, device=dev)
-        alpha = self.schedule.alpha(t).to(dev)
-        alpha_prime = self.schedule.alpha_prime(t).to(dev)
-        z_t = self.process.corrupt(x0, alpha, gens)
-        # official pad mode: pads are corrupted and attended to like any token; only the loss skips them
-        padded = not bool(mask.all()) and getattr(ctx, "pad_mode", "clean_masked") != "official"
-        if padded:  # padding is neither corrupted, attended to nor scored
-            z_t = torch.where(mask, z_t, x0)
-        kw = {"padding_mask": mask} if padded else {}
-        with ctx.autocast():
-            log_x = model(z_t, (-torch.log(alpha)).float(), **kw)
-        nelbo = self.process.nelbo(log_x.float(), z_t, x0, alpha, alpha_prime)
-        return masked_token_sum(nelbo, mask), self.count_tokens(mask), {"phase": "mdlm"}
-
-    def validation_nll(self, model, blocks, mask, *, batch_size: int, special_ids=()) -> dict:
-        """MDLM NELBO on held-out blocks (one stratified t per sequence) via ``eval.likelihood.nelbo_perplexity``
-        with the absorbing process: ``{"nll": per content token (``special_ids`` not counted), "nll_all": per
-        token}``."""
-        from duo_plugin.eval.likelihood import nelbo_perplexity
-
-        ctx = self.ctx
-        res = nelbo_perplexity(model, blocks, mask, batch_size=batch_size, seed=ctx.seed, valid_vocab=ctx.valid_vocab,
-                               t_min=self.t_min, device=ctx.device, progress=False, special_ids=tuple(special_ids),
-                               process=self.process, pad_mode=getattr(ctx, "pad_mode", "clean_masked"))
-        return {"nll": float(res["nll_per_token"]), "nll_all": float(res["nll_per_token_all"])}
+        return AbsorbingProcess(width, mask_id, valid_vocab=ctx.valid_vocab, schedule=self.schedule)
