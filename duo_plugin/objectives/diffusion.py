@@ -166,7 +166,8 @@ class DiffusionObjective:
 
         ctx = self.ctx
         proc = self.validation_process()
-        res = nelbo_perplexity(model, blocks, mask, batch_size=batch_size, seed=ctx.seed, valid_vocab=ctx.valid_vocab,
+        vv = ctx.valid_vocab if proc is None else proc.valid_vocab
+        res = nelbo_perplexity(model, blocks, mask, batch_size=batch_size, seed=ctx.seed, valid_vocab=vv,
                                schedule=self.schedule if proc is None else None, t_min=self.t_min,
                                device=ctx.device, progress=False, special_ids=tuple(special_ids), process=proc,
                                pad_mode=ctx.pad_mode)

@@ -12,7 +12,9 @@ chunked / reference; gradient accumulation; pad packing), ``objective=ar``, the 
 locally written Llama-3.2 / Qwen-2.5 checkpoints (with window / random attention-mask annealing), and
 ``duo/distill_tiny_cpu`` on a tiny locally written base model. The MDLM and UDLM baselines (``duo/mdlm_tiny_cpu``,
 ``duo/udlm_tiny_cpu``, wrap and pad packing) were recorded on the code before the shared ``DiffusionObjective`` base
-(their objectives then had their own ``__call__``). To re-record after an INTENDED change of the
+(their objectives then had their own ``__call__``); ``mdlm_tiny_cpu*_time_conditioned`` are those MDLM records (the
+config was time-conditioned then), and ``mdlm_tiny_cpu`` / ``mdlm_tiny_cpu_pad`` were re-recorded when the config
+became the published MDLM (``model.time_conditioning: false``, an intended change of the method). To re-record after an INTENDED change of the
 method (never for a refactor): ``DUO_RECORD_GOLDEN=1 python -m pytest tests/recipes/test_golden_losses.py``.
 """
 
@@ -128,6 +130,8 @@ def _baseline(config: str, tiny_assets, out: Path, **over):
 BASELINE_CASES = {
     "mdlm_tiny_cpu": ("mdlm_tiny_cpu", {}),
     "mdlm_tiny_cpu_pad": ("mdlm_tiny_cpu", {"data.packing": "pad"}),
+    "mdlm_tiny_cpu_time_conditioned": ("mdlm_tiny_cpu", {"model.time_conditioning": True}),
+    "mdlm_tiny_cpu_pad_time_conditioned": ("mdlm_tiny_cpu", {"data.packing": "pad", "model.time_conditioning": True}),
     "udlm_tiny_cpu": ("udlm_tiny_cpu", {}),
     "udlm_tiny_cpu_pad": ("udlm_tiny_cpu", {"data.packing": "pad"}),
 }
