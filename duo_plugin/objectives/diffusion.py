@@ -7,6 +7,7 @@ Every continuous-time diffusion objective of the toolkit is ONE path over a nois
     α, α'  = process.alpha(t), process.alpha_prime(t)
     z_t    = process.corrupt(x0, α, row_generators(seed, step, position))
     z_t    = pad_rule(z_t, x0, mask, ctx.pad_mode)                  clean_masked: pads stay clean and are masked
+                                                                    (the loss sees a valid filler there: loss_ids)
     σ      = process.sigma(t)                                       = −log α(t), the network's time conditioning
     f      = head(model, batch)                                     forward + process.nelbo (or a fused kernel)
     loss   = Σ_{mask} f                                             masked_token_sum
@@ -42,13 +43,14 @@ from duo_plugin.diffusion.uniform import row_generators
 
 from .base import ObjectiveContext, masked_token_sum
 
-__all__ = ["DiffusionObjective", "NoisyBatch", "DenseNelbo", "pad_rule"]
+__all__ = ["DiffusionObjective", "NoisyBatch", "DenseNelbo", "pad_rule", "loss_ids"]
 
 
 class NoisyBatch(NamedTuple):
     """One micro-batch ready for the loss head.
 
-    ``x0``/``z_t``: ``Long[B, L]`` clean and noisy ids; ``model_in``: what the network's input embedding reads
+    ``x0``/``z_t``: ``Long[B, L]`` clean and noisy ids for the loss (unscored positions hold a valid filler,
+    :func:`loss_ids`); ``model_in``: what the network's input embedding reads
     (``z_t``, or soft logits / a top-k input in Duo's curriculum); ``alpha``/``alpha_prime``: float64 ``[B]``;
     ``sigma``: float32 ``[B]`` = −log α; ``model_kwargs``: ``padding_mask`` / ``attn_mask`` for the forward;
     ``override``: a context entered around the forward (e.g. the fused curriculum embedding), else a null context.
@@ -72,6 +74,26 @@ def pad_rule(z_t: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor, pad_mode: 
     if bool(mask.all()) or pad_mode == "official":
         return z_t, {}
     return torch.where(mask, z_t, x0), {"padding_mask": mask}
+
+
+def loss_ids(z_t: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor, valid_vocab: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z_t, x0)`` for the loss head: unscored positions (pads) get the first valid id in both — the value there is
+    never used, and ``duo_nelbo`` accepts valid ids only. A SCORED id outside ``valid_vocab`` (e.g. BERT's ``[UNK]``
+    when special ids are excluded) is a ValueError naming the ids and the fix."""
+    if valid_vocab is None:
+        return z_t, x0
+    vv = valid_vocab.to(x0.device)
+    bad = mask & ~vv[x0]
+    if bool(bad.any()):
+        ids = sorted({int(v) for v in x0[bad].unique()[:8]})
+        raise ValueError(f"the training data holds ids outside the model's valid_vocab at {int(bad.sum())} scored "
+                         f"position(s): {ids}; make them valid (data.valid_vocab.include_special: true, e.g. for "
+                         "BERT's [UNK], or data.pad_mode: official) or remove them from the data")
+    if bool(mask.all()):
+        return z_t, x0
+    fill = torch.full_like(x0, int(torch.nonzero(vv)[0]))
+    return torch.where(mask, z_t, fill), torch.where(mask, x0, fill)
 
 
 class DenseNelbo:
@@ -145,8 +167,9 @@ class DiffusionObjective:
         z_t = proc.corrupt(x0, alpha, row_generators(ctx.seed, step, positions, device=dev))
         z_t, kw = pad_rule(z_t, x0, mask, ctx.pad_mode)
         kw.update(self.extra_model_kwargs(step, x0.shape[1]))
-        return NoisyBatch(x0, z_t, z_t, alpha, proc.alpha_prime(t).to(dev), proc.sigma(t).to(dev).float(), kw,
-                          contextlib.nullcontext())
+        z_loss, x_loss = loss_ids(z_t, x0, mask, proc.valid_vocab)
+        return NoisyBatch(x_loss, z_loss, z_t, alpha, proc.alpha_prime(t).to(dev), proc.sigma(t).to(dev).float(),
+                          kw, contextlib.nullcontext())
 
     def __call__(self, model, x0, mask, positions, step):
         """``(Σ_mask f, #mask tokens, {"phase": ...})`` for this micro-batch (fp32 scalar, differentiable)."""

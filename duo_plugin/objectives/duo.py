@@ -32,7 +32,7 @@ from duo_plugin.diffusion.schedules import DualitySchedule, gaussian_coefficient
 from duo_plugin.diffusion.uniform import row_generators, stable_seed
 
 from .base import ObjectiveContext
-from .diffusion import DenseNelbo, DiffusionObjective, NoisyBatch, pad_rule
+from .diffusion import DenseNelbo, DiffusionObjective, NoisyBatch, loss_ids, pad_rule
 
 __all__ = ["DuoObjective", "KERNEL_CHOICES", "CURRICULUM_INPUTS", "FusedNelbo", "DenseSoftInput", "TopKSoftInput",
            "FusedSoftInput"]
@@ -305,7 +305,8 @@ class DuoObjective(DiffusionObjective):
         # clean_masked mode, never scored), so only the attention part of the pad rule applies
         _, kw = pad_rule(z_t, x0, mask, ctx.pad_mode)
         kw.update(self.extra_model_kwargs(step, x0.shape[1]))
-        return NoisyBatch(x0, z_t, model_in, proc.alpha(t).to(dev), proc.alpha_prime(t).to(dev),
+        z_loss, x_loss = loss_ids(z_t, x0, mask, proc.valid_vocab)
+        return NoisyBatch(x_loss, z_loss, model_in, proc.alpha(t).to(dev), proc.alpha_prime(t).to(dev),
                           proc.sigma(t).to(dev).float(), kw, override)
 
     # ------------------------------------------------------------------------------------------ validation
