@@ -123,7 +123,9 @@ class DiffusionObjective:
     (:attr:`schedule`, which :meth:`build_process` normally hands to its process); t_min: times are stratified in
     ``[t_min, 1]``.
 
-    Subclasses implement :meth:`build_process` and set :attr:`name` (saved in the model metadata). After
+    Subclasses implement :meth:`build_process` and set :attr:`name` (saved in the model metadata); the process's
+    ``valid_vocab`` (the ids the data may hold; None = all) drives the pad rule's filler and is what the recipe
+    records in the model folder. After
     :meth:`setup`: :attr:`process` (the noise process), :attr:`head` (the loss head), :attr:`ctx`.
     """
 
@@ -171,7 +173,7 @@ class DiffusionObjective:
         t = self.times(step, positions)
         alpha = proc.alpha(t).to(dev)
         z_t = proc.corrupt(x0, alpha, row_generators(ctx.seed, step, positions, device=dev))
-        pads = pad_rule(z_t, x0, mask, ctx.pad_mode, proc.valid_vocab)
+        pads = pad_rule(z_t, x0, mask, ctx.pad_mode, getattr(proc, "valid_vocab", None))
         kw = {**pads.model_kwargs, **self.extra_model_kwargs(step, x0.shape[1])}
         return NoisyBatch(pads.x_loss, pads.z_loss, pads.z_in, alpha, proc.alpha_prime(t).to(dev),
                           proc.sigma(t).to(dev).float(), kw, contextlib.nullcontext())
@@ -182,8 +184,8 @@ class DiffusionObjective:
         return masked_token_sum(f, mask), self.count_tokens(mask), {"phase": self.phase(step)}
 
     # ------------------------------------------------------------------------------------------ validation
-    #: the process handed to ``nelbo_perplexity`` (None: its uniform-state default, which Duo/UDLM use)
     def validation_process(self):
+        """The process handed to ``nelbo_perplexity`` (None: its uniform-state default, which Duo/UDLM use)."""
         return self.process
 
     def validation_nll(self, model, blocks, mask, *, batch_size: int, special_ids=()) -> dict:
@@ -194,7 +196,7 @@ class DiffusionObjective:
 
         ctx = self.ctx
         proc = self.validation_process()
-        vv = ctx.valid_vocab if proc is None else proc.valid_vocab
+        vv = ctx.valid_vocab if proc is None else getattr(proc, "valid_vocab", ctx.valid_vocab)
         res = nelbo_perplexity(model, blocks, mask, batch_size=batch_size, seed=ctx.seed, valid_vocab=vv,
                                schedule=self.schedule if proc is None else None, t_min=self.t_min,
                                device=ctx.device, progress=False, special_ids=tuple(special_ids), process=proc,
