@@ -310,8 +310,8 @@ class AbsorbingProcess:
         return self.schedule.alpha_prime(t)
 
     def sigma(self, t) -> torch.Tensor:
-        """σ(t) = −log α_t (float64), the network's noise-level input."""
-        return -torch.log(torch.as_tensor(self.alpha(torch.as_tensor(t, dtype=torch.float64)), dtype=torch.float64))
+        """σ = −log α(t) (float64), the network's time conditioning."""
+        return -torch.log(self.alpha(t))
 
     def t_for_alpha(self, alpha: float) -> float:
         """The time with α_t = ``alpha`` (:func:`~duo_plugin.diffusion.schedules.t_for_alpha`)."""

@@ -6,8 +6,8 @@ and a noise distribution: the uniform-state process (USDM, this package's Duo) r
 valid id; an absorbing ("masked", MDLM) process replaces it by a ``[MASK]`` id. One class per process, used by
 every consumer:
 
-* ``alpha(t)``, ``alpha_prime(t)``: the schedule (float64, ``dα/dt ≤ 0``); ``sigma(t)`` = −log α_t, the network's
-  noise-level input;
+* ``alpha(t)``, ``alpha_prime(t)``: the schedule (float64, ``dα/dt ≤ 0``); ``sigma(t) = −log α(t)``, the network's
+  time conditioning (float64; the one place σ is written);
 * ``corrupt(x0, alpha_t, generator)``: a draw of ``z_t ~ q(z_t | x0)`` (one generator per row);
 * ``posterior(z_t, x0_probs, alpha_t, alpha_s)``: ``q(z_s | z_t, x)`` in float64, linear in ``x`` so ``x = x_θ``
   gives the ancestral-sampling step;
@@ -97,7 +97,7 @@ class UniformProcess:
         return self.schedule.alpha_prime(t)
 
     def sigma(self, t) -> torch.Tensor:
-        """σ(t) = −log α_t (float64), the network's noise-level input."""
+        """σ = −log α(t) (float64), the network's time conditioning."""
         return -torch.log(self.alpha(t))
 
     def t_for_alpha(self, alpha: float) -> float:
@@ -126,12 +126,6 @@ class UniformProcess:
         else:
             uni = self.valid_vocab.to(x_probs.device).to(_F64) / self.k_eff
         return a * x_probs.to(_F64) + (1 - a) * uni
-
-    def subs(self, log_x_theta, z_t):
-        """The process's parameterisation of x_θ: −∞ at ids outside ``valid_vocab`` (which it never produces)."""
-        if self.valid_vocab is None:
-            return log_x_theta
-        return log_x_theta.masked_fill(~self.valid_vocab.to(log_x_theta.device), float("-inf"))
 
     def nelbo(self, log_x_theta, z_t, x0, alpha_t, alpha_prime_t):
         return duo_nelbo(log_x_theta, z_t, x0, alpha_t, alpha_prime_t, self.valid_vocab)
