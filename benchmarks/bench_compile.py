@@ -79,7 +79,7 @@ def train_step_fn(model, shape, seed=0):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
     return step
 
 
