@@ -243,6 +243,32 @@ def crossovers(records: list[dict]) -> tuple[dict, dict]:
     return cross, est
 
 
+def to_markdown(records: list[dict]) -> str:
+    """One table row per record: shape, batch, method, T, NFE, CPU s, tokens per CPU s, wall s, peak MiB, vs AR."""
+    lines = ["| shape | B | method | T | NFE | CPU s | tokens / CPU s | wall s | peak MiB | vs AR-KV (CPU) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['shape']} | {r['batch']} | {r['method']} | {r['T'] if r['T'] is not None else '–'} | "
+                     f"{r['nfe']} | {r['cpu_s']:.3f} | {r['tokens_per_cpu_s']:.0f} | {r['latency_s']:.3f} | "
+                     f"{r['peak_mb']} | {r.get('vs_ar', float('nan')):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(args, device, records: list[dict], t_start: float, *, final: bool) -> None:
+    """The JSON (``--out`` after every cell, so a long run keeps what it measured; stdout at the end)."""
+    cross, est = crossovers(records)
+    summary = {"device": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
+               "threads": torch.get_num_threads(), "rounds": args.rounds, "command": " ".join(sys.argv),
+               "complete": final, "wall_s": round(time.time() - t_start, 1), "records": records, "crossover": cross,
+               "crossover_estimate": est}
+    text = json.dumps(summary, indent=1)
+    if args.out:
+        Path(args.out).write_text(text)
+        Path(args.out).with_suffix(".md").write_text(to_markdown(records))
+    if final:
+        print(text)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny_cpu shape only at its L = 64, T <= 64 (< 2 min)")
@@ -254,7 +280,8 @@ def main(argv=None) -> int:
     p.add_argument("--published-steps", type=int, nargs="+", default=[4, 8])
     p.add_argument("--published-batches", type=int, nargs="+", default=[1])
     p.add_argument("--published-ar-batches", type=int, nargs="*", default=[16],
-                   help="published-size batches where only ar-kv and hf-gpt2 run")
+                   help="published-size batches where only --published-ar-methods run")
+    p.add_argument("--published-ar-methods", nargs="+", default=["ar-kv", "hf-gpt2"], choices=["ar-kv", "hf-gpt2"])
     p.add_argument("--published-methods", nargs="+", default=["duo-ancestral", "mdlm", "ar-kv", "hf-gpt2"],
                    choices=ALL_METHODS)
     p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
@@ -284,18 +311,12 @@ def main(argv=None) -> int:
         for B in (args.published_batches if full else args.batches):
             steps_b = steps if B == 1 else [t for t in steps if t <= args.batch_max_steps]
             records += run_cell(shape, B, args.seq_len, steps_b, methods, args.rounds, device, log)
+            write_summary(args, device, records, t_start, final=False)
         for B in (args.published_ar_batches if full else []):
-            ar_only = [m for m in methods if m in ("ar-kv", "hf-gpt2")]
+            ar_only = [m for m in methods if m in args.published_ar_methods]
             records += run_cell(shape, B, args.seq_len, steps, ar_only, args.rounds, device, log)
-    cross, est = crossovers(records)
-    summary = {"device": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
-               "threads": torch.get_num_threads(), "rounds": args.rounds, "command": " ".join(sys.argv),
-               "wall_s": round(time.time() - t_start, 1), "records": records, "crossover": cross,
-               "crossover_estimate": est}
-    text = json.dumps(summary, indent=1)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
+            write_summary(args, device, records, t_start, final=False)
+    write_summary(args, device, records, t_start, final=True)
     return 0
 
 
