@@ -2,6 +2,8 @@
 how far the compiled numbers are from eager (the recipes compile each transformer block: ``block.compile()``).
 
     python benchmarks/bench_compile.py --shapes tiny d768 --rounds 5 --out compile.json
+    TORCHINDUCTOR_COMPILE_THREADS=1 TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) \
+        python benchmarks/bench_compile.py --shapes tiny --compile-cost      # compile CPU seconds, cold / warm cache
 
 Shapes: ``tiny`` = configs/duo/tiny_cpu.yaml (DiT d = 64, 2 layers, 4 heads, cond 32, K = 256, L = 64, batch 32);
 ``d768`` = the published width with fewer layers and a shorter context so that the CPU rounds fit (d = 768, 12 heads,
@@ -134,6 +136,28 @@ def measure_shape(name: str, shape: dict, rounds: int) -> dict:
     return out
 
 
+def compile_cost(name: str) -> dict:
+    """CPU seconds of the first train step with compiled blocks minus an eager step, in this process with Inductor
+    compiling in-process (``TORCHINDUCTOR_COMPILE_THREADS=1``, set by ``--compile-cost`` before torch loads), with a
+    fresh and then a warm Inductor cache (``TORCHINDUCTOR_CACHE_DIR``, a new temp dir)."""
+    import os
+
+    shape = SHAPES[name]
+    out = {"shape": name, "compile_threads": os.environ.get("TORCHINDUCTOR_COMPILE_THREADS")}
+    for cache in ("cold", "warm"):
+        torch._dynamo.reset()
+        eager, compiled = build(shape)
+        t_e, t_c = train_step_fn(eager, shape), train_step_fn(compiled, shape)
+        t_e()
+        c0 = time.process_time()
+        t_e()
+        eager_s = time.process_time() - c0
+        c0 = time.process_time()
+        t_c()
+        out[f"first_compiled_step_cpu_s_{cache}"] = round(time.process_time() - c0 - eager_s, 2)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=["tiny", "d768"], choices=sorted(SHAPES))
@@ -141,8 +165,13 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
+    p.add_argument("--compile-cost", action="store_true",
+                   help="only the compile time (CPU s) of the train step per shape, cold and warm Inductor cache")
     args = p.parse_args(argv)
     configure_cpu(args.threads)
+    if args.compile_cost:
+        print(json.dumps([compile_cost(s) for s in args.shapes], indent=1))
+        return 0
     SHAPES["d768"]["n_layers"] = args.d768_layers
     t0 = time.time()
     res = {"torch": torch.__version__, "threads": args.threads, "rounds": args.rounds, "command": " ".join(sys.argv),

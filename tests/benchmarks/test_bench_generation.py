@@ -49,9 +49,12 @@ def test_crossover_from_records():
         spec.loader.exec_module(mod)
     finally:
         sys.path.remove(str(SCRIPT.parent))
-    rec = lambda m, T, lat, nfe: {"shape": "s", "batch": 1, "method": m, "T": T, "latency_s": lat, "nfe": nfe}  # noqa
+    rec = lambda m, T, cpu, nfe: {"shape": "s", "batch": 1, "method": m, "T": T, "cpu_s": cpu, "nfe": nfe}  # noqa
     records = [rec("ar-kv", None, 10.0, 64), rec("duo-ancestral", 4, 2.5, 5), rec("duo-ancestral", 8, 4.5, 9),
                rec("duo-ancestral", 16, 8.5, 17), rec("duo-ancestral", 32, 16.5, 33)]
     cross, est = mod.crossovers(records)
     assert cross == {"s/B=1": 16}  # 8.5 s < 10 s at T = 16, 16.5 s > 10 s at T = 32
     assert est == {"s/B=1": 19.0}  # 0.5 s per NFE: (T + 1) * 0.5 = 10 at T = 19
+    # a batch without Duo runs: estimated from the batch-1 seconds per NFE scaled by the batch size
+    records.append({**rec("ar-kv", None, 40.0, 64), "batch": 4})
+    assert mod.crossovers(records)[1]["s/B=4"] == "19.0 (batch-scaled)"  # 2 s per NFE: (T + 1) * 2 = 40
