@@ -285,7 +285,7 @@ def run(cfg: DictConfig) -> dict:
         with eta_lines():  # the sampler's bar on a terminal, else an ETA line every 30 s
             res = generate(model, opts, batch_size=num, seq_len=seq_len, prompt=job.get("prompt_ids"),
                            clamp_mask=job.get("clamp_mask"), clamp_values=job.get("clamp_values"), seed=seed + j,
-                           eos_id=eos_id, start_id=bos, denoiser=den, schedule=schedule, device=device)
+                           eos_id=eos_id, start_id=bos, denoiser=den, schedule=schedule)
         nfe, tokens = res.nfe, res.tokens
         ids = tokens.cpu()
         all_ids.append(ids)

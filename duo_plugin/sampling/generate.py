@@ -58,7 +58,7 @@ def _causal(model, options: SamplerOptions, *, batch_size: int, seq_len: int, pr
 def generate(model, options: SamplerOptions, *, batch_size: int, seq_len: int, prompt: Optional[torch.Tensor] = None,
              clamp_mask: Optional[torch.Tensor] = None, clamp_values: Optional[torch.Tensor] = None,
              generator: Generators = None, seed: Optional[int] = None, eos_id: Optional[int] = None,
-             start_id: Optional[int] = None, denoiser=None, schedule=None, device=None) -> SampleResult:
+             start_id: Optional[int] = None, denoiser=None, schedule=None) -> SampleResult:
     """Sample ``batch_size`` sequences of ``seq_len`` tokens (plus ``options.n_blocks × block_len`` with blocks)
     from ``model`` (module docstring). Returns a :class:`SampleResult` (``tokens``, ``nfe`` per sequence, and
     ``lengths`` with ``eos_id``).
@@ -67,6 +67,7 @@ def generate(model, options: SamplerOptions, *, batch_size: int, seq_len: int, p
     ``clamp_mask`` / ``clamp_values``: infilling (diffusion models). Exactly one of ``generator`` / ``seed``.
     ``start_id``: the first token of left-to-right decoding without a prompt (e.g. BOS; diffusion models ignore it).
     ``denoiser``: the callable to use (default ``DenoiserFn(model)``); ``schedule``: α_t (default log-linear).
+    Sampling runs on the model's device.
     """
     if model_kind(model) == "causal":
         if prompt is None and clamp_mask is None and start_id is not None:
@@ -75,6 +76,7 @@ def generate(model, options: SamplerOptions, *, batch_size: int, seq_len: int, p
                        generator=generator, seed=seed, eos_id=eos_id)
     scheduler = scheduler_for_model(model, options, schedule=schedule)
     den = denoiser if denoiser is not None else DenoiserFn(model)
+    device = next(iter(model.parameters())).device
     kw = dict(batch_size=batch_size, seq_len=seq_len, options=options, prompt=prompt, generator=generator, seed=seed,
               device=device, eos_id=eos_id)
     if options.n_blocks:
@@ -87,7 +89,7 @@ def generate(model, options: SamplerOptions, *, batch_size: int, seq_len: int, p
 
 def generate_continuations(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, options: SamplerOptions, *,
                            generators: Sequence[torch.Generator], eos_id: Optional[int], window: int,
-                           denoiser=None, schedule=None, device=None) -> list[list[int]]:
+                           denoiser=None, schedule=None) -> list[list[int]]:
     """Continue each prompt (token ids) by up to ``max_new_tokens`` tokens, cut before the first ``eos_id``: the
     library of lm-eval's ``generate_until`` for every process.
 
@@ -118,7 +120,7 @@ def generate_continuations(model, prompts: Sequence[Sequence[int]], max_new_toke
             opts = options.replace(n_blocks=-(-(total - window) // options.block_len))
             seq_len = window
         res = generate(model, opts, batch_size=len(rows), seq_len=seq_len, prompt=ids, generator=gens,
-                       eos_id=eos_id, denoiser=denoiser, schedule=schedule, device=device)
+                       eos_id=eos_id, denoiser=denoiser, schedule=schedule)
         for r, i in enumerate(rows):
             new = res.tokens[r, p_len:total].tolist()
             if eos_id is not None and eos_id in new:

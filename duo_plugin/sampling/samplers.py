@@ -309,6 +309,43 @@ def _generators(generator, seed, batch_size: int):
     return generator
 
 
+def _run_chunks(denoiser, scheduler, opts: SamplerOptions, grid, shape, clamp, gens, device, guided: bool,
+                keep_trajectory: bool):
+    """Run the loop over chunks of ``opts.chunk_size`` rows: (outputs, trajectories, NFE = the most of any chunk)."""
+    (batch_size, seq_len), (cmask, cvals), (generator, seed) = shape, clamp, gens
+    chunk = batch_size if opts.chunk_size is None else opts.chunk_size
+    n_chunks = (batch_size + chunk - 1) // chunk
+    calls = opts.steps + (0 if opts.noise_removal == "none" else 1)
+    bar = progress_bar(opts.progress, total=n_chunks * calls, unit="step", leave=False,
+                       desc=f"duo sample ({scheduler.predictor}/{opts.noise_removal}, T={opts.steps})")
+    outs, trajs, nfe = [], [], 0
+    try:
+        for c in range(n_chunks):
+            lo, hi = c * chunk, min(batch_size, (c + 1) * chunk)
+            if generator is None:
+                gen = row_generators(int(seed), 0, range(lo, hi), device=device)
+            elif isinstance(generator, torch.Generator):
+                gen = generator
+            else:
+                gen = generator[lo:hi]
+            m = cmask[lo:hi].to(device) if cmask is not None else None
+            v = cvals[lo:hi].to(device) if cvals is not None else None
+            z = scheduler.process.prior_sample((hi - lo, seq_len), gen, device)
+            z = z if m is None else torch.where(m, v, z)
+            seeds = _row_stream_seeds(gen, hi - lo, device) if scheduler.uses_counter_stream else None
+            traj = [z] if keep_trajectory else None
+            z, n = _denoise(denoiser, scheduler, grid, z, m, v, StepNoise(gen, seeds, 0), opts.noise_removal, guided,
+                            traj, bar)
+            outs.append(z)
+            nfe = max(nfe, n)
+            if traj is not None:
+                trajs.append(torch.stack(traj, 0))
+    finally:
+        if bar is not None:
+            bar.close()
+    return outs, trajs, nfe
+
+
 def sample(
     denoiser: Denoiser,
     scheduler=None,
@@ -358,7 +395,6 @@ def sample(
     device = torch.device(device) if device is not None else torch.device("cpu")
     opts, scheduler = _resolve(scheduler, options, dict(option_kwargs), device)
     generator = _generators(generator, seed, batch_size)
-    chunk = batch_size if opts.chunk_size is None else opts.chunk_size
     process = scheduler.process
     cmask, cvals = _build_clamp(batch_size, seq_len, int(process.vocab_size), prompt, clamp_mask, clamp_values)
     if cmask is not None:
@@ -366,35 +402,8 @@ def sample(
     grid = scheduler.timesteps(opts.steps, opts.t_eps)
     guided = scheduler.guidance_weight != 1.0 and cmask is not None
 
-    n_chunks = (batch_size + chunk - 1) // chunk
-    calls = opts.steps + (0 if opts.noise_removal == "none" else 1)
-    bar = progress_bar(opts.progress, total=n_chunks * calls, unit="step", leave=False,
-                       desc=f"duo sample ({scheduler.predictor}/{opts.noise_removal}, T={opts.steps})")
-    outs, trajs, nfe = [], [], 0
-    try:
-        for c in range(n_chunks):
-            lo, hi = c * chunk, min(batch_size, (c + 1) * chunk)
-            if generator is None:
-                gen = row_generators(int(seed), 0, range(lo, hi), device=device)
-            elif isinstance(generator, torch.Generator):
-                gen = generator
-            else:
-                gen = generator[lo:hi]
-            m = cmask[lo:hi].to(device) if cmask is not None else None
-            v = cvals[lo:hi].to(device) if cvals is not None else None
-            z = process.prior_sample((hi - lo, seq_len), gen, device)
-            z = z if m is None else torch.where(m, v, z)
-            seeds = _row_stream_seeds(gen, hi - lo, device) if scheduler.uses_counter_stream else None
-            traj = [z] if return_trajectory else None
-            z, n = _denoise(denoiser, scheduler, grid, z, m, v, StepNoise(gen, seeds, 0), opts.noise_removal, guided,
-                            traj, bar)
-            outs.append(z)
-            nfe = max(nfe, n)
-            if traj is not None:
-                trajs.append(torch.stack(traj, 0))
-    finally:
-        if bar is not None:
-            bar.close()
+    outs, trajs, nfe = _run_chunks(denoiser, scheduler, opts, grid, (batch_size, seq_len), (cmask, cvals),
+                                   (generator, seed), device, guided, return_trajectory)
     tokens = torch.cat(outs, 0)
     if not return_trajectory and eos_id is None:
         return tokens
