@@ -1,8 +1,10 @@
-"""duo_generate: sample text from a Duo model directory (ancestral / Greedy-Tail / Ψ, nucleus, prompts, infilling,
-prompt guidance, block generation beyond the context, variable-length output; docs/sampling.md).
+"""duo_generate: sample text from any model directory the toolkit trains (Duo/UDLM/DCD, MDLM, AR): ancestral /
+Greedy-Tail / Ψ, nucleus, prompts, infilling, prompt guidance, block generation beyond the context, variable-length
+output; docs/sampling.md.
 
-Sampler: docs/sampling.md (exact float64 USDM posterior on linspace(1, t_eps, steps + 1), log-linear α, one
-noise-removal call at t_eps; NFE = steps + 1). Writes ``output_dir/samples.jsonl`` (one line per sample: text,
+Sampler: :func:`duo_plugin.sampling.generate` picks the process from the folder's metadata (the scheduler for a
+diffusion model, one float64 loop on linspace(1, t_eps, steps + 1), one noise-removal call at t_eps, NFE = steps + 1;
+KV-cache decoding for an AR model); the recipe has no process branch. Writes ``output_dir/samples.jsonl`` (one line per sample: text,
 ids, steps, mode, prompt index, seed) and ``output_dir/metrics.json`` (NFE, timing, mean unigram entropy, and Gen
 PPL when ``genppl`` is configured; Gen PPL is always reported together with entropy).
 
@@ -293,7 +295,7 @@ def run(cfg: DictConfig) -> dict:
         with eta_lines():  # the sampler's bar on a terminal, else an ETA line every 30 s
             res = generate(model, opts, batch_size=num, seq_len=seq_len, prompt=job.get("prompt_ids"),
                            clamp_mask=job.get("clamp_mask"), clamp_values=job.get("clamp_values"), seed=seed + j,
-                           eos_id=eos_id, start_id=bos, denoiser=den, schedule=schedule, device=device)
+                           eos_id=eos_id, start_id=bos, denoiser=den, schedule=schedule)
         nfe, tokens = res.nfe, res.tokens
         ids = tokens.cpu()
         all_ids.append(ids)

@@ -58,7 +58,7 @@ def _causal(model, options: SamplerOptions, *, batch_size: int, seq_len: int, pr
 def generate(model, options: SamplerOptions, *, batch_size: int, seq_len: int, prompt: Optional[torch.Tensor] = None,
              clamp_mask: Optional[torch.Tensor] = None, clamp_values: Optional[torch.Tensor] = None,
              generator: Generators = None, seed: Optional[int] = None, eos_id: Optional[int] = None,
-             start_id: Optional[int] = None, denoiser=None, schedule=None, device=None) -> SampleResult:
+             start_id: Optional[int] = None, denoiser=None, schedule=None) -> SampleResult:
     """Sample ``batch_size`` sequences of ``seq_len`` tokens (plus ``options.n_blocks × block_len`` with blocks)
     from ``model`` (module docstring). Returns a :class:`SampleResult` (``tokens``, ``nfe`` per sequence, and
     ``lengths`` with ``eos_id``).
@@ -67,6 +67,7 @@ def generate(model, options: SamplerOptions, *, batch_size: int, seq_len: int, p
     ``clamp_mask`` / ``clamp_values``: infilling (diffusion models). Exactly one of ``generator`` / ``seed``.
     ``start_id``: the first token of left-to-right decoding without a prompt (e.g. BOS; diffusion models ignore it).
     ``denoiser``: the callable to use (default ``DenoiserFn(model)``); ``schedule``: α_t (default log-linear).
+    Sampling runs on the model's device.
     """
     if model_kind(model) == "causal":
         if prompt is None and clamp_mask is None and start_id is not None:
@@ -75,6 +76,7 @@ def generate(model, options: SamplerOptions, *, batch_size: int, seq_len: int, p
                        generator=generator, seed=seed, eos_id=eos_id)
     scheduler = scheduler_for_model(model, options, schedule=schedule)
     den = denoiser if denoiser is not None else DenoiserFn(model)
+    device = next(iter(model.parameters())).device
     kw = dict(batch_size=batch_size, seq_len=seq_len, options=options, prompt=prompt, generator=generator, seed=seed,
               device=device, eos_id=eos_id)
     if options.n_blocks:
@@ -95,8 +97,12 @@ def generate_continuations(model, prompts: Sequence[Sequence[int]], max_new_toke
     from ``generators[i]`` only, so its continuation does not depend on the other requests. A diffusion model
     generates ``P + max_new_tokens`` positions with the prompt clamped; beyond ``window`` (the model's context) it
     continues in stride windows of ``options.block_len`` new tokens (:func:`sample_blocks`, stopping once every row
-    has an EOS). A causal model decodes left to right (``P + max_new_tokens <= window``).
+    has an EOS). A causal model decodes left to right (``P + max_new_tokens <= window``). Sampling runs on the
+    model's device (``device``, when given, must be it).
     """
+    model_device, want = next(iter(model.parameters())).device, None if device is None else torch.device(device)
+    if want is not None and (want.type != model_device.type or want.index not in (None, model_device.index)):
+        raise ValueError(f"device={device} but the model is on {model_device}: move the model, or pass its device")
     if len(generators) != len(prompts):
         raise ValueError(f"got {len(generators)} generators for {len(prompts)} prompts (one per request)")
     g = int(max_new_tokens)
@@ -118,7 +124,7 @@ def generate_continuations(model, prompts: Sequence[Sequence[int]], max_new_toke
             opts = options.replace(n_blocks=-(-(total - window) // options.block_len))
             seq_len = window
         res = generate(model, opts, batch_size=len(rows), seq_len=seq_len, prompt=ids, generator=gens,
-                       eos_id=eos_id, denoiser=denoiser, schedule=schedule, device=device)
+                       eos_id=eos_id, denoiser=denoiser, schedule=schedule)
         for r, i in enumerate(rows):
             new = res.tokens[r, p_len:total].tolist()
             if eos_id is not None and eos_id in new:

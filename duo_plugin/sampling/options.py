@@ -77,7 +77,9 @@ class SamplerOptions:
         t_eps = _float("t_eps", self.t_eps)
         if not 0.0 < t_eps < 1.0:
             raise _bad("t_eps", self.t_eps, "must lie in (0, 1)", "the paper uses t_eps=1e-5")
-        set_("top_p", top_p), set_("temperature", temp), set_("t_eps", t_eps)
+        set_("top_p", top_p)
+        set_("temperature", temp)
+        set_("t_eps", t_eps)
         set_("guidance_weight", _float("guidance_weight", self.guidance_weight))
         if self.predictor not in PREDICTORS:
             raise _bad("predictor", self.predictor, f"must be one of {', '.join(PREDICTORS)}",

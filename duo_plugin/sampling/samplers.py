@@ -1,11 +1,11 @@
-"""Sampling loop for uniform-state diffusion LMs: :func:`sample` (ancestral / Greedy-Tail / Ψ, nucleus,
-temperature, prompts, infilling, prompt guidance), :func:`sample_blocks` (semi-autoregressive stride generation
-beyond the context) and :func:`trim_at_eos` (variable-length output). docs/sampling.md describes all of it.
+"""The one sampling loop, for every noise process: :func:`sample` (any :class:`~duo_plugin.sampling.base.Scheduler`:
+uniform-state ancestral / Greedy-Tail / Ψ, absorbing (MDLM) ancestral / Ψ; nucleus, temperature, prompts,
+infilling, prompt guidance), :func:`sample_blocks` (semi-autoregressive stride generation beyond the context) and
+:func:`trim_at_eos` (variable-length output). docs/sampling.md describes all of it.
 
 The loop is short: draw z_1 from the prior (clamped positions held), then for each step of the scheduler's grid call
-the denoiser once (twice with prompt guidance) and let the scheduler draw z_s
-(:meth:`~duo_plugin.sampling.schedulers.AncestralScheduler.step`); after the steps, one optional noise-removal call
-at t = t_eps:
+the denoiser once (twice with prompt guidance; not at all while x_θ can be reused) and let the scheduler draw z_s
+(``scheduler.step``); after the steps, one optional noise-removal call at t = t_eps (``scheduler.final``):
 
 * ``"ancestral"``: one more posterior step with α_s = 1;
 * ``"greedy"`` (Greedy-Tail): z ← argmax_v x_θ(z, σ(t_eps))_v (the denoiser output, not the final posterior);
@@ -13,8 +13,8 @@ at t = t_eps:
 
 So NFE = steps + 1 (``steps`` for ``"none"``), doubled with prompt guidance (w ≠ 1).
 
-The update rule lives in :mod:`duo_plugin.sampling.schedulers`, the noise process (α_t, prior, posterior) is
-:class:`duo_plugin.diffusion.process.UniformProcess`; the posterior draw
+The update rules live in :mod:`duo_plugin.sampling.schedulers` (uniform state) and :mod:`duo_plugin.sampling.mdlm`
+(absorbing); the noise processes in :mod:`duo_plugin.diffusion`. For the uniform process the posterior draw
 (``posterior_impl``) has three exact float64 implementations:
 
 * ``"dense"``: the full ``float64 [B, L, K]`` law and a race of exponentials from the torch generators — the
@@ -258,6 +258,43 @@ def _generators(generator, seed, batch_size: int):
     return generator
 
 
+def _run_chunks(denoiser, scheduler, opts: SamplerOptions, grid, shape, clamp, gens, device, guided: bool,
+                keep_trajectory: bool):
+    """Run the loop over chunks of ``opts.chunk_size`` rows: (outputs, trajectories, NFE = the most of any chunk)."""
+    (batch_size, seq_len), (cmask, cvals), (generator, seed) = shape, clamp, gens
+    chunk = batch_size if opts.chunk_size is None else opts.chunk_size
+    n_chunks = (batch_size + chunk - 1) // chunk
+    calls = opts.steps + (0 if opts.noise_removal == "none" else 1)
+    bar = progress_bar(opts.progress, total=n_chunks * calls, unit="step", leave=False,
+                       desc=f"duo sample ({scheduler.predictor}/{opts.noise_removal}, T={opts.steps})")
+    outs, trajs, nfe = [], [], 0
+    try:
+        for c in range(n_chunks):
+            lo, hi = c * chunk, min(batch_size, (c + 1) * chunk)
+            if generator is None:
+                gen = row_generators(int(seed), 0, range(lo, hi), device=device)
+            elif isinstance(generator, torch.Generator):
+                gen = generator
+            else:
+                gen = generator[lo:hi]
+            m = cmask[lo:hi].to(device) if cmask is not None else None
+            v = cvals[lo:hi].to(device) if cvals is not None else None
+            z = scheduler.process.prior_sample((hi - lo, seq_len), gen, device)
+            z = z if m is None else torch.where(m, v, z)
+            seeds = _row_stream_seeds(gen, hi - lo, device) if scheduler.uses_counter_stream else None
+            traj = [z] if keep_trajectory else None
+            z, n = _denoise(denoiser, scheduler, grid, z, m, v, StepNoise(gen, seeds, 0), opts.noise_removal, guided,
+                            traj, bar)
+            outs.append(z)
+            nfe = max(nfe, n)
+            if traj is not None:
+                trajs.append(torch.stack(traj, 0))
+    finally:
+        if bar is not None:
+            bar.close()
+    return outs, trajs, nfe
+
+
 def sample(
     denoiser: Denoiser,
     scheduler=None,
@@ -307,7 +344,6 @@ def sample(
     device = torch.device(device) if device is not None else torch.device("cpu")
     opts, scheduler = _resolve(scheduler, options, dict(option_kwargs), device)
     generator = _generators(generator, seed, batch_size)
-    chunk = batch_size if opts.chunk_size is None else opts.chunk_size
     process = scheduler.process
     cmask, cvals = _build_clamp(batch_size, seq_len, int(process.vocab_size), prompt, clamp_mask, clamp_values)
     if cmask is not None:
@@ -315,35 +351,8 @@ def sample(
     grid = scheduler.timesteps(opts.steps, opts.t_eps)
     guided = scheduler.guidance_weight != 1.0 and cmask is not None
 
-    n_chunks = (batch_size + chunk - 1) // chunk
-    calls = opts.steps + (0 if opts.noise_removal == "none" else 1)
-    bar = progress_bar(opts.progress, total=n_chunks * calls, unit="step", leave=False,
-                       desc=f"duo sample ({scheduler.predictor}/{opts.noise_removal}, T={opts.steps})")
-    outs, trajs, nfe = [], [], 0
-    try:
-        for c in range(n_chunks):
-            lo, hi = c * chunk, min(batch_size, (c + 1) * chunk)
-            if generator is None:
-                gen = row_generators(int(seed), 0, range(lo, hi), device=device)
-            elif isinstance(generator, torch.Generator):
-                gen = generator
-            else:
-                gen = generator[lo:hi]
-            m = cmask[lo:hi].to(device) if cmask is not None else None
-            v = cvals[lo:hi].to(device) if cvals is not None else None
-            z = process.prior_sample((hi - lo, seq_len), gen, device)
-            z = z if m is None else torch.where(m, v, z)
-            seeds = _row_stream_seeds(gen, hi - lo, device) if scheduler.uses_counter_stream else None
-            traj = [z] if return_trajectory else None
-            z, n = _denoise(denoiser, scheduler, grid, z, m, v, StepNoise(gen, seeds, 0), opts.noise_removal, guided,
-                            traj, bar)
-            outs.append(z)
-            nfe = max(nfe, n)
-            if traj is not None:
-                trajs.append(torch.stack(traj, 0))
-    finally:
-        if bar is not None:
-            bar.close()
+    outs, trajs, nfe = _run_chunks(denoiser, scheduler, opts, grid, (batch_size, seq_len), (cmask, cvals),
+                                   (generator, seed), device, guided, return_trajectory)
     tokens = torch.cat(outs, 0)
     if not return_trajectory and eos_id is None:
         return tokens
