@@ -9,8 +9,9 @@ validation content tokens (fitted on the run's training split), and appends one 
 ``docs/small-scale-training.md`` is regenerated from that file after every run.  A run already recorded as done is
 skipped, so invoking the same plan again continues the study where it stopped:
 
-    python benchmarks/study.py run --plan baseline --jobs 2       # in the background: nice, 1 thread per run
-    python benchmarks/study.py list --plan baseline                 # what is done / to do, with the commands
+    python benchmarks/study.py run --jobs 2        # the QUEUE of benchmarks/study_plans.py (re-read before each launch)
+    python benchmarks/study.py run --plan baseline  # one plan only
+    python benchmarks/study.py list                 # what is done / to do
     python benchmarks/study.py record-unfinished                    # runs killed mid-way: partial curves, unfinished
     python benchmarks/study.py table                                # regenerate the doc table only
 
@@ -104,24 +105,29 @@ def prepare_bom(folder: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------------- plans
-def _grid(corpora, methods, seeds, overrides=(), tag="base") -> list[Run]:
-    """Seed-major order: every (corpus, method) gets seed 0 before any gets seed 1."""
-    return [Run(c, m, s, tuple(overrides), tag) for s in seeds for c in corpora for m in methods]
+def load_plans() -> tuple[dict, list[str]]:
+    """``(PLANS, QUEUE)`` of ``benchmarks/study_plans.py``, re-read from disk on every call: a running study picks up
+    plans added to the queue while it runs."""
+    import importlib.util
 
-
-PLANS = {
-    # duo/tiny_cpu's shape and budget, 3 seeds, the new corpus first (it is where the issue saw no escape)
-    "baseline": _grid(["bom", "shakespeare"], ["duo", "udlm", "mdlm"], [0, 1, 2]),
-    "ar": _grid(["bom", "shakespeare"], ["ar"], [0], ["max_steps=600"], "steps600"),
-    # the pipeline end to end in a minute (use with --results /tmp/...: not a study result)
-    "smoke": _grid(["bom"], ["duo", "mdlm"], [0], ["max_steps=20", "eval_every=10"], "smoke"),
-}
+    spec = importlib.util.spec_from_file_location("study_plans", Path(__file__).with_name("study_plans.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.PLANS, list(mod.QUEUE)
 
 
 def plan_runs(name: str) -> list[Run]:
-    if name not in PLANS:
-        raise SystemExit(f"study: unknown plan {name!r}; known: {', '.join(sorted(PLANS))}")
-    return PLANS[name]
+    plans, _ = load_plans()
+    if name not in plans:
+        raise SystemExit(f"study: unknown plan {name!r}; known: {', '.join(sorted(plans))}")
+    return [Run(**r) for r in plans[name]]
+
+
+def queue_runs(plan_names: list[str] | None) -> list[Run]:
+    """The runs of ``plan_names`` (None: the file's QUEUE), in order, without duplicates."""
+    plans, queue = load_plans()
+    runs = [r for p in (plan_names or queue) for r in plan_runs(p)]
+    return list({r.key: r for r in reversed(runs)}.values())[::-1]
 
 
 # ------------------------------------------------------------------------------------------------------- results
@@ -254,7 +260,10 @@ def execute(run: Run, work: Path, res: Results) -> None:
     command = "tune run " + " ".join(args)
     print(f"[study] start {run.key}: {command}", flush=True)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    rc, wall = launch(args, out)
+    if (out / "summary.json").is_file():  # finished, but its recorder was stopped: adopt it, do not rerun
+        rc, wall = 0, float(json.loads((out / "summary.json").read_text())["wall_time_s"])
+    else:
+        rc, wall = launch(args, out)
     record = {"corpus": run.corpus, "method": run.method, "seed": run.seed, "tag": run.tag,
               "overrides": list(run.overrides), "command": command, "started_utc": started, "wall_s": round(wall, 1),
               "returncode": rc, "out": str(out), "load_avg": os.getloadavg()[0]}
@@ -272,8 +281,8 @@ def execute(run: Run, work: Path, res: Results) -> None:
 def record_unfinished(work: Path, res: Results) -> list[str]:
     """Runs with a log but no record (killed by a session end): their partial curve, status ``unfinished``."""
     keys = []
-    for plan in PLANS.values():
-        for run in plan:
+    for name in load_plans()[0]:
+        for run in plan_runs(name):
             _, out = run_args_no_prepare(run, work)
             if res.done(run.key) or not (out / "logs").is_dir() or (out / "summary.json").is_file():
                 continue
@@ -328,6 +337,11 @@ def _fmt(x, nd=1):
     return "—" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 
 
+def _short(command: str) -> str:
+    """The command with the repository prefix dropped from paths (the work dir is ``outputs/study`` by default)."""
+    return command.replace(str(REPO) + "/", "")
+
+
 def table_lines(res: Results) -> list[str]:
     rows = sorted(res.data["runs"].items(), key=lambda kv: (kv[1].get("corpus", ""), kv[1].get("tag", ""),
                                                             kv[1].get("method", ""), kv[1].get("seed", 0)))
@@ -344,7 +358,7 @@ def table_lines(res: Results) -> list[str]:
         out.append(f"| {r.get('corpus')} | {r.get('method')} | {r.get('tag')} | {r.get('seed')} | {r.get('status')} | "
                    f"{_fmt(uni)} | {esc_s} | {_fmt(final)} ({_fmt(r.get('final_step'))}) | "
                    f"{_fmt(r.get('final_vs_unigram'), 2)} | {_fmt(r.get('max_loss_after_warmup'), 2)} | "
-                   f"{sp_s or '—'} | {_fmt(r.get('wall_s'), 0)} | `{r.get('command', '')}` |")
+                   f"{sp_s or '—'} | {_fmt(r.get('wall_s'), 0)} | `{_short(r.get('command', ''))}` |")
     return out
 
 
@@ -363,34 +377,54 @@ def write_table(res: Results) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- driver
-def run_plan(runs: list[Run], work: Path, res: Results, jobs: int, stop_at: str | None) -> None:
-    todo = [r for r in runs if not res.done(r.key)]
-    for corpus in dict.fromkeys(r.corpus for r in todo):
-        prepare_corpus(corpus, work)
+def run_plan(plan_names: list[str] | None, work: Path, res: Results, jobs: int, stop_at: str | None) -> None:
+    """Run what is not done yet, ``jobs`` at a time.  The queue is re-read before every launch (``plan_names`` None:
+    ``study_plans.QUEUE``), so plans appended while the study runs are picked up."""
+    running: set[str] = set()
+    prepared: set[str] = set()
+    cv = threading.Condition()
 
     def too_late() -> bool:
-        if not stop_at:
-            return False
-        now = _dt.datetime.now(_dt.timezone.utc).strftime("%H:%M")
-        return now >= stop_at
+        return bool(stop_at) and _dt.datetime.now(_dt.timezone.utc).strftime("%H:%M") >= stop_at
 
-    def one(run: Run) -> None:
-        if too_late():
-            print(f"[study] {stop_at} UTC passed: not starting {run.key}", flush=True)
-            return
+    def worker(run: Run) -> None:
         try:
             execute(run, work, res)
         except Exception as e:  # noqa: BLE001 - one broken run must not stop the study
             print(f"[study] {run.key}: {type(e).__name__}: {e}", flush=True)
+            res.put(run.key, {"corpus": run.corpus, "method": run.method, "seed": run.seed, "tag": run.tag,
+                              "status": "failed", "error": f"{type(e).__name__}: {e}"})
+        with cv:
+            running.discard(run.key)
+            cv.notify_all()
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        list(pool.map(one, todo))
+    while True:
+        with cv:
+            while len(running) >= jobs:
+                cv.wait()
+            todo = [r for r in queue_runs(plan_names) if r.key not in running and res.data["runs"].get(
+                r.key, {}).get("status") not in ("done", "failed")]  # "unfinished" runs start again
+            if not todo or too_late():
+                if not running:
+                    break
+                cv.wait()
+                continue
+            run = todo[0]
+            running.add(run.key)
+        if run.corpus not in prepared:
+            prepare_corpus(run.corpus, work)
+            prepared.add(run.corpus)
+        print(f"[study] queue: {len(todo) - 1} more after {run.key}", flush=True)
+        threading.Thread(target=worker, args=(run,), daemon=False).start()
+    if too_late():
+        print(f"[study] {stop_at} UTC passed: no new run started", flush=True)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("action", choices=["run", "list", "table", "record-unfinished"])
-    ap.add_argument("--plan", action="append", default=[], help=f"one of {sorted(PLANS)} (repeatable)")
+    ap.add_argument("--plan", action="append", default=[],
+                    help="a plan of benchmarks/study_plans.py (repeatable); default: its QUEUE, re-read before each launch")
     ap.add_argument("--jobs", type=int, default=2, help="concurrent tune-run processes (at most 2 on this machine)")
     ap.add_argument("--work", default=str(REPO / "outputs" / "study"))
     ap.add_argument("--results", default=str(RESULTS), help="results JSON (another path: the doc is not touched)")
@@ -398,7 +432,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     work = Path(a.work).resolve()
     res = Results(Path(a.results).resolve())
-    runs = [r for p in a.plan for r in plan_runs(p)]
+    runs = queue_runs(a.plan or None)
     if a.action == "table":
         write_table(res)
     elif a.action == "record-unfinished":
@@ -408,9 +442,7 @@ def main(argv=None) -> int:
             status = res.data["runs"].get(r.key, {}).get("status", "todo")
             print(f"{status:10s} {r.key}")
     else:
-        if not runs:
-            raise SystemExit("study: name at least one --plan")
-        run_plan(runs, work, res, min(int(a.jobs), 2), a.stop_at)
+        run_plan(a.plan or None, work, res, min(int(a.jobs), 2), a.stop_at)
     return 0
 
 
