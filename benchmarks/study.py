@@ -362,6 +362,23 @@ def table_lines(res: Results) -> list[str]:
     return out
 
 
+def summary_lines(res: Results) -> list[str]:
+    """Per (corpus, method, variant): how many finished seeds left the plateau, when, and where they ended."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in res.data["runs"].values():
+        if r.get("status") == "done":
+            groups.setdefault((r["corpus"], r["method"], r["tag"]), []).append(r)
+    out = ["| corpus | method | variant | seeds done | escaped | escape steps (per seed) | final / unigram (per seed) |",
+           "|---|---|---|---|---|---|---|"]
+    for (corpus, method, tag), rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["seed"])
+        esc = [r.get("escape_step") for r in rs]
+        out.append(f"| {corpus} | {method} | {tag} | {len(rs)} | {sum(e is not None for e in esc)}/{len(rs)} | "
+                   + ", ".join(f"s{r['seed']}: {'never' if e is None else e}" for r, e in zip(rs, esc)) + " | "
+                   + ", ".join(f"s{r['seed']}: {_fmt(r.get('final_vs_unigram'), 2)}" for r in rs) + " |")
+    return out
+
+
 def write_table(res: Results) -> None:
     if res.path != RESULTS or not DOC.is_file():  # a scratch results file (--results) leaves the doc alone
         return
@@ -370,7 +387,7 @@ def write_table(res: Results) -> None:
         return
     head, _, rest = text.partition(TABLE_BEGIN)
     _, _, tail = rest.partition(TABLE_END)
-    body = "\n".join(table_lines(res))
+    body = "\n".join(["### Summary", "", *summary_lines(res), "", "### Every run", "", *table_lines(res)])
     tmp = DOC.with_suffix(".tmp")
     tmp.write_text(f"{head}{TABLE_BEGIN}\n{body}\n{TABLE_END}{tail}")
     os.replace(tmp, DOC)
