@@ -127,7 +127,8 @@ def queue_runs(plan_names: list[str] | None) -> list[Run]:
     """The runs of ``plan_names`` (None: the file's QUEUE), in order, without duplicates."""
     plans, queue = load_plans()
     runs = [r for p in (plan_names or queue) for r in plan_runs(p)]
-    return list({r.key: r for r in reversed(runs)}.values())[::-1]
+    seen: set[str] = set()
+    return [r for r in runs if not (r.key in seen or seen.add(r.key))]  # the first occurrence decides the order
 
 
 # ------------------------------------------------------------------------------------------------------- results
@@ -456,7 +457,9 @@ def main(argv=None) -> int:
         print("\n".join(record_unfinished(work, res)) or "nothing unfinished")
     elif a.action == "list":
         for r in runs:
-            status = res.data["runs"].get(r.key, {}).get("status", "todo")
+            status = res.data["runs"].get(r.key, {}).get("status")
+            if status is None:
+                status = "partial" if (run_args_no_prepare(r, work)[1] / "logs").is_dir() else "todo"
             print(f"{status:10s} {r.key}")
     else:
         run_plan(a.plan or None, work, res, min(int(a.jobs), 2), a.stop_at)
