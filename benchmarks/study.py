@@ -180,8 +180,9 @@ def tune_cmd() -> list[str]:
     return [exe] if Path(exe).exists() else [sys.executable, "-m", "torchtune._cli.tune"]
 
 
-def launch(args: list[str], out: Path) -> tuple[int, float]:
-    """``nice -n 10 tune run <args>`` with one intra-op thread; stdout+stderr to ``<out>.log`` beside ``out``."""
+def launch(args: list[str], out: Path) -> tuple[int, float, float]:
+    """``nice -n 10 tune run <args>`` with one intra-op thread; stdout+stderr to ``<out>.log`` beside ``out``.
+    Returns (exit status, wall seconds, CPU seconds of the run's process)."""
     if out.exists():
         shutil.rmtree(out)  # a run killed mid-way restarts from step 0 (same seed: the same run)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -193,8 +194,10 @@ def launch(args: list[str], out: Path) -> tuple[int, float]:
     with open(log_file, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
-    return rc, time.perf_counter() - t0
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time (`nice` execs tune: same pid)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, time.perf_counter() - t0, usage.ru_utime + usage.ru_stime
 
 
 # ------------------------------------------------------------------------------------------------------- analysis
@@ -261,12 +264,14 @@ def execute(run: Run, work: Path, res: Results) -> None:
     command = "tune run " + " ".join(args)
     print(f"[study] start {run.key}: {command}", flush=True)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    cpu = None
     if (out / "summary.json").is_file():  # finished, but its recorder was stopped: adopt it, do not rerun
         rc, wall = 0, float(json.loads((out / "summary.json").read_text())["wall_time_s"])
     else:
-        rc, wall = launch(args, out)
+        rc, wall, cpu = launch(args, out)
     record = {"corpus": run.corpus, "method": run.method, "seed": run.seed, "tag": run.tag,
               "overrides": list(run.overrides), "command": command, "started_utc": started, "wall_s": round(wall, 1),
+              "cpu_s": None if cpu is None else round(cpu, 1),  # ~ the run's time alone on one core
               "returncode": rc, "out": str(out), "load_avg": os.getloadavg()[0]}
     if rc != 0:
         record.update(status="failed", log_tail=(out.parent / (out.name + ".log")).read_text()[-2000:])
@@ -347,8 +352,8 @@ def table_lines(res: Results) -> list[str]:
     rows = sorted(res.data["runs"].items(), key=lambda kv: (kv[1].get("corpus", ""), kv[1].get("tag", ""),
                                                             kv[1].get("method", ""), kv[1].get("seed", 0)))
     out = ["| corpus | method | variant | seed | status | unigram PPL | escape step | final content PPL (step) | "
-           "final / unigram | max loss after step 60 | spikes | wall (s) | command |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "final / unigram | max loss after step 60 | spikes | wall (s) | CPU (s) | command |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in rows:
         uni = (r.get("unigram") or {}).get("ppl")
         final = r.get("final_ppl")
@@ -359,7 +364,8 @@ def table_lines(res: Results) -> list[str]:
         out.append(f"| {r.get('corpus')} | {r.get('method')} | {r.get('tag')} | {r.get('seed')} | {r.get('status')} | "
                    f"{_fmt(uni)} | {esc_s} | {_fmt(final)} ({_fmt(r.get('final_step'))}) | "
                    f"{_fmt(r.get('final_vs_unigram'), 2)} | {_fmt(r.get('max_loss_after_warmup'), 2)} | "
-                   f"{sp_s or '—'} | {_fmt(r.get('wall_s'), 0)} | `{_short(r.get('command', ''))}` |")
+                   f"{sp_s or '—'} | {_fmt(r.get('wall_s'), 0)} | {_fmt(r.get('cpu_s'), 0)} | "
+                   f"`{_short(r.get('command', ''))}` |")
     return out
 
 
