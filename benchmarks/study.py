@@ -237,6 +237,11 @@ def spikes(loss: list[tuple[int, float]], grad: dict[int, float], window: int = 
     return found
 
 
+def escape_step(val: list[tuple[int, float]], unigram_ppl: float, ratio: float = ESCAPE_RATIO) -> int | None:
+    """The first evaluation step > 0 whose validation PPL is <= ``ratio`` x the unigram PPL (None: never)."""
+    return next((s for s, v in sorted(val) if s > 0 and v <= ratio * unigram_ppl), None)
+
+
 def analyse(run: Run, out: Path, unigram: dict, curves_dir: Path = CURVES) -> dict:
     """Escape step, final PPL, curves and spikes of a run from its disk log."""
     from duo_plugin.eval.learning import read_log_curve
@@ -245,8 +250,7 @@ def analyse(run: Run, out: Path, unigram: dict, curves_dir: Path = CURVES) -> di
     val = sorted(dict(curves.get("val_ppl", [])).items())
     loss = sorted(dict(curves.get("loss", [])).items())
     grad = dict(curves.get("grad_norm", []))
-    target = ESCAPE_RATIO * unigram["ppl"]
-    escape = next((s for s, v in val if s > 0 and v <= target), None)
+    escape = escape_step(val, unigram["ppl"])
     final = val[-1] if val else (None, None)
     curves_dir.mkdir(parents=True, exist_ok=True)
     (curves_dir / (run.key.replace("/", "__") + ".json")).write_text(json.dumps({
