@@ -22,6 +22,10 @@ PLANS = {
     # width: d = 128 (cond 64), 2 layers, 4 heads (~0.6M parameters): does capacity shorten the plateau?
     "d128_bom_duo_s0": grid(["bom"], ["duo"], [0], ["model.dim=128", "model.cond_dim=64"], "d128"),
     "d128_bom_s0": grid(["bom"], ["udlm", "mdlm"], [0], ["model.dim=128", "model.cond_dim=64"], "d128"),
+    # the draft duo/*small_cpu configs (= these overrides on the tiny configs) everywhere, and AR on that backbone
+    "d128_all": grid(["bom", "shakespeare"], ["duo", "udlm", "mdlm"], [0, 1, 2], ["model.dim=128", "model.cond_dim=64"],
+                     "d128"),
+    "ar_d128": grid(["bom", "shakespeare"], ["ar"], [0], ["model.dim=128", "model.cond_dim=64"], "d128"),
     # batch 64 (the same steps: twice the tokens; the low-t spike diluted 2x)
     "b64_bom_s0": grid(["bom"], ["duo", "udlm"], [0], ["global_batch_size=64"], "b64"),
     "ar": grid(["bom", "shakespeare"], ["ar"], [0], ["max_steps=600"], "steps600"),
@@ -30,4 +34,5 @@ PLANS = {
 }
 
 # on a 2-core machine shared with other jobs a pair of tiny runs takes 10-20 min, a d128 run ~3.5x as long
-QUEUE = ["d128_bom_duo_s0", "baseline_s0", "baseline_s1", "d128_bom_s0", "ar", "baseline_s2", "b64_bom_s0"]
+QUEUE = ["d128_bom_duo_s0", "baseline_s0", "baseline_s1", "d128_bom_s0", "ar", "baseline_s2", "b64_bom_s0", "d128_all",
+         "ar_d128"]
