@@ -165,6 +165,33 @@ def format_report(r: dict) -> str:
             f"{r['unigram_ppl']:.1f} -> {verdict}")
 
 
+def plateau_advice(report: dict, *, steps: int, max_steps: int, val_curve: Sequence[tuple[int, float]] = (),
+                   escape_ratio: float = 0.8) -> list[str]:
+    """What to change when a run has not left the unigram plateau (docs/small-scale-training.md): ``[]`` when the
+    model is at least ``1 - escape_ratio`` below the unigram PPL, else advice lines.  ``val_curve``: the run's
+    ``(step, validation PPL)`` evaluations (``read_log_curve(...)["val_ppl"]``), read for the trend of the last half."""
+    ratio = float(report["ratio"])
+    if ratio <= escape_ratio:
+        return []
+    lines = [f"the model is {'above' if ratio >= 1 else f'only {100 * (1 - ratio):.0f}% below'} the unigram "
+             f"PPL (a model that has left the plateau is >= {100 * (1 - escape_ratio):.0f}% below it)."]
+    if steps < max_steps:
+        lines.append(f"training stopped at step {steps} of {max_steps} (max_wall_s): rerun with max_wall_s=null.")
+    curve = sorted((int(s), float(v)) for s, v in val_curve if int(s) > 0)
+    half = [v for s, v in curve if s >= curve[-1][0] / 2] if curve else []
+    falling = len(half) >= 2 and half[-1] < 0.9 * half[0]
+    if falling:
+        lines.append(f"its validation PPL is still falling ({half[0]:.1f} -> {half[-1]:.1f} over the last half): "
+                     f"train longer, e.g. max_steps={2 * max(steps, 1)} (resume=true continues this run).")
+    else:
+        lines.append("its validation PPL is flat: at this model size whether and when a diffusion model leaves the "
+                     "plateau depends on the seed and the corpus, not only on the budget. Use a bigger model "
+                     "(--config duo/small_cpu, duo/udlm_small_cpu or duo/mdlm_small_cpu: d = 128), or another seed.")
+    lines.append("a tokenizer with fewer pieces (tokenizer.train.vocab_size) also shortens the plateau: the uniform "
+                 "noise spreads over fewer ids (docs/demo-investigation.md).")
+    return lines
+
+
 def read_log_curve(log_dir) -> dict[str, list[tuple[int, float]]]:
     """``{metric: [(step, value), ...]}`` from torchtune ``DiskLogger`` files (``Step N | key:value ...`` lines)."""
     curves: dict[str, list[tuple[int, float]]] = {}
