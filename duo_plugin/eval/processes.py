@@ -10,6 +10,10 @@ objective          evaluation path
 ``dcd``, missing
 ``mdlm``           ``absorbing``: :class:`~duo_plugin.diffusion.absorbing.AbsorbingProcess` with the folder's
                    ``[MASK]`` id (``metadata.mask_id``, default the last embedding row)
+``sedd_absorb``,   ``sedd``: :class:`~duo_plugin.diffusion.sedd.SEDDProcess` on the folder's graph (absorb: with
+``sedd_uniform``   its ``[MASK]`` id as for MDLM), the DSE NELBO
+``d3pm``           ``d3pm``: :class:`~duo_plugin.diffusion.d3pm.D3PMProcess` with T = ``metadata.d3pm_steps``
+                   (default 1000) and its ``[MASK]`` id; the process's own discrete schedule
 ``ar``             ``causal``: exact next-token log-likelihood (no noise process)
 =================  ==========================================================================================
 
@@ -25,11 +29,12 @@ import torch
 __all__ = ["EvalProcess", "OBJECTIVE_KINDS", "process_for", "process_for_model"]
 
 #: objective name (model-folder metadata) -> evaluation path
-OBJECTIVE_KINDS = {"duo": "uniform", "udlm": "uniform", "dcd": "uniform", "mdlm": "absorbing", "ar": "causal"}
+OBJECTIVE_KINDS = {"duo": "uniform", "udlm": "uniform", "dcd": "uniform", "mdlm": "absorbing", "ar": "causal",
+                   "sedd_absorb": "sedd", "sedd_uniform": "sedd", "d3pm": "d3pm"}
 
 
 class EvalProcess(NamedTuple):
-    """``kind``: ``uniform`` | ``absorbing`` | ``causal``; ``process``: the object passed as ``process=`` to
+    """``kind``: ``uniform`` | ``absorbing`` | ``sedd`` | ``d3pm`` | ``causal``; ``process``: the object passed as ``process=`` to
     ``eval.likelihood`` (None for ``uniform``, whose f_Duo path is the default, and for ``causal``); ``mask_id``:
     the [MASK] id (absorbing only)."""
 
@@ -64,15 +69,29 @@ def process_for(metadata: Optional[Mapping], *, vocab_size: int, valid_vocab: Op
     if (kind == "causal") != bool(causal):
         raise ValueError(f"{where}: metadata says objective={objective or 'none'!r} but the model is "
                          f"{'' if causal else 'not '}causal; cannot score it")
-    if kind != "absorbing":
+    if kind in ("uniform", "causal"):
         return EvalProcess(kind)
-    from duo_plugin.diffusion.absorbing import AbsorbingProcess
-
     width = int(vocab_size)
+    if objective == "sedd_uniform":
+        from duo_plugin.diffusion.sedd import SEDDProcess
+
+        return EvalProcess(kind, SEDDProcess(width, "uniform", valid_vocab=valid_vocab, schedule=schedule))
     mask_id = int(meta["mask_id"]) if meta.get("mask_id") is not None else width - 1
     if valid_vocab is not None and bool(valid_vocab[mask_id]):
-        raise ValueError(f"{where}: the MDLM [MASK] id {mask_id} is a valid data id in valid_vocab; the model "
+        raise ValueError(f"{where}: the [MASK] id {mask_id} is a valid data id in valid_vocab; the model "
                          "folder's metadata.mask_id does not match its vocabulary")
+    if kind == "sedd":
+        from duo_plugin.diffusion.sedd import SEDDProcess
+
+        return EvalProcess(kind, SEDDProcess(width, "absorb", mask_id, valid_vocab=valid_vocab, schedule=schedule),
+                           mask_id)
+    if kind == "d3pm":
+        from duo_plugin.diffusion.d3pm import D3PMProcess
+
+        steps = int(meta.get("d3pm_steps") or 1000)
+        return EvalProcess(kind, D3PMProcess(width, mask_id, valid_vocab=valid_vocab, steps=steps), mask_id)
+    from duo_plugin.diffusion.absorbing import AbsorbingProcess
+
     proc = AbsorbingProcess(width, mask_id, valid_vocab=valid_vocab, schedule=schedule)
     return EvalProcess("absorbing", proc, mask_id)
 

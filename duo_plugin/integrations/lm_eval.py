@@ -332,6 +332,7 @@ class DuoLM(TemplateLM):
         # (MDLM) or causal -- one lookup, no per-objective branches below
         self.process_spec = process_for_model(model, pretrained, schedule=self.schedule)
         self.process = self.process_spec.process
+        self.schedule = getattr(self.process, "schedule", None) or self.schedule  # D3PM: its own discrete clock
         if self.process is not None and likelihood != "nelbo":
             raise ValueError(f"likelihood={likelihood!r} reproduces the official Duo (uniform-state) harness; this is "
                              f"a {self.process_spec.kind} ({type(self.process).__name__}) model: use likelihood=nelbo")
