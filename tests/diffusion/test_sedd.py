@@ -43,6 +43,29 @@ def exact_output(graph: str, n: int, alpha: float) -> torch.Tensor:
     return ell
 
 
+def expected_integral(proc, graph: str, n: int, x0: int, t_lo: float = 0.0) -> float:
+    """∫_{t_lo}^1 E_{q_t(z|x0)} f(z, t) dt by composite Gauss-Legendre in v = log t (20 nodes per unit of v down to
+    t = 1e-10; the integrand is O(t log 1/t) below), the network output = the exact scores at each node."""
+    import numpy as np
+
+    x, wts = np.polynomial.legendre.leggauss(20)
+    lo = math.log(max(t_lo, 1e-10))
+    edges = np.linspace(lo, 0.0, int(math.ceil(-lo)) + 1)
+    vs = np.concatenate([(b - a) / 2 * x + (a + b) / 2 for a, b in zip(edges[:-1], edges[1:])])
+    ws = np.concatenate([(b - a) / 2 * wts for a, b in zip(edges[:-1], edges[1:])])
+    t = torch.tensor(np.exp(vs), dtype=F64)
+    a, ap = proc.alpha(t), proc.alpha_prime(t)
+    w = proc.vocab_size
+    total = 0.0
+    for i in range(t.numel()):
+        q = transition(graph, n, -math.log(float(a[i])))[x0]
+        zs = [z for z in range(w) if q[z] > 0]
+        f = proc.nelbo(exact_output(graph, n, float(a[i])).expand(len(zs), 1, w).contiguous(),
+                       torch.tensor(zs)[:, None], torch.full((len(zs), 1), x0), a[i], ap[i])
+        total += float(ws[i]) * float(t[i]) * float((q[zs] * f[:, 0].double()).sum())
+    return total
+
+
 @pytest.mark.parametrize("graph", ["absorb", "uniform"])
 def test_dse_loss_matches_brute_force_sum(graph):
     n, g = 5, torch.Generator().manual_seed(1)
@@ -80,23 +103,11 @@ def test_dse_loss_matches_brute_force_sum(graph):
 @pytest.mark.parametrize("graph", ["absorb", "uniform"])
 def test_dse_elbo_is_the_exact_nll_for_exact_scores(graph):
     """∫_0^1 E_{q_t(z|x0)} f dt + KL(q_1(·|x0) ‖ p_1) = −log p(x0) when the scores are the true ratios (L = 1)."""
-    from scipy import integrate
-
     n = 4
     w = n + 1 if graph == "absorb" else n
     proc = SEDDProcess(w, graph, schedule=LogLinearSchedule(1e-3))
     for x0 in (0, 3):
-        def integrand(t):
-            tt = torch.tensor(t, dtype=F64)
-            a, ap = float(proc.alpha(tt)), float(proc.alpha_prime(tt))
-            q = transition(graph, n, -math.log(a))[x0]
-            ell = exact_output(graph, n, a)
-            zs = [z for z in range(w) if q[z] > 0]
-            f = proc.nelbo(ell.expand(len(zs), 1, w).contiguous(), torch.tensor(zs)[:, None],
-                           torch.full((len(zs), 1), x0), torch.tensor(a, dtype=F64), torch.tensor(ap, dtype=F64))
-            return float((q[zs] * f[:, 0].double()).sum())
-
-        val, _ = integrate.quad(integrand, 0, 1, limit=200, points=[1e-6, 1e-4, 1e-2])
+        val = expected_integral(proc, graph, n, x0)
         a1 = float(proc.alpha(torch.tensor(1.0, dtype=F64)))
         q1 = transition(graph, n, -math.log(a1))[x0]
         p1 = P @ transition(graph, n, -math.log(a1))[:n]
@@ -107,28 +118,12 @@ def test_dse_elbo_is_the_exact_nll_for_exact_scores(graph):
 def test_dse_integral_does_not_depend_on_the_schedule():
     """f dt = g(σ̄) dσ̄: the geometric schedule's integral over t ∈ [0, 1] equals the log-linear one over the same
     σ̄ range (checks GeometricSchedule's α and α')."""
-    from scipy import integrate
-
     n, x0 = 4, 1
     geo = GeometricSchedule(1e-3, 8.0)
     ll_eps = math.exp(-8.0)
-    ll = LogLinearSchedule(ll_eps)
     t0 = -math.expm1(-1e-3) / (1 - ll_eps)  # σ̄_LL(t0) = σ_min
-
-    def make(sched):
-        proc = SEDDProcess(n, "uniform", schedule=sched)
-
-        def integrand(t):
-            tt = torch.tensor(t, dtype=F64)
-            a, ap = float(proc.alpha(tt)), float(proc.alpha_prime(tt))
-            q = transition("uniform", n, -math.log(a))[x0]
-            f = proc.nelbo(exact_output("uniform", n, a).expand(n, 1, n).contiguous(), torch.arange(n)[:, None],
-                           torch.full((n, 1), x0), torch.tensor(a, dtype=F64), torch.tensor(ap, dtype=F64))
-            return float((q * f[:, 0].double()).sum())
-        return integrand
-
-    v_geo, _ = integrate.quad(make(geo), 0, 1, limit=200)
-    v_ll, _ = integrate.quad(make(ll), t0, 1, limit=200)
+    v_geo = expected_integral(SEDDProcess(n, "uniform", schedule=geo), "uniform", n, x0)
+    v_ll = expected_integral(SEDDProcess(n, "uniform", schedule=LogLinearSchedule(ll_eps)), "uniform", n, x0, t0)
     assert v_geo == pytest.approx(v_ll, rel=1e-5)
     t = torch.tensor([0.2, 0.7], dtype=F64)
     h = 1e-6
@@ -185,7 +180,7 @@ def test_absorb_gradients_are_finite_with_unmasked_positions():
     z = torch.tensor([[5, 1, 5], [2, 3, 4]])
     x0 = torch.tensor([[0, 1, 2], [2, 3, 4]])
     f = proc.nelbo(torch.log_softmax(out, -1), z, x0, torch.tensor(0.4, dtype=F64), torch.tensor(-1.0, dtype=F64))
-    assert float(f[1].abs().sum()) == 0.0 and float(f[0, 1]) == 0.0
+    assert float(f[1].detach().abs().sum()) == 0.0 and float(f[0, 1].detach()) == 0.0
     f.sum().backward()
     assert bool(torch.isfinite(out.grad).all())
 
@@ -206,8 +201,8 @@ def test_sampler_draws_the_data_law_with_exact_scores(graph, predictor):
         alpha = math.exp(-float(sigma[0]))
         return exact_output(graph, n, alpha).float().expand(z.shape[0], 1, w)
 
-    steps = 8 if predictor == "analytic" else 64
-    m = 20000
+    steps = 8 if predictor == "analytic" else 32
+    m = 8000
     toks = sample_with_scheduler(denoiser, SEDDScheduler(proc, predictor=predictor), batch_size=m, seq_len=1,
                                  steps=steps, generator=torch.Generator().manual_seed(0), t_eps=1e-4)
     freq = torch.bincount(toks[:, 0], minlength=w).double() / m
