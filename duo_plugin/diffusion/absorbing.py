@@ -309,6 +309,10 @@ class AbsorbingProcess:
     def alpha_prime(self, t) -> torch.Tensor:
         return self.schedule.alpha_prime(t)
 
+    def sigma(self, t) -> torch.Tensor:
+        """σ = −log α(t) (float64), the network's time conditioning."""
+        return -torch.log(self.alpha(t))
+
     def t_for_alpha(self, alpha: float) -> float:
         """The time with α_t = ``alpha`` (:func:`~duo_plugin.diffusion.schedules.t_for_alpha`)."""
         return t_for_alpha(self.schedule, alpha)

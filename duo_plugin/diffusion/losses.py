@@ -28,6 +28,19 @@ def _check_ids(name: str, x: torch.Tensor, b: int, l: int, k: int) -> None:
         raise ValueError(f"{name} has ids outside [0, {k}); the model's vocabulary width is {k}")
 
 
+def _check_in_support(valid_vocab: torch.Tensor, **ids: torch.Tensor) -> None:
+    """ValueError naming the ids (of ``z_t`` / ``x0``) outside ``valid_vocab``: f_Duo is defined on K_eff ids only."""
+    for name, x in ids.items():
+        bad = ~valid_vocab[x.long()]
+        if bool(bad.any()):
+            vals = sorted({int(v) for v in x[bad].unique()[:8]})
+            raise ValueError(
+                f"duo_nelbo: {name} holds ids outside valid_vocab {vals} at {int(bad.sum())} position(s); the "
+                "uniform-state NELBO is defined on the valid ids only (the model never produces the others). Replace "
+                "them before the call (unscored positions, e.g. pads: any valid id; the value there is meaningless) "
+                "or make them valid (data.valid_vocab.include_pad / include_special, or data.pad_mode: official)")
+
+
 def duo_nelbo(
     log_x_theta: torch.Tensor,
     z_t: torch.Tensor,
@@ -52,6 +65,11 @@ def duo_nelbo(
     all per-token algebra is fp64.  With ``valid_vocab`` K = K_eff, ``log_x_theta`` is renormalised over the valid
     ids and the reduction skips invalid ids.
 
+    Contract for ids outside ``valid_vocab``: ``z_t`` and ``x0`` must both lie in it at EVERY position, scored or
+    not (a ``ValueError`` names the offending ids): a token the model cannot produce has no finite NELBO, and a
+    finite number there would be meaningless. Callers put any valid id at positions they do not score (the
+    objectives do so at pads; ``eval.likelihood`` flags an invalid scored id as +∞ instead).
+
     Args:
         log_x_theta: ``Float[B, L, K]`` log-probabilities of the mean parameterisation x_θ(z_t, t).
         z_t, x0: ``Long[B, L]`` noisy and clean ids.
@@ -69,6 +87,8 @@ def duo_nelbo(
     if k < 2:
         raise ValueError("the NELBO needs at least 2 valid ids")
     dev = log_x_theta.device
+    if valid_vocab is not None:
+        _check_in_support(valid_vocab.to(dev), z_t=z_t, x0=x0)
     a = per_token(alpha_t, b, l, dev, "alpha_t")
     ap = per_token(alpha_prime_t, b, l, dev, "alpha_prime_t")
     if bool(((a <= 0) | (a >= 1) | torch.isnan(a)).any()):

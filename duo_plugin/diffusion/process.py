@@ -6,7 +6,8 @@ and a noise distribution: the uniform-state process (USDM, this package's Duo) r
 valid id; an absorbing ("masked", MDLM) process replaces it by a ``[MASK]`` id. One class per process, used by
 every consumer:
 
-* ``alpha(t)``, ``alpha_prime(t)``: the schedule (float64, ``dα/dt ≤ 0``);
+* ``alpha(t)``, ``alpha_prime(t)``: the schedule (float64, ``dα/dt ≤ 0``); ``sigma(t) = −log α(t)``, the network's
+  time conditioning (float64; the one place σ is written);
 * ``corrupt(x0, alpha_t, generator)``: a draw of ``z_t ~ q(z_t | x0)`` (one generator per row);
 * ``posterior(z_t, x0_probs, alpha_t, alpha_s)``: ``q(z_s | z_t, x)`` in float64, linear in ``x`` so ``x = x_θ``
   gives the ancestral-sampling step;
@@ -42,6 +43,8 @@ class NoiseProcess(Protocol):
     def alpha(self, t) -> torch.Tensor: ...
 
     def alpha_prime(self, t) -> torch.Tensor: ...
+
+    def sigma(self, t) -> torch.Tensor: ...
 
     def corrupt(self, x0: torch.Tensor, alpha_t, generator) -> torch.Tensor: ...
 
@@ -92,6 +95,10 @@ class UniformProcess:
 
     def alpha_prime(self, t) -> torch.Tensor:
         return self.schedule.alpha_prime(t)
+
+    def sigma(self, t) -> torch.Tensor:
+        """σ = −log α(t) (float64), the network's time conditioning."""
+        return -torch.log(self.alpha(t))
 
     def t_for_alpha(self, alpha: float) -> float:
         """The time with α_t = ``alpha`` (:func:`~duo_plugin.diffusion.schedules.t_for_alpha`)."""

@@ -3,7 +3,11 @@
 ``objective(model, x0, mask, positions, step) -> (loss_sum, n_tokens, metrics)`` after ``objective.setup(model,
 ctx)`` (:mod:`duo_plugin.objectives.base`). Recipes and the fairseq2 TrainUnit call the same objects.
 
-* :class:`DuoObjective` — curriculum → discrete uniform-state NELBO (the paper's Duo);
+* :class:`DiffusionObjective` — the shared diffusion path (times → corrupt → pad rule → σ → forward →
+  ``process.nelbo`` → masked sum) over a noise process; :class:`MDLMObjective` (absorbing process) and
+  :class:`DuoObjective` are instances (:mod:`duo_plugin.objectives.diffusion`);
+* :class:`DuoObjective` — curriculum → discrete uniform-state NELBO (the paper's Duo; UDLM without curriculum);
+* :class:`MDLMObjective` — the MDLM baseline (absorbing process, SUBS);
 * :class:`ARObjective` — the autoregressive baseline;
 * :class:`DCDObjective` — discrete consistency distillation against a teacher.
 
@@ -18,7 +22,10 @@ from .ar import ARObjective, ar_token_nll
 from .base import Objective, ObjectiveContext, masked_token_sum
 from .config import objective_from_config
 from .dcd import DCDObjective
+from .diffusion import DenseNelbo, DiffusionObjective, NoisyBatch, loss_ids, pad_rule
 from .duo import DuoObjective
+from .mdlm import MDLMObjective
 
-__all__ = ["Objective", "ObjectiveContext", "DuoObjective", "ARObjective", "DCDObjective", "objective_from_config",
-           "masked_token_sum", "ar_token_nll"]
+__all__ = ["Objective", "ObjectiveContext", "DiffusionObjective", "NoisyBatch", "DenseNelbo", "pad_rule", "loss_ids",
+           "DuoObjective", "MDLMObjective", "ARObjective", "DCDObjective", "objective_from_config", "masked_token_sum",
+           "ar_token_nll"]

@@ -27,7 +27,7 @@ import torch
 
 from duo_plugin.diffusion.losses import masked_token_sum
 
-__all__ = ["PAD_MODES", "ObjectiveContext", "Objective", "masked_token_sum", "nullcontext_factory"]
+__all__ = ["PAD_MODES", "ObjectiveContext", "Objective", "masked_token_sum", "nullcontext_factory", "vocab_options"]
 
 
 def nullcontext_factory():
@@ -35,6 +35,25 @@ def nullcontext_factory():
 
 
 PAD_MODES = ("clean_masked", "official")
+
+
+def vocab_options(pad_mode: str, include_pad: bool | None = None, include_special: bool | None = None
+                  ) -> tuple[bool, bool]:
+    """``(include_pad, include_special)`` for ``data.tokenizers.check_vocab`` under ``data.pad_mode``.
+
+    ``clean_masked``: both default to False (pads and specials other than BOS/EOS are never noise nor data).
+    ``official``: both default to True — the official Duo/MDLM code treats every tokenizer id as an ordinary id
+    (K = len(tokenizer): BERT's ``[PAD]`` and ``[UNK]`` are noised, produced by the noise, predicted, and the
+    curriculum's Gaussian latent gives PAD its α̃ like any token); only the loss skips pads. ``include_pad: false``
+    contradicts it (ValueError naming the keys); ``include_special: false`` is honoured.
+    """
+    if pad_mode == "official":
+        if include_pad is not None and not include_pad:
+            raise ValueError("data.valid_vocab.include_pad: false contradicts data.pad_mode: official (pads are "
+                             "ordinary ids there, as in the official code); remove include_pad or set "
+                             "data.pad_mode: clean_masked")
+        return True, True if include_special is None else bool(include_special)
+    return bool(include_pad or False), bool(include_special or False)
 
 
 @dataclass
@@ -55,6 +74,8 @@ class ObjectiveContext:
             stay clean, are masked from attention and not scored; the model knows each row's length) or
             ``official`` (the official Duo/MDLM code: pads are noised and attended to like any token, and only the
             loss and its token count skip them). See docs/evaluation.md.
+        tokenizer: the run's tokenizer (``encode``/``special_ids``), or None; e.g. MDLM resolves ``mask_id:
+            "[MASK]"`` (a tokenizer's own mask token) with it.
     """
 
     seed: int
@@ -67,6 +88,7 @@ class ObjectiveContext:
     log: Callable[..., None] | None = None
     extra: dict = field(default_factory=dict)
     pad_mode: str = "clean_masked"
+    tokenizer: Any = None
 
     @property
     def k_eff(self) -> int:

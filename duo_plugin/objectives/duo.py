@@ -28,19 +28,90 @@ import torch
 from duo_plugin.diffusion import streams
 from duo_plugin.diffusion.losses import curriculum_inputs
 from duo_plugin.diffusion.process import UniformProcess
-from duo_plugin.diffusion.schedules import DualitySchedule, LogLinearSchedule, gaussian_coefficients, stratified_times
+from duo_plugin.diffusion.schedules import DualitySchedule, gaussian_coefficients
 from duo_plugin.diffusion.uniform import row_generators, stable_seed
 
-from .base import ObjectiveContext, masked_token_sum
+from .base import ObjectiveContext
+from .diffusion import DenseNelbo, DiffusionObjective, NoisyBatch, loss_ids, pad_rule
 
-__all__ = ["DuoObjective", "KERNEL_CHOICES", "CURRICULUM_INPUTS"]
+__all__ = ["DuoObjective", "KERNEL_CHOICES", "CURRICULUM_INPUTS", "FusedNelbo", "DenseSoftInput", "TopKSoftInput",
+           "FusedSoftInput"]
 
 KERNEL_CHOICES = ("auto", "dense", "reference", "chunked", "triton")
 CURRICULUM_INPUTS = ("dense", "topk")
 ANNEAL_MODES = ("window", "random")
 
 
-class DuoObjective:
+# ---------------------------------------------------------------------------------------------- strategies
+class FusedNelbo:
+    """The fused head: hidden states, then ``kernels.fused_duo_nelbo`` (``reference``/``chunked``/``triton``) without
+    dense fp32 logits (docs/performance.md). Same value as :class:`~duo_plugin.objectives.diffusion.DenseNelbo`."""
+
+    def __init__(self, valid_vocab: torch.Tensor, impl: str):
+        self.valid_vocab, self.name = valid_vocab, impl
+
+    def __call__(self, model, b: NoisyBatch, autocast) -> torch.Tensor:
+        from duo_plugin import kernels
+
+        with b.override, autocast():
+            h = model.forward_hidden(b.model_in, b.sigma, **b.model_kwargs)
+            w, bias = kernels.projection_params(model)
+            return kernels.fused_duo_nelbo(h, w, bias, b.z_t, b.x0, b.alpha, b.alpha_prime, self.valid_vocab,
+                                           impl=self.name)
+
+
+class DenseSoftInput:
+    """Curriculum input ``w/τ`` as dense ``[B, L, K]`` logits (``losses.curriculum_inputs``)."""
+
+    name = "dense"
+
+    def __init__(self, ctx: ObjectiveContext):
+        self.ctx = ctx
+
+    def __call__(self, model, x0, gamma, tau, step, positions, gens):
+        """``(z_t = argmax w, network input, context around the forward)``."""
+        z_t, logits = curriculum_inputs(x0, gamma, tau, self.ctx.vocab_size, gens, self.ctx.valid_vocab)
+        return z_t, logits, contextlib.nullcontext()
+
+
+class TopKSoftInput(DenseSoftInput):
+    """Sparse top-k curriculum input (exact ``z_t`` law; ``training.adapt.topk_curriculum_inputs``)."""
+
+    name = "topk"
+
+    def __init__(self, ctx: ObjectiveContext, k: int):
+        super().__init__(ctx)
+        self.k = int(k)
+
+    def __call__(self, model, x0, gamma, tau, step, positions, gens):
+        from .adapt import topk_curriculum_inputs
+
+        z_t, soft = topk_curriculum_inputs(x0, gamma, tau, self.k, self.ctx.vocab_size, gens, self.ctx.valid_vocab)
+        return z_t, soft, contextlib.nullcontext()
+
+
+class FusedSoftInput(DenseSoftInput):
+    """Fused curriculum embedding (``kernels.curriculum_soft_embedding``, counter noise keyed by
+    ``kernels.row_seeds(seed, step, position)``): the network is called with ``z_t`` ids and its input embedding's
+    output is replaced by the soft embedding."""
+
+    def __init__(self, ctx: ObjectiveContext, impl: str):
+        super().__init__(ctx)
+        self.name = impl
+
+    def __call__(self, model, x0, gamma, tau, step, positions, gens):
+        from duo_plugin import kernels
+
+        ctx = self.ctx
+        at, st = gaussian_coefficients(gamma)
+        seeds = kernels.row_seeds(ctx.seed, step, positions, device=ctx.device)
+        emb_module = kernels.input_embedding(model)
+        emb, z_t = kernels.curriculum_soft_embedding(x0, at.float(), st.float(), tau, seeds, emb_module.weight,
+                                                     ctx.valid_vocab, impl=self.name)
+        return z_t, z_t, kernels.embedding_override(emb_module, emb)  # ids feed the (discarded) embedding lookup
+
+
+class DuoObjective(DiffusionObjective):
     """Duo: curriculum for ``curriculum_steps`` steps, then the discrete uniform-state NELBO.
 
     Args (config keys of ``objective:``; the short form ``objective: duo`` reads the same values from the
@@ -73,6 +144,7 @@ class DuoObjective:
                  attn_anneal_steps: int = 0, attn_anneal_mode: str = "window",
                  curriculum_start: int | None = None, curriculum_end: int | None = None,
                  tau_end: float | None = None):
+        super().__init__(alpha_eps=alpha_eps, t_min=t_min)
         self.curriculum_steps = int(curriculum_steps)
         self.tau = float(tau)
         if (gamma_min is None) != (gamma_max is None):
@@ -96,17 +168,17 @@ class DuoObjective:
             raise ValueError(f"kernels.ram_fraction must be in (0, 1], got {ram_fraction!r}")
         self.ram_fraction = float(ram_fraction)
         self.memory_budget_mb = None if memory_budget_mb is None else float(memory_budget_mb)
-        self.alpha_eps, self.t_min = float(alpha_eps), float(t_min)
         if attn_anneal_mode not in ANNEAL_MODES:
             raise ValueError(f"adapt.attn_anneal_mode must be 'window' or 'random', got {attn_anneal_mode!r}")
         self.anneal_steps, self.anneal_mode = int(attn_anneal_steps or 0), str(attn_anneal_mode)
         self.curriculum_start, self.curriculum_end, self.tau_end = curriculum_start, curriculum_end, tau_end
         if self.has_curriculum and not (self.tau > 0):
             raise ValueError(f"curriculum.tau must be > 0 (paper: 1e-3), got {tau}")
-        self.loglinear = LogLinearSchedule(eps=self.alpha_eps)
+        self.loglinear = self.schedule  # the discrete phase's log-linear schedule
         self.duality: DualitySchedule | None = None
+        self.curriculum_process: UniformProcess | None = None  # the uniform process under the duality schedule
+        self.soft_input: DenseSoftInput | None = None
         self.kernel_paths: dict[str, str] = {"curriculum_input": "dense", "nelbo": "dense"}
-        self.ctx: ObjectiveContext | None = None
 
     # ------------------------------------------------------------------------------------------ setup
     @property
@@ -115,15 +187,20 @@ class DuoObjective:
             return int(self.curriculum_end) >= 0
         return self.curriculum_steps > 0
 
-    def setup(self, model: torch.nn.Module, ctx: ObjectiveContext) -> None:
-        """Build the duality schedule (T table) for K_eff, choose the kernel paths, check the model."""
-        from .curriculum import CurriculumPhase
-
-        self.ctx = ctx
-        self.process = UniformProcess(ctx.vocab_size, ctx.valid_vocab, self.loglinear)
+    def build_process(self, model: torch.nn.Module, ctx: ObjectiveContext) -> UniformProcess:
         if self.anneal_steps > 0 and not hasattr(model, "decoder"):
             raise ValueError("adapt.attn_anneal_steps > 0 needs a torchtune-decoder denoiser (duo_plugin.models."
                              "duo_llama3_2 / duo_qwen2_5 ...); set adapt.attn_anneal_steps: 0 for the DiT")
+        return UniformProcess(ctx.vocab_size, ctx.valid_vocab, self.schedule)
+
+    def setup(self, model: torch.nn.Module, ctx: ObjectiveContext) -> None:
+        """The uniform process, the kernel paths (once: the head and the curriculum input are fixed here), the
+        duality schedule (T table) for K_eff and the phase switch."""
+        super().setup(model, ctx)
+        self._choose_kernels(model, ctx)
+        self._build_curriculum(ctx)
+
+    def _choose_kernels(self, model: torch.nn.Module, ctx: ObjectiveContext) -> None:
         from duo_plugin.kernels.select import choose_paths
 
         why: dict = {}
@@ -137,6 +214,18 @@ class DuoObjective:
         if ctx.log:
             ctx.log(f"kernels: curriculum_input={self.kernel_paths['curriculum_input']}, "
                     f"nelbo={self.kernel_paths['nelbo']} (auto would be {why.get('auto')}: {why.get('reason')})")
+        nelbo_path, input_path = self.kernel_paths["nelbo"], self.kernel_paths["curriculum_input"]
+        self.head = DenseNelbo(self.process) if nelbo_path == "dense" else FusedNelbo(ctx.valid_vocab, nelbo_path)
+        if self.curriculum_input == "topk":
+            self.soft_input = TopKSoftInput(ctx, self.topk)
+        elif input_path != "dense":
+            self.soft_input = FusedSoftInput(ctx, input_path)
+        else:
+            self.soft_input = DenseSoftInput(ctx)
+
+    def _build_curriculum(self, ctx: ObjectiveContext) -> None:
+        from .curriculum import CurriculumPhase
+
         if not self.has_curriculum:
             self.phases = CurriculumPhase(0, -1)
             return
@@ -157,6 +246,7 @@ class DuoObjective:
         else:
             table = duality.DualityTable.build(k_eff, gmin, gmax, num_points=self.table_points)
         self.duality = DualitySchedule(k_eff, gmin, gmax, table=table)
+        self.curriculum_process = UniformProcess(ctx.vocab_size, ctx.valid_vocab, self.duality)
         if self.curriculum_end is not None:  # explicit reference-code phase switch (fairseq2 trainer)
             start = int(self.curriculum_start or 0)
             self.phases = CurriculumPhase(start, int(self.curriculum_end), self.tau,
@@ -183,9 +273,6 @@ class DuoObjective:
             return self.tau  # constant τ (the recipes; paper scripts)
         return float(self.phases.tau(step))
 
-    def count_tokens(self, mask: torch.Tensor) -> int:
-        return int(mask.sum())
-
     def anneal_mask(self, step: int, seq_len: int) -> torch.Tensor | None:
         """Bool ``[L, L]`` attention mask while annealing causal → full, else None (the flash path)."""
         if self.anneal_steps <= 0:
@@ -198,73 +285,30 @@ class DuoObjective:
         m = annealed_attention_mask(seq_len, prog, mode=self.anneal_mode, generator=gen)
         return None if m is None else m.to(self.ctx.device)
 
-    def __call__(self, model, x0, mask, positions, step):
-        """``(Σ_valid tokens f, #valid tokens, {"phase": ...})`` for this micro-batch (fp32 scalar, differentiable)."""
-        ctx = self.ctx
-        dev, vv, K = ctx.device, ctx.valid_vocab, ctx.vocab_size
-        phase = self.phase(step)
-        t = stratified_times(ctx.seed, step, positions, ctx.global_batch_size, self.t_min, dtype=torch.float64)
+    def extra_model_kwargs(self, step: int, seq_len: int) -> dict:
+        am = self.anneal_mask(step, seq_len)
+        return {} if am is None else {"attn_mask": am}
+
+    def noisy_batch(self, model, x0: torch.Tensor, mask: torch.Tensor, positions, step: int) -> NoisyBatch:
+        """The discrete phase: the base path (uniform process, log-linear α). The curriculum phase: ONE Gaussian
+        latent per token under the duality schedule, ``z_t = argmax w`` for the loss, the soft input ``w/τ`` (dense,
+        top-k or fused, fixed at setup) for the network, α = T(γ_t), α' = dT/dt, σ = −log T(γ_t)."""
+        if self.phase(step) != "curriculum":
+            return super().noisy_batch(model, x0, mask, positions, step)
+        ctx, proc = self.ctx, self.curriculum_process
+        dev = ctx.device
+        t = self.times(step, positions)
         gens = row_generators(ctx.seed, step, positions, device=dev)
-        # official pad mode: pads are noised and attended to like any token; only the loss skips them
-        padded = not bool(mask.all()) and getattr(ctx, "pad_mode", "clean_masked") != "official"
-        override = contextlib.nullcontext()
-        if phase == "curriculum":
-            sched = self.duality
-            gamma = sched.gamma(t).to(dev)
-            tau = self.tau_at(step)
-            if self.curriculum_input == "topk":
-                from .adapt import topk_curriculum_inputs
-
-                z_t, model_in = topk_curriculum_inputs(x0, gamma, tau, self.topk, K, gens, vv)
-            elif self.kernel_paths["curriculum_input"] != "dense":
-                from duo_plugin import kernels
-
-                at, st = gaussian_coefficients(gamma)
-                seeds = kernels.row_seeds(ctx.seed, step, positions, device=dev)
-                emb_module = kernels.input_embedding(model)
-                emb, z_t = kernels.curriculum_soft_embedding(x0, at.float(), st.float(), tau, seeds,
-                                                             emb_module.weight, vv,
-                                                             impl=self.kernel_paths["curriculum_input"])
-                override = kernels.embedding_override(emb_module, emb)
-                model_in = z_t  # ids feed the (discarded) embedding lookup
-            else:
-                z_t, model_in = curriculum_inputs(x0, gamma, tau, K, gens, vv)
-        else:
-            sched = self.loglinear
-            z_t = self.process.corrupt(x0, sched.alpha(t).to(dev), gens)
-            if padded:  # padding stays as is (as in eval.likelihood); it is neither attended to nor scored
-                z_t = torch.where(mask, z_t, x0)
-            model_in = z_t
-        alpha = sched.alpha(t).to(dev)
-        alpha_prime = sched.alpha_prime(t).to(dev)
-        sigma = (-torch.log(alpha)).float()
-        kw = {"padding_mask": mask} if padded else {}
-        am = self.anneal_mask(step, x0.shape[1])
-        if am is not None:
-            kw["attn_mask"] = am
-        if self.kernel_paths["nelbo"] != "dense":
-            from duo_plugin import kernels
-
-            with override, ctx.autocast():
-                h = model.forward_hidden(model_in, sigma, **kw)
-                w, bias = kernels.projection_params(model)
-                nelbo = kernels.fused_duo_nelbo(h, w, bias, z_t, x0, alpha, alpha_prime, vv,
-                                                impl=self.kernel_paths["nelbo"])
-        else:
-            with override, ctx.autocast():
-                log_x = model(model_in, sigma, **kw)
-            nelbo = self.process.nelbo(log_x.float(), z_t, x0, alpha, alpha_prime)
-        return masked_token_sum(nelbo, mask), self.count_tokens(mask), {"phase": phase}
+        z_t, model_in, override = self.soft_input(model, x0, self.duality.gamma(t).to(dev), self.tau_at(step), step,
+                                                  positions, gens)
+        # pads: the soft input cannot be put back to x0; z_t stays argmax w there (masked from attention in
+        # clean_masked mode, never scored), so only the attention part of the pad rule applies
+        _, kw = pad_rule(z_t, x0, mask, ctx.pad_mode)
+        kw.update(self.extra_model_kwargs(step, x0.shape[1]))
+        z_loss, x_loss = loss_ids(z_t, x0, mask, proc.valid_vocab)
+        return NoisyBatch(x_loss, z_loss, model_in, proc.alpha(t).to(dev), proc.alpha_prime(t).to(dev),
+                          proc.sigma(t).to(dev).float(), kw, override)
 
     # ------------------------------------------------------------------------------------------ validation
-    def validation_nll(self, model, blocks, mask, *, batch_size: int, special_ids=()) -> dict:
-        """True discrete NELBO on held-out blocks (log-linear α, one stratified t per sequence, no curriculum;
-        docs/method.md §8) via :func:`duo_plugin.eval.likelihood.nelbo_perplexity`: ``{"nll": per content token
-        (``special_ids`` not counted), "nll_all": per token}``."""
-        from duo_plugin.eval.likelihood import nelbo_perplexity
-
-        ctx = self.ctx
-        res = nelbo_perplexity(model, blocks, mask, batch_size=batch_size, seed=ctx.seed, valid_vocab=ctx.valid_vocab,
-                               schedule=self.loglinear, t_min=self.t_min, device=ctx.device, progress=False,
-                               special_ids=tuple(special_ids), pad_mode=getattr(ctx, "pad_mode", "clean_masked"))
-        return {"nll": float(res["nll_per_token"]), "nll_all": float(res["nll_per_token_all"])}
+    def validation_process(self):
+        return None  # nelbo_perplexity's uniform-state default with the log-linear schedule (docs/method.md §8)

@@ -139,7 +139,7 @@ class RecipeBase:
                                 vocab_size=self.vocab_size, valid_vocab=self.valid_vocab, seq_len=self.seq_len,
                                 device=self.device, autocast=self.autocast,
                                 log=(lambda msg: log.info("%s", msg)) if self.is_rank_zero else None, extra=extra,
-                                pad_mode=pad_mode_of(self.cfg))
+                                pad_mode=pad_mode_of(self.cfg), tokenizer=getattr(self, "tokenizer", None))
 
     # ------------------------------------------------------------------------------------------ optimizer
     def _setup_optimizer(self) -> None:

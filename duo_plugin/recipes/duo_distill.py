@@ -130,6 +130,17 @@ RESUME_KEYS = ("seed", "init_from", "init_weights", "global_batch_size", "distil
 
 def validate_config(cfg: DictConfig) -> DictConfig:
     """Check key names (suggesting the closest valid key), fill defaults, check values. Returns a new config."""
+    cfg = cfg.copy()
+    for key in missing_keys(cfg):  # '???' in the config: what the user must set, named before anything reads it
+        if key == "eval.scorer.path":  # needed by the hf / dit scorers only (eval.scorer.type=none: entropy only)
+            check_scorer(OmegaConf.create({"type": OmegaConf.select(cfg, "eval.scorer.type"), "path": None}),
+                         on_disk=False)
+            OmegaConf.update(cfg, key, None)
+            continue
+        if key == "init_from":
+            raise ConfigError("init_from is required: the duo model directory to distil (e.g. the 'final' dir that "
+                              "`tune run duo_pretrain --config duo/tiny_cpu` writes: outputs/demo/final)")
+        raise ConfigError(f"config key '{key}' is required (it is ??? in the config): set {key}=...")
     check_keys(cfg, SCHEMA, "")
     if cfg.get("objective") is not None:
         bad = legacy_conflicts(OmegaConf.to_container(cfg, resolve=False), DISTILL_KEYS)
@@ -166,9 +177,54 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     if merged.eval.scorer.type not in ("none", "dit", "torchtune", "hf"):
         raise ConfigError(f"eval.scorer.type must be none, dit (an AR-objective duo model dir), torchtune or hf (a "
                           f"local Hugging Face causal-LM dir, e.g. gpt2-large), got {merged.eval.scorer.type!r}")
+    if scorer_needed(merged):
+        check_scorer(merged.eval.scorer, on_disk=False)
     if merged.resume not in (False, True, "auto") and not isinstance(merged.resume, str):
         raise ConfigError("resume must be false, true/'auto' (latest checkpoint in output_dir) or a checkpoint dir")
     return merged
+
+
+#: what ``eval.scorer.path`` must be, per scorer type (the error messages name it)
+SCORER_PATHS = {
+    "hf": ("a GPT-2 Large-compatible local Hugging Face causal-LM dir (the paper's Gen PPL scorer: a downloaded "
+           "gpt2-large with config.json, weights and tokenizer files)", "config.json"),
+    "dit": ("an AR-objective duo model dir (`duo_pretrain objective=ar`; scripts/demo trains outputs/demo_ar/final)",
+            "duo_config.json"),
+}
+
+
+def missing_keys(node, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is OmegaConf's mandatory marker ``???``."""
+    out = []
+    if not OmegaConf.is_dict(node):
+        return out
+    for key in node.keys():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if OmegaConf.is_missing(node, key):
+            out.append(full)
+        else:
+            out.extend(missing_keys(node[key], full))
+    return out
+
+
+def scorer_needed(cfg) -> bool:
+    """True when the run scores samples (base row, a row per round, or ``evaluate_only``)."""
+    return bool(cfg.evaluate_only or cfg.eval.every_round or cfg.eval.include_base)
+
+
+def check_scorer(scfg, *, on_disk: bool) -> None:
+    """ConfigError (one line: the key and the fix) when ``eval.scorer`` names a path-based scorer (``hf``, ``dit``)
+    without a path, or (``on_disk``) with a path that does not hold one. Run before training, so a missing scorer is
+    reported before any step, not at the first evaluation."""
+    if scfg.type not in SCORER_PATHS:
+        return
+    what, marker = SCORER_PATHS[scfg.type]
+    fix = "set eval.scorer.path=/path/to/it, or eval.scorer.type=none (entropy only, no Gen PPL)"
+    if OmegaConf.is_missing(scfg, "path") or not scfg.get("path"):
+        raise ConfigError(f"eval.scorer.path is required for eval.scorer.type={scfg.type}: {what}; {fix}")
+    p = Path(str(scfg.path))
+    if on_disk and not (p / marker).is_file():
+        raise ConfigError(f"eval.scorer.path={p} is not {what} (no {marker} there); {fix}")
 
 
 def build_scorer(scfg, device) -> tuple[Any, Any, int, int | None, int | None] | None:
@@ -248,6 +304,8 @@ class DuoDistillRecipe(RecipeBase):
             raise FileNotFoundError(
                 f"init_from={self.init_from} is not a duo model directory (no duo_config.json); point it at the "
                 "'final' dir of a duo_pretrain run (e.g. outputs/demo/final) or a checkpoint's model/ dir")
+        if scorer_needed(cfg):
+            check_scorer(cfg.eval.scorer, on_disk=True)  # before any step: the scorer the table needs is there
         self._open_output(guard=not cfg.evaluate_only)  # training: run_dir rules (no silent overwrite, lock)
         self._setup_tokenizer()
         self._setup_model()

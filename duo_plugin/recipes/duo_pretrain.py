@@ -297,6 +297,8 @@ class DuoPretrainRecipe(RecipeBase):
 
     def _setup_model(self) -> None:
         from duo_plugin.data.tokenizers import check_vocab
+        from duo_plugin.objectives.base import vocab_options
+        from duo_plugin.recipes.common import pad_mode_of
 
         cfg = self.cfg
         init_from = cfg.get("init_from")
@@ -312,8 +314,12 @@ class DuoPretrainRecipe(RecipeBase):
         k = int(model.vocab_size)
         vv = cfg.data.get("valid_vocab") or {}
         duo_src = init_from if init_from and (Path(str(init_from)) / "duo_config.json").is_file() else None
-        self.valid_vocab = check_vocab(self.tokenizer, k, include_pad=bool(vv.get("include_pad", False)),
-                                       include_special=bool(vv.get("include_special", False)), model_source=duo_src)
+        try:  # official pad mode: every tokenizer id is an ordinary id (objectives.base.vocab_options)
+            inc_pad, inc_special = vocab_options(pad_mode_of(cfg), vv.get("include_pad"), vv.get("include_special"))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.valid_vocab = check_vocab(self.tokenizer, k, include_pad=inc_pad, include_special=inc_special,
+                                       model_source=duo_src)
         if self.seq_len > int(model.max_seq_len):
             fix = (f"set model.max_seq_len >= {self.seq_len}" if duo_src is None else
                    f"the model loaded from init_from={duo_src} has a fixed max_seq_len")  # model.* does not apply
@@ -341,6 +347,9 @@ class DuoPretrainRecipe(RecipeBase):
                 micro_batch_rows=self.global_batch_size // (self.world_size * self.accum)))
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        # the process's data ids are what the model folder records (MDLM drops a reused [MASK] token from them)
+        proc_vocab = getattr(getattr(self.objective, "process", None), "valid_vocab", None)
+        self.valid_vocab = self.valid_vocab if proc_vocab is None else proc_vocab
         from duo_plugin.training.ema import EMA
 
         self.ema = EMA(model, decay=float(cfg.ema.decay)) if cfg.ema and cfg.ema.get("decay") else None

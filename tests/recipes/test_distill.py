@@ -219,9 +219,9 @@ def test_config_errors_name_the_fix(make_dcfg):
 def test_shipped_configs_validate(name, models):
     cfg = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
     cfg.init_from = str(models["base"])
-    if name == "distill_owt_small":  # '???' marks what the user must set (the GPU scorer checkpoint)
-        cfg.eval.scorer.checkpoint_dir = "/ckpt/llama"
-        cfg.eval.scorer.tokenizer = "/ckpt/llama/tokenizer.model"
+    if name == "distill_owt_small":  # '???' marks what the user must set: the paper's scorer, GPT-2 Large, by path
+        assert cfg.eval.scorer.type == "hf" and OmegaConf.is_missing(cfg.eval.scorer, "path")
+        cfg.eval.scorer.path = "/ckpt/gpt2-large"
     merged = dd.validate_config(cfg)
     if name == "distill_owt_small":  # the paper's settings
         d = merged.distill
@@ -265,3 +265,42 @@ def test_quality_table_scores_with_a_local_hf_causal_lm(make_dcfg, models, tmp_p
     assert "hf:gpt2-chars" in (Path(cfg.output_dir) / "quality_table.md").read_text()
     with pytest.raises(dd.ConfigError, match="eval.scorer.path"):
         dd.run(make_dcfg("hfnopath", evaluate_only=True, **{"eval.scorer": {"type": "hf"}}))
+
+
+def test_distill_config_names_its_scorer_and_says_so_when_absent(make_dcfg, models, tmp_path):
+    """The paper config names the GPT-2 Large-compatible HF scorer it needs; without it the run stops at once with one
+    line naming eval.scorer.path and the fix (validation: path unset; setup, before any step: path not a model dir)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = OmegaConf.load(CONFIG_DIR / "distill_owt_small.yaml")
+    cfg.init_from = str(models["base"])
+    with pytest.raises(dd.ConfigError, match=r"^eval.scorer.path is required for eval.scorer.type=hf: a GPT-2 "
+                                             r"Large-compatible local Hugging Face causal-LM dir.*eval.scorer.type=none"):
+        dd.validate_config(cfg)
+    cfg.eval.scorer.type = "none"  # entropy only: no path needed
+    assert dd.validate_config(cfg).eval.scorer.path is None
+
+    empty = tmp_path / "not_a_model"
+    empty.mkdir()
+    for kind, marker in (("hf", "config.json"), ("dit", "duo_config.json")):
+        bad = make_dcfg(f"bad_{kind}", **{"eval.include_base": True,
+                                          "eval.scorer": {"type": kind, "path": str(empty)}})
+        with pytest.raises(dd.ConfigError, match=rf"eval.scorer.path={empty} is not .*\(no {marker} there\)"):
+            dd.run(bad)
+        assert not (tmp_path / f"bad_{kind}").exists()  # stopped before the run dir (and any step)
+
+    # the tiny CPU config keeps its AR-DiT scorer (type dit; scored end to end by the quality-table test above)
+    assert OmegaConf.load(CONFIG_DIR / "distill_tiny_cpu.yaml").eval.scorer.type == "dit"
+
+    # the CLI: exit 2, one line naming the key (no traceback)
+    exe = Path(sys.executable).with_name("tune")
+    p = subprocess.run([str(exe) if exe.exists() else "tune", "run", "duo_distill", "--config", "duo/distill_owt_small",
+                        f"init_from={models['base']}", f"output_dir={tmp_path / 'cli'}"],
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", DUO_DEBUG="0"))
+    assert p.returncode == 2, p.stderr[-2000:]
+    err = [ln for ln in p.stderr.splitlines() if "error" in ln]
+    assert len(err) == 1 and "eval.scorer.path is required" in err[0] and "Traceback" not in p.stderr

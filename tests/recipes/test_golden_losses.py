@@ -10,7 +10,11 @@ of the method's wiring shows up here.
 Covered: ``duo/tiny_cpu`` (curriculum then discrete phase; curriculum input dense / top-k / fused, kernels dense /
 chunked / reference; gradient accumulation; pad packing), ``objective=ar``, the four ``*_adapt`` configs on tiny
 locally written Llama-3.2 / Qwen-2.5 checkpoints (with window / random attention-mask annealing), and
-``duo/distill_tiny_cpu`` on a tiny locally written base model. To re-record after an INTENDED change of the
+``duo/distill_tiny_cpu`` on a tiny locally written base model. The MDLM and UDLM baselines (``duo/mdlm_tiny_cpu``,
+``duo/udlm_tiny_cpu``, wrap and pad packing) were recorded on the code before the shared ``DiffusionObjective`` base
+(their objectives then had their own ``__call__``); ``mdlm_tiny_cpu*_time_conditioned`` are those MDLM records (the
+config was time-conditioned then), and ``mdlm_tiny_cpu`` / ``mdlm_tiny_cpu_pad`` were re-recorded when the config
+became the published MDLM (``model.time_conditioning: false``, an intended change of the method). To re-record after an INTENDED change of the
 method (never for a refactor): ``DUO_RECORD_GOLDEN=1 python -m pytest tests/recipes/test_golden_losses.py``.
 """
 
@@ -99,6 +103,46 @@ def test_tiny_cpu_golden_losses(name, tiny_assets, tmp_path):
 
     cfg = _tiny_cpu(tiny_assets, tmp_path / name, **TINY_CASES[name])
     s = dp.run(cfg)
+    _check(name, s["losses"])
+
+
+# ------------------------------------------------------------------------------------------------ baselines
+def _baseline(config: str, tiny_assets, out: Path, **over):
+    """``duo/<config>`` shrunk like ``_tiny_cpu`` (same data, model and batch), e.g. MDLM / UDLM."""
+    from duo_plugin.data.tokenizers import load_tokenizer
+
+    cfg = OmegaConf.load(CONFIG_DIR / f"{config}.yaml")
+    upd = {
+        "output_dir": str(out), "tokenizer": {"path": str(tiny_assets["tokenizer"])},
+        "data.source": "files", "data.files": [str(tiny_assets["corpus"])], "data.seq_len": 16,
+        "data.cache_dir": str(out.parent / "cache"), "data.val_fraction": 0.1,
+        "model.dim": 32, "model.n_layers": 1, "model.n_heads": 2, "model.cond_dim": 16,
+        "global_batch_size": 8, "eval_batch_size": 16, "max_steps": 5, "max_wall_s": None,
+        "lr_scheduler.warmup_steps": 2, "eval_every": 0, "checkpoint.every": 0, "progress_bar": False,
+        "log_every": 1, "metric_logger.log_dir": str(out / "logs"),
+    }
+    if "vocab_size" in cfg.model:  # MDLM: one [MASK] row after the tokenizer's ids
+        upd["model.vocab_size"] = int(load_tokenizer(tiny_assets["tokenizer"]).vocab_size) + 1
+    _update(cfg, upd)
+    return _update(cfg, over)
+
+
+BASELINE_CASES = {
+    "mdlm_tiny_cpu": ("mdlm_tiny_cpu", {}),
+    "mdlm_tiny_cpu_pad": ("mdlm_tiny_cpu", {"data.packing": "pad"}),
+    "mdlm_tiny_cpu_time_conditioned": ("mdlm_tiny_cpu", {"model.time_conditioning": True}),
+    "mdlm_tiny_cpu_pad_time_conditioned": ("mdlm_tiny_cpu", {"data.packing": "pad", "model.time_conditioning": True}),
+    "udlm_tiny_cpu": ("udlm_tiny_cpu", {}),
+    "udlm_tiny_cpu_pad": ("udlm_tiny_cpu", {"data.packing": "pad"}),
+}
+
+
+@pytest.mark.parametrize("name", list(BASELINE_CASES))
+def test_baseline_golden_losses(name, tiny_assets, tmp_path):
+    from duo_plugin.recipes import duo_pretrain as dp
+
+    config, over = BASELINE_CASES[name]
+    s = dp.run(_baseline(config, tiny_assets, tmp_path / name, **over))
     _check(name, s["losses"])
 
 
