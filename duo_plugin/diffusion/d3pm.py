@@ -102,6 +102,11 @@ class D3PMProcess:
     def t_for_alpha(self, alpha: float) -> float:
         return self.schedule.t_for_alpha(alpha)
 
+    def sigma(self, u) -> torch.Tensor:
+        """−log ᾱ (float64), with ᾱ_T = 0 fed as −log(float64 tiny) ≈ 708 so that it stays finite (D3PM models are
+        not time-conditioned and ignore it)."""
+        return -torch.log(self.alpha(u).clamp_min(torch.finfo(_F64).tiny))
+
     def step_of(self, alpha) -> torch.Tensor:
         """The step k with ᾱ_k = α (``Long``); raises for a value off the grid ``{1 − k/T}``."""
         a = torch.as_tensor(alpha, dtype=_F64)

@@ -138,6 +138,10 @@ class SEDDProcess:
     def alpha_prime(self, t) -> torch.Tensor:
         return self.schedule.alpha_prime(t)
 
+    def sigma(self, t) -> torch.Tensor:
+        """σ̄(t) = −log α(t) (float64), the network's time conditioning."""
+        return -torch.log(self.alpha(t))
+
     def t_for_alpha(self, alpha: float) -> float:
         return t_for_alpha(self.schedule, alpha)
 

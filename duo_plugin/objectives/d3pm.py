@@ -18,66 +18,70 @@ import torch
 
 from duo_plugin.diffusion.d3pm import D3PMProcess
 
-from .base import ObjectiveContext, masked_token_sum
-from .sedd import diffusion_loss, mask_row, validation
+from .base import ObjectiveContext
+from .diffusion import DiffusionObjective, NoisyBatch
+from .sedd import mask_row
 
-__all__ = ["D3PMObjective"]
+__all__ = ["D3PMObjective", "HybridHead"]
 
 
-class D3PMObjective:
-    """D3PM absorbing, discrete time.
+class HybridHead:
+    """The loss head ``T · L_k + λ · CE``: one forward, the process's NELBO plus λ · (−log p̃_θ(x0 | x_k)) at masked
+    positions (λ = 0: the NELBO alone)."""
+
+    name = "d3pm_hybrid"
+
+    def __init__(self, process: D3PMProcess, weight: float):
+        self.process, self.weight = process, float(weight)
+
+    def __call__(self, model, b: NoisyBatch, autocast) -> torch.Tensor:
+        with b.override, autocast():
+            log_x = model(b.model_in, b.sigma, **b.model_kwargs)
+        log_x = log_x.float()
+        f = self.process.nelbo(log_x, b.z_t, b.x0, b.alpha, b.alpha_prime)
+        if self.weight == 0:
+            return f
+        lp = self.process.log_x0(log_x, b.z_t).gather(-1, b.x0.long()[..., None]).squeeze(-1)
+        masked = b.z_t == self.process.mask_id
+        zero = torch.zeros_like(lp)
+        return f + self.weight * torch.where(masked, -torch.where(masked, lp, zero), zero)
+
+
+class D3PMObjective(DiffusionObjective):
+    """D3PM absorbing, discrete time: the :class:`~duo_plugin.objectives.diffusion.DiffusionObjective` path over
+    :class:`~duo_plugin.diffusion.d3pm.D3PMProcess` with the :class:`HybridHead`.
 
     Args (``objective: {_component_: duo_plugin.objectives.d3pm.D3PMObjective, ...}``):
         steps: T. hybrid_weight: λ of the auxiliary cross-entropy (Austin et al. use 0.01 for text; 0 = pure L_vb).
         t_min: the clock is stratified in ``[t_min, 1]`` (0 = every step k has probability 1/T).
-        mask_id: the [MASK] id (default the model's last row).
+        mask_id: the [MASK] id (as MDLM's; default the model's last row).
     """
 
     name = "d3pm"
-    causal = False
 
-    def __init__(self, *, steps: int = 1000, hybrid_weight: float = 0.01, t_min: float = 0.0,
-                 mask_id: int | None = None):
+    def __init__(self, *, steps: int = 1000, hybrid_weight: float = 0.01, t_min: float = 0.0, mask_id=None):
         if int(steps) < 1:
             raise ValueError(f"objective.steps must be >= 1, got {steps}")
         if not float(hybrid_weight) >= 0.0:
             raise ValueError(f"objective.hybrid_weight must be >= 0, got {hybrid_weight}")
         if not 0.0 <= float(t_min) < 1.0:
             raise ValueError(f"objective.t_min must lie in [0, 1), got {t_min}")
-        self.steps, self.hybrid_weight, self.t_min = int(steps), float(hybrid_weight), float(t_min)
-        self.mask_id = mask_id
+        super().__init__(t_min=t_min)
+        self.steps, self.hybrid_weight, self.mask_id = int(steps), float(hybrid_weight), mask_id
         self.extra_metadata = {"d3pm_steps": self.steps}
-        self.ctx: ObjectiveContext | None = None
-        self.process: D3PMProcess | None = None
 
-    def setup(self, model: torch.nn.Module, ctx: ObjectiveContext) -> None:
+    def build_process(self, model: torch.nn.Module, ctx: ObjectiveContext) -> D3PMProcess:
         if bool(getattr(model, "time_conditioning", False)):
             raise ValueError("D3PM: build the model with model.time_conditioning: false (the last step has "
                              "alpha = 0, i.e. sigma = inf; the number of masks carries the step)")
-        mask_id = mask_row(ctx, self.mask_id, "D3PM")
-        self.ctx = ctx
-        self.process = D3PMProcess(int(ctx.vocab_size), mask_id, valid_vocab=ctx.valid_vocab, steps=self.steps)
+        mask_id, data = mask_row(ctx, self.mask_id, "D3PM")
+        proc = D3PMProcess(int(ctx.vocab_size), mask_id, valid_vocab=data, steps=self.steps)
+        self.schedule = proc.schedule
         if ctx.log:
             ctx.log(f"d3pm: absorbing, T={self.steps} steps, [MASK] = id {mask_id}, hybrid lambda="
                     f"{self.hybrid_weight:g}")
+        return proc
 
-    def phase(self, step: int) -> str:
-        return "d3pm"
-
-    def count_tokens(self, mask: torch.Tensor) -> int:
-        return int(mask.sum())
-
-    def __call__(self, model, x0, mask, positions, step):
-        nelbo, z_t, log_x = diffusion_loss(self, model, x0, mask, positions, step, self.t_min)
-        metrics = {"phase": "d3pm"}
-        loss = nelbo
-        if self.hybrid_weight > 0:
-            lp = self.process.log_x0(log_x, z_t).gather(-1, x0.long()[..., None]).squeeze(-1)
-            masked = z_t == self.process.mask_id
-            ce = torch.where(masked, -torch.where(masked, lp, torch.zeros_like(lp)), torch.zeros_like(lp))
-            loss = nelbo + self.hybrid_weight * ce
-        return masked_token_sum(loss, mask), self.count_tokens(mask), metrics
-
-    def validation_nll(self, model, blocks, mask, *, batch_size: int, special_ids=()) -> dict:
-        """The discrete-time NELBO (λ = 0) per content token and per token on held-out blocks."""
-        return validation(self, model, blocks, mask, batch_size, special_ids, self.t_min)
+    def setup(self, model: torch.nn.Module, ctx: ObjectiveContext) -> None:
+        super().setup(model, ctx)
+        self.head = HybridHead(self.process, self.hybrid_weight)
