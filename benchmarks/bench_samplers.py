@@ -8,7 +8,13 @@ Samplers (all seeded identically; docs/sampling.md):
   ancestral       exact posterior, ancestral noise removal, no nucleus;
   greedy-tail     the same steps, Greedy-Tail noise removal;
   ancestral-p0.9  ancestral with nucleus 0.9 (separates the nucleus effect from Ψ's);
-  psi             Ψ-sampler, the official OWT example: max-capped-0.01 in every phase, linear profile, nucleus 0.9.
+  psi             Ψ-sampler, the official OWT example: max-capped-0.01 in every phase, linear profile, nucleus 0.9
+                  (for an MDLM model this is the official MDLM + ReMDM "max-capped" script);
+  psi-loop        Ψ-sampler, the official ReMDM-loop example: pure-posterior 45 %, constant-remdm-0.01 50 % held at
+                  the time where α = 0.9, pure-posterior; nucleus 0.9.
+
+The model folder's metadata picks the process (Duo/UDLM: uniform state; MDLM: absorbing), so the same samplers
+run on either (``scheduler_for_model``).
 
 Metrics:
   Gen PPL         exp(mean NLL) of the samples under the ``--scorer`` causal LM (our AR-objective DiT trained on the same
@@ -43,6 +49,9 @@ SAMPLERS = {
     "psi": dict(noise_removal="ancestral", top_p=0.9, predictor="psi",
                 psi=dict(high_mode="max-capped-0.01", middle_mode="max-capped-0.01", low_mode="max-capped-0.01",
                          high_frac=0.0, middle_frac=0.0, time_profile="linear")),
+    "psi-loop": dict(noise_removal="ancestral", top_p=0.9, predictor="psi",
+                     psi=dict(high_mode="pure-posterior", middle_mode="constant-remdm-0.01", low_mode="pure-posterior",
+                              high_frac=0.45, middle_frac=0.5, time_profile="linear-constant-linear-0.9-inv")),
 }
 
 
@@ -118,7 +127,7 @@ def main(argv=None) -> int:
     from duo_plugin.diffusion.schedules import LogLinearSchedule
     from duo_plugin.eval.genppl import gen_ppl_and_entropy, unigram_entropy
     from duo_plugin.recipes.duo_generate import default_seq_len, load_model_and_tokenizer
-    from duo_plugin.sampling import DenoiserFn, PsiSchedule, sample
+    from duo_plugin.sampling import DenoiserFn, SamplerOptions, sample, scheduler_for_model
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -168,15 +177,13 @@ def main(argv=None) -> int:
     step_list = [int(s) for s in a.steps.split(",")]
     bar = Eta(True, len(a.samplers.split(",")) * len(step_list), "bench_samplers", unit="cell")
     for name in a.samplers.split(","):
-        opts = dict(SAMPLERS[name])
-        if "psi" in opts:
-            opts["psi"] = PsiSchedule(**opts["psi"])
         for steps in step_list:
+            opts = SamplerOptions(steps=steps, **SAMPLERS[name])
             t0 = time.perf_counter()
             with eta_lines():  # the sampler's own ETA within a long cell
-                res = sample(den, schedule, batch_size=n, seq_len=L, vocab_size=int(model.vocab_size), steps=steps,
-                             prompt=torch.tensor([tok.bos_id]), valid_vocab=getattr(model, "valid_vocab", None),
-                             seed=a.seed, progress=True, return_trajectory=False, eos_id=int(tok.eos_id), **opts)
+                res = sample(den, scheduler_for_model(model, opts, schedule=schedule), batch_size=n, seq_len=L,
+                             options=opts, prompt=torch.tensor([tok.bos_id]), seed=a.seed, return_trajectory=False,
+                             eos_id=int(tok.eos_id))
             sec = time.perf_counter() - t0
             ids = res.tokens
             row = {"sampler": name, "steps": steps, "nfe": res.nfe, "seconds": sec, "gen_ppl": gen_ppl(ids),

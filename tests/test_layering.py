@@ -27,6 +27,8 @@ FORBIDDEN = {
     "objectives/": ("duo_plugin.integrations", "duo_plugin.recipes", "duo_plugin.training", "duo_plugin.sampling"),
     "kernels/": ("duo_plugin.integrations", "duo_plugin.recipes", "duo_plugin.training", "duo_plugin.objectives"),
     "training/": ("duo_plugin.integrations", "duo_plugin.recipes"),
+    "sampling/": ("duo_plugin.integrations", "duo_plugin.recipes", "duo_plugin.training", "duo_plugin.objectives",
+                  "duo_plugin.eval"),
 }
 # (module, private name) pairs allowed to cross a module boundary. Keep empty: make a shared helper public instead.
 PRIVATE_OK: set[tuple[str, str]] = set()
@@ -70,6 +72,15 @@ def test_lower_layers_never_import_upper_ones():
             if rel.startswith(prefix):
                 bad += [(rel, mod) for mod, _ in _imports(tree, rel) if mod.startswith(forbidden)]
     assert not bad, bad
+
+
+def test_the_sampling_rule_catches_a_planted_violation():
+    """sampling/ sits beside objectives/ and eval/: a planted import of either (eager or lazy) is flagged."""
+    tree = ast.parse("from duo_plugin.eval.genppl import unigram_entropy\n"
+                     "def f():\n    from ..objectives import mdlm\n    return mdlm\n")
+    mods = [m for m, _ in _imports(tree, "sampling/planted.py")]
+    assert [m for m in mods if m.startswith(FORBIDDEN["sampling/"])] == ["duo_plugin.eval.genppl",
+                                                                           "duo_plugin.objectives"]
 
 
 def test_no_private_names_across_modules():

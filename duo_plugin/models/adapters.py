@@ -24,18 +24,22 @@ neighbour; it uses its **own** hidden state (``logits[:, 0] = head(h[:, 0])``, a
 Limitations: with ``time_conditioning=True`` the wrapper calls each layer's ``sa_norm/attn/mlp_norm/
 mlp`` directly, so per-layer FSDP2 ``fully_shard(layer)`` hooks and torchtune's per-layer
 activation-checkpoint wrappers are bypassed (they still work with ``time_conditioning=False``,
-which calls ``layer(h, mask=...)``). KV caches must not be set up.
+which calls ``layer(h, mask=...)``). KV caches must not be set up for the full forward; causal (AR) models decode
+incrementally with torchtune's caches through :meth:`DecoderDenoiser.kv_cache` / :meth:`DecoderDenoiser.forward_cached`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchtune.modules import MultiHeadAttention, TransformerDecoder
+from torchtune.modules.common_utils import local_kv_cache
 
 from duo_plugin.models.dit import (
     DenoiserInput,
@@ -47,7 +51,7 @@ from duo_plugin.models.dit import (
     input_batch_shape,
 )
 
-__all__ = ["SoftInputEmbedding", "DecoderDenoiser", "make_denoiser"]
+__all__ = ["SoftInputEmbedding", "DecoderDenoiser", "DecoderKVCache", "make_denoiser"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,15 @@ def _out_features(output, vocab_size: int) -> int:
             return int(getattr(output, attr))
     weight = getattr(output, "weight", None)
     return int(weight.shape[0]) if weight is not None else vocab_size
+
+
+@dataclasses.dataclass
+class DecoderKVCache:
+    """Position bookkeeping of :meth:`DecoderDenoiser.kv_cache` (the keys/values live in torchtune's caches)."""
+
+    batch_size: int
+    max_len: int
+    pos: int = 0
 
 
 class DecoderDenoiser(nn.Module):
@@ -169,27 +182,61 @@ class DecoderDenoiser(nn.Module):
             tril = torch.ones(L, L, dtype=torch.bool, device=self.decoder.tok_embeddings.weight.device).tril()
             attn_mask = tril if attn_mask is None else (attn_mask.to(tril.device) & tril)
         mask = self._mask(check_padding_mask(padding_mask, B, L), L, attn_mask, B)
-        dec = self.decoder
-        h = dec.tok_embeddings(x)
-        if not self.time_conditioning:
-            for layer in dec.layers:
-                h = layer(h, mask=mask)
-            h = dec.norm(h)
-        else:
-            s = sigma_batch(sigma, B, h.device, True)
-            c = F.silu(self.sigma_map(s))
-            for layer, ada in zip(dec.layers, self.adaln):
-                sh1, sc1, g1, sh2, sc2, g2 = ada(c)[:, None].chunk(6, dim=-1)
-                a_in = layer.sa_norm(h) * (1 + sc1) + sh1
-                a = layer.attn(a_in, a_in, mask=mask, input_pos=None)
-                h = h + (1 + g1) * layer.sa_scale(a)
-                m = layer.mlp(layer.mlp_norm(h) * (1 + sc2) + sh2)
-                h = h + (1 + g2) * layer.mlp_scale(m)
-            sh, sc = self.final_adaln(c)[:, None].chunk(2, dim=-1)
-            h = dec.norm(h) * (1 + sc) + sh
+        h = self._layers(self.decoder.tok_embeddings(x), sigma, mask, None)
         if self.shift:
             h = torch.cat([h[:, :1], h[:, :-1]], dim=1)
         return h
+
+    def _layers(self, h: torch.Tensor, sigma: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                input_pos: Optional[torch.Tensor]) -> torch.Tensor:
+        """The decoder layers and final norm (with the adaLN modulation when time-conditioned) on embeddings ``h``."""
+        dec = self.decoder
+        if not self.time_conditioning:
+            for layer in dec.layers:
+                h = layer(h, mask=mask, input_pos=input_pos)
+            return dec.norm(h)
+        c = F.silu(self.sigma_map(sigma_batch(sigma, h.shape[0], h.device, True)))
+        for layer, ada in zip(dec.layers, self.adaln):
+            sh1, sc1, g1, sh2, sc2, g2 = ada(c)[:, None].chunk(6, dim=-1)
+            a_in = layer.sa_norm(h) * (1 + sc1) + sh1
+            a = layer.attn(a_in, a_in, mask=mask, input_pos=input_pos)
+            h = h + (1 + g1) * layer.sa_scale(a)
+            m = layer.mlp(layer.mlp_norm(h) * (1 + sc2) + sh2)
+            h = h + (1 + g2) * layer.mlp_scale(m)
+        sh, sc = self.final_adaln(c)[:, None].chunk(2, dim=-1)
+        return dec.norm(h) * (1 + sc) + sh
+
+    @contextlib.contextmanager
+    def kv_cache(self, batch_size: int, max_len: Optional[int] = None) -> Iterator["DecoderKVCache"]:
+        """torchtune KV caches (``setup_caches`` through ``local_kv_cache``) on the decoder for ``batch_size`` rows and
+        ``max_len`` positions (default ``max_seq_len``), deleted on exit; causal (AR) models only. Inside, use
+        :meth:`forward_cached` (the full forward refuses to run while caches are set up)."""
+        if not self.causal:
+            raise ValueError("a KV cache is for causal (AR) decoders; this denoiser is bidirectional (causal=False)")
+        max_len = self.max_seq_len if max_len is None else int(max_len)
+        if not 1 <= max_len <= self.max_seq_len:
+            raise ValueError(f"KV cache length {max_len} must be in [1, max_seq_len={self.max_seq_len}]")
+        w = self.decoder.tok_embeddings.weight
+        with local_kv_cache(self.decoder, batch_size=int(batch_size), device=w.device, dtype=w.dtype,
+                            decoder_max_seq_len=max_len):
+            yield DecoderKVCache(int(batch_size), max_len)
+
+    def forward_cached(self, x: torch.Tensor, cache: "DecoderKVCache",
+                       sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Incremental causal forward through the torchtune caches: fp32 ``log x_theta`` ``[B, s]`` of the ids ``x``
+        ``Long[B, s]`` at positions ``cache.pos .. cache.pos + s - 1`` (rotary at those positions, keys up to each
+        query's own position); ``cache.pos`` advances by ``s``."""
+        B, s = input_batch_shape(x)
+        start = cache.pos
+        if B != cache.batch_size or start + s > cache.max_len:
+            raise ValueError(f"forward_cached: {B} rows at positions {start}..{start + s - 1} do not fit a cache of "
+                             f"{cache.batch_size} rows x {cache.max_len} positions")
+        dev = self.decoder.tok_embeddings.weight.device
+        pos = torch.arange(start, start + s, device=dev)
+        mask = (torch.arange(cache.max_len, device=dev)[None, :] <= pos[:, None]).expand(B, s, cache.max_len)
+        h = self._layers(self.decoder.tok_embeddings(x), sigma, mask, pos.expand(B, s))
+        cache.pos = start + s
+        return torch.log_softmax(self.output_projection(h).float(), dim=-1)
 
     def forward(self, x: DenoiserInput, sigma: Optional[torch.Tensor] = None, *,
                 padding_mask: Optional[torch.Tensor] = None,

@@ -22,10 +22,11 @@ Call convention (docs/architecture.md): ``model(x, sigma, *, padding_mask=None)`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
-from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -35,6 +36,7 @@ __all__ = [
     "SoftTopK",
     "DenoiserInput",
     "DiT",
+    "DiTKVCache",
     "sigma_batch",
     "duo_dit_tiny",
     "duo_dit_small",
@@ -225,21 +227,49 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _pre_attention(self, x: torch.Tensor, c: torch.Tensor):
+        """adaLN modulation and the q/k/v projections (before rotary): ``(mods, q, k, v)``, q/k/v ``[B, H, L, hd]``."""
         B, L, D = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
         h = _modulate(self.norm1(x), shift1, scale1)
         qkv = self.attn_qkv(h).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # [B, H, L, hd]
-        q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
-        a = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=self.causal and attn_mask is None
-        )
+        return (gate1, shift2, scale2, gate2), qkv[0], qkv[1], qkv[2]
+
+    def _post_attention(self, x: torch.Tensor, a: torch.Tensor, mods) -> torch.Tensor:
+        """Output projection of the attention ``a`` ``[B, H, L, hd]``, gated residuals and the MLP."""
+        B, L, D = x.shape
+        gate1, shift2, scale2, gate2 = mods
         a = self.attn_out(a.transpose(1, 2).reshape(B, L, D))
         x = _gated_residual(x, gate1, a, self.dropout, self.training)
         m = self.mlp(_modulate(self.norm2(x), shift2, scale2))
         return _gated_residual(x, gate2, m, self.dropout, self.training)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        mods, q, k, v = self._pre_attention(x, c)
+        q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=self.causal and attn_mask is None
+        )
+        return self._post_attention(x, a, mods)
+
+    def forward_cached(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor, start: int) -> torch.Tensor:
+        """Causal block on the new positions ``start .. start + s - 1`` (``x``: ``[B, s, d]``): their keys/values
+        are written into ``k_cache`` / ``v_cache`` (``[B, H, L_max, hd]``) and the queries attend to every cached
+        position up to their own. ``cos`` / ``sin``: the rotary table of the whole cache (``[L_max, hd]``)."""
+        s = x.shape[1]
+        end = start + s
+        mods, q, k, v = self._pre_attention(x, c)
+        q, k = _apply_rotary(q, cos[start:end], sin[start:end]), _apply_rotary(k, cos[start:end], sin[start:end])
+        k_cache[:, :, start:end] = k
+        v_cache[:, :, start:end] = v
+        mask = None
+        if s > 1:  # query i (position start + i) sees keys 0 .. start + i
+            mask = torch.ones(s, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        a = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask,
+                                           dropout_p=0.0)
+        return self._post_attention(x, a, mods)
 
 
 class DiTFinalLayer(nn.Module):
@@ -299,6 +329,23 @@ def check_padding_mask(padding_mask: Optional[torch.Tensor], B: int, L: int) -> 
             f"{padding_mask.dtype} and shape {tuple(padding_mask.shape)}"
         )
     return padding_mask
+
+
+class DiTKVCache:
+    """Keys and values of every block of a causal :class:`DiT` for incremental decoding (:meth:`DiT.forward_cached`).
+
+    ``k[i]`` / ``v[i]``: ``[B, H, max_len, hd]`` of block ``i``; ``pos``: the number of positions written so far (the
+    next call's first position); ``cos`` / ``sin``: the rotary table of positions ``0 .. max_len - 1`` (the rows the
+    full forward uses at those positions)."""
+
+    def __init__(self, model: "DiT", batch_size: int, max_len: int):
+        weight = model.vocab_embed.weight
+        hd = model.dim // model.n_heads
+        shape = (int(batch_size), model.n_heads, int(max_len), hd)
+        self.k = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in model.blocks]
+        self.v = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in model.blocks]
+        self.cos, self.sin = _rotary_cos_sin(int(max_len), hd, model.rope_base, weight.device)
+        self.batch_size, self.max_len, self.pos = int(batch_size), int(max_len), 0
 
 
 class DiT(nn.Module):
@@ -374,6 +421,34 @@ class DiT(nn.Module):
         for block in self.blocks:
             h = block(h, c, cos, sin, mask)
         return self.output_layer.hidden(h, c)
+
+    @contextlib.contextmanager
+    def kv_cache(self, batch_size: int, max_len: Optional[int] = None) -> Iterator[DiTKVCache]:
+        """A fresh :class:`DiTKVCache` for ``batch_size`` rows and ``max_len`` positions (default ``max_seq_len``)
+        for :meth:`forward_cached`; causal models only. The cache lives outside the module (nothing to tear down)."""
+        if not self.causal:
+            raise ValueError("a KV cache is for causal (AR) DiTs; this DiT is bidirectional (causal=False)")
+        max_len = self._max_seq_len if max_len is None else int(max_len)
+        if not 1 <= max_len <= self._max_seq_len:
+            raise ValueError(f"KV cache length {max_len} must be in [1, max_seq_len={self._max_seq_len}]")
+        yield DiTKVCache(self, batch_size, max_len)
+
+    def forward_cached(self, x: torch.Tensor, cache: DiTKVCache, sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Incremental causal forward: ``log x_theta`` fp32 ``[B, s, K]`` of the ids ``x`` ``Long[B, s]`` placed at
+        positions ``cache.pos .. cache.pos + s - 1``, attending to every earlier position through ``cache`` (which
+        then advances by ``s``). Equal, up to float rounding, to the rows ``cache.pos ..`` of :meth:`forward` on
+        the whole prefix."""
+        B, s = input_batch_shape(x)
+        start = cache.pos
+        if B != cache.batch_size or start + s > cache.max_len:
+            raise ValueError(f"forward_cached: {B} rows at positions {start}..{start + s - 1} do not fit a cache of "
+                             f"{cache.batch_size} rows x {cache.max_len} positions")
+        h = self.vocab_embed(x)
+        c = F.silu(self.sigma_map(sigma_batch(sigma, B, h.device, self.time_conditioning)))
+        for block, k, v in zip(self.blocks, cache.k, cache.v):
+            h = block.forward_cached(h, c, cache.cos, cache.sin, k, v, start)
+        cache.pos = start + s
+        return torch.log_softmax(self.output_projection(self.output_layer.hidden(h, c)).float(), dim=-1)
 
     def forward(self, x: DenoiserInput, sigma: Optional[torch.Tensor] = None, *,
                 padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -63,32 +63,34 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 def sampling_params(cfg: DictConfig) -> dict[str, Any]:
-    """The checked numeric sampling options.  A value is never silently replaced: ``top_p`` must be in (0, 1]
-    (1 = no nucleus truncation) and ``temperature`` > 0 (1 = the model's distribution); ``top_p=0`` or
-    ``temperature=0`` is an error pointing to ``noise_removal=greedy`` for deterministic final tokens."""
+    """The checked numeric options: the sampler's (``steps``, ``top_p``, ``temperature``, ``guidance_weight``,
+    ``t_eps``: checked by :class:`~duo_plugin.sampling.SamplerOptions`, never silently replaced, e.g. ``top_p=0`` or
+    ``temperature=0`` is an error pointing to ``noise_removal=greedy``) and the recipe's (``num_samples``, ``seed``,
+    ``batch_size``, ``seq_len``, ``alpha_eps``)."""
     from duo_plugin.training.config_values import read_float, read_int
 
-    out: dict[str, Any] = {"steps": read_int("steps", cfg.get("steps"), minimum=1),
-                           "num_samples": read_int("num_samples", cfg.get("num_samples"), minimum=1)}
-    top_p = cfg.get("top_p")
-    out["top_p"] = 1.0 if top_p is None else read_float("top_p", top_p)
-    if not 0.0 < out["top_p"] <= 1.0:
-        raise ConfigError(f"top_p must be in (0, 1] (1 = no nucleus truncation), got {top_p!r}; for deterministic "
-                          "final tokens use noise_removal=greedy")
-    temp = cfg.get("temperature")
-    out["temperature"] = 1.0 if temp is None else read_float("temperature", temp)
-    if not out["temperature"] > 0.0:
-        raise ConfigError(f"temperature must be > 0 (1 = the model's distribution), got {temp!r}; temperature=0 is "
-                          "not greedy decoding here: use noise_removal=greedy for deterministic final tokens")
-    gw = cfg.get("guidance_weight")
-    out["guidance_weight"] = 1.0 if gw is None else read_float("guidance_weight", gw)  # 0 = unconditional, kept
-    for key, default in (("t_eps", 1e-5), ("alpha_eps", 1e-3)):
-        v = cfg.get(key)
-        out[key] = default if v is None else read_float(key, v, positive=True)
+    opts = recipe_options(cfg)
+    out: dict[str, Any] = {k: getattr(opts, k) for k in ("steps", "top_p", "temperature", "guidance_weight", "t_eps")}
+    out["num_samples"] = read_int("num_samples", cfg.get("num_samples"), minimum=1)
+    v = cfg.get("alpha_eps")
+    out["alpha_eps"] = 1e-3 if v is None else read_float("alpha_eps", v, positive=True)
     for key in ("seed", "batch_size", "seq_len"):
         v = cfg.get(key)
         out[key] = None if v is None else read_int(key, v, minimum=0 if key == "seed" else 1)
     return out
+
+
+def recipe_options(cfg) -> "SamplerOptions":
+    """The :class:`~duo_plugin.sampling.SamplerOptions` of this config (``steps``, ``noise_removal``, ``top_p``,
+    ``temperature``, ``t_eps``, ``predictor``, ``psi:``, ``guidance_weight``, ``posterior_impl``, ``blocks:``,
+    ``batch_size`` = rows per denoiser call, ``progress_bar``); a bad value is a ``ConfigError`` naming the key."""
+    from duo_plugin.sampling import SamplerOptions
+
+    try:
+        return SamplerOptions.from_config(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
 
 _MASK_RE = re.compile(r"\[MASK(?::(\d+))?\]")
 _MASK_ANY = re.compile(r"\[MASK\b[^\]\[]*\]?")  # every "[MASK..." marker, well-formed or not
@@ -229,171 +231,62 @@ def load_scorer(gcfg: DictConfig, diffusion_tokenizer, device):
 
 
 def sampler_options(cfg) -> dict:
-    """The sampler keys shared by duo_generate and the lm-eval backend: ``predictor``, ``psi`` (a mapping of
-    :class:`~duo_plugin.sampling.PsiSchedule` keys), ``guidance_weight``, ``posterior_impl`` and ``blocks``
-    (``n_blocks``, ``block_len``) → keyword arguments (``n_blocks`` / ``block_len`` for :func:`sample_blocks`)."""
-    from duo_plugin.sampling import PsiSchedule
-
-    predictor = str(cfg.get("predictor") or "ancestral")
-    if predictor not in ("ancestral", "psi"):
-        raise ConfigError(f"predictor must be 'ancestral' or 'psi', got {predictor!r}")
-    psi_cfg = cfg.get("psi")
-    psi = None
-    if predictor == "psi":
-        raw = OmegaConf.to_container(psi_cfg, resolve=True) if isinstance(psi_cfg, DictConfig) else dict(psi_cfg or {})
-        try:
-            psi = PsiSchedule.from_config(raw)
-        except ValueError as e:
-            raise ConfigError(f"psi: {e}") from None
-    blocks = cfg.get("blocks") or {}
-    n_blocks = int(blocks.get("n_blocks") or 0)
-    block_len = blocks.get("block_len")
-    if n_blocks and not block_len:
-        raise ConfigError("blocks.n_blocks > 0 needs blocks.block_len (tokens added per block, < seq_len)")
-    return {"predictor": predictor, "psi": psi, "guidance_weight": (1.0 if cfg.get("guidance_weight") is None else
-                                                            float(cfg.get("guidance_weight"))),
-            "posterior_impl": str(cfg.get("posterior_impl") or "auto"), "n_blocks": n_blocks,
-            "block_len": int(block_len or 0)}
+    """:func:`recipe_options` as a plain dict (``psi`` as its mapping)."""
+    return recipe_options(cfg).as_dict()
 
 
-def model_objective(model) -> str:
-    """The training objective recorded in the model folder's metadata (``duo`` when absent: older folders)."""
-    meta = getattr(model, "duo_metadata", {}) or {}
-    return str(meta.get("objective") or "duo")
-
-
-def mdlm_mask_id(model) -> int:
-    """The [MASK] id of an MDLM model: ``mask_id`` in its metadata, else its last embedding row
-    (``objectives.mdlm``); it must not be a data id."""
-    meta = getattr(model, "duo_metadata", {}) or {}
-    mask_id = int(meta["mask_id"]) if meta.get("mask_id") is not None else int(model.vocab_size) - 1
-    valid = getattr(model, "valid_vocab", None)
-    if valid is not None and bool(valid[mask_id]):
-        raise ValueError(f"the model folder says objective 'mdlm' but its [MASK] row {mask_id} is a valid token id, not "
-                         "a [MASK] row: the folder's metadata does not match the model")
-    return mask_id
-
-
-def check_mdlm_options(opts: dict, n_blocks: int) -> None:
-    """The absorbing sampler has no Ψ predictor, prompt guidance, block generation or posterior variants."""
-    if opts["predictor"] != "ancestral":
-        raise ConfigError("predictor=psi is for uniform-state (Duo/UDLM) models; this model was trained with the MDLM "
-                          "objective: set predictor=ancestral")
-    if opts["guidance_weight"] != 1.0:
-        raise ConfigError("guidance_weight is for uniform-state (Duo/UDLM) models; set guidance_weight=1.0 for an MDLM "
-                          "model")
-    if n_blocks:
-        raise ConfigError("blocks.n_blocks > 0 is for uniform-state (Duo/UDLM) models; set blocks.n_blocks=0 for an "
-                          "MDLM model")
-    if opts["posterior_impl"] != "auto":
-        raise ConfigError("posterior_impl selects a uniform-state posterior; set posterior_impl=auto for an MDLM model")
-
-
-def sample_mdlm_rows(den, schedule, *, num: int, chunk: int, seq_len: int, vocab_size: int, mask_id: int, steps: int,
-                     mode: str, time_conditioned: bool, valid, temperature: float, top_p: float, seed: int,
-                     t_eps: float, device, clamp_mask=None, clamp_values=None):
-    """``sample_mdlm`` over ``num`` rows in chunks of ``chunk``; row i always uses ``row_generators(seed, 0, [i])``,
-    so the samples do not depend on ``chunk``. Returns ``(tokens Long[num, L], nfe = the most calls of a chunk)``."""
-    from duo_plugin.diffusion.uniform import row_generators
-    from duo_plugin.sampling.mdlm import sample_mdlm
-
-    out, nfe = [], 0
-    for lo in range(0, num, chunk):
-        hi = min(num, lo + chunk)
-        z, n = sample_mdlm(den, schedule, batch_size=hi - lo, seq_len=seq_len, vocab_size=vocab_size,
-                           mask_id=mask_id, steps=steps, noise_removal=mode, time_conditioned=time_conditioned,
-                           valid_vocab=valid, temperature=temperature, top_p=top_p,
-                           generator=row_generators(seed, 0, range(lo, hi), device=device), t_eps=t_eps,
-                           device=device, return_nfe=True, clamp_mask=clamp_mask, clamp_values=clamp_values)
-        out.append(z)
-        nfe = max(nfe, int(n))
-    return torch.cat(out, 0), nfe
+def build_jobs(cfg, tok, seq_len: int, n_blocks: int) -> list[dict[str, Any]]:
+    """One job per prompt (``prompt_ids``), one for the infill template (``clamp_mask`` / ``clamp_values``), or one
+    unconditional job."""
+    add_bos = bool(cfg.get("add_bos", True))
+    prompts, infill = cfg.get("prompts"), cfg.get("infill")
+    if prompts and infill:
+        raise ValueError("set either prompts or infill, not both")
+    if infill and n_blocks:
+        raise ValueError("blocks.n_blocks > 0 generates beyond the context from a prompt; it cannot be combined with "
+                         "infill (set blocks.n_blocks=0)")
+    if infill:
+        m, v = build_infill(str(infill), tok, seq_len, add_bos)
+        return [{"prompt": str(infill), "clamp_mask": m, "clamp_values": v}]
+    if prompts:
+        jobs = []
+        for p in [prompts] if isinstance(prompts, str) else list(prompts):
+            ids = ([tok.bos_id] if add_bos else []) + tok.encode(str(p), add_bos=False, add_eos=False)
+            jobs.append({"prompt": str(p), "prompt_ids": torch.tensor(ids, dtype=torch.long)})
+        return jobs
+    return [{"prompt": None}]
 
 
 def run(cfg: DictConfig) -> dict:
     """The recipe body (``recipe_main`` = ``@config.parse`` + this); returns the metrics dict."""
     from duo_plugin.diffusion.schedules import LogLinearSchedule
     from duo_plugin.eval.genppl import gen_ppl_and_entropy, unigram_entropy
-    from duo_plugin.sampling import DenoiserFn, sample, sample_blocks, trim_at_eos
+    from duo_plugin.sampling import DenoiserFn, generate, model_kind, trim_at_eos
 
     validate_config(cfg)
     device, out_dir, model, tok = open_run(cfg)
     seq_len = default_seq_len(model, cfg.get("seq_len"))
     if seq_len > int(model.max_seq_len):
         raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={model.max_seq_len}")
+    params = sampling_params(cfg)
+    opts = recipe_options(cfg)
+    steps, mode, num, seed = opts.steps, opts.noise_removal, params["num_samples"], params["seed"] or 0
+    eos_id = int(tok.eos_id) if bool(cfg.get("variable_length", False)) else None
+    kind = model_kind(model)  # reported only: generate() picks the process from the folder's metadata
+    jobs = build_jobs(cfg, tok, seq_len, opts.n_blocks)
     den = DenoiserFn(model, dtype=cfg.get("dtype"))
-    steps = int(cfg.steps)
-    mode = str(cfg.get("noise_removal") or "ancestral")
-    num = int(cfg.num_samples)
-    seed = int(cfg.get("seed") or 0)
-    add_bos = bool(cfg.get("add_bos", True))
-    schedule = LogLinearSchedule(float(cfg.get("alpha_eps") or 1e-3))
-    valid = getattr(model, "valid_vocab", None)
-    opts = sampler_options(cfg)
-    n_blocks, block_len = opts.pop("n_blocks"), opts.pop("block_len")
-    variable_length = bool(cfg.get("variable_length", False))
-    eos_id = int(tok.eos_id) if variable_length else None
-    objective = model_objective(model)
-    mask_id = None
-    if objective == "mdlm":  # absorbing process (docs/baselines.md): the [MASK] row is the model's last row
-        check_mdlm_options(opts, n_blocks)
-        mask_id = mdlm_mask_id(model)
-
-    prompts = cfg.get("prompts")
-    infill = cfg.get("infill")
-    if prompts and infill:
-        raise ValueError("set either prompts or infill, not both")
-    if infill and n_blocks:
-        raise ValueError("blocks.n_blocks > 0 generates beyond the context from a prompt; it cannot be combined with "
-                         "infill (set blocks.n_blocks=0)")
-    jobs: list[dict[str, Any]] = []
-    if infill:
-        m, v = build_infill(str(infill), tok, seq_len, add_bos)
-        jobs.append({"prompt": str(infill), "clamp_mask": m, "clamp_values": v})
-    elif prompts:
-        plist = [prompts] if isinstance(prompts, str) else list(prompts)
-        for p in plist:
-            ids = ([tok.bos_id] if add_bos else []) + tok.encode(str(p), add_bos=False, add_eos=False)
-            jobs.append({"prompt": str(p), "prompt_ids": torch.tensor(ids, dtype=torch.long)})
-    else:
-        jobs.append({"prompt": None})
+    schedule = LogLinearSchedule(params["alpha_eps"])
+    bos = int(tok.bos_id) if bool(cfg.get("add_bos", True)) else None  # start token of left-to-right decoding
 
     all_ids, records = [], []
     t0 = time.perf_counter()
     nfe, lengths_all = 0, []
     for j, job in enumerate(jobs):
-        kw = dict(
-            batch_size=num, seq_len=seq_len, vocab_size=int(model.vocab_size), steps=steps,
-            noise_removal=mode, top_p=float(cfg.get("top_p") or 1.0), temperature=float(cfg.get("temperature") or 1.0),
-            prompt=job.get("prompt_ids"), valid_vocab=valid, seed=seed + j, t_eps=float(cfg.get("t_eps") or 1e-5),
-            device=device, chunk_size=int(cfg.get("batch_size") or num), progress=bool(cfg.get("progress_bar", True)),
-            eos_id=eos_id, **opts,
-        )
-        if mask_id is not None:
-            cm, cv = job.get("clamp_mask"), job.get("clamp_values")
-            if job.get("prompt_ids") is not None:
-                pids = job["prompt_ids"]
-                if len(pids) > seq_len:
-                    raise ValueError(f"the prompt has {len(pids)} tokens but seq_len={seq_len}")
-                cm = torch.zeros(seq_len, dtype=torch.bool)
-                cm[: len(pids)] = True
-                cv = torch.zeros(seq_len, dtype=torch.long)
-                cv[: len(pids)] = pids
-            tokens, nfe = sample_mdlm_rows(
-                den, schedule, num=num, chunk=kw["chunk_size"], seq_len=seq_len, vocab_size=int(model.vocab_size),
-                mask_id=mask_id, steps=steps, mode=mode, time_conditioned=bool(getattr(model, "time_conditioning",
-                True)), valid=valid, temperature=kw["temperature"], top_p=kw["top_p"], seed=seed + j,
-                t_eps=kw["t_eps"], device=device, clamp_mask=cm, clamp_values=cv)
-            res = None
-        else:
-            with eta_lines():  # the sampler's bar on a terminal, else an ETA line every 30 s
-                if n_blocks:
-                    res = sample_blocks(den, schedule, n_blocks=n_blocks, block_len=block_len, **kw)
-                else:
-                    res = sample(den, schedule, clamp_mask=job.get("clamp_mask"),
-                                 clamp_values=job.get("clamp_values"), return_trajectory=True, **kw)
-        if res is not None:
-            nfe, tokens = res.nfe, res.tokens
+        with eta_lines():  # the sampler's bar on a terminal, else an ETA line every 30 s
+            res = generate(model, opts, batch_size=num, seq_len=seq_len, prompt=job.get("prompt_ids"),
+                           clamp_mask=job.get("clamp_mask"), clamp_values=job.get("clamp_values"), seed=seed + j,
+                           eos_id=eos_id, start_id=bos, denoiser=den, schedule=schedule)
+        nfe, tokens = res.nfe, res.tokens
         ids = tokens.cpu()
         all_ids.append(ids)
         p_len = len(job["prompt_ids"]) if job.get("prompt_ids") is not None else 0
@@ -417,22 +310,22 @@ def run(cfg: DictConfig) -> dict:
         "steps": steps,
         "noise_removal": mode,
         "nfe": nfe,
-        "objective": objective,
-        "process": "absorbing" if mask_id is not None else "uniform",
-        "predictor": opts["predictor"],
-        "guidance_weight": opts["guidance_weight"],
-        "n_blocks": n_blocks,
+        "objective": str((getattr(model, "duo_metadata", None) or {}).get("objective") or "duo"),
+        "process": kind,
+        "predictor": opts.predictor,
+        "guidance_weight": opts.guidance_weight,
+        "n_blocks": opts.n_blocks,
         "tokens_per_sample": int(ids.shape[1]),
-        "top_p": float(cfg.get("top_p") or 1.0),
-        "temperature": float(cfg.get("temperature") or 1.0),
+        "top_p": opts.top_p,
+        "temperature": opts.temperature,
         "seed": seed,
         "seconds": seconds,
         "samples_per_second": ids.shape[0] / max(seconds, 1e-9),
         "entropy": float(ent.mean()),
         "checkpoint": str(cfg.checkpoint),
     }
-    if opts["psi"] is not None:
-        metrics["psi"] = dict(vars(opts["psi"]))
+    if opts.psi is not None:
+        metrics["psi"] = dict(vars(opts.psi))
     if lengths_all:
         metrics["mean_length"] = sum(lengths_all) / len(lengths_all)
     gcfg = cfg.get("genppl")

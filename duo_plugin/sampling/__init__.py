@@ -1,9 +1,14 @@
-"""Samplers for uniform-state diffusion LMs: ancestral / Greedy-Tail and Ψ-samplers (schedulers with a ``step``),
-nucleus, temperature, prompts, infilling, prompt guidance, block (semi-autoregressive) and variable-length output.
-See docs/sampling.md."""
+"""Sampling for every noise process the toolkit trains: one loop (:func:`sample`) driven by a scheduler
+(:class:`Scheduler`: uniform-state ancestral / Greedy-Tail / Ψ, absorbing (MDLM) ancestral / Ψ), picked from a model
+folder by :func:`scheduler_for_model`; options in one dataclass (:class:`SamplerOptions`); nucleus, temperature,
+prompts, infilling, prompt guidance, block (semi-autoregressive) and variable-length output; :func:`generate` for
+any loaded model (AR models decode left to right with a KV cache). See docs/sampling.md."""
 
+from duo_plugin.sampling.base import Scheduler, SchedulerBase, StepNoise
+from duo_plugin.sampling.generate import generate, generate_continuations, model_kind
+from duo_plugin.sampling.mdlm import AbsorbingPsiScheduler, AbsorbingScheduler
+from duo_plugin.sampling.options import NOISE_REMOVAL_MODES, SamplerOptions
 from duo_plugin.sampling.samplers import (
-    NOISE_REMOVAL_MODES,
     DenoiserFn,
     SampleResult,
     apply_temperature,
@@ -18,26 +23,37 @@ from duo_plugin.sampling.schedulers import (
     AncestralScheduler,
     PsiSchedule,
     PsiScheduler,
-    StepNoise,
     UniformProcess,
     make_scheduler,
 )
+from duo_plugin.sampling.select import SCHEDULERS, scheduler_for_model, scheduler_for_process
 
 __all__ = [
     "NOISE_REMOVAL_MODES",
     "PSI_MODES",
+    "SCHEDULERS",
+    "AbsorbingPsiScheduler",
+    "AbsorbingScheduler",
     "AncestralScheduler",
     "DenoiserFn",
     "PsiSchedule",
     "PsiScheduler",
     "SampleResult",
+    "SamplerOptions",
+    "Scheduler",
+    "SchedulerBase",
     "StepNoise",
     "UniformProcess",
     "apply_temperature",
+    "generate",
+    "generate_continuations",
     "make_scheduler",
+    "model_kind",
     "nucleus_filter",
     "sample",
     "sample_blocks",
+    "scheduler_for_model",
+    "scheduler_for_process",
     "time_grid",
     "trim_at_eos",
 ]

@@ -53,6 +53,11 @@ from duo_plugin.sampling.schedulers import (
     nucleus_filter,
     time_grid,
 )
+import dataclasses
+
+from duo_plugin.sampling.base import Scheduler
+from duo_plugin.sampling.options import NOISE_REMOVAL_MODES, SCHEDULER_FIELDS, SamplerOptions
+from duo_plugin.sampling.select import scheduler_for_process
 
 __all__ = [
     "NOISE_REMOVAL_MODES",
@@ -66,8 +71,6 @@ __all__ = [
     "apply_temperature",
     "time_grid",
 ]
-
-NOISE_REMOVAL_MODES = ("ancestral", "greedy", "none")
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -207,28 +210,41 @@ def _build_clamp(
         raise ValueError(f"prompt/clamp ids must lie in [0, {vocab_size}); check the tokenizer matches the model")
     return mask, values
 
-def _denoise(denoiser, scheduler: AncestralScheduler, grid, z, m, v, noise: StepNoise, noise_removal: str,
-             guided: bool, traj: Optional[list], bar) -> torch.Tensor:
-    """The loop for one chunk of rows: ``z`` (prior draw, clamped) → final ids. ``m``/``v``: clamp mask / values."""
+def _denoise(denoiser, scheduler, grid, z, m, v, noise: StepNoise, noise_removal: str, guided: bool,
+             traj: Optional[list], bar) -> tuple[torch.Tensor, int]:
+    """The loop for one chunk of rows: ``z`` (prior draw, clamped) → (final ids, denoiser calls per row).
+    ``m``/``v``: clamp mask / values."""
     proc = scheduler.process
     b, seq_len = z.shape
     k = proc.vocab_size
+    reuse = bool(getattr(scheduler, "reuse_x_theta", False)) and not guided
+    cache: dict = {}
+    calls = 0
 
     def predict(z, t):  # log x_θ(z_t) and, with guidance, the prediction with the clamped positions as prior noise
-        sigma = (-torch.log(proc.alpha(t))).to(torch.float32).expand(b).to(z.device)
+        nonlocal calls
+        if reuse and cache.get("z") is not None and torch.equal(cache["z"], z):
+            return cache["lx"], None
+        a = torch.as_tensor(proc.alpha(t), dtype=torch.float64)
+        sigma = (-torch.log(a.clamp_min(torch.finfo(torch.float64).tiny))).to(torch.float32).expand(b).to(z.device)
         out = []
         for zz in (z, torch.where(m, proc.prior_sample(z.shape, noise.generator, z.device), z)) if guided else (z,):
             lp = denoiser(zz, sigma)
+            calls += 1
             if lp.shape != (b, seq_len, k):
                 raise ValueError(f"denoiser returned shape {tuple(lp.shape)}; expected [B, L, K] = {[b, seq_len, k]}")
             out.append(lp)
+        if reuse:
+            cache.update(z=z, lx=out[0])
         return out[0], (out[1] if guided else None)
+
+    fill_id = scheduler.fill_id
 
     def clamp(z):
         return z if m is None else torch.where(m, v, z)
 
-    def fill(z):  # clamped positions may hold ids outside valid_vocab (BOS, prompt): the law is not used there
-        return z if m is None else torch.where(m, torch.full_like(z, proc.fill_id), z)
+    def fill(z):  # clamped positions may hold ids outside the process's law (BOS, prompt): the law is not used there
+        return z if m is None or fill_id is None else torch.where(m, torch.full_like(z, fill_id), z)
 
     steps = grid.numel() - 1
     for i in range(steps):
@@ -247,109 +263,62 @@ def _denoise(denoiser, scheduler: AncestralScheduler, grid, z, m, v, noise: Step
             traj.append(z)
         if bar is not None:
             bar.update(1)
-    return z
+    return z, calls
 
 
-def sample(
-    denoiser: Denoiser,
-    schedule=None,
-    *,
-    batch_size: int,
-    seq_len: int,
-    vocab_size: int,
-    steps: int,
-    noise_removal: str = "ancestral",
-    top_p: float = 1.0,
-    temperature: float = 1.0,
-    prompt: Optional[torch.Tensor] = None,
-    clamp_mask: Optional[torch.Tensor] = None,
-    clamp_values: Optional[torch.Tensor] = None,
-    valid_vocab: Optional[torch.Tensor] = None,
-    generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
-    seed: Optional[int] = None,
-    t_eps: float = 1e-5,
-    device: Union[str, torch.device, None] = None,
-    chunk_size: Optional[int] = None,
-    progress: bool = True,
-    return_trajectory: bool = False,
-    posterior_impl: str = "auto",
-    predictor: str = "ancestral",
-    psi: Optional[PsiSchedule] = None,
-    guidance_weight: float = 1.0,
-    eos_id: Optional[int] = None,
-) -> Union[torch.Tensor, SampleResult]:
-    """Sample with the exact float64 USDM posterior (ancestral, paper Eq. 4) or the Ψ-sampler (docs/sampling.md).
-
-    Args:
-        denoiser: ``denoiser(z Long[B, L], sigma Float[B]) -> log x_θ Float[B, L, K]`` (e.g. :class:`DenoiserFn`).
-        schedule: object with ``.alpha(t)`` (float64 tensors in, α_t out); default ``LogLinearSchedule()``
-            (α_t = 1 − (1 − 1e-3) t).
-        batch_size: number of sequences B to generate (processed ``chunk_size`` at a time).
-        seq_len: L. vocab_size: K (the denoiser's output width).
-        steps: number of steps T on the grid (``linspace(1, t_eps, T + 1)``, or the Ψ time profile).
-        noise_removal: ``"ancestral"`` | ``"greedy"`` | ``"none"`` (the call at t_eps after the steps).
-        top_p: nucleus mass on x_θ before the posterior (1.0 = off). temperature: divides log x_θ (1.0 = off).
-        prompt: ``Long[P]`` or ``Long[B, P]`` prefix ids clamped at positions ``0..P-1``.
-        clamp_mask, clamp_values: ``Bool[B, L]`` / ``Long[B, L]`` (or ``[L]``): positions held at the given ids
-            at every step (infilling). Clamped ids need not be in ``valid_vocab`` (e.g. BOS).
-        valid_vocab: ``Bool[K]`` ids the uniform process covers; x_θ mass on other ids is dropped.
-        generator: a ``torch.Generator`` (shared by all rows) or one per sequence; alternatively ``seed``: then row
-            b draws from ``row_generators(seed, 0, [b])`` so the result does not depend on ``chunk_size``.
-            Exactly one of them is required (sampling is never seeded from global RNG state).
-        t_eps: final time of the grid (1e-5 in the paper). device: where z and the posterior live.
-        chunk_size: max sequences per denoiser call (default: all). progress: tqdm bar (only on a TTY).
-        return_trajectory: return a :class:`SampleResult` with the trajectory and the NFE count.
-        posterior_impl: ``"auto"`` | ``"dense"`` | ``"chunked"`` | ``"mixture"`` (module docstring). All are exactly
-            distributed as the step's law; the random streams differ between them.
-        predictor: ``"ancestral"`` or ``"psi"`` (then ``psi``: a :class:`PsiSchedule`, or a mapping of its keys;
-            default ``PsiSchedule()``).
-        guidance_weight: prompt guidance w (classifier-free guidance without labels): the step draws from
-            ∝ q_cond^w q_uncond^(1−w), q_uncond from the model with the clamped (prompt / infill) positions replaced
-            by prior noise. 1.0 (default) is plain conditional sampling; without clamped positions it has no effect.
-        eos_id: when set, the result is a :class:`SampleResult` with ``lengths`` (see :func:`trim_at_eos`).
-
-    Returns:
-        ``LongTensor[B, L]``, or a :class:`SampleResult` when ``return_trajectory`` is True or ``eos_id`` is set.
-    """
-    if noise_removal not in NOISE_REMOVAL_MODES:
-        raise ValueError(f"noise_removal must be one of {NOISE_REMOVAL_MODES}, got {noise_removal!r}")
-    if posterior_impl not in POSTERIOR_IMPLS:
-        raise ValueError(f"posterior_impl must be one of {POSTERIOR_IMPLS}, got {posterior_impl!r}")
-    batch_size, seq_len, vocab_size, steps = int(batch_size), int(seq_len), int(vocab_size), int(steps)
-    if batch_size < 1 or seq_len < 1:
-        raise ValueError(f"batch_size and seq_len must be >= 1; got {batch_size}, {seq_len}")
-    time_grid(steps, t_eps)  # validates steps and t_eps
-    if schedule is None:
+def _resolve(scheduler, options: Optional[SamplerOptions], kwargs: dict, device):
+    """(options, scheduler) for :func:`sample`: ``kwargs`` holds option fields (they override ``options``) and, when
+    no :class:`Scheduler` is given, ``vocab_size`` / ``valid_vocab`` of the uniform-state process to build."""
+    vocab_size, valid_vocab = kwargs.pop("vocab_size", None), kwargs.pop("valid_vocab", None)
+    names = {f.name for f in dataclasses.fields(SamplerOptions)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise TypeError(f"sample() got unexpected keyword argument(s) {unknown}; sampler options are "
+                        f"{sorted(names)}")
+    opts = options if options is not None else SamplerOptions()
+    if kwargs:
+        opts = opts.replace(**kwargs)
+    if isinstance(scheduler, Scheduler):
+        built = getattr(scheduler, "options", None)
+        if built is not None and built.scheduler_options() != opts.scheduler_options():
+            raise ValueError("the scheduler was built with other update-rule options than the ones passed to sample() "
+                             f"({', '.join(SCHEDULER_FIELDS)}): build it from the same SamplerOptions")
+        if vocab_size is not None and int(vocab_size) != int(scheduler.process.vocab_size):
+            raise ValueError(f"vocab_size={vocab_size} but the scheduler's process has width "
+                             f"{scheduler.process.vocab_size}")
+        if valid_vocab is not None:
+            raise ValueError("valid_vocab belongs to the scheduler's process: build the process with it")
+        return opts, scheduler
+    if vocab_size is None:
+        raise TypeError("sample() needs vocab_size= (the denoiser's width) unless a Scheduler is given")
+    if scheduler is None:
         from duo_plugin.diffusion.schedules import LogLinearSchedule
 
-        schedule = LogLinearSchedule()
+        scheduler = LogLinearSchedule()
+    process = UniformProcess(int(vocab_size), None if valid_vocab is None else valid_vocab.to(device), scheduler)
+    return opts, scheduler_for_process(process, opts)
+
+
+def _generators(generator, seed, batch_size: int):
     if (generator is None) == (seed is None):
         raise ValueError("pass exactly one of generator= (torch.Generator or one per sequence) or seed= (int)")
     if generator is not None and not isinstance(generator, torch.Generator):
         generator = list(generator)
         if len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} per-sequence generators for batch_size={batch_size}")
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    chunk = batch_size if chunk_size is None else int(chunk_size)
-    if chunk < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return generator
 
-    process = UniformProcess(vocab_size, None if valid_vocab is None else valid_vocab.to(device), schedule)
-    scheduler = make_scheduler(predictor, process, psi=psi, posterior_impl=posterior_impl, temperature=temperature,
-                               top_p=top_p, guidance_weight=guidance_weight)
-    cmask, cvals = _build_clamp(batch_size, seq_len, vocab_size, prompt, clamp_mask, clamp_values)
-    grid = scheduler.timesteps(steps, t_eps)
-    alphas = process.alpha(grid)
-    if bool(((alphas <= 0) | (alphas > 1)).any()):
-        raise ValueError("schedule.alpha(t) must lie in (0, 1] on the sampling grid")
-    guided = scheduler.guidance_weight != 1.0 and cmask is not None
 
+def _run_chunks(denoiser, scheduler, opts: SamplerOptions, grid, shape, clamp, gens, device, guided: bool,
+                keep_trajectory: bool):
+    """Run the loop over chunks of ``opts.chunk_size`` rows: (outputs, trajectories, NFE = the most of any chunk)."""
+    (batch_size, seq_len), (cmask, cvals), (generator, seed) = shape, clamp, gens
+    chunk = batch_size if opts.chunk_size is None else opts.chunk_size
     n_chunks = (batch_size + chunk - 1) // chunk
-    calls = steps + (0 if noise_removal == "none" else 1)
-    nfe = calls * (2 if guided else 1)
-    bar = progress_bar(progress, total=n_chunks * calls, desc=f"duo sample ({predictor}/{noise_removal}, T={steps})",
-                       unit="step", leave=False)
-    outs, trajs = [], []
+    calls = opts.steps + (0 if opts.noise_removal == "none" else 1)
+    bar = progress_bar(opts.progress, total=n_chunks * calls, unit="step", leave=False,
+                       desc=f"duo sample ({scheduler.predictor}/{opts.noise_removal}, T={opts.steps})")
+    outs, trajs, nfe = [], [], 0
     try:
         for c in range(n_chunks):
             lo, hi = c * chunk, min(batch_size, (c + 1) * chunk)
@@ -361,25 +330,87 @@ def sample(
                 gen = generator[lo:hi]
             m = cmask[lo:hi].to(device) if cmask is not None else None
             v = cvals[lo:hi].to(device) if cvals is not None else None
-            z = process.prior_sample((hi - lo, seq_len), gen, device)
+            z = scheduler.process.prior_sample((hi - lo, seq_len), gen, device)
             z = z if m is None else torch.where(m, v, z)
             seeds = _row_stream_seeds(gen, hi - lo, device) if scheduler.uses_counter_stream else None
-            traj = [z] if return_trajectory else None
-            z = _denoise(denoiser, scheduler, grid, z, m, v, StepNoise(gen, seeds, 0), noise_removal, guided, traj,
-                         bar)
+            traj = [z] if keep_trajectory else None
+            z, n = _denoise(denoiser, scheduler, grid, z, m, v, StepNoise(gen, seeds, 0), opts.noise_removal, guided,
+                            traj, bar)
             outs.append(z)
+            nfe = max(nfe, n)
             if traj is not None:
                 trajs.append(torch.stack(traj, 0))
     finally:
         if bar is not None:
             bar.close()
+    return outs, trajs, nfe
+
+
+def sample(
+    denoiser: Denoiser,
+    scheduler=None,
+    *,
+    batch_size: int,
+    seq_len: int,
+    options: Optional[SamplerOptions] = None,
+    prompt: Optional[torch.Tensor] = None,
+    clamp_mask: Optional[torch.Tensor] = None,
+    clamp_values: Optional[torch.Tensor] = None,
+    generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
+    seed: Optional[int] = None,
+    device: Union[str, torch.device, None] = None,
+    return_trajectory: bool = False,
+    eos_id: Optional[int] = None,
+    **option_kwargs,
+) -> Union[torch.Tensor, SampleResult]:
+    """Sample from any noise process with its scheduler: one loop for every process (docs/sampling.md).
+
+    Args:
+        denoiser: ``denoiser(z Long[B, L], sigma Float[B]) -> log x_θ Float[B, L, W]`` (e.g. :class:`DenoiserFn`),
+            called with σ = −log α_t.
+        scheduler: a :class:`~duo_plugin.sampling.base.Scheduler` (e.g. from :func:`scheduler_for_model`: uniform
+            state, absorbing, Ψ variants), whose process sets the width W. Or, for the uniform-state process, a
+            schedule object with ``.alpha(t)`` (or None: log-linear, ε = 1e-3) together with ``vocab_size=`` (K)
+            and optionally ``valid_vocab=`` (``Bool[K]``): the scheduler is then built from the options.
+        batch_size: number of sequences B (processed ``options.chunk_size`` at a time). seq_len: L.
+        options: :class:`SamplerOptions`; ``option_kwargs`` (any of its fields: ``steps``, ``noise_removal``,
+            ``top_p``, ``temperature``, ``t_eps``, ``predictor``, ``psi``, ``guidance_weight``, ``posterior_impl``,
+            ``chunk_size``, ``progress``) override it. With a Scheduler the update-rule fields are the scheduler's.
+        prompt: ``Long[P]`` or ``Long[B, P]`` prefix ids clamped at positions ``0..P-1``.
+        clamp_mask, clamp_values: ``Bool[B, L]`` / ``Long[B, L]`` (or ``[L]``): positions held at the given ids
+            at every step (infilling). Clamped ids need not be ids of the process's law (e.g. BOS).
+        generator: a ``torch.Generator`` (shared by all rows) or one per sequence; alternatively ``seed``: then row
+            b draws from ``row_generators(seed, 0, [b])`` so the result does not depend on the chunk size.
+            Exactly one of them is required (sampling is never seeded from global RNG state).
+        device: where z and the laws live. return_trajectory: return a :class:`SampleResult` with the trajectory.
+        eos_id: when set, the result is a :class:`SampleResult` with ``lengths`` (see :func:`trim_at_eos`).
+
+    Returns:
+        ``LongTensor[B, L]``, or a :class:`SampleResult` when ``return_trajectory`` is True or ``eos_id`` is set.
+        ``nfe`` counts denoiser calls per sequence (the most of any chunk when x_θ is reused).
+    """
+    batch_size, seq_len = int(batch_size), int(seq_len)
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"batch_size and seq_len must be >= 1; got {batch_size}, {seq_len}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    opts, scheduler = _resolve(scheduler, options, dict(option_kwargs), device)
+    generator = _generators(generator, seed, batch_size)
+    process = scheduler.process
+    cmask, cvals = _build_clamp(batch_size, seq_len, int(process.vocab_size), prompt, clamp_mask, clamp_values)
+    if cmask is not None:
+        scheduler.check_clamp(cmask, cvals)
+    grid = scheduler.timesteps(opts.steps, opts.t_eps)
+    guided = scheduler.guidance_weight != 1.0 and cmask is not None
+
+    outs, trajs, nfe = _run_chunks(denoiser, scheduler, opts, grid, (batch_size, seq_len), (cmask, cvals),
+                                   (generator, seed), device, guided, return_trajectory)
     tokens = torch.cat(outs, 0)
     if not return_trajectory and eos_id is None:
         return tokens
     res = SampleResult(tokens=tokens, nfe=nfe)
     if return_trajectory:
         res.trajectory = torch.cat(trajs, 1)
-        res.times = torch.cat([grid, torch.zeros(1, dtype=torch.float64)]) if noise_removal != "none" else grid
+        res.times = torch.cat([grid, torch.zeros(1, dtype=torch.float64)]) if opts.noise_removal != "none" else grid
     if eos_id is not None:
         start = 0 if cmask is None else _prompt_end(cmask)
         res.lengths = trim_at_eos(tokens, eos_id, start=start)[1]
@@ -409,12 +440,12 @@ def trim_at_eos(tokens: torch.Tensor, eos_id: int, start=0) -> tuple[list[list[i
 
 def sample_blocks(
     denoiser: Denoiser,
-    schedule=None,
+    scheduler=None,
     *,
     batch_size: int,
     seq_len: int,
-    n_blocks: int,
-    block_len: int,
+    n_blocks: Optional[int] = None,
+    block_len: Optional[int] = None,
     generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
     seed: Optional[int] = None,
     prompt: Optional[torch.Tensor] = None,
@@ -422,7 +453,8 @@ def sample_blocks(
     return_trajectory: bool = False,
     **kwargs,
 ) -> SampleResult:
-    """Semi-autoregressive (stride) generation beyond the context: ``seq_len + n_blocks × block_len`` tokens.
+    """Semi-autoregressive (stride) generation beyond the context: ``seq_len + n_blocks × block_len`` tokens, for
+    any scheduler (``n_blocks`` / ``block_len`` default to ``options.n_blocks`` / ``options.block_len``).
 
     Window 0 is :func:`sample` over ``seq_len`` positions (with the prompt). Window j ≥ 1 keeps the last
     ``seq_len − block_len`` tokens generated so far as clamped context (positions ``0..seq_len−block_len−1``, never
@@ -436,6 +468,9 @@ def sample_blocks(
 
     Returns a :class:`SampleResult` (``tokens Long[B, seq_len + n·block_len]``, ``nfe`` summed over windows).
     """
+    opts = kwargs.get("options")
+    n_blocks = (opts.n_blocks if opts is not None else 0) if n_blocks is None else n_blocks
+    block_len = (opts.block_len if opts is not None else 0) if block_len is None else block_len
     n_blocks, block_len, seq_len, batch_size = int(n_blocks), int(block_len), int(seq_len), int(batch_size)
     if n_blocks < 0:
         raise ValueError(f"n_blocks must be >= 0, got {n_blocks}")
@@ -456,7 +491,7 @@ def sample_blocks(
         return {"seed": int(seed)} if j == 0 else {
             "generator": row_generators(int(seed), j, range(batch_size), device=kwargs.get("device"))}
 
-    res = sample(denoiser, schedule, batch_size=batch_size, seq_len=seq_len, prompt=prompt, **gen_kw(0),
+    res = sample(denoiser, scheduler, batch_size=batch_size, seq_len=seq_len, prompt=prompt, **gen_kw(0),
                  **dict(kwargs, return_trajectory=True))
     out, nfe, windows = res.tokens, res.nfe, [res.tokens]
     p_len = 0 if prompt is None else int(torch.as_tensor(prompt).shape[-1])
@@ -469,7 +504,7 @@ def sample_blocks(
         cm[:, :ctx_len] = True
         cv = torch.zeros(batch_size, seq_len, dtype=torch.long)
         cv[:, :ctx_len] = ctx.cpu()
-        r = sample(denoiser, schedule, batch_size=batch_size, seq_len=seq_len, clamp_mask=cm, clamp_values=cv,
+        r = sample(denoiser, scheduler, batch_size=batch_size, seq_len=seq_len, clamp_mask=cm, clamp_values=cv,
                    **gen_kw(j), **dict(kwargs, return_trajectory=True))
         out = torch.cat([out, r.tokens[:, ctx_len:]], 1)
         nfe += r.nfe

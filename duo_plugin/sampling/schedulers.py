@@ -41,11 +41,15 @@ from duo_plugin.diffusion.uniform import sample_categorical
 from duo_plugin.kernels import posterior_sample_step
 from duo_plugin.kernels.sampler import posterior_mixture_sample, race_sample_rows
 
+from .base import Scheduler, SchedulerBase, StepNoise, check_alpha_grid, time_grid
+
 __all__ = [
     "PSI_MODES",
     "TIME_PROFILES",
     "POSTERIOR_IMPLS",
     "PREDICTORS",
+    "Scheduler",
+    "SchedulerBase",
     "StepNoise",
     "UniformProcess",
     "XThetaFilter",
@@ -64,15 +68,6 @@ PSI_MODES = ("pure-posterior", "pure-pc", "constant-<eta>", "constant-remdm-<eta
 TIME_PROFILES = ("linear", "linear-constant-linear-<c>", "linear-constant-linear-<alpha>-inv")
 _WORKSPACE = 1 << 20  # float64 elements per chunk of rows for the non-dense paths (8 MiB)
 _F64 = torch.float64
-
-
-def time_grid(steps: int, t_eps: float = 1e-5) -> torch.Tensor:
-    """``float64 [steps + 1]`` uniform grid ``linspace(1, t_eps, steps + 1)`` (docs/method.md, sampling)."""
-    if int(steps) < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if not (0.0 < float(t_eps) < 1.0):
-        raise ValueError(f"t_eps must lie in (0, 1), got {t_eps}")
-    return torch.linspace(1.0, float(t_eps), int(steps) + 1, dtype=_F64)
 
 
 def apply_temperature(log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -104,17 +99,6 @@ def nucleus_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     out = torch.where(keep, probs, torch.zeros((), dtype=_F64, device=probs.device))
     return out / out.sum(-1, keepdim=True)
-
-
-@dataclass
-class StepNoise:
-    """The randomness of one step: ``generator`` (a torch.Generator or one per row; dense draws and prior noise),
-    ``seeds`` (``Long[B]`` counter-stream row seeds of the kernel paths, or None) and ``index`` (the step's index on
-    the grid: the counter key, and the Ψ κ lookup)."""
-
-    generator: Any = None
-    seeds: Optional[torch.Tensor] = None
-    index: int = 0
 
 
 class XThetaFilter:
@@ -153,7 +137,7 @@ def guided_posterior(cond: torch.Tensor, uncond: torch.Tensor, weight: float) ->
     return torch.where(empty, cond / cond.sum(-1, keepdim=True).clamp_min(torch.finfo(_F64).tiny), out)
 
 
-class AncestralScheduler:
+class AncestralScheduler(SchedulerBase):
     """z_s ~ q(z_s | z_t, x_θ) (paper Eq. 4), float64, x_θ filtered by :class:`XThetaFilter`; optional guidance.
 
     Args:
@@ -161,12 +145,14 @@ class AncestralScheduler:
         posterior_impl: ``"auto"`` (``"mixture"``; ``"chunked"`` when guided) | ``"dense"`` | ``"chunked"`` |
             ``"mixture"`` (see :func:`duo_plugin.sampling.sample`). Guidance (w ≠ 1) cannot use ``"mixture"``.
         temperature, top_p: the x_θ filter. guidance_weight: w of the guided posterior (1 = conditional).
+        reuse_x_theta: the denoiser ignores σ, so the loop may reuse x_θ while z is unchanged (:class:`Scheduler`).
     """
 
     predictor = "ancestral"
 
     def __init__(self, process: UniformProcess, *, posterior_impl: str = "auto", temperature: float = 1.0,
-                 top_p: float = 1.0, guidance_weight: float = 1.0, workspace: int = _WORKSPACE):
+                 top_p: float = 1.0, guidance_weight: float = 1.0, workspace: int = _WORKSPACE,
+                 reuse_x_theta: bool = False):
         if posterior_impl not in POSTERIOR_IMPLS:
             raise ValueError(f"posterior_impl must be one of {POSTERIOR_IMPLS}, got {posterior_impl!r}")
         w = float(guidance_weight)
@@ -180,14 +166,18 @@ class AncestralScheduler:
         self.filter = XThetaFilter(temperature, top_p, process.valid_vocab)
         self.guidance_weight = w
         self.workspace = int(workspace)
+        self.reuse_x_theta = bool(reuse_x_theta)
 
     @property
     def uses_counter_stream(self) -> bool:
         return self.impl != "dense"
 
     def timesteps(self, steps: int, t_eps: float = 1e-5) -> torch.Tensor:
-        """The grid of times ``float64 [steps + 1]`` from 1 to ``t_eps`` (step i goes from entry i to i + 1)."""
-        return time_grid(steps, t_eps)
+        """The grid of times ``float64 [steps + 1]`` from 1 to ``t_eps`` (step i goes from entry i to i + 1); α_t
+        must lie in (0, 1] on it."""
+        grid = time_grid(steps, t_eps)
+        check_alpha_grid(self.process, grid, low_open=True, high_open=False)
+        return grid
 
     def kappa(self, index: int) -> float:
         """Weight of the ancestral posterior at step ``index`` (1 for the ancestral sampler)."""
@@ -411,6 +401,7 @@ class PsiScheduler(AncestralScheduler):
 
     def timesteps(self, steps: int, t_eps: float = 1e-5) -> torch.Tensor:
         grid = self.psi.time_grid(steps, t_eps, self.process)
+        check_alpha_grid(self.process, grid, low_open=True, high_open=False)
         self._kappas = self.psi.kappas(grid, self.process.alpha)
         return grid
 

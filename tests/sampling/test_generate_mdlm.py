@@ -1,6 +1,7 @@
 """duo_generate on an MDLM model folder (objective ``mdlm`` in its metadata): the recipe samples the absorbing
 process, and its samples equal direct ``sampling.mdlm.sample_mdlm`` calls with the same seed (unconditional, in
-chunks, and with a prompt clamped as unmasked tokens)."""
+chunks, and with a prompt clamped as unmasked tokens), and Ψ / guidance / blocks equal the library's absorbing
+schedulers."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from omegaconf import OmegaConf
 from duo_plugin.data.tokenizers import train_sentencepiece
 from duo_plugin.models.checkpoint import load_pretrained, save_pretrained
 from duo_plugin.models.dit import duo_dit_tiny
-from duo_plugin.training.recipe_utils import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "duo_plugin" / "configs" / "duo"
 L = 16
@@ -92,14 +92,37 @@ def test_prompt_is_clamped_and_matches_library(ckpt):
     assert all(r[: len(pids)] == pids for r in rows)
 
 
-def test_uniform_only_keys_are_refused_for_mdlm(ckpt, tmp_path):
+def test_psi_guidance_and_blocks_for_mdlm_match_the_library(ckpt):
+    """One loop for every process: Ψ (ReMDM-style remasking), prompt guidance and block generation run on an MDLM
+    folder and equal the library's absorbing schedulers driven by hand with the same seed."""
+    from duo_plugin.diffusion.absorbing import AbsorbingProcess
+    from duo_plugin.diffusion.schedules import LogLinearSchedule
+    from duo_plugin.recipes.duo_generate import run
+    from duo_plugin.sampling import AbsorbingPsiScheduler, DenoiserFn, PsiSchedule, SamplerOptions, sample_blocks
+
+    root, tok = ckpt
+    out = root / "psi"
+    m = run(_cfg(checkpoint=str(root / "mdlm"), output_dir=str(out), steps=4, num_samples=3, prompts=["The king"],
+                 predictor="psi", guidance_weight=1.5, progress_bar=False, **{"blocks.n_blocks": 1,
+                 "blocks.block_len": 4, "psi.high_mode": "max-capped-0.2", "psi.middle_mode": "constant-remdm-0.05",
+                 "psi.low_mode": "pure-pc", "psi.high_frac": 0.4, "psi.middle_frac": 0.2}))
+    model = load_pretrained(root / "mdlm", weights="ema")
+    W = int(model.vocab_size)
+    psi = PsiSchedule("max-capped-0.2", "constant-remdm-0.05", "pure-pc", 0.4, 0.2)
+    sched = AbsorbingPsiScheduler(AbsorbingProcess(W, W - 1, model.valid_vocab, LogLinearSchedule(1e-3)), psi,
+                                  guidance_weight=1.5)
+    pids = torch.tensor([tok.bos_id] + tok.encode("The king", add_bos=False, add_eos=False))
+    ref = sample_blocks(DenoiserFn(model), sched, batch_size=3, seq_len=L, n_blocks=1, block_len=4, prompt=pids,
+                        seed=0, options=SamplerOptions(steps=4, progress=False))
+    assert _ids(out) == ref.tokens.tolist()
+    assert m["process"] == "absorbing" and m["predictor"] == "psi" and m["nfe"] == 2 * 2 * (4 + 1)
+    assert all(0 <= t < W - 1 for row in _ids(out) for t in row)  # no [MASK] left
+
+
+def test_uniform_draw_paths_are_refused_for_mdlm(ckpt, tmp_path):
     from duo_plugin.recipes.duo_generate import run
 
     root, _ = ckpt
     base = dict(checkpoint=str(root / "mdlm"), output_dir=str(tmp_path), steps=2, num_samples=1, progress_bar=False)
-    with pytest.raises(ConfigError, match="predictor=ancestral"):
-        run(_cfg(predictor="psi", **base))
-    with pytest.raises(ConfigError, match="guidance_weight=1.0"):
-        run(_cfg(guidance_weight=2.0, prompts=["The"], **base))
-    with pytest.raises(ConfigError, match="n_blocks=0"):
-        run(_cfg(prompts=["The"], **{"blocks.n_blocks": 1, "blocks.block_len": 4}, **base))
+    with pytest.raises(ValueError, match="posterior_impl=auto"):
+        run(_cfg(posterior_impl="chunked", **base))
