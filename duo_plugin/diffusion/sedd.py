@@ -129,6 +129,7 @@ class SEDDProcess:
         if self.n_states < 2:
             raise ValueError(f"SEDD needs at least 2 data ids, got {self.n_states}")
         self.name = f"sedd_{graph}"
+        self.fill_id = int(torch.nonzero(support)[0])  # a state id the samplers may put at clamped positions
 
     # -- schedule ---------------------------------------------------------------------------------------------
     def alpha(self, t) -> torch.Tensor:

@@ -19,10 +19,11 @@ __all__ = ["D3PMScheduler"]
 
 
 class D3PMScheduler(AbsorbingScheduler):
-    """Args: process: :class:`~duo_plugin.diffusion.d3pm.D3PMProcess`; temperature, top_p: the x̃ filter."""
+    """Args: process: :class:`~duo_plugin.diffusion.d3pm.D3PMProcess`; the options of
+    :class:`~duo_plugin.sampling.mdlm.AbsorbingScheduler` (temperature, top_p on p̃_θ; guidance; reuse_x_theta)."""
 
-    def __init__(self, process: D3PMProcess, *, temperature: float = 1.0, top_p: float = 1.0):
-        super().__init__(process, temperature=temperature, top_p=top_p)
+    def __init__(self, process: D3PMProcess, **options):
+        super().__init__(process, **options)
 
     def timesteps(self, steps: int, t_eps: float = 1e-5) -> torch.Tensor:
         """Clock values ``k_i / T`` (float64 ``[steps + 1]``) of the integer grid from T down to 1; ``t_eps`` is

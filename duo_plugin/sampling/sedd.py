@@ -15,34 +15,55 @@ import torch
 from duo_plugin.diffusion.sedd import PREDICTORS, SEDDProcess
 from duo_plugin.diffusion.uniform import sample_categorical
 
-from .schedulers import StepNoise, time_grid
+from .base import SchedulerBase, StepNoise, check_alpha_grid, time_grid
 
 __all__ = ["SEDDScheduler"]
 
 _F64 = torch.float64
 
 
-class SEDDScheduler:
+class SEDDScheduler(SchedulerBase):
     """Args: process: :class:`~duo_plugin.diffusion.sedd.SEDDProcess`. predictor: ``analytic`` (default; SEDD's
-    and the Duo paper's choice) | ``euler``."""
+    and the Duo paper's choice; what ``scheduler_for_process`` builds for ``predictor="ancestral"``) | ``euler``.
+    ``temperature``/``top_p``/``guidance_weight``/``posterior_impl`` are accepted only at their defaults (SEDD's
+    sampler draws from the scores; those options are defined on x_θ). ``reuse_x_theta``: the denoiser ignores σ."""
 
-    guidance_weight = 1.0
-    uses_counter_stream = False
-
-    def __init__(self, process: SEDDProcess, *, predictor: str = "analytic"):
+    def __init__(self, process: SEDDProcess, *, predictor: str = "analytic", temperature: float = 1.0,
+                 top_p: float = 1.0, guidance_weight: float = 1.0, posterior_impl: str = "auto",
+                 reuse_x_theta: bool = False):
         if predictor not in PREDICTORS:
             raise ValueError(f"SEDD predictor must be one of {PREDICTORS}, got {predictor!r}")
+        for key, value, default in (("temperature", temperature, 1.0), ("top_p", top_p, 1.0),
+                                    ("guidance_weight", guidance_weight, 1.0), ("posterior_impl", posterior_impl, "auto")):
+            if value != default:
+                raise ValueError(f"{key}={value!r} is not defined for SEDD's score-based sampler; leave it at "
+                                 f"{default!r}")
         self.process, self.predictor = process, predictor
+        self.reuse_x_theta = bool(reuse_x_theta)
 
     def timesteps(self, steps: int, t_eps: float = 1e-5) -> torch.Tensor:
-        return time_grid(steps, t_eps)
+        """``linspace(1, t_eps, steps + 1)``; α_t must lie in (0, 1) on it."""
+        grid = time_grid(steps, t_eps)
+        check_alpha_grid(self.process, grid, low_open=True, high_open=True)
+        return grid
 
-    def step(self, log_x_theta: torch.Tensor, t, s, z: torch.Tensor, generator: StepNoise, **_) -> torch.Tensor:
+    def check_clamp(self, mask: torch.Tensor, values: torch.Tensor) -> None:
+        sup = self.process.support.to(values.device)
+        bad = mask & ((values < 0) | (values >= self.process.vocab_size))
+        bad |= mask & ~sup[values.clamp(0, self.process.vocab_size - 1)] if self.process.graph == "uniform" else \
+            mask & (values == (self.process.mask_id if self.process.mask_id is not None else -1))
+        if bool(bad.any()):
+            raise ValueError("clamp_values must be ids of the SEDD state space (valid ids; not the [MASK] id) at every "
+                             "clamped position")
+
+    def step(self, log_x_theta: torch.Tensor, t, s, z: torch.Tensor, generator: StepNoise, *,
+             log_x_theta_uncond=None) -> torch.Tensor:
         p = self.process
         probs = p.reverse_probs(log_x_theta, z, p.alpha(t), p.alpha(s), self.predictor)
         return sample_categorical(probs, generator.generator)
 
-    def final(self, log_x_theta: torch.Tensor, t, z: torch.Tensor, generator: StepNoise, mode: str, **_):
+    def final(self, log_x_theta: torch.Tensor, t, z: torch.Tensor, generator: StepNoise, mode: str, *,
+              log_x_theta_uncond=None):
         if mode not in ("ancestral", "greedy"):
             raise ValueError(f"noise-removal mode must be 'ancestral' or 'greedy', got {mode!r}")
         p = self.process

@@ -121,7 +121,7 @@ def test_off_grid_alpha_is_refused():
 
 
 def test_sampler_full_chain_draws_the_data_law():
-    from duo_plugin.sampling.baselines import sample_with_scheduler
+    from duo_plugin.sampling import sample
     from duo_plugin.sampling.d3pm import D3PMScheduler
 
     p = torch.tensor([0.6, 0.3, 0.1], dtype=F64)
@@ -132,8 +132,9 @@ def test_sampler_full_chain_draws_the_data_law():
         sched.timesteps(T)
     out = torch.log(torch.cat([p, torch.tensor([0.5], dtype=F64)])).float()
     m = 6000
-    toks, nfe = sample_with_scheduler(lambda z, s: out.expand(z.shape[0], z.shape[1], N + 1), sched, batch_size=m,
-                                      seq_len=2, steps=3, seed=0, return_nfe=True)
+    res = sample(lambda z, s: out.expand(z.shape[0], z.shape[1], N + 1), sched, batch_size=m, seq_len=2, steps=3,
+                 seed=0, noise_removal="ancestral", progress=False, return_trajectory=True)
+    toks, nfe = res.tokens, res.nfe
     assert nfe == 4 and int((toks == M).sum()) == 0
     freq = torch.bincount(toks.flatten(), minlength=N + 1).double()[:N] / toks.numel()
     assert bool(((freq - p).abs() <= 4 * torch.sqrt(p * (1 - p) / toks.numel())).all()), freq

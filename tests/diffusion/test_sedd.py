@@ -189,7 +189,7 @@ def test_absorb_gradients_are_finite_with_unmasked_positions():
 def test_sampler_draws_the_data_law_with_exact_scores(graph, predictor):
     """L = 1, a denoiser returning the exact scores: the analytic sampler is exact step by step, so its samples follow
     P (up to the log-linear prior mismatch α(1) = ε); the Euler sampler with many steps too (looser tolerance)."""
-    from duo_plugin.sampling.baselines import sample_with_scheduler
+    from duo_plugin.sampling import sample
     from duo_plugin.sampling.sedd import SEDDScheduler
 
     n = 4
@@ -203,8 +203,8 @@ def test_sampler_draws_the_data_law_with_exact_scores(graph, predictor):
 
     steps = 8 if predictor == "analytic" else 32
     m = 8000
-    toks = sample_with_scheduler(denoiser, SEDDScheduler(proc, predictor=predictor), batch_size=m, seq_len=1,
-                                 steps=steps, generator=torch.Generator().manual_seed(0), t_eps=1e-4)
+    toks = sample(denoiser, SEDDScheduler(proc, predictor=predictor), batch_size=m, seq_len=1, steps=steps,
+                  generator=torch.Generator().manual_seed(0), t_eps=1e-4, noise_removal="ancestral", progress=False)
     freq = torch.bincount(toks[:, 0], minlength=w).double() / m
     assert float(freq[n:].sum()) == 0.0 if graph == "absorb" else True
     tol = 4 * torch.sqrt(P * (1 - P) / m) + (0.0 if predictor == "analytic" else 0.02)

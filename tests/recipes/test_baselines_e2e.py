@@ -48,7 +48,7 @@ def test_baseline_trains_evaluates_and_samples(name, tiny_assets, tmp_path):
     from duo_plugin.models.checkpoint import load_pretrained
     from duo_plugin.recipes.duo_eval import run
     from duo_plugin.sampling import DenoiserFn
-    from duo_plugin.sampling.baselines import sample_with_scheduler
+    from duo_plugin.sampling import sample, scheduler_for_model
     from duo_plugin.sampling.d3pm import D3PMScheduler
     from duo_plugin.sampling.sedd import SEDDScheduler
 
@@ -88,10 +88,11 @@ def test_baseline_trains_evaluates_and_samples(name, tiny_assets, tmp_path):
                            special_ids=(tok.bos_id, tok.eos_id, tok.pad_id), process=proc)
     assert got["tokens"] == ref["tokens"] and got["ppl"] == pytest.approx(ref["ppl"], rel=1e-5)
 
-    # samples from the baseline's scheduler over the process the model folder implies
-    spec = process_for_model(model)
-    sched = D3PMScheduler(spec.process) if name == "d3pm" else SEDDScheduler(spec.process)
-    toks, nfe = sample_with_scheduler(DenoiserFn(model), sched, batch_size=3, seq_len=16, steps=8, seed=0,
-                                      return_nfe=True)
-    assert toks.shape == (3, 16) and nfe == 9
-    assert bool(model.valid_vocab[toks].all())  # data ids only: no [MASK] left, no invalid id
+    # samples from the baseline's scheduler, picked from the folder's metadata (sampling.scheduler_for_model)
+    sched = scheduler_for_model(model)
+    assert isinstance(sched, D3PMScheduler if name == "d3pm" else SEDDScheduler)
+    assert type(sched.process).__name__ == type(process_for_model(model).process).__name__
+    res = sample(DenoiserFn(model), sched, batch_size=3, seq_len=16, steps=8, seed=0, noise_removal="ancestral",
+                 progress=False, return_trajectory=True)
+    assert res.tokens.shape == (3, 16) and res.nfe == 9
+    assert bool(model.valid_vocab[res.tokens].all())  # data ids only: no [MASK] left, no invalid id
