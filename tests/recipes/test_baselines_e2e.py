@@ -96,3 +96,14 @@ def test_baseline_trains_evaluates_and_samples(name, tiny_assets, tmp_path):
                  progress=False, return_trajectory=True)
     assert res.tokens.shape == (3, 16) and res.nfe == 9
     assert bool(model.valid_vocab[res.tokens].all())  # data ids only: no [MASK] left, no invalid id
+
+    # duo_generate samples the folder with the same scheduler (no process branch in the recipe)
+    from duo_plugin.recipes.duo_generate import run as generate_run
+
+    gcfg = OmegaConf.load(CONFIGS / "generate.yaml")
+    for key, v in {"checkpoint": str(final), "output_dir": str(tmp_path / "gen"), "num_samples": 2, "batch_size": 2,
+                   "steps": 8, "progress_bar": False}.items():
+        OmegaConf.update(gcfg, key, v, force_add=True)
+    gm = generate_run(gcfg)
+    assert gm["process"] == m["process"]
+    assert (tmp_path / "gen" / "samples.jsonl").exists()
