@@ -147,8 +147,12 @@ class D3PMProcess:
         ap = per_token(alpha_prime_t, b, l, dev, "alpha_prime_t")
         if bool(((ap > 0) | ~torch.isfinite(ap)).any()):
             raise ValueError("alpha_prime_t must be finite and <= 0")
-        lp = self.log_x0(log_x_theta, z_t).gather(-1, x0.long()[..., None]).squeeze(-1).to(_F64)
-        masked = z_t == self.mask_id
+        data = torch.ones(w, dtype=torch.bool, device=dev) if self.valid_vocab is None else self.valid_vocab.to(dev)
+        data = data & (torch.arange(w, device=dev) != self.mask_id)
+        inside = (x0 >= 0) & (x0 < w) & data[x0.long().clamp(0, w - 1)]
+        x0 = torch.where(inside, x0.long(), torch.full_like(x0.long(), int(torch.nonzero(data)[0])))
+        lp = self.log_x0(log_x_theta, z_t).gather(-1, x0[..., None]).squeeze(-1).to(_F64)
+        masked = (z_t == self.mask_id) & inside  # an x0 outside the data ids (an unscored pad) contributes 0
         zero = torch.zeros((), dtype=_F64, device=dev)
         f = torch.where(masked, -torch.where(masked, lp, zero) * self.steps / k.to(_F64), zero)
         return f.to(torch.float32)

@@ -203,7 +203,8 @@ class SEDDProcess:
 
     def nelbo(self, log_x_theta, z_t, x0, alpha_t, alpha_prime_t) -> torch.Tensor:
         """Per-token DSE NELBO integrand ``f`` ``[B, L]`` (fp32; per-token scalars in float64) from the network's
-        log-output ``[B, L, W]``; ``f ≥ 0``. alpha_t ∈ (0, 1), alpha_prime_t ≤ 0 (scalar / [B] / [B, L])."""
+        log-output ``[B, L, W]``; ``f ≥ 0``. alpha_t ∈ (0, 1), alpha_prime_t ≤ 0 (scalar / [B] / [B, L]). A position
+        whose x0 is outside the state space gets 0 (callers score such ids separately)."""
         b, l, w = self._check(log_x_theta, z_t)
         dev = log_x_theta.device
         a = per_token(alpha_t, b, l, dev)
@@ -212,9 +213,10 @@ class SEDDProcess:
             raise ValueError("alpha_t must lie in (0, 1) for the SEDD NELBO (draw t in [t_min, 1] with t_min > 0)")
         if bool(((ap > 0) | ~torch.isfinite(ap)).any()):
             raise ValueError("alpha_prime_t must be finite and <= 0 (alpha decreases with t); pass d alpha / dt")
-        x0 = x0.long()
-        if bool((~self.support.to(dev)[x0]).any()):
-            raise ValueError(f"x0 holds ids outside the SEDD state space (invalid ids or the [MASK] id)")
+        # ids outside the state space (e.g. unscored pads that reach the loss as drawn) contribute 0: callers score
+        # them separately (evaluation marks a scored one +inf; training refuses them)
+        inside = (x0 >= 0) & (x0 < w) & self.support.to(dev)[x0.long().clamp(0, w - 1)]
+        x0 = torch.where(inside, x0.long(), torch.full_like(x0.long(), self.fill_id))
         sigma_prime = -ap / a
         masked = z_t == self.mask_id if self.graph == "absorb" else None
         # absorb: read every position as masked (finite rows, no NaN gradients), keep only the masked ones below
@@ -226,7 +228,7 @@ class SEDDProcess:
         if self.graph == "absorb":
             r = a / (1 - a)
             f = (s_rest - 1.0) + r * dse_phi(lx0 - torch.log(r))  # s_rest counts s_m = 1 at a masked z
-            f = torch.where(masked, f, torch.zeros_like(f))
+            f = torch.where(masked & inside, f, torch.zeros_like(f))
             return (sigma_prime * f).to(torch.float32)
         n = self.n_states
         finite = torch.isfinite(ls) & not_x0
@@ -236,7 +238,7 @@ class SEDDProcess:
         f_clean = s_rest - rho * l_rest + (n - 1) * k_rho
         r0 = 1.0 / rho  # r_{x0} when z ≠ x0; the other y ≠ z have r_y = 1
         f_noisy = (s_rest - 1.0) - l_rest - (n - 2) + r0 * dse_phi(lx0 - torch.log(r0))
-        f = torch.where(z_t == x0, f_clean, f_noisy)
+        f = torch.where(inside, torch.where(z_t == x0, f_clean, f_noisy), torch.zeros_like(f_clean))
         return (sigma_prime / n * f).to(torch.float32)
 
     # -- reverse steps ------------------------------------------------------------------------------------------

@@ -138,3 +138,12 @@ def test_sampler_full_chain_draws_the_data_law():
     assert nfe == 4 and int((toks == M).sum()) == 0
     freq = torch.bincount(toks.flatten(), minlength=N + 1).double()[:N] / toks.numel()
     assert bool(((freq - p).abs() <= 4 * torch.sqrt(p * (1 - p) / toks.numel())).all()), freq
+
+
+def test_ids_outside_the_data_ids_contribute_zero():
+    valid = torch.tensor([True, True, False, False])  # id 2 = PAD, id 3 = [MASK]
+    proc = D3PMProcess(N + 1, valid_vocab=valid, steps=T)
+    out = torch.log_softmax(torch.randn(1, 2, N + 1, generator=torch.Generator().manual_seed(0)), -1)
+    f = proc.nelbo(out, torch.tensor([[M, M]]), torch.tensor([[0, 2]]), torch.tensor(0.5, dtype=F64),
+                   torch.tensor(-1.0))
+    assert bool(torch.isfinite(f).all()) and float(f[0, 1]) == 0.0 and float(f[0, 0]) > 0

@@ -209,3 +209,15 @@ def test_sampler_draws_the_data_law_with_exact_scores(graph, predictor):
     assert float(freq[n:].sum()) == 0.0 if graph == "absorb" else True
     tol = 4 * torch.sqrt(P * (1 - P) / m) + (0.0 if predictor == "analytic" else 0.02)
     assert bool(((freq[:n] - P).abs() <= tol + 2e-3).all()), freq
+
+
+@pytest.mark.parametrize("graph", ["absorb", "uniform"])
+def test_ids_outside_the_state_space_contribute_zero(graph):
+    """An unscored pad that reaches the loss as drawn (official pad mode) must not turn the row into NaN/inf."""
+    valid = torch.tensor([True, True, True, False, False])  # id 3 = PAD (not a state), id 4 = [MASK] (absorb)
+    proc = SEDDProcess(5, graph, 4 if graph == "absorb" else None, valid_vocab=valid if graph == "absorb" else valid)
+    out = torch.log_softmax(torch.randn(1, 3, 5, generator=torch.Generator().manual_seed(0)), -1)
+    z = torch.tensor([[4 if graph == "absorb" else 1, 3, 0]])
+    x0 = torch.tensor([[0, 3, 0]])
+    f = proc.nelbo(out, z, x0, torch.tensor(0.5, dtype=F64), torch.tensor(-1.0, dtype=F64))
+    assert bool(torch.isfinite(f).all()) and float(f[0, 1]) == 0.0 and float(f[0, 0]) > 0
