@@ -48,10 +48,15 @@ class SEDDScheduler(SchedulerBase):
         return grid
 
     def check_clamp(self, mask: torch.Tensor, values: torch.Tensor) -> None:
-        sup = self.process.support.to(values.device)
-        bad = mask & ((values < 0) | (values >= self.process.vocab_size))
-        bad |= mask & ~sup[values.clamp(0, self.process.vocab_size - 1)] if self.process.graph == "uniform" else \
-            mask & (values == (self.process.mask_id if self.process.mask_id is not None else -1))
+        """Clamp values must be ids in [0, W); the uniform graph needs states (valid ids), the absorbing graph refuses
+        only its [MASK] id (an unmasked clamp never moves)."""
+        p = self.process
+        bad = mask & ((values < 0) | (values >= p.vocab_size))
+        inside = values.clamp(0, p.vocab_size - 1)
+        if p.graph == "uniform":
+            bad |= mask & ~p.support.to(values.device)[inside]
+        else:
+            bad |= mask & (values == p.mask_id)
         if bool(bad.any()):
             raise ValueError("clamp_values must be ids of the SEDD state space (valid ids; not the [MASK] id) at every "
                              "clamped position")

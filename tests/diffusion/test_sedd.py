@@ -221,3 +221,19 @@ def test_ids_outside_the_state_space_contribute_zero(graph):
     x0 = torch.tensor([[0, 3, 0]])
     f = proc.nelbo(out, z, x0, torch.tensor(0.5, dtype=F64), torch.tensor(-1.0, dtype=F64))
     assert bool(torch.isfinite(f).all()) and float(f[0, 1]) == 0.0 and float(f[0, 0]) > 0
+
+
+def test_prompt_clamps_are_kept_and_the_mask_is_refused():
+    from duo_plugin.sampling import sample
+    from duo_plugin.sampling.sedd import SEDDScheduler
+
+    proc = SEDDProcess(5, "absorb")
+    sched = SEDDScheduler(proc)
+    lp = torch.log_softmax(torch.randn(5, generator=torch.Generator().manual_seed(0)), -1)
+    den = lambda z, s: lp.expand(z.shape[0], z.shape[1], 5)  # noqa: E731
+    toks = sample(den, sched, batch_size=4, seq_len=3, steps=4, seed=0, prompt=torch.tensor([2]), progress=False)
+    assert bool((toks[:, 0] == 2).all()) and bool((toks != 4).all())
+    with pytest.raises(ValueError, match="SEDD state space"):
+        sample(den, sched, batch_size=1, seq_len=3, steps=2, seed=0, prompt=torch.tensor([4]), progress=False)
+    with pytest.raises(ValueError, match="temperature"):
+        SEDDScheduler(proc, temperature=0.5)
