@@ -33,8 +33,9 @@ class SEDDScheduler(SchedulerBase):
                  reuse_x_theta: bool = False):
         if predictor not in PREDICTORS:
             raise ValueError(f"SEDD predictor must be one of {PREDICTORS}, got {predictor!r}")
-        for key, value, default in (("temperature", temperature, 1.0), ("top_p", top_p, 1.0),
-                                    ("guidance_weight", guidance_weight, 1.0), ("posterior_impl", posterior_impl, "auto")):
+        fixed = (("temperature", temperature, 1.0), ("top_p", top_p, 1.0), ("guidance_weight", guidance_weight, 1.0),
+                 ("posterior_impl", posterior_impl, "auto"))
+        for key, value, default in fixed:
             if value != default:
                 raise ValueError(f"{key}={value!r} is not defined for SEDD's score-based sampler; leave it at "
                                  f"{default!r}")

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 CONFIGS = Path(__file__).resolve().parents[2] / "duo_plugin" / "configs" / "duo"
