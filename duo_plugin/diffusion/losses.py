@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .uniform import Generator, check_valid_vocab, draw, per_token, num_valid
 
-__all__ = ["masked_token_sum", "duo_nelbo", "duo_nelbo_from_stats", "gaussian_latent", "curriculum_inputs", "dcd_pair", "distillation_kl"]
+__all__ = ["masked_token_sum", "duo_nelbo", "check_nelbo_ids", "duo_nelbo_from_stats", "gaussian_latent", "curriculum_inputs", "dcd_pair", "distillation_kl"]
 
 
 def masked_token_sum(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -28,7 +28,7 @@ def _check_ids(name: str, x: torch.Tensor, b: int, l: int, k: int) -> None:
         raise ValueError(f"{name} has ids outside [0, {k}); the model's vocabulary width is {k}")
 
 
-def _check_in_support(valid_vocab: torch.Tensor, **ids: torch.Tensor) -> None:
+def check_nelbo_ids(valid_vocab: torch.Tensor, **ids: torch.Tensor) -> None:
     """ValueError naming the ids (of ``z_t`` / ``x0``) outside ``valid_vocab``: f_Duo is defined on K_eff ids only."""
     for name, x in ids.items():
         bad = ~valid_vocab[x.long()]
@@ -88,7 +88,7 @@ def duo_nelbo(
         raise ValueError("the NELBO needs at least 2 valid ids")
     dev = log_x_theta.device
     if valid_vocab is not None:
-        _check_in_support(valid_vocab.to(dev), z_t=z_t, x0=x0)
+        check_nelbo_ids(valid_vocab.to(dev), z_t=z_t, x0=x0)
     a = per_token(alpha_t, b, l, dev, "alpha_t")
     ap = per_token(alpha_prime_t, b, l, dev, "alpha_prime_t")
     if bool(((a <= 0) | (a >= 1) | torch.isnan(a)).any()):

@@ -22,10 +22,10 @@ from .ar import ARObjective, ar_token_nll
 from .base import Objective, ObjectiveContext, masked_token_sum
 from .config import objective_from_config
 from .dcd import DCDObjective
-from .diffusion import DenseNelbo, DiffusionObjective, NoisyBatch, loss_ids, pad_rule
+from .diffusion import DenseNelbo, DiffusionObjective, NoisyBatch, PadView, pad_rule
 from .duo import DuoObjective
 from .mdlm import MDLMObjective
 
-__all__ = ["Objective", "ObjectiveContext", "DiffusionObjective", "NoisyBatch", "DenseNelbo", "pad_rule", "loss_ids",
+__all__ = ["Objective", "ObjectiveContext", "DiffusionObjective", "NoisyBatch", "DenseNelbo", "PadView", "pad_rule",
            "DuoObjective", "MDLMObjective", "ARObjective", "DCDObjective", "objective_from_config", "masked_token_sum",
            "ar_token_nll"]

@@ -6,8 +6,8 @@ Every continuous-time diffusion objective of the toolkit is ONE path over a nois
     t      = stratified_times(seed, step, position, N)            one time per sequence, stratified over the batch
     α, α'  = process.alpha(t), process.alpha_prime(t)
     z_t    = process.corrupt(x0, α, row_generators(seed, step, position))
-    z_t    = pad_rule(z_t, x0, mask, ctx.pad_mode)                  clean_masked: pads stay clean and are masked
-                                                                    (the loss sees a valid filler there: loss_ids)
+    z_t    = pad_rule(z_t, x0, mask, ctx.pad_mode, valid)           clean_masked: pads stay clean and are masked
+                                                                    (the loss sees a valid filler at pads)
     σ      = process.sigma(t)                                       = −log α(t), the network's time conditioning
     f      = head(model, batch)                                     forward + process.nelbo (or a fused kernel)
     loss   = Σ_{mask} f                                             masked_token_sum
@@ -43,14 +43,14 @@ from duo_plugin.diffusion.uniform import row_generators
 
 from .base import ObjectiveContext, masked_token_sum
 
-__all__ = ["DiffusionObjective", "NoisyBatch", "DenseNelbo", "pad_rule", "loss_ids"]
+__all__ = ["DiffusionObjective", "NoisyBatch", "DenseNelbo", "PadView", "pad_rule"]
 
 
 class NoisyBatch(NamedTuple):
     """One micro-batch ready for the loss head.
 
     ``x0``/``z_t``: ``Long[B, L]`` clean and noisy ids for the loss (unscored positions hold a valid filler,
-    :func:`loss_ids`); ``model_in``: what the network's input embedding reads
+    :func:`pad_rule`); ``model_in``: what the network's input embedding reads
     (``z_t``, or soft logits / a top-k input in Duo's curriculum); ``alpha``/``alpha_prime``: float64 ``[B]``;
     ``sigma``: float32 ``[B]`` = −log α; ``model_kwargs``: ``padding_mask`` / ``attn_mask`` for the forward;
     ``override``: a context entered around the forward (e.g. the fused curriculum embedding), else a null context.
@@ -66,23 +66,29 @@ class NoisyBatch(NamedTuple):
     override: Any
 
 
-def pad_rule(z_t: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor, pad_mode: str
-             ) -> tuple[torch.Tensor, dict]:
-    """``(z_t, model_kwargs)`` after the pad convention: with ``clean_masked`` and any pad in the batch, pads are put
-    back to ``x0`` and masked from attention (``{"padding_mask": mask}``); ``official`` (or no pad) leaves ``z_t``
-    as drawn and the attention unmasked."""
-    if bool(mask.all()) or pad_mode == "official":
-        return z_t, {}
-    return torch.where(mask, z_t, x0), {"padding_mask": mask}
+class PadView(NamedTuple):
+    """What the pad rule gives: the network's ids and keyword arguments, and the ids the loss reads."""
+
+    z_in: torch.Tensor  # Long[B, L] fed to the network
+    model_kwargs: dict  # {"padding_mask": mask} in clean_masked mode with pads, else {}
+    z_loss: torch.Tensor  # z_t for the loss (a valid filler at unscored positions)
+    x_loss: torch.Tensor  # x0 for the loss (a valid filler at unscored positions)
 
 
-def loss_ids(z_t: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor, valid_vocab: torch.Tensor | None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(z_t, x0)`` for the loss head: unscored positions (pads) get the first valid id in both — the value there is
-    never used, and ``duo_nelbo`` accepts valid ids only. A SCORED id outside ``valid_vocab`` (e.g. BERT's ``[UNK]``
-    when special ids are excluded) is a ValueError naming the ids and the fix."""
+def pad_rule(z_t: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor, pad_mode: str,
+             valid_vocab: torch.Tensor | None = None) -> PadView:
+    """The pad convention (docs/evaluation.md) in one place.
+
+    Network side: with ``clean_masked`` and any pad in the batch, pads are put back to ``x0`` and masked from
+    attention (``{"padding_mask": mask}``); ``official`` (or no pad) leaves ``z_t`` as drawn and attention unmasked.
+    Loss side: unscored positions get the first id of ``valid_vocab`` in both ``z_t`` and ``x0`` (the value there is
+    never used, and ``duo_nelbo`` accepts valid ids only); a SCORED id outside ``valid_vocab`` (e.g. BERT's
+    ``[UNK]`` when special ids are excluded) is a ValueError naming the ids and the config fix.
+    """
+    full = bool(mask.all())
+    z_in, kw = (z_t, {}) if full or pad_mode == "official" else (torch.where(mask, z_t, x0), {"padding_mask": mask})
     if valid_vocab is None:
-        return z_t, x0
+        return PadView(z_in, kw, z_in, x0)
     vv = valid_vocab.to(x0.device)
     bad = mask & ~vv[x0]
     if bool(bad.any()):
@@ -90,10 +96,10 @@ def loss_ids(z_t: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor, valid_voca
         raise ValueError(f"the training data holds ids outside the model's valid_vocab at {int(bad.sum())} scored "
                          f"position(s): {ids}; make them valid (data.valid_vocab.include_special: true, e.g. for "
                          "BERT's [UNK], or data.pad_mode: official) or remove them from the data")
-    if bool(mask.all()):
-        return z_t, x0
+    if full:
+        return PadView(z_in, kw, z_t, x0)
     fill = torch.full_like(x0, int(torch.nonzero(vv)[0]))
-    return torch.where(mask, z_t, fill), torch.where(mask, x0, fill)
+    return PadView(z_in, kw, torch.where(mask, z_t, fill), torch.where(mask, x0, fill))
 
 
 class DenseNelbo:
@@ -117,7 +123,9 @@ class DiffusionObjective:
     (:attr:`schedule`, which :meth:`build_process` normally hands to its process); t_min: times are stratified in
     ``[t_min, 1]``.
 
-    Subclasses implement :meth:`build_process` and set :attr:`name` (saved in the model metadata). After
+    Subclasses implement :meth:`build_process` and set :attr:`name` (saved in the model metadata); the process's
+    ``valid_vocab`` (the ids the data may hold; None = all) drives the pad rule's filler and is what the recipe
+    records in the model folder. After
     :meth:`setup`: :attr:`process` (the noise process), :attr:`head` (the loss head), :attr:`ctx`.
     """
 
@@ -165,11 +173,10 @@ class DiffusionObjective:
         t = self.times(step, positions)
         alpha = proc.alpha(t).to(dev)
         z_t = proc.corrupt(x0, alpha, row_generators(ctx.seed, step, positions, device=dev))
-        z_t, kw = pad_rule(z_t, x0, mask, ctx.pad_mode)
-        kw.update(self.extra_model_kwargs(step, x0.shape[1]))
-        z_loss, x_loss = loss_ids(z_t, x0, mask, proc.valid_vocab)
-        return NoisyBatch(x_loss, z_loss, z_t, alpha, proc.alpha_prime(t).to(dev), proc.sigma(t).to(dev).float(),
-                          kw, contextlib.nullcontext())
+        pads = pad_rule(z_t, x0, mask, ctx.pad_mode, getattr(proc, "valid_vocab", None))
+        kw = {**pads.model_kwargs, **self.extra_model_kwargs(step, x0.shape[1])}
+        return NoisyBatch(pads.x_loss, pads.z_loss, pads.z_in, alpha, proc.alpha_prime(t).to(dev),
+                          proc.sigma(t).to(dev).float(), kw, contextlib.nullcontext())
 
     def __call__(self, model, x0, mask, positions, step):
         """``(Σ_mask f, #mask tokens, {"phase": ...})`` for this micro-batch (fp32 scalar, differentiable)."""
@@ -177,8 +184,8 @@ class DiffusionObjective:
         return masked_token_sum(f, mask), self.count_tokens(mask), {"phase": self.phase(step)}
 
     # ------------------------------------------------------------------------------------------ validation
-    #: the process handed to ``nelbo_perplexity`` (None: its uniform-state default, which Duo/UDLM use)
     def validation_process(self):
+        """The process handed to ``nelbo_perplexity`` (None: its uniform-state default, which Duo/UDLM use)."""
         return self.process
 
     def validation_nll(self, model, blocks, mask, *, batch_size: int, special_ids=()) -> dict:
@@ -189,7 +196,7 @@ class DiffusionObjective:
 
         ctx = self.ctx
         proc = self.validation_process()
-        vv = ctx.valid_vocab if proc is None else proc.valid_vocab
+        vv = ctx.valid_vocab if proc is None else getattr(proc, "valid_vocab", ctx.valid_vocab)
         res = nelbo_perplexity(model, blocks, mask, batch_size=batch_size, seed=ctx.seed, valid_vocab=vv,
                                schedule=self.schedule if proc is None else None, t_min=self.t_min,
                                device=ctx.device, progress=False, special_ids=tuple(special_ids), process=proc,

@@ -32,7 +32,7 @@ from duo_plugin.diffusion.schedules import DualitySchedule, gaussian_coefficient
 from duo_plugin.diffusion.uniform import row_generators, stable_seed
 
 from .base import ObjectiveContext
-from .diffusion import DenseNelbo, DiffusionObjective, NoisyBatch, loss_ids, pad_rule
+from .diffusion import DenseNelbo, DiffusionObjective, NoisyBatch, pad_rule
 
 __all__ = ["DuoObjective", "KERNEL_CHOICES", "CURRICULUM_INPUTS", "FusedNelbo", "DenseSoftInput", "TopKSoftInput",
            "FusedSoftInput"]
@@ -301,12 +301,11 @@ class DuoObjective(DiffusionObjective):
         gens = row_generators(ctx.seed, step, positions, device=dev)
         z_t, model_in, override = self.soft_input(model, x0, self.duality.gamma(t).to(dev), self.tau_at(step), step,
                                                   positions, gens)
-        # pads: the soft input cannot be put back to x0; z_t stays argmax w there (masked from attention in
-        # clean_masked mode, never scored), so only the attention part of the pad rule applies
-        _, kw = pad_rule(z_t, x0, mask, ctx.pad_mode)
-        kw.update(self.extra_model_kwargs(step, x0.shape[1]))
-        z_loss, x_loss = loss_ids(z_t, x0, mask, proc.valid_vocab)
-        return NoisyBatch(x_loss, z_loss, model_in, proc.alpha(t).to(dev), proc.alpha_prime(t).to(dev),
+        # pads: the soft input cannot be put back to x0 (masked from attention in clean_masked mode, never scored),
+        # so the network side of the pad rule is its attention mask only
+        pads = pad_rule(z_t, x0, mask, ctx.pad_mode, proc.valid_vocab)
+        kw = {**pads.model_kwargs, **self.extra_model_kwargs(step, x0.shape[1])}
+        return NoisyBatch(pads.x_loss, pads.z_loss, model_in, proc.alpha(t).to(dev), proc.alpha_prime(t).to(dev),
                           proc.sigma(t).to(dev).float(), kw, override)
 
     # ------------------------------------------------------------------------------------------ validation

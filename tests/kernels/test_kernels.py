@@ -138,8 +138,11 @@ def test_fused_nelbo_matches_reference(impl, valid, with_bias):
     x0 = torch.randint(1, 5, (B, L))
     z = x0.clone()
     z[:, ::2] = torch.randint(6, 60, (B, 3))
-    if valid:
-        x0[0, 1] = 0  # an invalid clean id (padding) is allowed
+    if valid:  # an id outside valid_vocab is refused on every path (duo_nelbo's contract); pads get a valid filler
+        bad = x0.clone()
+        bad[0, 1] = 0
+        with pytest.raises(ValueError, match=r"x0 holds ids outside valid_vocab \[0\]"):
+            dk.fused_duo_nelbo(h, W, b, z, bad, torch.tensor([0.3, 0.9]), torch.tensor([-0.999, -1.5]), vv, impl=impl)
     a = torch.tensor([0.3, 0.9])
     ap = torch.tensor([-0.999, -1.5])
     params = [h, W] + ([b] if with_bias else [])
@@ -168,8 +171,9 @@ def test_chunked_nelbo_gradient_for_any_upstream_weights(upstream, needs):
     h = torch.randn(1, n, D, requires_grad=needs != "weight_only")
     W = (torch.randn(K, D) * 0.5).requires_grad_(needs != "hidden_only")
     b = torch.randn(K).requires_grad_(needs == "all")
-    x0 = torch.randint(1, K, (1, n))
-    z = torch.where(torch.rand(1, n) < 0.5, x0, torch.randint(1, K, (1, n)))
+    ids = VV.nonzero().flatten()  # duo_nelbo's contract: ids in valid_vocab
+    x0 = ids[torch.randint(0, ids.numel(), (1, n))]
+    z = torch.where(torch.rand(1, n) < 0.5, x0, ids[torch.randint(0, ids.numel(), (1, n))])
     a = torch.rand(1, n, dtype=torch.float64) * 0.9 + 0.05
     g = {"mean": torch.full((1, n), 1.0 / n), "masked": (torch.rand(1, n) < 0.7).float() / 9,
          "random": torch.rand(1, n), "zero": torch.zeros(1, n)}[upstream]

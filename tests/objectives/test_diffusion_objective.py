@@ -108,12 +108,17 @@ def test_pad_rule():
     x0 = torch.tensor([[1, 2, 3, 0]])
     z = torch.tensor([[5, 6, 7, 8]])
     mask = torch.tensor([[True, True, True, False]])
-    zc, kw = pad_rule(z, x0, mask, "clean_masked")
-    assert zc.tolist() == [[5, 6, 7, 0]] and kw["padding_mask"] is mask
-    zo, kw = pad_rule(z, x0, mask, "official")
-    assert zo is z and kw == {}
-    zf, kw = pad_rule(z, x0, torch.ones_like(mask), "clean_masked")
-    assert zf is z and kw == {}
+    valid = torch.ones(9, dtype=torch.bool)
+    valid[[0, 4]] = False  # 0 = an invalid pad id; the filler is the first valid id, 1
+    p = pad_rule(z, x0, mask, "clean_masked", valid)
+    assert p.z_in.tolist() == [[5, 6, 7, 0]] and p.model_kwargs["padding_mask"] is mask
+    assert p.z_loss.tolist() == [[5, 6, 7, 1]] and p.x_loss.tolist() == [[1, 2, 3, 1]]
+    p = pad_rule(z, x0, mask, "official", valid)
+    assert p.z_in is z and p.model_kwargs == {} and p.z_loss.tolist() == [[5, 6, 7, 1]]
+    p = pad_rule(z, x0, torch.ones_like(mask), "clean_masked", valid.logical_or(torch.arange(9) == 0))
+    assert p.z_in is z and p.model_kwargs == {} and p.x_loss is x0
+    with pytest.raises(ValueError, match=r"valid_vocab at 1 scored position\(s\): \[4\]"):
+        pad_rule(z, torch.tensor([[1, 4, 3, 0]]), mask, "clean_masked", valid)
 
 
 class _Keep(UniformProcess):

@@ -184,12 +184,13 @@ def test_pad_mode_official_reaches_the_objective_and_changes_the_loss(make_cfg):
     over = {"data.packing": "pad", "data.seq_len": 64, "curriculum.steps": 0, "lr_scheduler.warmup_steps": 0}
     clean = dp.run(make_cfg("pad_clean", max_steps=4, **over))
     off = dp.run(make_cfg("pad_official", max_steps=4, **over, **{"data.pad_mode": "official"}))
-    assert _setup(make_cfg("pad_ctx", max_steps=1, **over, **{"data.pad_mode": "official"})).objective.ctx.pad_mode \
-        == "official"
+    rec = _setup(make_cfg("pad_ctx", max_steps=1, **over, **{"data.pad_mode": "official"}))
+    assert rec.objective.ctx.pad_mode == "official"
+    # official: every tokenizer id is an ordinary id (K_eff = len(tokenizer), pad and specials included), so the
+    # NELBO's K differs from the default's from the first step on
+    k_clean = int(_setup(make_cfg("pad_ctx_clean", max_steps=1, **over)).valid_vocab.sum())
+    assert bool(rec.valid_vocab.all()) and rec.k_eff == rec.tokenizer.vocab_size > k_clean
     assert off["tokens"] == clean["tokens"] < 4 * 8 * 64
-    # the first steps cannot differ: the DiT's output layer and adaLN gates start at zero, so until the attention
-    # gates have moved (step 2) no position sees another one
-    assert off["losses"][0] == pytest.approx(clean["losses"][0], rel=1e-6)
     assert off["losses"][-1] != pytest.approx(clean["losses"][-1], rel=1e-5), (off["losses"], clean["losses"])
     with pytest.raises(dp.ConfigError, match="data.pad_mode"):
         dp.DuoPretrainRecipe(make_cfg("pad_bad", **{"data.pad_mode": "noised"}))
