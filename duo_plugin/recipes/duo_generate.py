@@ -1,8 +1,10 @@
-"""duo_generate: sample text from a Duo model directory (ancestral / Greedy-Tail / Ψ, nucleus, prompts, infilling,
-prompt guidance, block generation beyond the context, variable-length output; docs/sampling.md).
+"""duo_generate: sample text from any model directory the toolkit trains (Duo/UDLM/DCD, MDLM, AR): ancestral /
+Greedy-Tail / Ψ, nucleus, prompts, infilling, prompt guidance, block generation beyond the context, variable-length
+output; docs/sampling.md.
 
-Sampler: docs/sampling.md (exact float64 USDM posterior on linspace(1, t_eps, steps + 1), log-linear α, one
-noise-removal call at t_eps; NFE = steps + 1). Writes ``output_dir/samples.jsonl`` (one line per sample: text,
+Sampler: :func:`duo_plugin.sampling.generate` picks the process from the folder's metadata (the scheduler for a
+diffusion model, one float64 loop on linspace(1, t_eps, steps + 1), one noise-removal call at t_eps, NFE = steps + 1;
+KV-cache decoding for an AR model); the recipe has no process branch. Writes ``output_dir/samples.jsonl`` (one line per sample: text,
 ids, steps, mode, prompt index, seed) and ``output_dir/metrics.json`` (NFE, timing, mean unigram entropy, and Gen
 PPL when ``genppl`` is configured; Gen PPL is always reported together with entropy).
 

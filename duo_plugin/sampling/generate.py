@@ -89,7 +89,7 @@ def generate(model, options: SamplerOptions, *, batch_size: int, seq_len: int, p
 
 def generate_continuations(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, options: SamplerOptions, *,
                            generators: Sequence[torch.Generator], eos_id: Optional[int], window: int,
-                           denoiser=None, schedule=None) -> list[list[int]]:
+                           denoiser=None, schedule=None, device=None) -> list[list[int]]:
     """Continue each prompt (token ids) by up to ``max_new_tokens`` tokens, cut before the first ``eos_id``: the
     library of lm-eval's ``generate_until`` for every process.
 
@@ -97,8 +97,12 @@ def generate_continuations(model, prompts: Sequence[Sequence[int]], max_new_toke
     from ``generators[i]`` only, so its continuation does not depend on the other requests. A diffusion model
     generates ``P + max_new_tokens`` positions with the prompt clamped; beyond ``window`` (the model's context) it
     continues in stride windows of ``options.block_len`` new tokens (:func:`sample_blocks`, stopping once every row
-    has an EOS). A causal model decodes left to right (``P + max_new_tokens <= window``).
+    has an EOS). A causal model decodes left to right (``P + max_new_tokens <= window``). Sampling runs on the
+    model's device (``device``, when given, must be it).
     """
+    model_device, want = next(iter(model.parameters())).device, None if device is None else torch.device(device)
+    if want is not None and (want.type != model_device.type or want.index not in (None, model_device.index)):
+        raise ValueError(f"device={device} but the model is on {model_device}: move the model, or pass its device")
     if len(generators) != len(prompts):
         raise ValueError(f"got {len(generators)} generators for {len(prompts)} prompts (one per request)")
     g = int(max_new_tokens)

@@ -1,11 +1,11 @@
-"""Sampling loop for uniform-state diffusion LMs: :func:`sample` (ancestral / Greedy-Tail / Ψ, nucleus,
-temperature, prompts, infilling, prompt guidance), :func:`sample_blocks` (semi-autoregressive stride generation
-beyond the context) and :func:`trim_at_eos` (variable-length output). docs/sampling.md describes all of it.
+"""The one sampling loop, for every noise process: :func:`sample` (any :class:`~duo_plugin.sampling.base.Scheduler`:
+uniform-state ancestral / Greedy-Tail / Ψ, absorbing (MDLM) ancestral / Ψ; nucleus, temperature, prompts,
+infilling, prompt guidance), :func:`sample_blocks` (semi-autoregressive stride generation beyond the context) and
+:func:`trim_at_eos` (variable-length output). docs/sampling.md describes all of it.
 
 The loop is short: draw z_1 from the prior (clamped positions held), then for each step of the scheduler's grid call
-the denoiser once (twice with prompt guidance) and let the scheduler draw z_s
-(:meth:`~duo_plugin.sampling.schedulers.AncestralScheduler.step`); after the steps, one optional noise-removal call
-at t = t_eps:
+the denoiser once (twice with prompt guidance; not at all while x_θ can be reused) and let the scheduler draw z_s
+(``scheduler.step``); after the steps, one optional noise-removal call at t = t_eps (``scheduler.final``):
 
 * ``"ancestral"``: one more posterior step with α_s = 1;
 * ``"greedy"`` (Greedy-Tail): z ← argmax_v x_θ(z, σ(t_eps))_v (the denoiser output, not the final posterior);
@@ -13,8 +13,8 @@ at t = t_eps:
 
 So NFE = steps + 1 (``steps`` for ``"none"``), doubled with prompt guidance (w ≠ 1).
 
-The update rule lives in :mod:`duo_plugin.sampling.schedulers`, the noise process (α_t, prior, posterior) is
-:class:`duo_plugin.diffusion.process.UniformProcess`; the posterior draw
+The update rules live in :mod:`duo_plugin.sampling.schedulers` (uniform state) and :mod:`duo_plugin.sampling.mdlm`
+(absorbing); the noise processes in :mod:`duo_plugin.diffusion`. For the uniform process the posterior draw
 (``posterior_impl``) has three exact float64 implementations:
 
 * ``"dense"``: the full ``float64 [B, L, K]`` law and a race of exponentials from the torch generators — the
