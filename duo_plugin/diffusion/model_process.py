@@ -10,6 +10,10 @@ objective                  process
 missing                    ``uniform`` (``causal`` when the model is causal: older AR folders)
 ``mdlm``                   ``absorbing``: :class:`~duo_plugin.diffusion.absorbing.AbsorbingProcess` with the
                            folder's ``[MASK]`` id (``metadata.mask_id``, default the last embedding row)
+``sedd_absorb``,            ``sedd``: :class:`~duo_plugin.diffusion.sedd.SEDDProcess` on that graph (absorb: with
+``sedd_uniform``           the folder's ``[MASK]`` id as for MDLM)
+``d3pm``                   ``d3pm``: :class:`~duo_plugin.diffusion.d3pm.D3PMProcess` (T = ``metadata.d3pm_steps``,
+                           default 1000; its own discrete schedule)
 ``ar``                     ``causal``: no noise process (left-to-right decoding)
 =========================  ====================================================================================
 
@@ -26,7 +30,8 @@ import torch
 __all__ = ["ModelProcess", "OBJECTIVE_KINDS", "process_for_metadata"]
 
 #: objective name (model-folder metadata) -> process kind
-OBJECTIVE_KINDS = {"duo": "uniform", "udlm": "uniform", "dcd": "uniform", "mdlm": "absorbing", "ar": "causal"}
+OBJECTIVE_KINDS = {"duo": "uniform", "udlm": "uniform", "dcd": "uniform", "mdlm": "absorbing", "ar": "causal",
+                   "sedd_absorb": "sedd", "sedd_uniform": "sedd", "d3pm": "d3pm"}
 
 
 class ModelProcess(NamedTuple):
@@ -69,6 +74,10 @@ def process_for_metadata(metadata: Optional[Mapping], *, vocab_size: int, valid_
         return ModelProcess(kind, None, objective)
     if kind == "uniform":
         return ModelProcess(kind, UniformProcess(width, valid_vocab, schedule), objective)
+    if objective == "sedd_uniform":
+        from .sedd import SEDDProcess
+
+        return ModelProcess(kind, SEDDProcess(width, "uniform", valid_vocab=valid_vocab, schedule=schedule), objective)
     mask_id = int(meta["mask_id"]) if meta.get("mask_id") is not None else width - 1
     if not 0 <= mask_id < width:
         raise ValueError(f"{where}: metadata.mask_id={mask_id} is outside the model width {width} (fix mask_id in "
@@ -76,4 +85,14 @@ def process_for_metadata(metadata: Optional[Mapping], *, vocab_size: int, valid_
     if valid_vocab is not None and bool(valid_vocab[mask_id]):
         raise ValueError(f"{where}: the MDLM [MASK] id {mask_id} is a valid data id in valid_vocab; the model "
                          "folder's metadata.mask_id does not match its vocabulary")
+    if kind == "sedd":
+        from .sedd import SEDDProcess
+
+        return ModelProcess(kind, SEDDProcess(width, "absorb", mask_id, valid_vocab=valid_vocab, schedule=schedule),
+                            objective)
+    if kind == "d3pm":
+        from .d3pm import D3PMProcess
+
+        steps = int(meta.get("d3pm_steps") or 1000)
+        return ModelProcess(kind, D3PMProcess(width, mask_id, valid_vocab=valid_vocab, steps=steps), objective)
     return ModelProcess(kind, AbsorbingProcess(width, mask_id, valid_vocab=valid_vocab, schedule=schedule), objective)

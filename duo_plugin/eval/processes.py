@@ -28,12 +28,14 @@ import torch
 __all__ = ["EvalProcess", "OBJECTIVE_KINDS", "check_scorable", "process_for", "process_for_model"]
 
 #: objective name (model-folder metadata) -> evaluation path
-OBJECTIVE_KINDS = {"duo": "uniform", "udlm": "uniform", "dcd": "uniform", "mdlm": "absorbing", "ar": "causal"}
+OBJECTIVE_KINDS = {"duo": "uniform", "udlm": "uniform", "dcd": "uniform", "mdlm": "absorbing", "ar": "causal",
+                   "sedd_absorb": "sedd", "sedd_uniform": "sedd", "d3pm": "d3pm"}
 
 
 class EvalProcess(NamedTuple):
-    """``kind``: ``uniform`` | ``absorbing`` | ``causal``; ``process``: the noise process passed as ``process=`` to
-    ``eval.likelihood`` (None only for ``causal``); ``mask_id``: the [MASK] id (absorbing only)."""
+    """``kind``: ``uniform`` | ``absorbing`` | ``sedd`` | ``d3pm`` | ``causal``; ``process``: the noise process passed
+    as ``process=`` to ``eval.likelihood`` (None only for ``causal``); ``mask_id``: the [MASK] id (absorbing
+    graphs only)."""
 
     kind: str
     process: Any = None
@@ -72,13 +74,27 @@ def process_for(metadata: Optional[Mapping], *, vocab_size: int, valid_vocab: Op
         from duo_plugin.diffusion.process import UniformProcess
 
         return EvalProcess(kind, UniformProcess(int(vocab_size), valid_vocab, schedule))
-    from duo_plugin.diffusion.absorbing import AbsorbingProcess
-
     width = int(vocab_size)
+    if objective == "sedd_uniform":
+        from duo_plugin.diffusion.sedd import SEDDProcess
+
+        return EvalProcess(kind, SEDDProcess(width, "uniform", valid_vocab=valid_vocab, schedule=schedule))
     mask_id = int(meta["mask_id"]) if meta.get("mask_id") is not None else width - 1
     if valid_vocab is not None and bool(valid_vocab[mask_id]):
-        raise ValueError(f"{where}: the MDLM [MASK] id {mask_id} is a valid data id in valid_vocab; the model "
+        raise ValueError(f"{where}: the [MASK] id {mask_id} is a valid data id in valid_vocab; the model "
                          "folder's metadata.mask_id does not match its vocabulary")
+    if kind == "sedd":
+        from duo_plugin.diffusion.sedd import SEDDProcess
+
+        return EvalProcess(kind, SEDDProcess(width, "absorb", mask_id, valid_vocab=valid_vocab, schedule=schedule),
+                           mask_id)
+    if kind == "d3pm":
+        from duo_plugin.diffusion.d3pm import D3PMProcess
+
+        steps = int(meta.get("d3pm_steps") or 1000)
+        return EvalProcess(kind, D3PMProcess(width, mask_id, valid_vocab=valid_vocab, steps=steps), mask_id)
+    from duo_plugin.diffusion.absorbing import AbsorbingProcess
+
     proc = AbsorbingProcess(width, mask_id, valid_vocab=valid_vocab, schedule=schedule)
     return EvalProcess("absorbing", proc, mask_id)
 

@@ -201,6 +201,7 @@ def run(cfg: DictConfig) -> dict:
     schedule = LogLinearSchedule(float(cfg.get("alpha_eps") or 1e-3))
     # the noise process from the model folder's metadata (duo/udlm/dcd: uniform, mdlm: absorbing with its [MASK] id)
     spec = process_for_model(model, str(cfg.checkpoint), schedule=schedule)
+    schedule = getattr(spec.process, "schedule", None) or schedule  # a process with its own clock (D3PM) keeps it
     info: dict[str, Any] = {}
     sets = build_eval_sets(cfg, tok, block_size, info)
     metrics: dict[str, Any] = {"checkpoint": str(cfg.checkpoint), "weights": str(cfg.get("weights") or "ema"),

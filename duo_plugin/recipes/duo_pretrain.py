@@ -536,6 +536,7 @@ class DuoPretrainRecipe(RecipeBase):
             "step": self.step, "objective": self.objective.name, "seq_len": self.seq_len,
             **({"mask_id": int(self.objective.process.mask_id)}
                if getattr(getattr(self.objective, "process", None), "mask_id", None) is not None else {}),
+            **dict(getattr(self.objective, "extra_metadata", None) or {}),  # e.g. D3PM's number of steps
         })
         self.tokenizer.save(model_dir / "tokenizer")
 

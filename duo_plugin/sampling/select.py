@@ -15,9 +15,11 @@ import torch
 from duo_plugin.diffusion.model_process import process_for_metadata
 
 from .base import Scheduler
+from .d3pm import D3PMScheduler
 from .mdlm import AbsorbingPsiScheduler, AbsorbingScheduler
 from .options import SamplerOptions
 from .schedulers import AncestralScheduler, PsiScheduler
+from .sedd import SEDDScheduler
 
 __all__ = ["SCHEDULERS", "scheduler_for_model", "scheduler_for_process"]
 
@@ -27,6 +29,9 @@ SCHEDULERS: dict[tuple[str, str], Any] = {
     ("uniform", "psi"): PsiScheduler,
     ("absorbing", "ancestral"): AbsorbingScheduler,
     ("absorbing", "psi"): AbsorbingPsiScheduler,
+    ("sedd_absorb", "ancestral"): SEDDScheduler,  # SEDD's analytic (Tweedie) reverse step
+    ("sedd_uniform", "ancestral"): SEDDScheduler,
+    ("d3pm", "ancestral"): D3PMScheduler,
 }
 
 
