@@ -47,9 +47,10 @@ class ARObjective:
         nll = ar_token_nll(log_p, x0)
         return masked_token_sum(nll, self.pair_mask(mask)), self.count_tokens(mask), {"phase": "ar"}
 
-    def validation_nll(self, model, blocks, mask, *, batch_size: int, special_ids=()) -> dict:
+    def validation_nll(self, model, blocks, mask, *, batch_size: int, special_ids=(), nelbo_perplexity=None) -> dict:
         """``{"nll": mean next-token NLL per content target}``: every real target's NLL summed (float64), divided by
-        the number of targets that are not in ``special_ids`` (BOS/EOS/pad; as the diffusion NELBO counts)."""
+        the number of targets that are not in ``special_ids`` (BOS/EOS/pad; as the diffusion NELBO counts). The NLL
+        is exact, so ``nelbo_perplexity`` (the diffusion objectives' evaluation function) is not used."""
         dev = self.ctx.device
         specials = [int(i) for i in special_ids if i is not None]
         tot, n = 0.0, 0

@@ -11,7 +11,8 @@ like torchtune's ``loss:``). The recipe (or the fairseq2 TrainUnit) calls, in or
    (docs/method.md §6), so the loss does not depend on world size, accumulation split or resume point;
 3. ``objective.count_tokens(mask)`` before the micro-batches (the recipe normalises by the GLOBAL token count);
 4. ``objective.phase(step)`` (a name for logs) and ``objective.validation_nll(model, blocks, mask, *, batch_size,
-   special_ids) -> {"nll": per content token, ["nll_all": per token]}`` (held-out NLL).
+   special_ids, nelbo_perplexity) -> {"nll": per content token, ["nll_all": per token]}`` (held-out NLL; the
+   caller passes the evaluation function, ``eval.likelihood.nelbo_perplexity``: objectives never import ``eval``).
 
 No torchtune and no I/O here: objectives sit on ``diffusion/`` and ``kernels/`` and are used by recipes and
 integrations alike.

@@ -188,12 +188,11 @@ class DiffusionObjective:
         """The process handed to ``nelbo_perplexity`` (None: its uniform-state default, which Duo/UDLM use)."""
         return self.process
 
-    def validation_nll(self, model, blocks, mask, *, batch_size: int, special_ids=()) -> dict:
+    def validation_nll(self, model, blocks, mask, *, batch_size: int, special_ids=(), nelbo_perplexity) -> dict:
         """NELBO on held-out blocks (one stratified t per sequence, the objective's own process; docs/method.md §8)
-        via :func:`duo_plugin.eval.likelihood.nelbo_perplexity`: ``{"nll": per content token (``special_ids`` not
+        by the evaluation function passed in (:func:`duo_plugin.eval.likelihood.nelbo_perplexity`; objectives and
+        eval are sibling layers, so the caller supplies it): ``{"nll": per content token (``special_ids`` not
         counted), "nll_all": per token}``."""
-        from duo_plugin.eval.likelihood import nelbo_perplexity
-
         ctx = self.ctx
         proc = self.validation_process()
         vv = ctx.valid_vocab if proc is None else getattr(proc, "valid_vocab", ctx.valid_vocab)

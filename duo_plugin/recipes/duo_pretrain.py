@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from duo_plugin.eval.likelihood import nelbo_perplexity
 from duo_plugin.objectives import ar_token_nll, objective_from_config  # noqa: F401  (ar_token_nll: re-export)
 from duo_plugin.objectives.config import PRETRAIN_KEYS, legacy_conflicts
 from duo_plugin.recipes.common import RecipeBase, instantiate, log
@@ -479,7 +480,8 @@ class DuoPretrainRecipe(RecipeBase):
         with ctx, torch.no_grad(), self.autocast():
             # per content token (BOS/EOS/pad not counted); the all-token figure, where given, is kept beside it
             res = self.objective.validation_nll(self.model, blocks, mask, batch_size=bs,
-                                                special_ids=(tk.bos_id, tk.eos_id, tk.pad_id))
+                                                special_ids=(tk.bos_id, tk.eos_id, tk.pad_id),
+                                                nelbo_perplexity=nelbo_perplexity)
         self.model.train()
         nll = float(res["nll"])
         out = {"val_nll": nll, "val_ppl": math.exp(min(nll, 700.0))}

@@ -79,7 +79,7 @@ def test_mdlm_validation_nll_is_the_absorbing_nelbo():
     blocks = torch.randint(0, K_TOK - 2, (6, L), generator=torch.Generator().manual_seed(3))
     mask = torch.ones(6, L, dtype=torch.bool)
     with torch.no_grad():
-        got = obj.validation_nll(model, blocks, mask, batch_size=4)
+        got = obj.validation_nll(model, blocks, mask, batch_size=4, nelbo_perplexity=nelbo_perplexity)
         ref = nelbo_perplexity(model, blocks, mask, batch_size=6, seed=SEED, progress=False,
                                process=AbsorbingProcess(W, K_TOK, valid_vocab=VALID))["nll_per_token"]
     assert got["nll"] == pytest.approx(ref, rel=1e-6) and got["nll_all"] == pytest.approx(ref, rel=1e-6)  # batch-size independent up to fp32 rounding
