@@ -5,12 +5,16 @@ only (the quality side is docs/performance.md "generation").
     python benchmarks/bench_generation.py --out gen.json                 # tiny_cpu and published shapes, L = 1024
     python benchmarks/bench_generation.py --quick                        # tiny_cpu shape at its L = 64, < 2 min
 
+``--quick``: the tiny_cpu shape at its own context L = 64, batches 1 and 16, the T values up to L (T = 1024 > L
+would be 16 steps per position; the full run has T = 1024 at L = 1024).
+
 One process; every (method, T) of a cell (shape, batch) runs once per round, methods in a rotating order, so the
 ratios against AR compare runs seconds apart on the same machine state. Per record: ``tokens_per_s`` (generated
 tokens / wall second), ``latency_s`` (wall seconds of the whole generate call, median over rounds), ``cpu_s``
 (process CPU seconds), ``nfe`` (network calls per sequence, counted), ``peak_mb`` (CPU: peak-RSS rise during the
-call; CUDA: ``max_memory_allocated`` rise), ``vs_ar`` (AR latency / this latency, median of per-round ratios; > 1 =
-faster than AR). NFE closed forms: Duo = T + 1 (T steps + the noise-removal call), MDLM with its x_θ cache ≤ T + 1
+call; CUDA: ``max_memory_allocated`` rise), ``vs_ar`` (AR CPU seconds / this method's, median of per-round
+ratios; > 1 = faster than AR; ``vs_ar_wall`` the same on wall time, which on a shared machine includes time other
+programs take). NFE closed forms: Duo = T + 1 (T steps + the noise-removal call), MDLM with its x_θ cache ≤ T + 1
 (calls only when z changed), AR and GPT-2 = L (the BOS prompt, then one call per new token but the last).
 
 Methods and what they generate: every method produces ``L`` new tokens per sequence. Duo / MDLM denoise ``L``
@@ -18,11 +22,13 @@ positions; the AR models get a 1-token prompt (BOS = id 0) and decode ``L`` toke
 Sampling options are the plain ones for all (temperature 1, no top-k / top-p); Ψ uses the official OWT κ modes
 (max-capped-0.01, linear grid) without nucleus, so its cost difference to ancestral is the predictor alone.
 
-``--published-steps`` limits the T values at the published size (a CPU forward at d = 768, L = 1024 takes ~10 s);
-``--published-batches`` the batch sizes there (Duo at B = 16, L = 1024 holds a 3.3 GB fp32 ``[B, L, K]``
+``--batch-max-steps`` (128) limits the T values of batches > 1 (T = 1024 at B = 16 costs 16x the B = 1 run on a
+CPU); ``--published-steps`` limits the T values at the published size (a CPU forward at d = 768, L = 1024 takes ~10 s);
+``--published-batches`` the batch sizes where every published method runs, ``--published-ar-batches`` those where
+only the AR methods run (Duo at B = 16, L = 1024 is 16x the B = 1 work on a CPU and holds a 3.3 GB fp32 ``[B, L, K]``
 output per call). The JSON's ``crossover`` gives, per (shape, batch), the largest measured T at which Duo ancestral
-is faster than AR with the KV cache (None when it never is), and ``crossover_estimate`` the T where
-``(T + 1) × (Duo seconds per NFE)`` equals the AR latency (from measured numbers; marked as an estimate).
+takes fewer CPU seconds than AR with the KV cache (None when it never does), and ``crossover_estimate`` the T where
+``(T + 1) × (Duo CPU seconds per NFE)`` equals AR's (from measured numbers; an estimate).
 """
 
 from __future__ import annotations
@@ -199,35 +205,73 @@ def run_cell(shape_name: str, B: int, L: int, steps, methods, rounds: int, devic
         lat = statistics.median(x["wall"] for x in runs)
         rec = {"shape": shape_name, "dim": shape["dim"], "layers": shape["n_layers"], "vocab": shape["vocab"],
                "batch": B, "seq_len": L, "method": m, "T": T, "tokens_per_s": round(B * L / lat, 2),
-               "latency_s": round(lat, 4), "cpu_s": round(statistics.median(x["cpu"] for x in runs), 4),
+               "latency_s": round(lat, 6), "cpu_s": round(statistics.median(x["cpu"] for x in runs), 6),
                "nfe": max(x["nfe"] for x in runs), "peak_mb": max(x["peak_mb"] for x in runs), "rounds": len(runs)}
+        rec["tokens_per_cpu_s"] = round(B * L / rec["cpu_s"], 2) if rec["cpu_s"] > 0 else None
         if ar:
-            rec["vs_ar"] = round(statistics.median(a["wall"] / x["wall"] for a, x in zip(ar, runs)), 4)
+            rec["vs_ar"] = round(statistics.median(a["cpu"] / max(x["cpu"], 1e-9) for a, x in zip(ar, runs)), 4)
+            rec["vs_ar_wall"] = round(statistics.median(a["wall"] / x["wall"] for a, x in zip(ar, runs)), 4)
         out.append(rec)
     return out
 
 
 def crossovers(records: list[dict]) -> tuple[dict, dict]:
-    """Per (shape, batch): the largest T with Duo ancestral faster than AR-KV, and the (T + 1) × s/NFE estimate."""
+    """Per (shape, batch), on CPU seconds (``cpu_s``; wall time on a shared machine counts other programs): the
+    largest T with Duo ancestral faster than AR-KV, and the T where ``(T + 1) × (Duo s per NFE)`` equals AR's time.
+    A cell without Duo runs (``--published-ar-batches``) gets only the estimate, from the same shape's smallest
+    measured batch scaled linearly in the batch size (``"<T> (batch-scaled)"``)."""
     cross, est = {}, {}
     cells = sorted({(r["shape"], r["batch"]) for r in records})
     for shape, B in cells:
         rs = [r for r in records if r["shape"] == shape and r["batch"] == B]
         ar = [r for r in rs if r["method"] == "ar-kv"]
         duo = sorted((r for r in rs if r["method"] == "duo-ancestral"), key=lambda r: r["T"])
-        if not ar or not duo:
+        if not ar:
             continue
         key = f"{shape}/B={B}"
-        faster = [r["T"] for r in duo if r["latency_s"] < ar[0]["latency_s"]]
-        cross[key] = max(faster) if faster else None
-        per_nfe = statistics.median(r["latency_s"] / r["nfe"] for r in duo)
-        est[key] = round(ar[0]["latency_s"] / per_nfe - 1, 1)
+        if duo:
+            faster = [r["T"] for r in duo if r["cpu_s"] < ar[0]["cpu_s"]]
+            cross[key] = max(faster) if faster else None
+            per_nfe = statistics.median(r["cpu_s"] / r["nfe"] for r in duo)
+            est[key] = round(ar[0]["cpu_s"] / per_nfe - 1, 1)
+            continue
+        other = [r for r in records if r["shape"] == shape and r["method"] == "duo-ancestral"]
+        if other:
+            b0 = min(r["batch"] for r in other)
+            per_nfe = statistics.median(r["cpu_s"] / r["nfe"] for r in other if r["batch"] == b0) * B / b0
+            est[key] = f"{round(ar[0]['cpu_s'] / per_nfe - 1, 1)} (batch-scaled)"
     return cross, est
+
+
+def to_markdown(records: list[dict]) -> str:
+    """One table row per record: shape, batch, method, T, NFE, CPU s, tokens per CPU s, wall s, peak MiB, vs AR."""
+    lines = ["| shape | B | method | T | NFE | CPU s | tokens / CPU s | wall s | peak MiB | vs AR-KV (CPU) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['shape']} | {r['batch']} | {r['method']} | {r['T'] if r['T'] is not None else '–'} | "
+                     f"{r['nfe']} | {r['cpu_s']:.3f} | {r['tokens_per_cpu_s']:.0f} | {r['latency_s']:.3f} | "
+                     f"{r['peak_mb']} | {r.get('vs_ar', float('nan')):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(args, device, records: list[dict], t_start: float, *, final: bool) -> None:
+    """The JSON (``--out`` after every cell, so a long run keeps what it measured; stdout at the end)."""
+    cross, est = crossovers(records)
+    summary = {"device": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
+               "threads": torch.get_num_threads(), "rounds": args.rounds, "command": " ".join(sys.argv),
+               "complete": final, "wall_s": round(time.time() - t_start, 1), "records": records, "crossover": cross,
+               "crossover_estimate": est}
+    text = json.dumps(summary, indent=1)
+    if args.out:
+        Path(args.out).write_text(text)
+        Path(args.out).with_suffix(".md").write_text(to_markdown(records))
+    if final:
+        print(text)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny_cpu shape only at its L = 64 (< 2 min)")
+    p.add_argument("--quick", action="store_true", help="tiny_cpu shape only at its L = 64, T <= 64 (< 2 min)")
     p.add_argument("--unit", action="store_true", help="a unit-sized run for tests (seconds)")
     p.add_argument("--shapes", nargs="+", default=["tiny_cpu", "published"], choices=sorted(SHAPES))
     p.add_argument("--seq-len", type=int, default=1024)
@@ -235,9 +279,14 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128, 1024])
     p.add_argument("--published-steps", type=int, nargs="+", default=[4, 8])
     p.add_argument("--published-batches", type=int, nargs="+", default=[1])
+    p.add_argument("--published-ar-batches", type=int, nargs="*", default=[16],
+                   help="published-size batches where only --published-ar-methods run")
+    p.add_argument("--published-ar-methods", nargs="+", default=["ar-kv", "hf-gpt2"], choices=["ar-kv", "hf-gpt2"])
     p.add_argument("--published-methods", nargs="+", default=["duo-ancestral", "mdlm", "ar-kv", "hf-gpt2"],
                    choices=ALL_METHODS)
     p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
+    p.add_argument("--batch-max-steps", type=int, default=128,
+                   help="for batches > 1, only the T values up to this (T = 1024 at B = 16 is 16x the B = 1 run)")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
@@ -247,7 +296,7 @@ def main(argv=None) -> int:
         args.shapes = ["unit" if args.unit else "tiny_cpu"]
         args.seq_len = 8 if args.unit else 64
         args.batches = [1, 2] if args.unit else [1, 16]
-        args.steps = [2, 4] if args.unit else args.steps
+        args.steps = [2, 4] if args.unit else [t for t in args.steps if t <= args.seq_len] or args.steps
     device = torch.device(args.device)
     if device.type == "cpu":
         configure_cpu(args.threads)
@@ -260,16 +309,14 @@ def main(argv=None) -> int:
         steps = args.published_steps if full else args.steps
         methods = [m for m in args.methods if not full or m in args.published_methods]
         for B in (args.published_batches if full else args.batches):
-            records += run_cell(shape, B, args.seq_len, steps, methods, args.rounds, device, log)
-    cross, est = crossovers(records)
-    summary = {"device": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
-               "threads": torch.get_num_threads(), "rounds": args.rounds, "command": " ".join(sys.argv),
-               "wall_s": round(time.time() - t_start, 1), "records": records, "crossover": cross,
-               "crossover_estimate": est}
-    text = json.dumps(summary, indent=1)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
+            steps_b = steps if B == 1 else [t for t in steps if t <= args.batch_max_steps]
+            records += run_cell(shape, B, args.seq_len, steps_b, methods, args.rounds, device, log)
+            write_summary(args, device, records, t_start, final=False)
+        for B in (args.published_ar_batches if full else []):
+            ar_only = [m for m in methods if m in args.published_ar_methods]
+            records += run_cell(shape, B, args.seq_len, steps, ar_only, args.rounds, device, log)
+            write_summary(args, device, records, t_start, final=False)
+    write_summary(args, device, records, t_start, final=True)
     return 0
 
 

@@ -8,7 +8,9 @@ stable_seed` (SplitMix64); a *tag* separates streams that would otherwise share 
 stream                      key                                      used by
 ==========================  =======================================  ==========================================
 per-sample noise            ``(seed, step, global index)`` (no tag)  ``uniform.row_generators``: corruption,
-                                                                     curriculum latents, DCD pairs, top-k inputs
+                                                                     curriculum latents, DCD pairs, top-k inputs;
+                                                                     samplers with ``seed`` (step 0, index = row),
+                                                                     AR decoding (``sampling.ar_decode``)
 time sampler                ``(seed, step, TIME)``                   ``schedules.stratified_times``
 attention annealing         ``(seed, step, ATTN_ANNEAL)``            ``objectives.DuoObjective`` (random mode)
 counter: curriculum         ``(row seed, CURRICULUM, position)``     ``kernels.curriculum_soft_embedding``

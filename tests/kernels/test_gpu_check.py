@@ -35,7 +35,11 @@ def test_cpu_dry_run_exercises_every_section(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     s = json.loads((tmp_path / "gpu-check.json").read_text())
     assert s["status"] == "ok" and s["impl"] == "chunked"
-    assert set(s["sections"]) == {"cuda_tests", "kernels_vs_reference", "train_owt_small_bf16", "benchmarks"}
+    assert set(s["sections"]) == {"cuda_tests", "kernels_vs_reference", "train_owt_small_bf16", "benchmarks",
+                                  "generation"}
+    gen = s["sections"]["generation"]
+    assert {r["method"] for r in gen["records"]} >= {"duo-ancestral", "mdlm", "ar-kv"}
+    assert all(r["nfe"] == 8 for r in gen["records"] if r["method"] == "ar-kv")  # AR: L = 8 calls
     k = s["sections"]["kernels_vs_reference"]
     assert k["nelbo"]["grad_max_abs_err"] < 1e-4 and k["curriculum_tau0.001"]["argmax_equal"] == 1.0
     t = s["sections"]["train_owt_small_bf16"]
