@@ -127,6 +127,12 @@ class UniformProcess:
             uni = self.valid_vocab.to(x_probs.device).to(_F64) / self.k_eff
         return a * x_probs.to(_F64) + (1 - a) * uni
 
+    def subs(self, log_x_theta, z_t):
+        """The process's parameterisation of x_θ: −∞ at ids outside ``valid_vocab`` (which it never produces)."""
+        if self.valid_vocab is None:
+            return log_x_theta
+        return log_x_theta.masked_fill(~self.valid_vocab.to(log_x_theta.device), float("-inf"))
+
     def nelbo(self, log_x_theta, z_t, x0, alpha_t, alpha_prime_t):
         return duo_nelbo(log_x_theta, z_t, x0, alpha_t, alpha_prime_t, self.valid_vocab)
 

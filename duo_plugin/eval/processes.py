@@ -1,18 +1,9 @@
 """Which noise process scores a model folder: one lookup from its metadata, used by every evaluation entry point.
 
 A model folder records the objective it was trained with (``metadata.objective`` in ``duo_config.json``, written by
-duo_pretrain / duo_distill). Evaluation needs the matching noise process:
-
-=================  ==========================================================================================
-objective          evaluation path
-=================  ==========================================================================================
-``duo``, ``udlm``,  ``uniform``: :class:`~duo_plugin.diffusion.process.UniformProcess` over the folder's
-                   ``valid_vocab`` (f_Duo)
-``dcd``, missing
-``mdlm``           ``absorbing``: :class:`~duo_plugin.diffusion.absorbing.AbsorbingProcess` with the folder's
-                   ``[MASK]`` id (``metadata.mask_id``, default the last embedding row)
-``ar``             ``causal``: exact next-token log-likelihood (no noise process)
-=================  ==========================================================================================
+duo_pretrain / duo_distill); the table objective → process is :mod:`duo_plugin.diffusion.model_process` (one table,
+shared with sampling's ``scheduler_for_model``). Causal (``ar``) models have no noise process: their
+log-likelihood is exact.
 
 Recipes and backends call :func:`process_for` once and pass ``spec.process`` on; they never branch on the objective.
 Every diffusion model gets a process object (``corrupt``, ``nelbo``, ``sigma``, ``prior_sample``, ``subs``); only
@@ -25,11 +16,9 @@ from typing import Any, Mapping, NamedTuple, Optional
 
 import torch
 
-__all__ = ["EvalProcess", "OBJECTIVE_KINDS", "check_scorable", "process_for", "process_for_model"]
+from duo_plugin.diffusion.model_process import OBJECTIVE_KINDS, process_for_metadata
 
-#: objective name (model-folder metadata) -> evaluation path
-OBJECTIVE_KINDS = {"duo": "uniform", "udlm": "uniform", "dcd": "uniform", "mdlm": "absorbing", "ar": "causal",
-                   "sedd_absorb": "sedd", "sedd_uniform": "sedd", "d3pm": "d3pm"}
+__all__ = ["EvalProcess", "OBJECTIVE_KINDS", "check_scorable", "process_for", "process_for_model"]
 
 
 class EvalProcess(NamedTuple):
@@ -44,7 +33,8 @@ class EvalProcess(NamedTuple):
 
 def process_for(metadata: Optional[Mapping], *, vocab_size: int, valid_vocab: Optional[torch.Tensor] = None,
                 causal: bool = False, schedule=None, where: str = "the model") -> EvalProcess:
-    """The evaluation process of a model folder from its ``metadata`` (``model.duo_metadata``).
+    """The evaluation process of a model folder from its ``metadata`` (``model.duo_metadata``): the one table of
+    :func:`duo_plugin.diffusion.model_process.process_for_metadata` (shared with sampling), with the [MASK] id.
 
     Args:
         metadata: the folder's metadata dict (``objective``, optionally ``mask_id``); None/empty = a uniform-state
@@ -56,47 +46,10 @@ def process_for(metadata: Optional[Mapping], *, vocab_size: int, valid_vocab: Op
         ValueError naming the objective when it has no evaluation path, or when the metadata and the model's causal
         flag disagree.
     """
-    meta = dict(metadata or {})
-    objective = str(meta.get("objective") or "")
-    if not objective:
-        kind = "causal" if causal else "uniform"
-    elif objective in OBJECTIVE_KINDS:
-        kind = OBJECTIVE_KINDS[objective]
-    else:
-        raise ValueError(f"{where}: metadata objective={objective!r} has no evaluation path; known objectives: "
-                         f"{sorted(OBJECTIVE_KINDS)} (fix metadata.objective in its duo_config.json)")
-    if (kind == "causal") != bool(causal):
-        raise ValueError(f"{where}: metadata says objective={objective or 'none'!r} but the model is "
-                         f"{'' if causal else 'not '}causal; cannot score it")
-    if kind == "causal":
-        return EvalProcess(kind)
-    if kind == "uniform":
-        from duo_plugin.diffusion.process import UniformProcess
-
-        return EvalProcess(kind, UniformProcess(int(vocab_size), valid_vocab, schedule))
-    width = int(vocab_size)
-    if objective == "sedd_uniform":
-        from duo_plugin.diffusion.sedd import SEDDProcess
-
-        return EvalProcess(kind, SEDDProcess(width, "uniform", valid_vocab=valid_vocab, schedule=schedule))
-    mask_id = int(meta["mask_id"]) if meta.get("mask_id") is not None else width - 1
-    if valid_vocab is not None and bool(valid_vocab[mask_id]):
-        raise ValueError(f"{where}: the [MASK] id {mask_id} is a valid data id in valid_vocab; the model "
-                         "folder's metadata.mask_id does not match its vocabulary")
-    if kind == "sedd":
-        from duo_plugin.diffusion.sedd import SEDDProcess
-
-        return EvalProcess(kind, SEDDProcess(width, "absorb", mask_id, valid_vocab=valid_vocab, schedule=schedule),
-                           mask_id)
-    if kind == "d3pm":
-        from duo_plugin.diffusion.d3pm import D3PMProcess
-
-        steps = int(meta.get("d3pm_steps") or 1000)
-        return EvalProcess(kind, D3PMProcess(width, mask_id, valid_vocab=valid_vocab, steps=steps), mask_id)
-    from duo_plugin.diffusion.absorbing import AbsorbingProcess
-
-    proc = AbsorbingProcess(width, mask_id, valid_vocab=valid_vocab, schedule=schedule)
-    return EvalProcess("absorbing", proc, mask_id)
+    mp = process_for_metadata(metadata, vocab_size=vocab_size, valid_vocab=valid_vocab, causal=causal,
+                              schedule=schedule, where=where)
+    mask_id = getattr(mp.process, "mask_id", None)
+    return EvalProcess(mp.kind, mp.process, None if mask_id is None else int(mask_id))
 
 
 def process_for_model(model, where: Optional[str] = None, schedule=None) -> EvalProcess:

@@ -139,7 +139,7 @@ def test_process_lookup_from_metadata():
     spec = process_for({"objective": "mdlm"}, vocab_size=W, valid_vocab=vv)
     assert spec.kind == "absorbing" and spec.mask_id == MASK and isinstance(spec.process, AbsorbingProcess)
     assert process_for({"objective": "mdlm", "mask_id": 1}, vocab_size=W).mask_id == 1
-    with pytest.raises(ValueError, match="objective='sedd' has no evaluation path"):
+    with pytest.raises(ValueError, match="objective='sedd' has no noise process"):
         process_for({"objective": "sedd"}, vocab_size=W)
     with pytest.raises(ValueError, match="not causal"):
         process_for({"objective": "ar"}, vocab_size=W)
