@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .schedules import LogLinearSchedule, t_for_alpha
+from .schedules import LogLinearSchedule, sigma_from_alpha, t_for_alpha
 from .uniform import Generator, check_valid_vocab, draw, per_token, sample_categorical
 
 __all__ = [
@@ -311,7 +311,7 @@ class AbsorbingProcess:
 
     def sigma(self, t) -> torch.Tensor:
         """σ = −log α(t) (float64), the network's time conditioning."""
-        return -torch.log(self.alpha(t))
+        return sigma_from_alpha(self.alpha(t))
 
     def t_for_alpha(self, alpha: float) -> float:
         """The time with α_t = ``alpha`` (:func:`~duo_plugin.diffusion.schedules.t_for_alpha`)."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from . import absorbing
+from .schedules import sigma_from_alpha
 from .uniform import check_valid_vocab, per_token
 
 __all__ = ["D3PMSchedule", "D3PMProcess"]
@@ -105,7 +106,7 @@ class D3PMProcess:
     def sigma(self, u) -> torch.Tensor:
         """−log ᾱ (float64), with ᾱ_T = 0 fed as −log(float64 tiny) ≈ 708 so that it stays finite (D3PM models are
         not time-conditioned and ignore it)."""
-        return -torch.log(self.alpha(u).clamp_min(torch.finfo(_F64).tiny))
+        return sigma_from_alpha(self.alpha(u))
 
     def step_of(self, alpha) -> torch.Tensor:
         """The step k with ᾱ_k = α (``Long``); raises for a value off the grid ``{1 − k/T}``."""

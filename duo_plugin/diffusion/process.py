@@ -29,7 +29,7 @@ import torch
 
 from . import uniform
 from .losses import duo_nelbo
-from .schedules import LogLinearSchedule, t_for_alpha
+from .schedules import LogLinearSchedule, sigma_from_alpha, t_for_alpha
 
 _F64 = torch.float64
 
@@ -98,7 +98,7 @@ class UniformProcess:
 
     def sigma(self, t) -> torch.Tensor:
         """σ = −log α(t) (float64), the network's time conditioning."""
-        return -torch.log(self.alpha(t))
+        return sigma_from_alpha(self.alpha(t))
 
     def t_for_alpha(self, alpha: float) -> float:
         """The time with α_t = ``alpha`` (:func:`~duo_plugin.diffusion.schedules.t_for_alpha`)."""

@@ -30,12 +30,24 @@ __all__ = [
     "LogLinearSchedule",
     "DualitySchedule",
     "t_for_alpha",
+    "sigma_from_alpha",
 ]
 
 
 
 def _as_f64(x) -> torch.Tensor:
     return torch.as_tensor(x).to(torch.float64)
+
+
+def sigma_from_alpha(alpha) -> torch.Tensor:
+    """σ = −log α, the noise level every denoiser is told (``model(z_t, σ)``): the one place σ is written.
+
+    Keeps ``alpha``'s floating dtype (a Python number becomes float64) and clamps α at that dtype's smallest positive
+    value, so α = 0 (the end of a schedule without ε, D3PM's step T) gives a large finite σ instead of +∞."""
+    a = torch.as_tensor(alpha)
+    if not a.is_floating_point():
+        a = a.to(torch.float64)
+    return -torch.log(a.clamp_min(torch.finfo(a.dtype).tiny))
 
 
 def log_linear_alpha(t, eps: float = 1e-3) -> torch.Tensor:
@@ -192,7 +204,7 @@ class DualitySchedule:
         return d * (self.gamma_max - self.gamma_min)
 
     def sigma(self, t) -> torch.Tensor:
-        return -torch.log(self.alpha(t))
+        return sigma_from_alpha(self.alpha(t))
 
     def __repr__(self) -> str:
         return (

@@ -49,7 +49,7 @@ import math
 import torch
 
 from . import absorbing, uniform
-from .schedules import LogLinearSchedule, t_for_alpha
+from .schedules import LogLinearSchedule, sigma_from_alpha, t_for_alpha
 from .uniform import check_valid_vocab, per_token
 
 __all__ = ["GRAPHS", "PREDICTORS", "GeometricSchedule", "dse_phi", "SEDDProcess"]
@@ -141,7 +141,7 @@ class SEDDProcess:
 
     def sigma(self, t) -> torch.Tensor:
         """σ̄(t) = −log α(t) (float64), the network's time conditioning."""
-        return -torch.log(self.alpha(t))
+        return sigma_from_alpha(self.alpha(t))
 
     def t_for_alpha(self, alpha: float) -> float:
         return t_for_alpha(self.schedule, alpha)

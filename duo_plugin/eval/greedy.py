@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from duo_plugin.diffusion import streams
+from duo_plugin.diffusion.schedules import sigma_from_alpha
 from duo_plugin.diffusion.uniform import row_generators
 from duo_plugin.eval.likelihood import effective_alpha, pack_rows
 from duo_plugin.eval.windows import request_index
@@ -62,7 +63,7 @@ def onepass_greedy(denoiser, process, items: Sequence[tuple], *, seed: int, devi
         z, real, cont = _noised_batch(its, process, seed, device)
         n_keep = torch.tensor([nk for _, nk in its])
         n_cont = torch.tensor([ids.numel() - nk for ids, nk in its])
-        sigma = (-torch.log(effective_alpha(alpha1, n_keep, n_cont))).to(torch.float32).to(device)
+        sigma = sigma_from_alpha(effective_alpha(alpha1, n_keep, n_cont)).to(torch.float32).to(device)
         rr, pp = cont.nonzero(as_tuple=True)
         if rr.numel() == 0:
             continue
@@ -88,5 +89,5 @@ def official_onepass_greedy(denoiser, process, prefix: Sequence[int], target: Se
     z[0, len(prefix):] = process.prior_sample((1, len(target)), gen, device=device)[0]
     z[0, -1] = ids[-1]
     alpha = (z[0] == ids).to(torch.float64).mean()[None]
-    logp = process.subs(denoiser(z, (-torch.log(alpha)).to(torch.float32)), z)
+    logp = process.subs(denoiser(z, sigma_from_alpha(alpha).to(torch.float32)), z)
     return bool((logp[0, len(prefix):].argmax(-1) == ids[len(prefix):]).all())

@@ -23,7 +23,7 @@ from torch.nn.utils.rnn import pad_sequence
 from duo_plugin._progress import Eta
 from duo_plugin.diffusion import streams
 from duo_plugin.diffusion.process import UniformProcess
-from duo_plugin.diffusion.schedules import LogLinearSchedule, stratified_times
+from duo_plugin.diffusion.schedules import LogLinearSchedule, sigma_from_alpha, stratified_times
 from duo_plugin.diffusion.uniform import row_generators, stable_seed
 from duo_plugin.models.denoiser import log_probs_at
 from duo_plugin.eval.mc import MCPolicy, mean_and_stderr, plan_samples
@@ -156,7 +156,7 @@ def _network_sigma(alpha: torch.Tensor, kept: torch.Tensor, real: torch.Tensor, 
     """The σ the network is told (float64 ``[B]``): −log α_t, or −log α_eff over the real positions."""
     if conditioning == "clean_fraction":
         alpha = effective_alpha(alpha, (kept & real).sum(-1), (~kept & real).sum(-1))
-    return -torch.log(alpha.to(torch.float64))
+    return sigma_from_alpha(alpha.to(torch.float64))
 
 
 @torch.no_grad()
@@ -831,7 +831,7 @@ def official_harness_nll(
             z[:, :n_pre] = x0[:, :n_pre]
             # the realised clean fraction; capped at α(t_min) so that a fully clean draw stays finite
             alpha = (z == x0).to(torch.float64).mean(-1).clamp(max=float(schedule.alpha(torch.tensor(t_min))))
-        sigma = (-torch.log(alpha)).to(torch.float32)
+        sigma = sigma_from_alpha(alpha).to(torch.float32)
         log_x = denoiser(z, sigma)
         f = process.nelbo(log_x.float(), z, x0, alpha, alpha_prime).to(torch.float64)
         vals.append(f[:, n_pre:].mean(-1) if mode == "suffix" else f.mean(-1))

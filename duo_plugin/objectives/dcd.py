@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from duo_plugin.diffusion.losses import dcd_pair, distillation_kl
-from duo_plugin.diffusion.schedules import gamma_at, stratified_times
+from duo_plugin.diffusion.schedules import gamma_at, sigma_from_alpha, stratified_times
 from duo_plugin.diffusion.uniform import row_generators
 
 from .base import ObjectiveContext, masked_token_sum
@@ -162,9 +162,8 @@ def dcd_batch(x0: torch.Tensor, t: torch.Tensor, s: torch.Tensor, *, gamma_min: 
     gt = gamma_at(t, gamma_min, gamma_max).to(x0.device)
     gs = gamma_at(s, gamma_min, gamma_max).to(x0.device)
     z_t, z_s = dcd_pair(x0, gt, gs, vocab_size, generator, valid_vocab)
-    tiny = torch.finfo(torch.float64).tiny
-    sig_t = (-torch.log(torch.as_tensor(alpha_fn(gt), dtype=torch.float64).clamp_min(tiny))).float()
-    sig_s = (-torch.log(torch.as_tensor(alpha_fn(gs), dtype=torch.float64).clamp_min(tiny))).float()
+    sig_t = sigma_from_alpha(torch.as_tensor(alpha_fn(gt), dtype=torch.float64)).float()
+    sig_s = sigma_from_alpha(torch.as_tensor(alpha_fn(gs), dtype=torch.float64)).float()
     return DCDBatch(z_t, z_s, sig_t.to(x0.device), sig_s.to(x0.device), gt, gs)
 
 

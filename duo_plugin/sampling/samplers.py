@@ -41,6 +41,7 @@ import torch
 
 from duo_plugin._progress import progress_bar
 from duo_plugin.models.denoiser import DenoiserFn  # noqa: F401  (re-exported: it lives in models/)
+from duo_plugin.diffusion.schedules import sigma_from_alpha
 from duo_plugin.diffusion.uniform import row_generators
 from duo_plugin.sampling.schedulers import (
     POSTERIOR_IMPLS,
@@ -175,7 +176,7 @@ def _denoise(denoiser, scheduler, grid, z, m, v, noise: StepNoise, noise_removal
         if reuse and cache.get("z") is not None and torch.equal(cache["z"], z):
             return cache["lx"], None
         a = torch.as_tensor(proc.alpha(t), dtype=torch.float64)
-        sigma = (-torch.log(a.clamp_min(torch.finfo(torch.float64).tiny))).to(torch.float32).expand(b).to(z.device)
+        sigma = sigma_from_alpha(a).to(torch.float32).expand(b).to(z.device)
         out = []
         for zz in (z, torch.where(m, proc.prior_sample(z.shape, noise.generator, z.device), z)) if guided else (z,):
             lp = denoiser(zz, sigma)
