@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Sequence, Union
 import numpy as np
 import torch
 
+from duo_plugin.diffusion import streams
 from duo_plugin.errors import UserError
 
 __all__ = [
@@ -579,7 +580,7 @@ def collate_blocks(items: Sequence[dict]) -> dict[str, torch.Tensor]:
 # Deterministic, resumable order
 # ----------------------------------------------------------------------------------------------------------
 def _mix_seed(*parts: int) -> int:
-    h = hashlib.sha256(("duo-sampler:" + ":".join(str(int(p)) for p in parts)).encode()).digest()
+    h = hashlib.sha256((streams.DATA_ORDER + ":" + ":".join(str(int(p)) for p in parts)).encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 

@@ -18,6 +18,10 @@ counter: sampler            ``(row seed, SAMPLER, step, position)``  ``kernels.p
 eval: conditional NELBO     ``(seed, EVAL_COND + request, sample)``  ``eval.likelihood`` (stratified times:
                             (times: ``+ stage · EVAL_STAGE``)         ``stratified_times`` at that step)
 eval: i.i.d. times          ``(seed, EVAL_IID + request, sample)``   ``eval.likelihood`` (``time_sampling=iid``)
+                            (times: a generator seeded by
+                            ``seed·EVAL_IID_TIMES + request``)
+data order                  ``sha256(DATA_ORDER:seed:epoch)``        ``data.text.GlobalBatchSampler`` (epoch
+                                                                     permutation of the training blocks)
 eval: split permutation     ``(seed, pass, EVAL_PERM)``              ``eval.likelihood.stratum_permutation``
 eval: greedy check          ``(seed, EVAL_GREEDY(+1), request)``     ``eval.greedy`` (one-pass, official)
 lm-eval generation          ``(seed, EVAL_GENERATE(_AR), request)``  ``integrations.lm_eval.generate_until``
@@ -30,7 +34,7 @@ and hashed on the device (``kernels.rng``). Changing any value here changes ever
 from __future__ import annotations
 
 __all__ = ["TIME", "ATTN_ANNEAL", "CURRICULUM", "SAMPLER", "EVAL_COND", "EVAL_IID", "EVAL_STAGE", "EVAL_PERM",
-           "EVAL_GREEDY", "EVAL_GENERATE", "EVAL_GENERATE_AR"]
+           "EVAL_GREEDY", "EVAL_GENERATE", "EVAL_GENERATE_AR", "EVAL_IID_TIMES", "DATA_ORDER"]
 
 TIME = 0x74696D65  # "time": the stratified time draw of a global step
 ATTN_ANNEAL = 0xA77E  # the random-mode attention-annealing mask of a step
@@ -44,3 +48,5 @@ EVAL_PERM = 0x5EED_9E4D  # nelbo_perplexity: the per-pass permutation of the spl
 EVAL_GREEDY = 1 << 42  # the one-pass greedy check's t = 1 draw (the official check: EVAL_GREEDY + 1)
 EVAL_GENERATE = 1 << 43  # lm-eval generate_until, diffusion models
 EVAL_GENERATE_AR = 1 << 44  # lm-eval generate_until, AR models
+EVAL_IID_TIMES = 1_000_003  # i.i.d. MC times of request i: torch generator seeded by seed * EVAL_IID_TIMES + i
+DATA_ORDER = "duo-sampler"  # sha256 key prefix of the training data order (epoch permutation from (seed, epoch))

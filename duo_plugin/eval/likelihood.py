@@ -441,7 +441,7 @@ def _round_times_and_gens(seed, index, r, m, t_min, time_sampling, device, start
                                  dtype=torch.float64)
         step = _COND_STEP_OFFSET + index
     else:
-        g = torch.Generator().manual_seed((seed * 1_000_003 + index + r * _ROUND_STRIDE) % (1 << 63))
+        g = torch.Generator().manual_seed((seed * streams.EVAL_IID_TIMES + index + r * _ROUND_STRIDE) % (1 << 63))
         times = t_min + (1 - t_min) * torch.rand(m, generator=g, dtype=torch.float64)
         step = _IID_STEP_OFFSET + index
     gens = row_generators(seed, step, range(start, start + m), device=device)
