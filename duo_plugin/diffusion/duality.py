@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from duo_plugin._io import atomic_open
+
 __all__ = [
     "discrete_alpha",
     "discrete_alpha_prime",
@@ -196,20 +198,19 @@ class DualityTable:
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(
-            {
-                "format": self.FORMAT,
-                "vocab_size": self.vocab_size,
-                "gamma_min": self.gamma_min,
-                "gamma_max": self.gamma_max,
-                "gammas": self.gammas,
-                "alphas": self.alphas,
-                "alpha_primes": self.alpha_primes,
-            },
-            tmp,
-        )
-        os.replace(tmp, path)
+        with atomic_open(path, "wb", prefix=f".{path.name}.", suffix=".tmp") as f:
+            torch.save(
+                {
+                    "format": self.FORMAT,
+                    "vocab_size": self.vocab_size,
+                    "gamma_min": self.gamma_min,
+                    "gamma_max": self.gamma_max,
+                    "gammas": self.gammas,
+                    "alphas": self.alphas,
+                    "alpha_primes": self.alpha_primes,
+                },
+                f,
+            )
 
     @classmethod
     def load(cls, path: str | os.PathLike, vocab_size: int | None = None) -> "DualityTable":
