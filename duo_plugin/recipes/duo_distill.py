@@ -35,7 +35,6 @@ Absolute imports only: torchtune runs registered recipes through ``runpy.run_pat
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import time
 from pathlib import Path

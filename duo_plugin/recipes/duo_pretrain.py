@@ -26,7 +26,6 @@ Absolute imports only: torchtune runs registered recipes through ``runpy.run_pat
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
