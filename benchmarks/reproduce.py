@@ -576,7 +576,7 @@ def _llama_args(plan: Plan, work: Path, out: Path, seed: int, *, shift: bool) ->
     """``duo/llama3_2_1b_adapt`` scaled to the CPU demo: our tokenizer and corpus, the small Llama shape, fp32."""
     args = ["duo_pretrain", "--config", "duo/llama3_2_1b_adapt", f"output_dir={out}", f"seed={seed}",
             "device=cpu", "dtype=fp32", f"tokenizer.path={work / 'tokenizer'}", "data.source=shakespeare",
-            "data.seq_len=64", "data.val_fraction=0.02", f"data.cache_dir={work / 'cache'}",
+            "data.files=null", "data.seq_len=64", "data.val_fraction=0.02", f"data.cache_dir={work / 'cache'}",
             "model._component_=duo_plugin.models.duo_llama3_2", f"model.shift={shift}",
             f"global_batch_size={plan.global_batch_size}", "gradient_accumulation_steps=1", "eval_batch_size=32",
             f"eval_max_batches={plan.eval_max_batches}", "optimizer.fused=false", "optimizer.lr=1.0e-3",

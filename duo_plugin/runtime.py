@@ -115,18 +115,35 @@ def check_device(value, key: str = "device") -> torch.device:
     return dev
 
 
-def drop_cwd_from_sys_path() -> list[str]:
+#: Files that make a directory a model or tokenizer folder (data, never code).
+MODEL_FOLDER_MARKERS = ("duo_config.json", "duo_tokenizer.json", "tokenizer/duo_tokenizer.json", "config.json",
+                        "model.safetensors", "tokenizer.json", "tokenizer.model")
+
+
+def drop_cwd_from_sys_path(*, only_if_data: bool = False, data_dirs=()) -> list[str]:
     """Remove the working directory (``''``, ``'.'`` or its absolute path) from ``sys.path``: ``tune run`` and
     ``python -m`` put it there, and a model folder one works from (``checkpoint=.``) is data -- a package shipped in
     it must never shadow a module imported later.  The directory holding duo_plugin itself (a source checkout) is
-    kept.  Entry points call this first; returns the removed entries."""
+    kept.  ``only_if_data`` (training recipes, whose ``_component_`` keys may name the user's own code in the working
+    directory, as ``tune run`` intends): drop it only when it is a model/tokenizer folder
+    (:data:`MODEL_FOLDER_MARKERS`) or lies inside one of ``data_dirs`` (``init_from``, ``tokenizer.path``).
+    Entry points call this first; returns the removed entries."""
     import sys
     from pathlib import Path
 
     try:
         cwd = Path.cwd().resolve()
     except OSError:
-        cwd = None
+        return []
+    if only_if_data:
+        inside = False
+        for d in data_dirs:
+            try:
+                inside = inside or (bool(d) and cwd.is_relative_to(Path(str(d)).resolve()))
+            except (OSError, ValueError):
+                continue
+        if not inside and not any((cwd / m).exists() for m in MODEL_FOLDER_MARKERS):
+            return []
     own = Path(__file__).resolve().parent.parent
     removed = []
     for entry in list(sys.path):
@@ -134,9 +151,7 @@ def drop_cwd_from_sys_path() -> list[str]:
             here = Path(entry or ".").resolve()
         except OSError:
             continue
-        if entry in ("", ".") or (cwd is not None and here == cwd):
-            if here == own:
-                continue
+        if (entry in ("", ".") or here == cwd) and here != own:
             sys.path.remove(entry)
             removed.append(entry)
     return removed

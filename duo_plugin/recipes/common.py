@@ -23,7 +23,7 @@ from torchtune import config as tt_config
 from torchtune import training as tt_training
 from torchtune import utils as tt_utils
 
-__all__ = ["RecipeBase", "build_data", "instantiate", "warn_suspicious_lr", "SUSPICIOUS_LR"]
+__all__ = ["RecipeBase", "build_data", "data_dirs_of", "instantiate", "warn_suspicious_lr", "SUSPICIOUS_LR"]
 
 log = tt_utils.get_logger("INFO")
 
@@ -69,6 +69,13 @@ def warn_suspicious_lr(cfg) -> None:
     if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > SUSPICIOUS_LR:
         log.warning("WARNING: optimizer.lr=%g is far above the usual range (1e-5 .. 1e-2 for AdamW); the loss will "
                     "likely explode: lower optimizer.lr (e.g. 3e-4) unless this is deliberate", lr)
+
+
+def data_dirs_of(cfg) -> tuple:
+    """The folders a training config reads as data (``init_from``, ``tokenizer.path``), for
+    :func:`duo_plugin.runtime.drop_cwd_from_sys_path`."""
+    tok = cfg.get("tokenizer")
+    return (cfg.get("init_from"), tok.get("path") if hasattr(tok, "get") else None)
 
 
 def instantiate(section: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any:

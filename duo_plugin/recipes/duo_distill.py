@@ -35,7 +35,6 @@ Absolute imports only: torchtune runs registered recipes through ``runpy.run_pat
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -587,12 +586,14 @@ def run(cfg: DictConfig) -> dict:
 def recipe_main(cfg: DictConfig) -> None:
     """Distil a Duo model with DCD. Config keys: see duo_plugin/configs/duo/distill_tiny_cpu.yaml."""
     from duo_plugin.errors import user_errors
+    from duo_plugin.recipes.common import data_dirs_of
     from duo_plugin.runtime import drop_cwd_from_sys_path
-
-    drop_cwd_from_sys_path()  # `tune run` / `python -m` put the working directory (maybe a model folder) on sys.path
 
     try:
         with user_errors("duo_distill"):  # a user error: one line, exit 2 (DUO_DEBUG=1: traceback)
+            # `tune run` / `python -m` put the working directory on sys.path: dropped when it is a model folder
+            # (data), kept otherwise (a `_component_` may name the user's own code there, as `tune run` intends)
+            drop_cwd_from_sys_path(only_if_data=True, data_dirs=data_dirs_of(cfg))
             run(cfg)
     finally:
         if is_dist():

@@ -105,7 +105,7 @@ def check_data_source(cfg: DictConfig, key: str = "data", default_source: str = 
     for field, wants in (("files", "files"), ("hub", "hub")):
         if section.get(field) and str(source) != wants:
             raise ConfigError(f"{key}.{field} is set but {key}.source={source} ignores it; set {key}.source={wants} "
-                              f"to read {key}.{field} (or remove {key}.{field})")
+                              f"to read {key}.{field}, or {key}.{field}=null to use {key}.source={source}")
 
 
 def _i(minimum: int | None = None) -> tuple:

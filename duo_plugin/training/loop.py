@@ -19,7 +19,6 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from duo_plugin._io import publish_copy
 from duo_plugin.training.recipe_utils import full_tensor, is_dist
 
 __all__ = ["model_blocks", "block_types", "set_lr", "autocast_factory", "fetch_micro_batches",

@@ -210,3 +210,23 @@ def test_checkpoint_dot_with_a_shadowing_package_runs_no_folder_code(trained, tm
     assert p.returncode == 0, p.stderr[-3000:]
     assert not canary.exists(), "code shipped in the model folder ran"
     assert (tmp_path / "out" / "samples.jsonl").is_file()
+
+
+def test_drop_cwd_from_sys_path_rules(tmp_path, monkeypatch):
+    """Generation/evaluation entry points always drop the working directory; training recipes drop it when it is a
+    model/tokenizer folder or inside init_from / tokenizer.path, and keep it otherwise (``tune run`` puts it there so
+    a config's ``_component_`` can name the user's own code)."""
+    from duo_plugin.runtime import drop_cwd_from_sys_path
+
+    project, folder = tmp_path / "project", tmp_path / "model"
+    project.mkdir()
+    folder.mkdir()
+    (folder / "duo_config.json").write_text("{}")
+    base = [p for p in sys.path if p not in ("", ".") and Path(p).resolve() not in (project, folder)]
+    for cwd, kw, dropped in ((project, {}, True), (project, {"only_if_data": True}, False),
+                             (folder, {"only_if_data": True}, True),
+                             (project, {"only_if_data": True, "data_dirs": (str(project),)}, True)):
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "path", ["", str(cwd), *base])
+        removed = drop_cwd_from_sys_path(**kw)
+        assert (removed == ["", str(cwd)]) == dropped and (str(cwd) in sys.path) != dropped, (cwd, kw, removed)
