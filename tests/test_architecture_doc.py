@@ -67,7 +67,7 @@ def unit_of(rel: str) -> str:
 
 
 def code_units() -> set[str]:
-    units = {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    units = {p.name for p in PKG.iterdir() if p.is_dir() and any(p.rglob("*.py"))}
     units |= {p.stem for p in PKG.glob("*.py") if p.stem != "__init__"}
     return units
 
@@ -110,6 +110,13 @@ def layer_violations(layers: list[list[str]], edges) -> list[str]:
     return bad
 
 
+def default_text(value) -> str:
+    """A default as the document writes it: ``repr``, except functions and classes by name (no addresses)."""
+    if inspect.isfunction(value) or inspect.isclass(value) or inspect.isbuiltin(value):
+        return value.__qualname__
+    return repr(value)
+
+
 def signature_text(obj) -> str:
     sig = inspect.signature(obj)
     out, star_done, slash_pending = [], False, False
@@ -130,7 +137,7 @@ def signature_text(obj) -> str:
         elif p.default is p.empty:
             out.append(p.name)
         else:
-            out.append(f"{p.name}={p.default!r}")
+            out.append(f"{p.name}={default_text(p.default)}")
     if slash_pending:
         out.append("/")
     return ", ".join(out)

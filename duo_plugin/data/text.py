@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, Union
@@ -32,6 +31,7 @@ from typing import Any, Callable, Iterator, Sequence, Union
 import numpy as np
 import torch
 
+from duo_plugin._io import atomic_open
 from duo_plugin.diffusion import streams
 from duo_plugin.errors import UserError
 
@@ -330,10 +330,10 @@ def cached_tokenize(
     """Return the tokenized documents for ``key`` from the cache, or tokenize ``get_texts()`` and store them.
 
     The cache file is ``cache_dir/tok-<sha256(key + tokenizer.descriptor())[:24]>.safetensors`` holding
-    ``tokens: int32[T]`` and ``offsets: int64[N+1]``; it is written to a temp file and ``os.replace``-d
+    ``tokens: int32[T]`` and ``offsets: int64[N+1]``; it is written atomically (``_io.atomic_open``)
     (atomic, safe against concurrent writers). ``get_texts`` is not called on a hit.
     """
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import load_file, save
 
     full = {"version": _CACHE_VERSION, "tokenizer": tokenizer.descriptor(), **key}
     h = _key_hash(full)[:24]
@@ -350,16 +350,11 @@ def cached_tokenize(
         raise UserError(f"the tokenized-data cache directory {cdir} (data.cache_dir) is a file; set data.cache_dir "
                         "to a directory")
     cdir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cdir, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"tokens": np.ascontiguousarray(td.tokens, dtype=np.int32),
-                   "offsets": np.ascontiguousarray(td.offsets, dtype=np.int64)},
-                  tmp, metadata={"key": json.dumps(full, sort_keys=True, default=str)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    payload = save({"tokens": np.ascontiguousarray(td.tokens, dtype=np.int32),
+                    "offsets": np.ascontiguousarray(td.offsets, dtype=np.int64)},
+                   metadata={"key": json.dumps(full, sort_keys=True, default=str)})
+    with atomic_open(path, "wb", prefix=f".{path.name}.", suffix=".tmp") as f:
+        f.write(payload)
     return td
 
 

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from duo_plugin._io import atomic_write_text
+from duo_plugin._io import atomic_open, atomic_write_text
 from duo_plugin.errors import UserError
 from duo_plugin.untrusted import names_code
 
@@ -457,9 +457,8 @@ def train_sentencepiece(
         minloglevel=2,
     )
     model_path = out / "tokenizer.model"
-    tmp = out / ".tokenizer.model.tmp"
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, model_path)
+    with atomic_open(model_path, "wb", prefix=".tokenizer.model.", suffix=".tmp") as f:
+        f.write(buf.getvalue())
     tok = SentencePieceTokenizer(model_path)
     vocab_txt = "".join(f"{tok._sp.id_to_piece(i)}\t{tok._sp.get_score(i)}\n" for i in range(tok.vocab_size))
     atomic_write_text(out / "tokenizer.vocab", vocab_txt)

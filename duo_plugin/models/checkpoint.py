@@ -70,7 +70,7 @@ def _family(model: nn.Module) -> str:
 
 
 def _strip_prefixes(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    from duo_plugin.training.checkpointing import canonical_name
+    from duo_plugin.models.names import canonical_name
 
     out = {}
     for k, v in sd.items():

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 
 from duo_plugin._io import atomic_dir, atomic_open, atomic_write_text
+from duo_plugin.models.names import (WRAPPER_PREFIXES, canonical_name, canonical_named_parameters,  # noqa: F401
+                                     canonical_state_dict)  # (re-exported: the naming lives in models/)
 
 __all__ = [
     "step_dir_name",
@@ -51,38 +53,6 @@ __all__ = [
     "check_finite",
     "load_first_good",
 ]
-
-#: Module names inserted into parameter names by wrappers: activation checkpointing (``checkpoint_wrapper``),
-#: ``torch.compile`` (``OptimizedModule``) and FSDP1 (``FullyShardedDataParallel``).  FSDP2 (``fully_shard``) keeps
-#: the names.
-WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
-
-
-def canonical_name(name: str) -> str:
-    """A parameter / buffer name with every wrapper component removed (``blocks.0._checkpoint_wrapped_module.attn.w``
-    -> ``blocks.0.attn.w``): the one name used by EMA shadows, model checkpoints and optimizer state, whatever
-    wrappers are on when saving or loading."""
-    for w in WRAPPER_PREFIXES:
-        if w in name:
-            name = name.replace(w, "")
-    return name
-
-
-def canonical_state_dict(sd: Mapping[str, Any]) -> dict:
-    """``sd`` with canonical keys (see :func:`canonical_name`); two keys collapsing to one is an error."""
-    out: dict = {}
-    for k, v in sd.items():
-        c = canonical_name(k)
-        if c in out:
-            raise ValueError(f"state dict keys {k!r} and another both map to {c!r}")
-        out[c] = v
-    return out
-
-
-def canonical_named_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """``{canonical name: parameter}`` of ``model`` (wrapped or not)."""
-    return {canonical_name(n): p for n, p in model.named_parameters()}
-
 
 def check_finite(state: Mapping[str, Any], source: str | os.PathLike) -> None:
     """Raise :class:`~duo_plugin.errors.UserError` naming ``source`` and the first tensor holding NaN/Inf (weights
