@@ -246,7 +246,8 @@ def test_converted_folders_run_through_the_recipes(tmp_path):
     from duo_plugin.recipes import duo_eval, duo_generate
 
     configs = ROOT / "configs" / "duo"
-    models = {k: convert_official(FIX / f"{k}_dit_tiny" / "lightning.ckpt", tmp_path / k) for k in ("duo", "mdlm", "ar")}
+    models = {k: convert_official(FIX / f"{k}_dit_tiny" / "lightning.ckpt", tmp_path / k)
+              for k in ("duo", "mdlm", "ar")}
 
     def cfg(name, **over):
         c = OmegaConf.load(configs / f"{name}.yaml")
