@@ -11,7 +11,8 @@ served by :class:`MDLMForMaskedLM` / :class:`DuoDiTForMaskedLM`, so ``AutoModelF
 loads such a folder with ``trust_remote_code`` off: transformers finds the model type locally and never runs the
 checkpoint's ``modeling_mdlm.py``. Weights are read by our own loaders
 (:func:`duo_plugin.models.checkpoint.load_pretrained` for a duo folder,
-:func:`duo_plugin.convert.official.read_official` for an HF export): safetensors or the restricted unpickler, nothing in the folder is imported or called.
+:func:`duo_plugin.convert.official.read_official` for an HF export): safetensors or the restricted unpickler;
+nothing in the folder is imported or called.
 
 ``model(input_ids, timesteps=None)`` returns the raw logits ``[B, L, K]`` like the official remote-code model
 (a tensor, as its ``return_dict: false``; ``return_dict=True`` gives a ``MaskedLMOutput``); ``log_softmax`` of them
