@@ -9,14 +9,16 @@ in :mod:`duo_plugin._autoregister`, which ``import duo_plugin`` also installs) r
 
 served by :class:`MDLMForMaskedLM` / :class:`DuoDiTForMaskedLM`, so ``AutoModelForMaskedLM.from_pretrained(folder)``
 loads such a folder with ``trust_remote_code`` off: transformers finds the model type locally and never runs the
-checkpoint's ``modeling_mdlm.py``. Weights are read by our own loaders (:func:`duo_plugin.models.checkpoint.load_pretrained` for a
-duo folder, :func:`duo_plugin.convert.official.read_official` for an HF export): safetensors or the restricted
-unpickler, nothing in the folder is imported or called.
+checkpoint's ``modeling_mdlm.py``. Weights are read by our own loaders
+(:func:`duo_plugin.models.checkpoint.load_pretrained` for a duo folder,
+:func:`duo_plugin.convert.official.read_official` for an HF export): safetensors or the restricted unpickler;
+nothing in the folder is imported or called.
 
 ``model(input_ids, timesteps=None)`` returns the raw logits ``[B, L, K]`` like the official remote-code model
 (a tensor, as its ``return_dict: false``; ``return_dict=True`` gives a ``MaskedLMOutput``); ``log_softmax`` of them
-equals the duo model's log-probabilities. ``timesteps`` is σ = −log α_t (ignored when the model is not time-conditioned). ``.duo_model`` is
-the underlying :class:`~duo_plugin.models.dit.DiT` (with ``duo_metadata`` / ``valid_vocab``).
+equals the duo model's log-probabilities. ``timesteps`` is σ = −log α_t (ignored when the model is not
+time-conditioned). ``.duo_model`` is the underlying :class:`~duo_plugin.models.dit.DiT` (with ``duo_metadata`` /
+``valid_vocab``).
 
 This module imports ``transformers`` (an optional extra: ``pip install duo-plugin[hf]``).
 """
