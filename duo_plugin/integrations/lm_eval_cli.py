@@ -93,7 +93,9 @@ def keep_bundled_tasks() -> None:
 def _cli_running() -> bool:
     """True inside lm-eval's command line (``lm_eval ...`` / ``duo-eval ...``), False for the Python API."""
     prog = Path(sys.argv[0] if sys.argv else "")
-    return "lm_eval.__main__" in sys.modules and (
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    via_lm_eval = "lm_eval.__main__" in sys.modules or getattr(main_spec, "name", None) == "lm_eval.__main__"
+    return via_lm_eval and (
         prog.name in ("lm_eval", "lm-eval", "duo-eval", "lm_eval_cli.py")
         or (prog.name == "__main__.py" and prog.parent.name == "lm_eval"))  # python -m lm_eval
 
