@@ -26,7 +26,8 @@ from duo_plugin.diffusion.uniform import per_token
 
 from .stats import nelbo_from_stats  # noqa: F401  (moved to stats.py so _triton.py need not import this module)
 
-__all__ = ["dense_log_probs", "fused_duo_nelbo_reference", "fused_duo_nelbo_chunked", "fused_duo_nelbo_triton", "nelbo_from_stats"]
+__all__ = ["dense_log_probs", "fused_duo_nelbo_reference", "fused_duo_nelbo_chunked", "fused_duo_nelbo_triton",
+           "nelbo_from_stats"]
 
 DEFAULT_WORKSPACE = 1 << 22  # fp32 elements per work buffer (two buffers): ~83 tokens per tile at K = 50k
 

@@ -178,7 +178,10 @@ def run_mdlm_case(sample_mdlm_fn, kw):
     den = GoldenMDLMDenoiser(time_conditioned=kw.get("time_conditioned", True))
     kw.setdefault("steps", 5)
     kw.setdefault("batch_size", B)
-    z, nfe = sample_mdlm_fn(den, None, seq_len=L, vocab_size=W_MDLM, mask_id=K, return_nfe=True, **kw)
+    from duo_plugin.diffusion.absorbing import AbsorbingProcess
+
+    process = AbsorbingProcess(W_MDLM, K, valid_vocab=kw.pop("valid_vocab", None))
+    z, nfe = sample_mdlm_fn(den, process, seq_len=L, return_nfe=True, **kw)
     return {"tokens": z.tolist(), "nfe": int(nfe), "calls": den.calls}
 
 

@@ -50,14 +50,15 @@ def _ids(out):
 
 
 def _library(root, **kw):
+    from duo_plugin.diffusion.absorbing import AbsorbingProcess
     from duo_plugin.diffusion.schedules import LogLinearSchedule
     from duo_plugin.sampling import DenoiserFn
     from duo_plugin.sampling.mdlm import sample_mdlm
 
     model = load_pretrained(root / "mdlm", weights="ema")
     W = int(model.vocab_size)
-    return sample_mdlm(DenoiserFn(model), LogLinearSchedule(1e-3), seq_len=L, vocab_size=W, mask_id=W - 1,
-                       valid_vocab=model.valid_vocab, **kw), W
+    process = AbsorbingProcess(W, W - 1, valid_vocab=model.valid_vocab, schedule=LogLinearSchedule(1e-3))
+    return sample_mdlm(DenoiserFn(model), process, seq_len=L, **kw), W
 
 
 @pytest.mark.parametrize("mode", ["greedy", "ancestral"])
