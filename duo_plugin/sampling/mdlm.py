@@ -168,8 +168,7 @@ def sample_mdlm(
     seed: Optional[int] = None,
     device=None,
     return_nfe: bool = False,
-    clamp_mask: Optional[torch.Tensor] = None,
-    clamp_values: Optional[torch.Tensor] = None,
+    clamp=None,
     **option_kwargs,
 ):
     """Draw ``Long[batch_size, seq_len]`` from an MDLM denoiser ``denoiser(z, sigma) -> log-probs [B, L, W]``: the
@@ -186,8 +185,9 @@ def sample_mdlm(
     range(B))``). Returns the tokens, or ``(tokens, nfe)`` with ``return_nfe=True``. No [MASK] is left unless
     ``noise_removal="none"``.
 
-    Conditioning (prompts, infilling): ``clamp_mask`` ``Bool[L]`` or ``Bool[B, L]`` marks positions that start as
-    ``clamp_values`` (``Long[L]`` / ``Long[B, L]``, token ids other than [MASK]; BOS is fine) instead of [MASK]. The
+    Conditioning (prompts, infilling): ``clamp`` = :class:`~duo_plugin.sampling.base.Clamp` ``(mask, values)``:
+    ``mask`` ``Bool[L]`` or ``Bool[B, L]`` marks positions that start as ``values`` (``Long[L]`` / ``Long[B, L]``,
+    token ids other than [MASK]; BOS is fine) instead of [MASK]. The
     absorbing posterior never changes an unmasked token, so they stay, and the chain is exactly the model's reverse
     process started from that partially masked state (the conditional given the clamped tokens, as far as x_θ is).
     """
@@ -197,11 +197,9 @@ def sample_mdlm(
     from .samplers import sample
     from .select import scheduler_for_process
 
-    if clamp_mask is not None and clamp_values is None:
-        raise ValueError("clamp_mask needs clamp_values (the data ids of the clamped positions)")
     base = SamplerOptions(noise_removal="greedy") if options is None else options
     opts = dataclasses.replace(base, **option_kwargs, progress=False)
     sched = scheduler_for_process(process, opts, reuse_x_theta=not time_conditioned)
-    res = sample(denoiser, sched, batch_size=batch_size, seq_len=seq_len, options=opts, clamp_mask=clamp_mask,
-                 clamp_values=clamp_values, generator=generator, seed=seed, device=device, return_trajectory=True)
+    res = sample(denoiser, sched, batch_size=batch_size, seq_len=seq_len, options=opts, clamp=clamp,
+                 generator=generator, seed=seed, device=device, return_trajectory=True)
     return (res.tokens, res.nfe) if return_nfe else res.tokens

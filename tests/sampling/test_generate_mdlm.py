@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from duo_plugin.data.tokenizers import train_sentencepiece
 from duo_plugin.models.checkpoint import load_pretrained, save_pretrained
 from duo_plugin.models.dit import duo_dit_tiny
+from duo_plugin.sampling import Clamp
 
 CONFIGS = Path(__file__).resolve().parents[2] / "duo_plugin" / "configs" / "duo"
 L = 16
@@ -87,7 +88,7 @@ def test_prompt_is_clamped_and_matches_library(ckpt):
     cm[: len(pids)] = True
     cv = torch.zeros(L, dtype=torch.long)
     cv[: len(pids)] = torch.tensor(pids)
-    ref, _ = _library(root, batch_size=3, steps=4, noise_removal="ancestral", seed=5, clamp_mask=cm, clamp_values=cv)
+    ref, _ = _library(root, batch_size=3, steps=4, noise_removal="ancestral", seed=5, clamp=Clamp(cm, cv))
     rows = _ids(out)
     assert rows == ref.tolist()
     assert all(r[: len(pids)] == pids for r in rows)

@@ -13,6 +13,7 @@ from scipy import stats
 from duo_plugin.diffusion import absorbing
 from duo_plugin.diffusion.absorbing import AbsorbingProcess
 from duo_plugin.diffusion.schedules import LogLinearSchedule
+from duo_plugin.sampling import Clamp
 from duo_plugin.sampling.mdlm import sample_mdlm
 from duo_plugin.sampling.samplers import time_grid
 
@@ -144,8 +145,7 @@ def test_clamped_start_matches_exact_chain_from_that_state(noise_removal):
     cm = torch.tensor([False, True, False])
     cv = torch.tensor([0, 1, 0])
     z = sample_mdlm(den, AbsorbingProcess(K + 1, K), batch_size=N, seq_len=L, steps=steps,
-                    noise_removal=noise_removal, generator=torch.Generator().manual_seed(11), clamp_mask=cm,
-                    clamp_values=cv)
+                    noise_removal=noise_removal, generator=torch.Generator().manual_seed(11), clamp=Clamp(cm, cv))
     assert bool((z[:, 1] == 1).all()) and int((z == K).sum()) == 0
     index = {s: i for i, s in enumerate(states)}
     counts = np.zeros(len(states))
@@ -156,8 +156,7 @@ def test_clamped_start_matches_exact_chain_from_that_state(noise_removal):
     freq, ref = counts[big] / N, dist[big]
     assert np.all(np.abs(freq - ref) <= 4 * np.sqrt(ref * (1 - ref) / N) + 1e-12)
     with pytest.raises(ValueError, match="MASK"):
-        sample_mdlm(den, AbsorbingProcess(K + 1, K), batch_size=1, seq_len=L, steps=2, seed=0, clamp_mask=cm,
-                    clamp_values=torch.tensor([0, K, 0]))
+        sample_mdlm(den, AbsorbingProcess(K + 1, K), batch_size=1, seq_len=L, steps=2, seed=0, clamp=Clamp(cm, torch.tensor([0, K, 0])))
 
 
 def test_cache_skips_calls_without_changing_draws():
