@@ -328,7 +328,8 @@ def sample(
             ``chunk_size``, ``progress``) override it. With a Scheduler the update-rule fields are the scheduler's.
         prompt: ``Long[P]`` or ``Long[B, P]`` prefix ids clamped at positions ``0..P-1``.
         clamp: a :class:`~duo_plugin.sampling.base.Clamp` ``(mask Bool[B, L], values Long[B, L])`` (or ``[L]``):
-            positions held at the given ids at every step (infilling). Clamped ids need not be ids of the process's law (e.g. BOS).
+            positions held at the given ids at every step (infilling). Clamped ids need not be ids of the
+            process's law (e.g. BOS).
         generator: a ``torch.Generator`` (shared by all rows) or one per sequence; alternatively ``seed``: then row
             b draws from ``row_generators(seed, 0, [b])`` so the result does not depend on the chunk size.
             Exactly one of them is required (sampling is never seeded from global RNG state).
