@@ -122,7 +122,8 @@ def main() -> None:
     from duo_plugin.eval.genppl import load_dit_scorer
     from duo_plugin.models.checkpoint import load_pretrained
     from duo_plugin.recipes import duo_distill as dd
-    from duo_plugin.training.distill import sample_quality_table, write_quality_table
+    from duo_plugin.eval.metrics import GenPPLSpec
+    from duo_plugin.training.distill import QualityTableSpec, sample_quality_table, write_quality_table
 
     seq_len = int(load_pretrained(base, weights="model").duo_metadata.get("seq_len") or 64)
     dist_dir = work / "distill"
@@ -150,11 +151,11 @@ def main() -> None:
         models[student] = load_pretrained(dist_dir / "final", weights="ema")
         steps[student] = list(args.few_steps)
     torch.manual_seed(args.seed)
-    rows = sample_quality_table(
-        models, steps=[], models_steps=steps, num_samples=args.num_samples, seq_len=seq_len, seed=args.seed,
-        valid_vocab=base_m.valid_vocab, diffusion_tokenizer=load_tokenizer(base / "tokenizer"), scorer=sc,
-        scorer_tokenizer=stok, eos_id_scorer=stok.eos_id, bos_id_scorer=stok.bos_id, score_batch_size=32,
-        max_len=int(sc.model.max_seq_len), progress=True)
+    spec = QualityTableSpec(num_samples=args.num_samples, seq_len=seq_len, steps=[], models_steps=steps,
+                            seed=args.seed, progress=True)
+    genppl = GenPPLSpec(load_tokenizer(base / "tokenizer"), sc, stok, eos_id=int(stok.eos_id), bos_id=stok.bos_id,
+                        batch_size=32, max_len=int(sc.model.max_seq_len))
+    rows = sample_quality_table(models, spec, genppl, valid_vocab=base_m.valid_vocab)
     summary = summarize(rows, args.many_steps, list(args.few_steps), student)
     extra = {"base": str(base), "student": str(dist_dir / "final") if student else None, "scorer": str(scorer),
              "seq_len": seq_len, "num_samples": args.num_samples, "seed": args.seed,

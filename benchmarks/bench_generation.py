@@ -109,6 +109,7 @@ def make_call(method: str, models: dict, B: int, L: int, T: int, device):
     """A zero-argument function generating ``B × L`` tokens; returns the NFE per sequence."""
     from duo_plugin.sampling import DenoiserFn, PsiSchedule, sample
     from duo_plugin.sampling.ar_decode import sample_ar
+    from duo_plugin.diffusion.absorbing import AbsorbingProcess
     from duo_plugin.sampling.mdlm import sample_mdlm
 
     if method in DUO:
@@ -127,9 +128,9 @@ def make_call(method: str, models: dict, B: int, L: int, T: int, device):
         m = models["mdlm"]
 
         def run():
-            _, nfe = sample_mdlm(DenoiserFn(m), batch_size=B, seq_len=L, vocab_size=m.vocab_size,
-                                 mask_id=m.vocab_size - 1, steps=T, noise_removal="greedy", time_conditioned=False,
-                                 seed=0, device=device, return_nfe=True)
+            _, nfe = sample_mdlm(DenoiserFn(m), AbsorbingProcess(m.vocab_size, m.vocab_size - 1), batch_size=B,
+                                 seq_len=L, steps=T, noise_removal="greedy", time_conditioned=False, seed=0,
+                                 device=device, return_nfe=True)
             return int(nfe)
         return run
     if method == "ar-kv":

@@ -152,8 +152,8 @@ def _gamma_tokens(gamma, b: int, l: int, dev) -> tuple[torch.Tensor, torch.Tenso
     return torch.sigmoid(-g).sqrt(), torch.sigmoid(g).sqrt()
 
 
-def _noise(x0: torch.Tensor, vocab_size: int, generator: Generator, valid_vocab) -> torch.Tensor:
-    """ε ~ N(0, I) fp32 ``[B, L, K]`` (drawn over all K ids, per-row generators allowed); invalid ids → −inf."""
+def _check_latent_ids(x0: torch.Tensor, vocab_size: int, valid_vocab) -> None:
+    """The argument checks of the Gaussian latent (``x0`` ids in ``[0, K)``, a usable ``valid_vocab``)."""
     k_full = int(vocab_size)
     if x0.dim() != 2:
         raise ValueError(f"x0 must be [B, L] ids; got {tuple(x0.shape)}")
@@ -161,9 +161,14 @@ def _noise(x0: torch.Tensor, vocab_size: int, generator: Generator, valid_vocab)
     check_valid_vocab(k_full, valid_vocab)
     if num_valid(k_full, valid_vocab) < 2:
         raise ValueError("need at least 2 valid ids")
-    eps = draw("randn", (x0.shape[0], x0.shape[1], k_full), generator, x0.device, dtype=torch.float32)
+
+
+def _noise(b: int, l: int, device, vocab_size: int, generator: Generator, valid_vocab) -> torch.Tensor:
+    """ε ~ N(0, I) fp32 ``[B, L, K]`` (drawn over all K ids, per-row generators allowed); invalid ids → −inf.
+    Depends on the shape only (never on ``x0``)."""
+    eps = draw("randn", (b, l, int(vocab_size)), generator, device, dtype=torch.float32)
     if valid_vocab is not None:
-        eps = eps.masked_fill(~valid_vocab.to(x0.device), float("-inf"))
+        eps = eps.masked_fill(~valid_vocab.to(device), float("-inf"))
     return eps
 
 
@@ -177,7 +182,8 @@ def gaussian_latent(
 
     Args: x0 ``Long[B, L]``; gamma scalar/``[B]``/``[B, L]``.  Returns ``float32 [B, L, K]``.
     """
-    eps = _noise(x0, vocab_size, generator, valid_vocab)
+    _check_latent_ids(x0, vocab_size, valid_vocab)
+    eps = _noise(x0.shape[0], x0.shape[1], x0.device, vocab_size, generator, valid_vocab)
     at, st = _gamma_tokens(gamma, x0.shape[0], x0.shape[1], x0.device)
     w = eps * st.float()[..., None]
     return w.scatter_add(-1, x0.long()[..., None], at.float()[..., None])
@@ -221,7 +227,8 @@ def dcd_pair(
     Returns ``(z_t, z_s)``, both ``Long[B, L]``.
     """
     b, l = x0.shape if x0.dim() == 2 else (None, None)
-    eps = _noise(x0, vocab_size, generator, valid_vocab)
+    _check_latent_ids(x0, vocab_size, valid_vocab)
+    eps = _noise(b, l, x0.device, vocab_size, generator, valid_vocab)
     gt = per_token(gamma_t, b, l, x0.device, "gamma_t")
     gs = per_token(gamma_s, b, l, x0.device, "gamma_s")
     if bool((gs > gt).any()):

@@ -74,15 +74,16 @@ def fused_duo_nelbo(hidden, weight, bias, z_t, x0, alpha_t, alpha_prime_t, valid
     ``hidden`` = ``model.forward_hidden(x, sigma)``; ``weight``/``bias`` = ``model.output_projection`` parameters.
     Same contract as ``duo_nelbo`` for ids outside ``valid_vocab``: a ValueError naming them, on every path.
     """
-    from duo_plugin.diffusion.losses import check_nelbo_ids
+    from duo_plugin.diffusion.losses import check_nelbo_ids, duo_nelbo
 
     from . import nelbo as N
 
     if valid_vocab is not None:
         check_nelbo_ids(valid_vocab.to(z_t.device), z_t=z_t, x0=x0)
     impl = resolve_impl(impl, hidden.device)
-    fn = {"reference": N.fused_duo_nelbo_reference, "chunked": N.fused_duo_nelbo_chunked,
-          "triton": N.fused_duo_nelbo_triton}[impl]
+    if impl == "reference":  # = N.fused_duo_nelbo_reference, x0 handed to duo_nelbo directly
+        return duo_nelbo(N.dense_log_probs(hidden, weight, bias), z_t, x0, alpha_t, alpha_prime_t, valid_vocab)
+    fn = {"chunked": N.fused_duo_nelbo_chunked, "triton": N.fused_duo_nelbo_triton}[impl]
     return fn(hidden, weight, bias, z_t, x0, alpha_t, alpha_prime_t, valid_vocab)
 
 

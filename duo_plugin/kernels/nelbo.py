@@ -26,15 +26,20 @@ from duo_plugin.diffusion.uniform import per_token
 
 from .stats import nelbo_from_stats  # noqa: F401  (moved to stats.py so _triton.py need not import this module)
 
-__all__ = ["fused_duo_nelbo_reference", "fused_duo_nelbo_chunked", "fused_duo_nelbo_triton", "nelbo_from_stats"]
+__all__ = ["dense_log_probs", "fused_duo_nelbo_reference", "fused_duo_nelbo_chunked", "fused_duo_nelbo_triton",
+           "nelbo_from_stats"]
 
 DEFAULT_WORKSPACE = 1 << 22  # fp32 elements per work buffer (two buffers): ~83 tokens per tile at K = 50k
 
 
+def dense_log_probs(hidden, weight, bias):
+    """``log_softmax(F.linear(hidden, weight, bias).float())``: the dense fp32 log-probabilities of the reference."""
+    return torch.log_softmax(F.linear(hidden, weight, bias).float(), dim=-1)
+
+
 def fused_duo_nelbo_reference(hidden, weight, bias, z_t, x0, alpha_t, alpha_prime_t, valid_vocab=None):
     """Dense reference: ``duo_nelbo(log_softmax(F.linear(hidden, weight, bias).float()), ...)`` → ``float32 [B, L]``."""
-    logp = torch.log_softmax(F.linear(hidden, weight, bias).float(), dim=-1)
-    return duo_nelbo(logp, z_t, x0, alpha_t, alpha_prime_t, valid_vocab)
+    return duo_nelbo(dense_log_probs(hidden, weight, bias), z_t, x0, alpha_t, alpha_prime_t, valid_vocab)
 
 
 

@@ -178,9 +178,15 @@ class DiffusionObjective:
         return NoisyBatch(pads.x_loss, pads.z_loss, pads.z_in, alpha, proc.alpha_prime(t).to(dev),
                           proc.sigma(t).to(dev).float(), kw, contextlib.nullcontext())
 
+    def corruption(self, step: int):
+        """The function that makes this step's :class:`NoisyBatch` (``(model, x0, mask, positions, step) ->
+        NoisyBatch``): :meth:`noisy_batch` here; a phased objective (Duo's curriculum) returns its phase's maker,
+        so ``x0`` goes straight to the corruption of the phase."""
+        return self.noisy_batch
+
     def __call__(self, model, x0, mask, positions, step):
         """``(Σ_mask f, #mask tokens, {"phase": ...})`` for this micro-batch (fp32 scalar, differentiable)."""
-        f = self.head(model, self.noisy_batch(model, x0, mask, positions, step), self.ctx.autocast)
+        f = self.head(model, self.corruption(step)(model, x0, mask, positions, step), self.ctx.autocast)
         return masked_token_sum(f, mask), self.count_tokens(mask), {"phase": self.phase(step)}
 
     # ------------------------------------------------------------------------------------------ validation

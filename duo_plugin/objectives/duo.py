@@ -289,12 +289,15 @@ class DuoObjective(DiffusionObjective):
         am = self.anneal_mask(step, seq_len)
         return {} if am is None else {"attn_mask": am}
 
-    def noisy_batch(self, model, x0: torch.Tensor, mask: torch.Tensor, positions, step: int) -> NoisyBatch:
-        """The discrete phase: the base path (uniform process, log-linear α). The curriculum phase: ONE Gaussian
-        latent per token under the duality schedule, ``z_t = argmax w`` for the loss, the soft input ``w/τ`` (dense,
-        top-k or fused, fixed at setup) for the network, α = T(γ_t), α' = dT/dt, σ = −log T(γ_t)."""
-        if self.phase(step) != "curriculum":
-            return super().noisy_batch(model, x0, mask, positions, step)
+    def corruption(self, step: int):
+        """The discrete phase: the base path (:meth:`noisy_batch`: uniform process, log-linear α); the curriculum
+        phase: :meth:`curriculum_batch`."""
+        return self.curriculum_batch if self.phase(step) == "curriculum" else self.noisy_batch
+
+    def curriculum_batch(self, model, x0: torch.Tensor, mask: torch.Tensor, positions, step: int) -> NoisyBatch:
+        """The curriculum phase: ONE Gaussian latent per token under the duality schedule, ``z_t = argmax w`` for
+        the loss, the soft input ``w/τ`` (dense, top-k or fused, fixed at setup) for the network, α = T(γ_t),
+        α' = dT/dt, σ = −log T(γ_t)."""
         ctx, proc = self.ctx, self.curriculum_process
         dev = ctx.device
         t = self.times(step, positions)

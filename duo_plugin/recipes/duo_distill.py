@@ -415,7 +415,8 @@ class DuoDistillRecipe(RecipeBase):
 
     def evaluate_quality(self, models: dict) -> list[dict]:
         """Gen PPL + entropy rows for ``{name: model}`` (rank 0), appended to the table files."""
-        from duo_plugin.training.distill import sample_quality_table, write_quality_table
+        from duo_plugin.eval.metrics import GenPPLSpec
+        from duo_plugin.training.distill import QualityTableSpec, sample_quality_table, write_quality_table
 
         if not self.is_rank_zero or not models:
             return []
@@ -426,15 +427,15 @@ class DuoDistillRecipe(RecipeBase):
         seq_len = int(e.seq_len or getattr(self, "seq_len", 0) or self.base_meta.get("seq_len") or 0)
         if seq_len <= 0:
             raise ConfigError("eval.seq_len is required (the model records no seq_len)")
-        rows = sample_quality_table(
-            models, steps=[int(s) for s in e.steps], samplers=list(e.samplers), num_samples=int(e.num_samples),
-            seq_len=seq_len, seed=int(e.seed), valid_vocab=self.valid_vocab, diffusion_tokenizer=self.tokenizer,
-            scorer=sc[0] if sc else None, scorer_tokenizer=sc[1] if sc else None,
-            eos_id_scorer=sc[2] if sc else None, bos_id_scorer=sc[3] if sc else None,
-            score_batch_size=int(e.score_batch_size),
-            max_len=min(int(e.max_len), sc[4]) if sc and sc[4] else int(e.max_len),
-            batch_size=int(e.batch_size) if e.batch_size else None, device=self.device,
-            progress=bool(self.cfg.progress_bar))
+        spec = QualityTableSpec(num_samples=int(e.num_samples), seq_len=seq_len, steps=[int(s) for s in e.steps],
+                                samplers=list(e.samplers), seed=int(e.seed),
+                                batch_size=int(e.batch_size) if e.batch_size else None,
+                                progress=bool(self.cfg.progress_bar))
+        genppl = GenPPLSpec(self.tokenizer, sc[0] if sc else None, sc[1] if sc else None,
+                            eos_id=sc[2] if sc else None, bos_id=sc[3] if sc else None,
+                            batch_size=int(e.score_batch_size),
+                            max_len=min(int(e.max_len), sc[4]) if sc and sc[4] else int(e.max_len))
+        rows = sample_quality_table(models, spec, genppl, valid_vocab=self.valid_vocab, device=self.device)
         for r in rows:
             r["step"] = self.step
         self.quality_rows.extend(rows)

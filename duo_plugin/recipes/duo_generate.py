@@ -246,7 +246,7 @@ def sampler_options(cfg) -> dict:
 
 
 def build_jobs(cfg, tok, seq_len: int, n_blocks: int) -> list[dict[str, Any]]:
-    """One job per prompt (``prompt_ids``), one for the infill template (``clamp_mask`` / ``clamp_values``), or one
+    """One job per prompt (``prompt_ids``), one for the infill template (``clamp``: a ``sampling.Clamp``), or one
     unconditional job."""
     add_bos = bool(cfg.get("add_bos", True))
     prompts, infill = cfg.get("prompts"), cfg.get("infill")
@@ -256,8 +256,10 @@ def build_jobs(cfg, tok, seq_len: int, n_blocks: int) -> list[dict[str, Any]]:
         raise ValueError("blocks.n_blocks > 0 generates beyond the context from a prompt; it cannot be combined with "
                          "infill (set blocks.n_blocks=0)")
     if infill:
+        from duo_plugin.sampling import Clamp
+
         m, v = build_infill(str(infill), tok, seq_len, add_bos)
-        return [{"prompt": str(infill), "clamp_mask": m, "clamp_values": v}]
+        return [{"prompt": str(infill), "clamp": Clamp(m, v)}]
     if prompts:
         jobs = []
         for p in [prompts] if isinstance(prompts, str) else list(prompts):
@@ -294,7 +296,7 @@ def run(cfg: DictConfig) -> dict:
     for j, job in enumerate(jobs):
         with eta_lines():  # the sampler's bar on a terminal, else an ETA line every 30 s
             res = generate(model, opts, batch_size=num, seq_len=seq_len, prompt=job.get("prompt_ids"),
-                           clamp_mask=job.get("clamp_mask"), clamp_values=job.get("clamp_values"), seed=seed + j,
+                           clamp=job.get("clamp"), seed=seed + j,
                            eos_id=eos_id, start_id=bos, denoiser=den, schedule=schedule)
         nfe, tokens = res.nfe, res.tokens
         ids = tokens.cpu()

@@ -4,7 +4,7 @@ folder by :func:`scheduler_for_model`; options in one dataclass (:class:`Sampler
 prompts, infilling, prompt guidance, block (semi-autoregressive) and variable-length output; :func:`generate` for
 any loaded model (AR models decode left to right with a KV cache). See docs/sampling.md."""
 
-from duo_plugin.sampling.base import Scheduler, SchedulerBase, StepNoise
+from duo_plugin.sampling.base import Clamp, Scheduler, SchedulerBase, StepNoise
 from duo_plugin.sampling.generate import generate, generate_continuations, model_kind
 from duo_plugin.sampling.mdlm import AbsorbingPsiScheduler, AbsorbingScheduler
 from duo_plugin.sampling.options import NOISE_REMOVAL_MODES, SamplerOptions
@@ -29,6 +29,7 @@ from duo_plugin.sampling.schedulers import (
 from duo_plugin.sampling.select import SCHEDULERS, scheduler_for_model, scheduler_for_process
 
 __all__ = [
+    "Clamp",
     "NOISE_REMOVAL_MODES",
     "PSI_MODES",
     "SCHEDULERS",

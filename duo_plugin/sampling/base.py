@@ -30,11 +30,19 @@ changes a sample.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Optional, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Scheduler", "SchedulerBase", "StepNoise", "check_alpha_grid", "time_grid"]
+__all__ = ["Clamp", "Scheduler", "SchedulerBase", "StepNoise", "check_alpha_grid", "time_grid"]
+
+
+class Clamp(NamedTuple):
+    """Infilling: ``mask`` ``Bool[B, L]`` (or ``[L]``) marks positions held at ``values`` ``Long[B, L]`` (or ``[L]``)
+    at every step of the sampler (ids need not be ids of the process's law, e.g. BOS)."""
+
+    mask: Any
+    values: Any
 
 _F64 = torch.float64
 

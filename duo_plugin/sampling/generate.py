@@ -18,6 +18,7 @@ import torch
 
 from duo_plugin.diffusion.model_process import process_for_metadata
 
+from .base import Clamp
 from .options import SamplerOptions
 from .samplers import DenoiserFn, SampleResult, sample, sample_blocks, trim_at_eos
 from .select import scheduler_for_model
@@ -35,11 +36,11 @@ def model_kind(model) -> str:
                                 causal=bool(getattr(model, "causal", False)), where=type(model).__name__).kind
 
 
-def _causal(model, options: SamplerOptions, *, batch_size: int, seq_len: int, prompt, clamp_mask, generator, seed,
+def _causal(model, options: SamplerOptions, *, batch_size: int, seq_len: int, prompt, clamp, generator, seed,
             eos_id) -> SampleResult:
     from .ar_decode import sample_ar
 
-    bad = [k for k, on in (("infill (clamp_mask)", clamp_mask is not None), ("blocks.n_blocks", options.n_blocks),
+    bad = [k for k, on in (("infill (clamp)", clamp is not None), ("blocks.n_blocks", options.n_blocks),
                            ("predictor=psi", options.predictor != "ancestral"),
                            ("guidance_weight", options.guidance_weight != 1.0)) if on]
     if bad:
@@ -56,23 +57,22 @@ def _causal(model, options: SamplerOptions, *, batch_size: int, seq_len: int, pr
 
 
 def generate(model, options: SamplerOptions, *, batch_size: int, seq_len: int, prompt: Optional[torch.Tensor] = None,
-             clamp_mask: Optional[torch.Tensor] = None, clamp_values: Optional[torch.Tensor] = None,
-             generator: Generators = None, seed: Optional[int] = None, eos_id: Optional[int] = None,
-             start_id: Optional[int] = None, denoiser=None, schedule=None) -> SampleResult:
+             clamp: Optional[Clamp] = None, generator: Generators = None, seed: Optional[int] = None,
+             eos_id: Optional[int] = None, start_id: Optional[int] = None, denoiser=None, schedule=None) -> SampleResult:
     """Sample ``batch_size`` sequences of ``seq_len`` tokens (plus ``options.n_blocks × block_len`` with blocks)
     from ``model`` (module docstring). Returns a :class:`SampleResult` (``tokens``, ``nfe`` per sequence, and
     ``lengths`` with ``eos_id``).
 
     ``prompt``: ``Long[P]`` / ``Long[B, P]`` clamped prefix (an AR model needs one, e.g. ``[BOS]``);
-    ``clamp_mask`` / ``clamp_values``: infilling (diffusion models). Exactly one of ``generator`` / ``seed``.
+    ``clamp``: infilling (diffusion models; :class:`~duo_plugin.sampling.base.Clamp` ``(mask, values)``). Exactly one of ``generator`` / ``seed``.
     ``start_id``: the first token of left-to-right decoding without a prompt (e.g. BOS; diffusion models ignore it).
     ``denoiser``: the callable to use (default ``DenoiserFn(model)``); ``schedule``: α_t (default log-linear).
     Sampling runs on the model's device.
     """
     if model_kind(model) == "causal":
-        if prompt is None and clamp_mask is None and start_id is not None:
+        if prompt is None and clamp is None and start_id is not None:
             prompt = torch.tensor([int(start_id)], dtype=torch.long)
-        return _causal(model, options, batch_size=batch_size, seq_len=seq_len, prompt=prompt, clamp_mask=clamp_mask,
+        return _causal(model, options, batch_size=batch_size, seq_len=seq_len, prompt=prompt, clamp=clamp,
                        generator=generator, seed=seed, eos_id=eos_id)
     scheduler = scheduler_for_model(model, options, schedule=schedule)
     den = denoiser if denoiser is not None else DenoiserFn(model)
@@ -80,11 +80,11 @@ def generate(model, options: SamplerOptions, *, batch_size: int, seq_len: int, p
     kw = dict(batch_size=batch_size, seq_len=seq_len, options=options, prompt=prompt, generator=generator, seed=seed,
               device=device, eos_id=eos_id)
     if options.n_blocks:
-        if clamp_mask is not None:
+        if clamp is not None:
             raise ValueError("blocks.n_blocks > 0 generates beyond the context from a prompt; it cannot be combined "
                              "with infill (set blocks.n_blocks=0)")
         return sample_blocks(den, scheduler, **kw)
-    return sample(den, scheduler, clamp_mask=clamp_mask, clamp_values=clamp_values, return_trajectory=True, **kw)
+    return sample(den, scheduler, clamp=clamp, return_trajectory=True, **kw)
 
 
 def generate_continuations(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, options: SamplerOptions, *,

@@ -158,49 +158,48 @@ class AbsorbingPsiScheduler(AbsorbingScheduler):
 
 def sample_mdlm(
     denoiser,
-    schedule=None,
+    process: absorbing.AbsorbingProcess,
+    options=None,
     *,
     batch_size: int,
     seq_len: int,
-    vocab_size: int,
-    mask_id: int,
-    steps: int,
-    noise_removal: str = "greedy",
     time_conditioned: bool = True,
-    valid_vocab: Optional[torch.Tensor] = None,
     generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
     seed: Optional[int] = None,
     device=None,
     return_nfe: bool = False,
-    clamp_mask: Optional[torch.Tensor] = None,
-    clamp_values: Optional[torch.Tensor] = None,
-    **options,
+    clamp=None,
+    **option_kwargs,
 ):
     """Draw ``Long[batch_size, seq_len]`` from an MDLM denoiser ``denoiser(z, sigma) -> log-probs [B, L, W]``: the
     one sampling loop, :func:`duo_plugin.sampling.sample`, with an :class:`AbsorbingScheduler` (or
     :class:`AbsorbingPsiScheduler` with ``predictor="psi"``).
 
-    ``vocab_size`` = W (data ids + the mask row), ``mask_id`` the [MASK] id, ``valid_vocab`` ``Bool[W]`` the ids x_θ
-    may produce (the mask id is always excluded). ``time_conditioned=False`` turns on the x_θ cache (the network
-    ignores σ, so x_θ only changes when z does). ``options``: any other :class:`~duo_plugin.sampling.SamplerOptions`
-    field (``temperature``, ``top_p``, ``t_eps``, ``predictor``, ``psi``, ``guidance_weight``, ...). Exactly one of
-    ``generator`` (one, or one per row) / ``seed`` (→ ``row_generators(seed, 0, range(B))``). Returns the tokens, or
-    ``(tokens, nfe)`` with ``return_nfe=True``. No [MASK] is left unless ``noise_removal="none"``.
+    ``process``: the :class:`~duo_plugin.diffusion.absorbing.AbsorbingProcess` (W = data ids + the mask row, the
+    [MASK] id, ``valid_vocab`` ``Bool[W]`` the ids x_θ may produce — the mask id always excluded — and its schedule).
+    ``options``: the :class:`~duo_plugin.sampling.SamplerOptions` (None: the defaults with ``noise_removal="greedy"``,
+    MDLM's); ``option_kwargs``: any of its fields (``steps``, ``noise_removal``, ``temperature``, ``top_p``,
+    ``t_eps``, ``predictor``, ``psi``, ``guidance_weight``, ...) replacing the value in ``options``. Never shows a
+    progress line. ``time_conditioned=False`` turns on the x_θ cache (the network ignores σ, so x_θ only changes
+    when z does). Exactly one of ``generator`` (one, or one per row) / ``seed`` (→ ``row_generators(seed, 0,
+    range(B))``). Returns the tokens, or ``(tokens, nfe)`` with ``return_nfe=True``. No [MASK] is left unless
+    ``noise_removal="none"``.
 
-    Conditioning (prompts, infilling): ``clamp_mask`` ``Bool[L]`` or ``Bool[B, L]`` marks positions that start as
-    ``clamp_values`` (``Long[L]`` / ``Long[B, L]``, token ids other than [MASK]; BOS is fine) instead of [MASK]. The
+    Conditioning (prompts, infilling): ``clamp`` = :class:`~duo_plugin.sampling.base.Clamp` ``(mask, values)``:
+    ``mask`` ``Bool[L]`` or ``Bool[B, L]`` marks positions that start as ``values`` (``Long[L]`` / ``Long[B, L]``,
+    token ids other than [MASK]; BOS is fine) instead of [MASK]. The
     absorbing posterior never changes an unmasked token, so they stay, and the chain is exactly the model's reverse
     process started from that partially masked state (the conditional given the clamped tokens, as far as x_θ is).
     """
+    import dataclasses
+
     from .options import SamplerOptions
     from .samplers import sample
     from .select import scheduler_for_process
 
-    if clamp_mask is not None and clamp_values is None:
-        raise ValueError("clamp_mask needs clamp_values (the data ids of the clamped positions)")
-    proc = absorbing.AbsorbingProcess(vocab_size, mask_id, valid_vocab=valid_vocab, schedule=schedule)
-    opts = SamplerOptions(steps=steps, noise_removal=noise_removal, progress=False, **options)
-    sched = scheduler_for_process(proc, opts, reuse_x_theta=not time_conditioned)
-    res = sample(denoiser, sched, batch_size=batch_size, seq_len=seq_len, options=opts, clamp_mask=clamp_mask,
-                 clamp_values=clamp_values, generator=generator, seed=seed, device=device, return_trajectory=True)
+    base = SamplerOptions(noise_removal="greedy") if options is None else options
+    opts = dataclasses.replace(base, **option_kwargs, progress=False)
+    sched = scheduler_for_process(process, opts, reuse_x_theta=not time_conditioned)
+    res = sample(denoiser, sched, batch_size=batch_size, seq_len=seq_len, options=opts, clamp=clamp,
+                 generator=generator, seed=seed, device=device, return_trajectory=True)
     return (res.tokens, res.nfe) if return_nfe else res.tokens

@@ -56,7 +56,7 @@ from duo_plugin.sampling.schedulers import (
 )
 import dataclasses
 
-from duo_plugin.sampling.base import Scheduler
+from duo_plugin.sampling.base import Clamp, Scheduler
 from duo_plugin.sampling.options import NOISE_REMOVAL_MODES, SCHEDULER_FIELDS, SamplerOptions
 from duo_plugin.sampling.select import scheduler_for_process
 
@@ -126,15 +126,16 @@ def _build_clamp(
     seq_len: int,
     vocab_size: int,
     prompt: Optional[torch.Tensor],
-    clamp_mask: Optional[torch.Tensor],
-    clamp_values: Optional[torch.Tensor],
+    clamp,
 ):
-    """Merge a prompt prefix and (clamp_mask, clamp_values) into one (mask Bool[B, L], values Long[B, L]) or None."""
+    """Merge a prompt prefix and a :class:`Clamp` (mask, values) into one (mask Bool[B, L], values Long[B, L]) or
+    None."""
+    clamp_mask, clamp_values = (None, None) if clamp is None else clamp
     mask = torch.zeros(batch_size, seq_len, dtype=torch.bool)
     values = torch.zeros(batch_size, seq_len, dtype=torch.long)
     used = False
     if (clamp_mask is None) != (clamp_values is None):
-        raise ValueError("infilling needs both clamp_mask (Bool[B, L]) and clamp_values (Long[B, L]), or neither")
+        raise ValueError("infilling needs both Clamp.mask (Bool[B, L]) and Clamp.values (Long[B, L])")
     if clamp_mask is not None:
         cm = _as_batch(clamp_mask, batch_size, "clamp_mask", torch.bool).cpu()
         cv = _as_batch(clamp_values, batch_size, "clamp_values", torch.long).cpu()
@@ -304,8 +305,7 @@ def sample(
     seq_len: int,
     options: Optional[SamplerOptions] = None,
     prompt: Optional[torch.Tensor] = None,
-    clamp_mask: Optional[torch.Tensor] = None,
-    clamp_values: Optional[torch.Tensor] = None,
+    clamp: Optional[Clamp] = None,
     generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
     seed: Optional[int] = None,
     device: Union[str, torch.device, None] = None,
@@ -327,8 +327,9 @@ def sample(
             ``top_p``, ``temperature``, ``t_eps``, ``predictor``, ``psi``, ``guidance_weight``, ``posterior_impl``,
             ``chunk_size``, ``progress``) override it. With a Scheduler the update-rule fields are the scheduler's.
         prompt: ``Long[P]`` or ``Long[B, P]`` prefix ids clamped at positions ``0..P-1``.
-        clamp_mask, clamp_values: ``Bool[B, L]`` / ``Long[B, L]`` (or ``[L]``): positions held at the given ids
-            at every step (infilling). Clamped ids need not be ids of the process's law (e.g. BOS).
+        clamp: a :class:`~duo_plugin.sampling.base.Clamp` ``(mask Bool[B, L], values Long[B, L])`` (or ``[L]``):
+            positions held at the given ids at every step (infilling). Clamped ids need not be ids of the
+            process's law (e.g. BOS).
         generator: a ``torch.Generator`` (shared by all rows) or one per sequence; alternatively ``seed``: then row
             b draws from ``row_generators(seed, 0, [b])`` so the result does not depend on the chunk size.
             Exactly one of them is required (sampling is never seeded from global RNG state).
@@ -346,7 +347,7 @@ def sample(
     opts, scheduler = _resolve(scheduler, options, dict(option_kwargs), device)
     generator = _generators(generator, seed, batch_size)
     process = scheduler.process
-    cmask, cvals = _build_clamp(batch_size, seq_len, int(process.vocab_size), prompt, clamp_mask, clamp_values)
+    cmask, cvals = _build_clamp(batch_size, seq_len, int(process.vocab_size), prompt, clamp)
     if cmask is not None:
         scheduler.check_clamp(cmask, cvals)
     grid = scheduler.timesteps(opts.steps, opts.t_eps)
@@ -427,8 +428,8 @@ def sample_blocks(
     if n_blocks and not (1 <= block_len < seq_len):
         raise ValueError(f"block_len must lie in [1, seq_len - 1] = [1, {seq_len - 1}] (it keeps seq_len - block_len "
                          f"tokens of context); got {block_len}")
-    if "clamp_mask" in kwargs and n_blocks:
-        raise ValueError("sample_blocks takes a prompt, not clamp_mask / clamp_values (infilling is single-window)")
+    if kwargs.get("clamp") is not None and n_blocks:
+        raise ValueError("sample_blocks takes a prompt, not a clamp (infilling is single-window)")
     if (generator is None) == (seed is None):
         raise ValueError("pass exactly one of generator= (torch.Generator or one per sequence) or seed= (int)")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -454,7 +455,7 @@ def sample_blocks(
         cm[:, :ctx_len] = True
         cv = torch.zeros(batch_size, seq_len, dtype=torch.long)
         cv[:, :ctx_len] = ctx.cpu()
-        r = sample(denoiser, scheduler, batch_size=batch_size, seq_len=seq_len, clamp_mask=cm, clamp_values=cv,
+        r = sample(denoiser, scheduler, batch_size=batch_size, seq_len=seq_len, clamp=Clamp(cm, cv),
                    **gen_kw(j), **dict(kwargs, return_trajectory=True))
         out = torch.cat([out, r.tokens[:, ctx_len:]], 1)
         nfe += r.nfe

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -54,6 +55,7 @@ __all__ = [
     "dcd_token_losses",
     "copy_weights_",
     "sample_quality_table",
+    "QualityTableSpec",
     "quality_table_markdown",
     "write_quality_table",
 ]
@@ -82,69 +84,74 @@ def copy_weights_(dst: nn.Module, src: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- eval
-def sample_quality_table(
-    models: Mapping[str, nn.Module],
-    *,
-    steps: Sequence[int],
-    samplers: Sequence[str] = ("ancestral", "greedy"),
-    num_samples: int,
-    seq_len: int,
-    seed: int = 0,
-    valid_vocab: Optional[torch.Tensor] = None,
-    diffusion_tokenizer=None,
-    scorer: Optional[Callable] = None,
-    scorer_tokenizer=None,
-    eos_id_scorer: Optional[int] = None,
-    bos_id_scorer: Optional[int] = None,
-    score_batch_size: int = 8,
-    max_len: int = 1024,
-    batch_size: Optional[int] = None,
-    device=None,
-    schedule=None,
-    models_steps: Optional[Mapping[str, Sequence[int]]] = None,
-    progress: bool = False,
-) -> list[dict]:
-    """Gen PPL + entropy for every (model, sampler, steps): one row per cell.
+@dataclass(frozen=True)
+class QualityTableSpec:
+    """What the steps-vs-quality table samples: ``steps`` per model (``models_steps`` overrides it per model name),
+    the noise-removal ``samplers`` (``"ancestral"`` and/or ``"greedy"``, i.e. Greedy-Tail), ``num_samples``
+    sequences of ``seq_len`` tokens per cell from ``seed``, sampled ``batch_size`` rows at a time (None: all at once),
+    with an ETA line when ``progress``."""
 
-    Samples come from :func:`duo_plugin.sampling.samplers.sample` (float64 posterior, log-linear α, NFE = steps + 1)
-    with ``seed`` (row b uses ``row_generators(seed, 0, [b])``, so every model sees the same prior draws).
-    Without a ``scorer`` only entropy is reported (``gen_ppl`` None).  ``models_steps`` overrides ``steps`` per model.
-    ``progress``: an ETA over the cells and within each sampling run (a tqdm bar on a terminal, else a line every
-    30 s on stderr; :mod:`duo_plugin._progress`).
+    num_samples: int
+    seq_len: int
+    steps: Sequence[int] = ()
+    samplers: Sequence[str] = ("ancestral", "greedy")
+    seed: int = 0
+    batch_size: Optional[int] = None
+    models_steps: Optional[Mapping[str, Sequence[int]]] = None
+    progress: bool = False
+
+    def __post_init__(self):
+        for name in self.samplers:
+            if name not in ("ancestral", "greedy"):
+                raise ValueError(f"samplers must be 'ancestral' and/or 'greedy' (Greedy-Tail), got {name!r}")
+
+    def steps_of(self, model_name: str) -> Sequence[int]:
+        return (self.models_steps or {}).get(model_name, self.steps)
+
+
+def sample_quality_table(models: Mapping[str, nn.Module], spec: QualityTableSpec, genppl=None, *,
+                         valid_vocab: Optional[torch.Tensor] = None, device=None, schedule=None) -> list[dict]:
+    """Gen PPL + entropy for every (model, sampler, steps) of ``spec`` (:class:`QualityTableSpec`): one row per cell.
+
+    Samples come from :func:`duo_plugin.sampling.samplers.sample` (float64 posterior, log-linear α unless
+    ``schedule``, NFE = steps + 1) with ``spec.seed`` (row b uses ``row_generators(seed, 0, [b])``, so every model
+    sees the same prior draws), ids restricted to ``valid_vocab``. ``genppl``: how samples are scored
+    (:class:`duo_plugin.eval.metrics.GenPPLSpec`); without one, or without its ``scorer``, only entropy is reported
+    (``gen_ppl`` None). ``spec.progress``: an ETA over the cells and within each sampling run (a tqdm bar on a
+    terminal, else a line every 30 s on stderr; :mod:`duo_plugin._progress`).
 
     Row keys: model, sampler, steps, nfe, gen_ppl, gen_nll, entropy, n_samples, sample_seconds.
     """
     from duo_plugin.eval.metrics import GenPPLSpec, compute_metrics
     from duo_plugin.sampling.samplers import DenoiserFn, sample
 
-    for name in samplers:
-        if name not in ("ancestral", "greedy"):
-            raise ValueError(f"samplers must be 'ancestral' and/or 'greedy' (Greedy-Tail), got {name!r}")
-    if scorer is not None and (diffusion_tokenizer is None or scorer_tokenizer is None or eos_id_scorer is None):
-        raise ValueError("Gen PPL needs diffusion_tokenizer, scorer_tokenizer and eos_id_scorer with the scorer")
+    if genppl is None:
+        genppl = GenPPLSpec(None, batch_size=8)
+    if genppl.scorer is not None and (genppl.diffusion_tokenizer is None or genppl.scorer_tokenizer is None
+                                      or genppl.eos_id is None):
+        raise ValueError("Gen PPL needs GenPPLSpec.diffusion_tokenizer, .scorer_tokenizer and .eos_id with its scorer")
     from duo_plugin._progress import Eta, eta_lines
 
-    genppl = GenPPLSpec(diffusion_tokenizer, scorer, scorer_tokenizer, None if scorer is None else int(eos_id_scorer),
-                        bos_id_scorer, int(score_batch_size), int(max_len))
     rows = []
-    cells = sum(len((models_steps or {}).get(m, steps)) for m in models) * len(samplers)
+    num_samples, progress = int(spec.num_samples), spec.progress
+    cells = sum(len(spec.steps_of(m)) for m in models) * len(spec.samplers)
     bar = Eta(progress, cells, "duo_distill quality table", unit="cell")
     for mname, model in models.items():
         den = DenoiserFn(model)
         k = int(model.vocab_size)
-        for n_steps in (models_steps or {}).get(mname, steps):
-            for mode in samplers:
+        for n_steps in spec.steps_of(mname):
+            for mode in spec.samplers:
                 t0 = time.perf_counter()
                 with eta_lines():
-                    toks = sample(den, schedule, batch_size=int(num_samples), seq_len=int(seq_len), vocab_size=k,
-                                  steps=int(n_steps), noise_removal=mode, valid_vocab=valid_vocab, seed=int(seed),
-                                  device=device, chunk_size=batch_size, progress=progress)
+                    toks = sample(den, schedule, batch_size=num_samples, seq_len=int(spec.seq_len), vocab_size=k,
+                                  steps=int(n_steps), noise_removal=mode, valid_vocab=valid_vocab,
+                                  seed=int(spec.seed), device=device, chunk_size=spec.batch_size, progress=progress)
                 dt = time.perf_counter() - t0
                 row = {"model": mname, "sampler": mode, "steps": int(n_steps), "nfe": int(n_steps) + 1,
                        "n_samples": int(num_samples), "sample_seconds": dt}
                 r = compute_metrics(samples=toks, genppl=genppl)["gen"]
                 row.update(gen_ppl=r["gen_ppl"], gen_nll=r["gen_nll"], entropy=r["entropy"])
-                if scorer is not None:
+                if genppl.scorer is not None:
                     row.update(gen_ppl_scorer=r["scorer"])
                 rows.append(row)
                 bar.set_postfix(model=mname, sampler=mode, T=int(n_steps))

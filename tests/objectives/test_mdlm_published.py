@@ -40,6 +40,7 @@ def test_mdlm_sampler_reuses_x_theta_without_time_conditioning(time_conditioned)
     """Count the network's forward calls: time-conditioned, one per step plus the noise-removal call; without time
     conditioning, one per distinct z (x_θ(z) is reused while no token changes), so far fewer than the steps when
     the steps outnumber the positions. Each recorded input differs from the previous one (never a wasted call)."""
+    from duo_plugin.diffusion.absorbing import AbsorbingProcess
     from duo_plugin.sampling.mdlm import sample_mdlm
 
     width, seq_len, steps = 9, 6, 64  # 8 data ids + the [MASK] row
@@ -49,8 +50,8 @@ def test_mdlm_sampler_reuses_x_theta_without_time_conditioning(time_conditioned)
     valid = torch.ones(width, dtype=torch.bool)
     valid[-1] = False
     with torch.no_grad():
-        z, nfe = sample_mdlm(model, batch_size=1, seq_len=seq_len, vocab_size=width, mask_id=width - 1, steps=steps,
-                             time_conditioned=time_conditioned, valid_vocab=valid, seed=3, return_nfe=True)
+        z, nfe = sample_mdlm(model, AbsorbingProcess(width, width - 1, valid_vocab=valid), batch_size=1,
+                             seq_len=seq_len, steps=steps, time_conditioned=time_conditioned, seed=3, return_nfe=True)
     assert nfe == len(inputs)
     assert not bool((z == width - 1).any())
     if time_conditioned:

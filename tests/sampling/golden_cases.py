@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from duo_plugin.sampling.base import Clamp
+
 GOLDEN = Path(__file__).with_name("golden_samples.json")
 K, L, B = 11, 6, 5
 
@@ -47,7 +49,7 @@ def cases():
         "top_p_temperature_greedy": {"top_p": 0.9, "temperature": 1.3, "noise_removal": "greedy"},
         "prompt": {"prompt": torch.tensor([10, 2])},
         "prompt_rows": {"prompt": torch.tensor([[10, 2], [10, 3], [10, 4], [10, 5], [10, 6]])},
-        "infill": {"clamp_mask": infill_mask, "clamp_values": infill_vals},
+        "infill": {"clamp": Clamp(infill_mask, infill_vals)},
         "valid_vocab_prompt": {"valid_vocab": valid, "prompt": torch.tensor([10]), "top_p": 0.95},
         "chunked_batch": {"chunk_size": 2},
         "generator": {"generator": "shared"},
@@ -92,8 +94,8 @@ def uniform_extra_cases():
         yield f"guidance/{impl}/prompt", {"guidance_weight": 2.5, "prompt": prompt, "posterior_impl": impl}
         yield f"guidance/{impl}/psi_infill", {"guidance_weight": 0.5, "predictor": "psi",
                                               "psi": {"high_mode": "pure-pc", "high_frac": 0.5, "middle_frac": 0.2},
-                                              "clamp_mask": torch.tensor([True, False, True, False, False, False]),
-                                              "clamp_values": torch.tensor([10, 0, 4, 0, 0, 0]),
+                                              "clamp": Clamp(torch.tensor([True, False, True, False, False, False]),
+                                                             torch.tensor([10, 0, 4, 0, 0, 0])),
                                               "posterior_impl": impl}
     yield "blocks/ancestral", {"blocks": (2, 3), "prompt": prompt}
     yield "blocks/psi_guided_eos", {"blocks": (3, 2), "prompt": prompt, "predictor": "psi", "guidance_weight": 1.5,
@@ -155,9 +157,9 @@ def mdlm_cases():
         "cache": {"time_conditioned": False},
         "cache_ancestral_t40": {"time_conditioned": False, "noise_removal": "ancestral", "steps": 40},
         "cache_b1_t30_top_p": {"time_conditioned": False, "steps": 30, "batch_size": 1, "top_p": 0.9},
-        "prompt_clamp": {"clamp_mask": torch.tensor([True, True, False, False, False, False]),
-                         "clamp_values": torch.tensor([K - 1, 2, 0, 0, 0, 0]), "valid_vocab": valid},
-        "infill_rows_cache": {"clamp_mask": rows_mask, "clamp_values": rows_vals, "time_conditioned": False,
+        "prompt_clamp": {"clamp": Clamp(torch.tensor([True, True, False, False, False, False]),
+                                        torch.tensor([K - 1, 2, 0, 0, 0, 0])), "valid_vocab": valid},
+        "infill_rows_cache": {"clamp": Clamp(rows_mask, rows_vals), "time_conditioned": False,
                               "noise_removal": "ancestral", "steps": 25},
         "generator": {"generator": "shared"},
         "row_generators": {"generator": "rows", "noise_removal": "ancestral"},
@@ -178,7 +180,10 @@ def run_mdlm_case(sample_mdlm_fn, kw):
     den = GoldenMDLMDenoiser(time_conditioned=kw.get("time_conditioned", True))
     kw.setdefault("steps", 5)
     kw.setdefault("batch_size", B)
-    z, nfe = sample_mdlm_fn(den, None, seq_len=L, vocab_size=W_MDLM, mask_id=K, return_nfe=True, **kw)
+    from duo_plugin.diffusion.absorbing import AbsorbingProcess
+
+    process = AbsorbingProcess(W_MDLM, K, valid_vocab=kw.pop("valid_vocab", None))
+    z, nfe = sample_mdlm_fn(den, process, seq_len=L, return_nfe=True, **kw)
     return {"tokens": z.tolist(), "nfe": int(nfe), "calls": den.calls}
 
 

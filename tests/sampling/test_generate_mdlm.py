@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from duo_plugin.data.tokenizers import train_sentencepiece
 from duo_plugin.models.checkpoint import load_pretrained, save_pretrained
 from duo_plugin.models.dit import duo_dit_tiny
+from duo_plugin.sampling import Clamp
 
 CONFIGS = Path(__file__).resolve().parents[2] / "duo_plugin" / "configs" / "duo"
 L = 16
@@ -50,14 +51,15 @@ def _ids(out):
 
 
 def _library(root, **kw):
+    from duo_plugin.diffusion.absorbing import AbsorbingProcess
     from duo_plugin.diffusion.schedules import LogLinearSchedule
     from duo_plugin.sampling import DenoiserFn
     from duo_plugin.sampling.mdlm import sample_mdlm
 
     model = load_pretrained(root / "mdlm", weights="ema")
     W = int(model.vocab_size)
-    return sample_mdlm(DenoiserFn(model), LogLinearSchedule(1e-3), seq_len=L, vocab_size=W, mask_id=W - 1,
-                       valid_vocab=model.valid_vocab, **kw), W
+    process = AbsorbingProcess(W, W - 1, valid_vocab=model.valid_vocab, schedule=LogLinearSchedule(1e-3))
+    return sample_mdlm(DenoiserFn(model), process, seq_len=L, **kw), W
 
 
 @pytest.mark.parametrize("mode", ["greedy", "ancestral"])
@@ -86,7 +88,7 @@ def test_prompt_is_clamped_and_matches_library(ckpt):
     cm[: len(pids)] = True
     cv = torch.zeros(L, dtype=torch.long)
     cv[: len(pids)] = torch.tensor(pids)
-    ref, _ = _library(root, batch_size=3, steps=4, noise_removal="ancestral", seed=5, clamp_mask=cm, clamp_values=cv)
+    ref, _ = _library(root, batch_size=3, steps=4, noise_removal="ancestral", seed=5, clamp=Clamp(cm, cv))
     rows = _ids(out)
     assert rows == ref.tolist()
     assert all(r[: len(pids)] == pids for r in rows)

@@ -11,7 +11,9 @@ import torch
 from scipy import stats
 
 from duo_plugin.diffusion import absorbing
+from duo_plugin.diffusion.absorbing import AbsorbingProcess
 from duo_plugin.diffusion.schedules import LogLinearSchedule
+from duo_plugin.sampling import Clamp
 from duo_plugin.sampling.mdlm import sample_mdlm
 from duo_plugin.sampling.samplers import time_grid
 
@@ -110,7 +112,7 @@ def test_sampler_matches_exact_chain(noise_removal, time_conditioned, K, tempera
     L, steps, N = 3, 4, 6000
     den = TableDenoiser(K + 1, L, seed=1, time_coef=1.0 if time_conditioned else 0.0)
     states, dist = exact_final_distribution(den, K, L, steps, noise_removal, temperature=temperature, top_p=top_p)
-    z = sample_mdlm(den, batch_size=N, seq_len=L, vocab_size=K + 1, mask_id=K, steps=steps,
+    z = sample_mdlm(den, AbsorbingProcess(K + 1, K), batch_size=N, seq_len=L, steps=steps,
                     noise_removal=noise_removal, time_conditioned=time_conditioned, temperature=temperature,
                     top_p=top_p, generator=torch.Generator().manual_seed(7))
     if noise_removal != "none":
@@ -142,9 +144,8 @@ def test_clamped_start_matches_exact_chain_from_that_state(noise_removal):
     states, dist = exact_final_distribution(den, K, L, steps, noise_removal, init=init)
     cm = torch.tensor([False, True, False])
     cv = torch.tensor([0, 1, 0])
-    z = sample_mdlm(den, batch_size=N, seq_len=L, vocab_size=K + 1, mask_id=K, steps=steps,
-                    noise_removal=noise_removal, generator=torch.Generator().manual_seed(11), clamp_mask=cm,
-                    clamp_values=cv)
+    z = sample_mdlm(den, AbsorbingProcess(K + 1, K), batch_size=N, seq_len=L, steps=steps,
+                    noise_removal=noise_removal, generator=torch.Generator().manual_seed(11), clamp=Clamp(cm, cv))
     assert bool((z[:, 1] == 1).all()) and int((z == K).sum()) == 0
     index = {s: i for i, s in enumerate(states)}
     counts = np.zeros(len(states))
@@ -155,17 +156,16 @@ def test_clamped_start_matches_exact_chain_from_that_state(noise_removal):
     freq, ref = counts[big] / N, dist[big]
     assert np.all(np.abs(freq - ref) <= 4 * np.sqrt(ref * (1 - ref) / N) + 1e-12)
     with pytest.raises(ValueError, match="MASK"):
-        sample_mdlm(den, batch_size=1, seq_len=L, vocab_size=K + 1, mask_id=K, steps=2, seed=0, clamp_mask=cm,
-                    clamp_values=torch.tensor([0, K, 0]))
+        sample_mdlm(den, AbsorbingProcess(K + 1, K), batch_size=1, seq_len=L, steps=2, seed=0, clamp=Clamp(cm, torch.tensor([0, K, 0])))
 
 
 def test_cache_skips_calls_without_changing_draws():
     K, L, steps = 3, 4, 64
     den_a = TableDenoiser(K + 1, L, seed=2, time_coef=0.0)
     den_b = TableDenoiser(K + 1, L, seed=2, time_coef=0.0)
-    za, nfe_a = sample_mdlm(den_a, batch_size=1, seq_len=L, vocab_size=K + 1, mask_id=K, steps=steps,
+    za, nfe_a = sample_mdlm(den_a, AbsorbingProcess(K + 1, K), batch_size=1, seq_len=L, steps=steps,
                             time_conditioned=True, seed=3, return_nfe=True)
-    zb, nfe_b = sample_mdlm(den_b, batch_size=1, seq_len=L, vocab_size=K + 1, mask_id=K, steps=steps,
+    zb, nfe_b = sample_mdlm(den_b, AbsorbingProcess(K + 1, K), batch_size=1, seq_len=L, steps=steps,
                             time_conditioned=False, seed=3, return_nfe=True)
     assert torch.equal(za, zb)
     assert nfe_a == steps + 1 == den_a.calls
@@ -176,8 +176,8 @@ def test_cache_skips_calls_without_changing_draws():
 def test_sampler_rejects_bad_arguments():
     den = TableDenoiser(3, 2)
     with pytest.raises(ValueError, match="noise_removal"):
-        sample_mdlm(den, batch_size=1, seq_len=2, vocab_size=3, mask_id=2, steps=2, noise_removal="x", seed=0)
+        sample_mdlm(den, AbsorbingProcess(3, 2), batch_size=1, seq_len=2, steps=2, noise_removal="x", seed=0)
     with pytest.raises(ValueError, match="exactly one"):
-        sample_mdlm(den, batch_size=1, seq_len=2, vocab_size=3, mask_id=2, steps=2)
+        sample_mdlm(den, AbsorbingProcess(3, 2), batch_size=1, seq_len=2, steps=2)
     with pytest.raises(ValueError, match="shape"):
-        sample_mdlm(den, batch_size=1, seq_len=2, vocab_size=4, mask_id=2, steps=2, seed=0)
+        sample_mdlm(den, AbsorbingProcess(4, 2), batch_size=1, seq_len=2, steps=2, seed=0)

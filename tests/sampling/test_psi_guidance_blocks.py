@@ -12,7 +12,7 @@ import torch
 from scipy import stats
 
 from duo_plugin.diffusion.schedules import LogLinearSchedule
-from duo_plugin.sampling import PsiSchedule, StepNoise, UniformProcess, sample, sample_blocks, trim_at_eos
+from duo_plugin.sampling import Clamp, PsiSchedule, StepNoise, UniformProcess, sample, sample_blocks, trim_at_eos
 from duo_plugin.sampling.schedulers import PsiScheduler, guided_posterior
 
 EPS = 1e-3  # LogLinearSchedule default: α_t = 1 − (1 − 1e-3) t
@@ -203,7 +203,7 @@ def test_psi_clamps_prompt_and_infill_and_greedy_tail(impl):
     vals = torch.tensor([5, 0, 1, 0])
     psi = PsiSchedule(high_mode="pure-pc", middle_mode="constant-0.5", low_mode="max-rescale-0.2")
     res = sample(den, None, batch_size=32, seq_len=4, vocab_size=6, steps=6, seed=0, progress=False,
-                 predictor="psi", psi=psi, clamp_mask=mask, clamp_values=vals, posterior_impl=impl,
+                 predictor="psi", psi=psi, clamp=Clamp(mask, vals), posterior_impl=impl,
                  noise_removal="greedy", return_trajectory=True, valid_vocab=torch.tensor([True] * 5 + [False]))
     for z in list(res.trajectory) + seen:
         assert bool((z[:, mask] == vals[mask]).all())

@@ -18,7 +18,7 @@ from scipy import stats
 
 import duo_plugin.sampling.schedulers as samplers_mod
 from duo_plugin.diffusion.schedules import LogLinearSchedule
-from duo_plugin.sampling import DenoiserFn, SampleResult, nucleus_filter, sample
+from duo_plugin.sampling import Clamp, DenoiserFn, SampleResult, nucleus_filter, sample
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def test_marginals_with_infill_clamp_and_per_sequence_generators(impl):
     n = 6000
     gens = [torch.Generator().manual_seed(100 + i) for i in range(n)]
     out = sample(den, None, batch_size=n, seq_len=L, vocab_size=K, steps=steps,
-                 clamp_mask=torch.tensor([False, True, False]), clamp_values=torch.tensor([0, 2, 0]), generator=gens, progress=False, posterior_impl=impl,
+                 clamp=Clamp(torch.tensor([False, True, False]), torch.tensor([0, 2, 0])), generator=gens, progress=False, posterior_impl=impl,
                  chunk_size=2500)
     dist = exact_final_distribution(den, K, L, steps, 1e-5, "ancestral", np.ones(K), clamp={1: 2})
     compare(out, dist)
@@ -216,7 +216,7 @@ def test_clamped_positions_never_change_and_are_seen_by_the_denoiser(impl, top_p
     vals = torch.tensor([0, 5, 0, 0, 2, 4, 0])
     valid = torch.tensor([True, True, True, True, False, True])  # clamped ids 4 (and prompt 1) may be invalid
     vals[5] = 4
-    res = sample(den, None, batch_size=5, seq_len=L, vocab_size=K, steps=6, clamp_mask=mask, clamp_values=vals,
+    res = sample(den, None, batch_size=5, seq_len=L, vocab_size=K, steps=6, clamp=Clamp(mask, vals),
                  prompt=torch.tensor([[1]] * 5), seed=0, progress=False, return_trajectory=True, valid_vocab=valid,
                  posterior_impl=impl, top_p=top_p)
     assert not bool((res.trajectory[:, :, ~mask][:, :, 1:] == 4).any())
@@ -430,8 +430,8 @@ def test_bad_inputs_raise_clear_errors():
         sample(den, None, top_p=0.0, **kw)
     with pytest.raises(ValueError, match="prompt has 3 tokens"):
         sample(den, None, prompt=torch.tensor([0, 1, 2]), **kw)
-    with pytest.raises(ValueError, match="clamp_values"):
-        sample(den, None, clamp_mask=torch.tensor([True, False]), **kw)
+    with pytest.raises(ValueError, match="Clamp.values"):
+        sample(den, None, clamp=Clamp(torch.tensor([True, False]), None), **kw)
     with pytest.raises(ValueError, match="expected"):
         sample(lambda z, s: torch.zeros(*z.shape, 3), None, batch_size=2, seq_len=2, vocab_size=2, steps=2, seed=0,
                progress=False)

@@ -51,19 +51,19 @@ def test_progress_bar_gives_eta_lines_only_inside_eta_lines():
 
 def test_sampler_and_quality_table_print_eta_lines(monkeypatch, capsys):
     from duo_plugin.models.dit import duo_dit_tiny
-    from duo_plugin.training.distill import sample_quality_table
+    from duo_plugin.training.distill import QualityTableSpec, sample_quality_table
 
     monkeypatch.setattr(prog.time, "perf_counter", Clock(31.0))  # every update is 31 s after the previous one
     torch.manual_seed(0)
     model = duo_dit_tiny(17, 8, dim=16, n_layers=1, n_heads=2, cond_dim=8, dropout=0.0).eval()
-    rows = sample_quality_table({"m": model}, steps=[3, 2], samplers=["ancestral"], num_samples=2, seq_len=8,
-                                progress=True)
+    rows = sample_quality_table({"m": model}, QualityTableSpec(num_samples=2, seq_len=8, steps=[3, 2],
+                                                                samplers=["ancestral"], progress=True))
     assert len(rows) == 2
     err = capsys.readouterr().err
     assert re.search(r"duo sample \(.*T=3\): \d/4 steps, \d+ s elapsed, ETA \d+ s", err)
     assert re.search(r"duo_distill quality table: 1/2 cells, \d+ s elapsed, ETA \d+ s, model=m, sampler=ancestral, T=3",
                      err)
-    sample_quality_table({"m": model}, steps=[2], samplers=["ancestral"], num_samples=2, seq_len=8)
+    sample_quality_table({"m": model}, QualityTableSpec(num_samples=2, seq_len=8, steps=[2], samplers=["ancestral"]))
     assert capsys.readouterr().err == ""  # progress off by default
 
 
