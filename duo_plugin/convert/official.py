@@ -442,7 +442,9 @@ def convert_official(src, out, *, weights: str = "ema", tokenizer=None, kind: Op
     if om.kind == "mdlm":
         meta["mask_id"] = int(om.mask_id)
     if om.source.get("format") == "hf":
-        meta["official_config"] = om.source["config"]
+        # the record of the export's config, minus ``auto_map`` (it names remote code, which a model folder may not
+        # carry; ``to_official`` writes the official layout's standard one back)
+        meta["official_config"] = {k: v for k, v in om.source["config"].items() if k != "auto_map"}
     out = Path(out)
     if out.is_dir() and any(out.iterdir()) and not (out / "duo_config.json").exists():
         raise UserError(f"refusing to replace {out}: non-empty and not a duo model folder; choose another OUT")
