@@ -291,21 +291,20 @@ def execute(run: Run, work: Path, res: Results) -> None:
 def record_unfinished(work: Path, res: Results) -> list[str]:
     """Runs with a log but no record (killed by a session end): their partial curve, status ``unfinished``."""
     keys = []
-    for name in load_plans()[0]:
-        for run in plan_runs(name):
-            _, out = run_args_no_prepare(run, work)
-            if res.done(run.key) or not (out / "logs").is_dir() or (out / "summary.json").is_file():
-                continue
-            rec = {"corpus": run.corpus, "method": run.method, "seed": run.seed, "tag": run.tag,
-                   "overrides": list(run.overrides), "command": "tune run " + " ".join(run_args(run, work)[0]),
-                   "status": "unfinished", "out": str(out)}
-            try:
-                rec["unigram"] = unigram_of_run(out)
-                rec.update(analyse(run, out, rec["unigram"], res.path.parent / "curves"))
-            except Exception as e:  # noqa: BLE001 - a run killed before it wrote its config
-                rec["error"] = f"{type(e).__name__}: {e}"
-            res.put(run.key, rec)
-            keys.append(run.key)
+    for run in queue_runs(list(load_plans()[0])):
+        _, out = run_args_no_prepare(run, work)
+        if res.done(run.key) or not (out / "logs").is_dir() or (out / "summary.json").is_file():
+            continue
+        rec = {"corpus": run.corpus, "method": run.method, "seed": run.seed, "tag": run.tag,
+               "overrides": list(run.overrides), "command": "tune run " + " ".join(run_args(run, work)[0]),
+               "status": "unfinished", "out": str(out)}
+        try:
+            rec["unigram"] = unigram_of_run(out)
+            rec.update(analyse(run, out, rec["unigram"], res.path.parent / "curves"))
+        except Exception as e:  # noqa: BLE001 - a run killed before it wrote its config
+            rec["error"] = f"{type(e).__name__}: {e}"
+        res.put(run.key, rec)
+        keys.append(run.key)
     write_table(res)
     return keys
 
