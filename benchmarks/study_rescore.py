@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-EVAL_SEEDS = tuple(range(1000, 1008))  # 8 passes: ~3 % standard error of a single evaluation's PPL
+EVAL_SEEDS = tuple(range(1000, 1008))  # 8 passes (a 20-step model: 3 passes gave a standard error of 0.09 nats)
 
 
 def _checkpoints(out: Path) -> list[tuple[int, Path]]:
