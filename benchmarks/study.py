@@ -54,7 +54,8 @@ METHODS = {
 }
 
 #: the study's defaults for every run (resolve the escape step at a 100-step grid; per-step loss and grad norm)
-COMMON = ["max_steps=1500", "eval_every=100", "eval_max_batches=4", "eval_batch_size=32", "checkpoint.every=0",
+COMMON = ["max_steps=1500", "eval_every=100", "eval_max_batches=4", "eval_batch_size=32", "checkpoint.every=100",
+          "checkpoint.keep_last=0",  # every 100 steps, all kept: re-scored with seed-independent draws (study_rescore)
           "max_wall_s=null", "progress_bar=false", "log_every=1"]
 
 
@@ -263,6 +264,26 @@ def analyse(run: Run, out: Path, unigram: dict, curves_dir: Path = CURVES) -> di
             "max_loss_after_warmup": max((v for s, v in loss if s > 60), default=None)}
 
 
+def rescored(out: Path, unigram_ppl: float) -> dict:
+    """The run's checkpoints re-scored under evaluation draws that do not depend on its seed (study_rescore.py):
+    ``val_fixed`` [(step, PPL, standard error of the NLL)] and the escape step on it; the step checkpoints are then
+    deleted (``final/`` stays)."""
+    import importlib.util
+
+    if not (out / "checkpoints").is_dir():
+        return {}
+    spec = importlib.util.spec_from_file_location("study_rescore", Path(__file__).with_name("study_rescore.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.rescore(out)
+    val = [(r["step"], r["ppl"]) for r in rows]
+    for _, model_dir in mod._checkpoints(out):
+        shutil.rmtree(model_dir.parent, ignore_errors=True)
+    return {"val_fixed": [[r["step"], r["ppl"], r["stderr_nll"]] for r in rows], "eval_seeds": list(mod.EVAL_SEEDS),
+            "escape_step_fixed": escape_step(val, unigram_ppl),
+            "final_fixed_vs_unigram": val[-1][1] / unigram_ppl if val else None}
+
+
 def execute(run: Run, work: Path, res: Results) -> None:
     args, out = run_args(run, work)
     command = "tune run " + " ".join(args)
@@ -282,6 +303,7 @@ def execute(run: Run, work: Path, res: Results) -> None:
     else:
         record["unigram"] = unigram_of_run(out)
         record.update(analyse(run, out, record["unigram"], res.path.parent / "curves"), status="done")
+        record.update(rescored(out, record["unigram"]["ppl"]))
     res.put(run.key, record)
     write_table(res)
     print(f"[study] {record['status']} {run.key}: escape {record.get('escape_step')} final "
@@ -291,21 +313,20 @@ def execute(run: Run, work: Path, res: Results) -> None:
 def record_unfinished(work: Path, res: Results) -> list[str]:
     """Runs with a log but no record (killed by a session end): their partial curve, status ``unfinished``."""
     keys = []
-    for name in load_plans()[0]:
-        for run in plan_runs(name):
-            _, out = run_args_no_prepare(run, work)
-            if res.done(run.key) or not (out / "logs").is_dir() or (out / "summary.json").is_file():
-                continue
-            rec = {"corpus": run.corpus, "method": run.method, "seed": run.seed, "tag": run.tag,
-                   "overrides": list(run.overrides), "command": "tune run " + " ".join(run_args(run, work)[0]),
-                   "status": "unfinished", "out": str(out)}
-            try:
-                rec["unigram"] = unigram_of_run(out)
-                rec.update(analyse(run, out, rec["unigram"], res.path.parent / "curves"))
-            except Exception as e:  # noqa: BLE001 - a run killed before it wrote its config
-                rec["error"] = f"{type(e).__name__}: {e}"
-            res.put(run.key, rec)
-            keys.append(run.key)
+    for run in queue_runs(list(load_plans()[0])):
+        _, out = run_args_no_prepare(run, work)
+        if res.done(run.key) or not (out / "logs").is_dir() or (out / "summary.json").is_file():
+            continue
+        rec = {"corpus": run.corpus, "method": run.method, "seed": run.seed, "tag": run.tag,
+               "overrides": list(run.overrides), "command": "tune run " + " ".join(run_args(run, work)[0]),
+               "status": "unfinished", "out": str(out)}
+        try:
+            rec["unigram"] = unigram_of_run(out)
+            rec.update(analyse(run, out, rec["unigram"], res.path.parent / "curves"))
+        except Exception as e:  # noqa: BLE001 - a run killed before it wrote its config
+            rec["error"] = f"{type(e).__name__}: {e}"
+        res.put(run.key, rec)
+        keys.append(run.key)
     write_table(res)
     return keys
 
@@ -373,20 +394,42 @@ def table_lines(res: Results) -> list[str]:
     return out
 
 
+def _at_step(r: dict, step: int, what: str = "ppl"):
+    """The validation PPL of record ``r`` at ``step`` (``what="ratio"``: divided by its unigram PPL), else None."""
+    v = dict((int(s), p) for s, p in r.get("val_ppl") or []).get(step)
+    uni = (r.get("unigram") or {}).get("ppl")
+    return None if v is None else (v / uni if what == "ratio" and uni else v)
+
+
+def _plateau_escape(r: dict) -> str:
+    """First evaluation after step 100 at <= ESCAPE_RATIO x the step-100 PPL (the constant-unigram stage of the run,
+    read under the run's own evaluation draws): an escape criterion that the seed's draws do not shift."""
+    ref = _at_step(r, 100)
+    if ref is None:
+        return "—"
+    step = next((s for s, v in sorted(r.get("val_ppl") or []) if s > 100 and v <= ESCAPE_RATIO * ref), None)
+    return str(step) if step is not None else ("never" if r.get("status") == "done" else "not yet")
+
+
 def summary_lines(res: Results) -> list[str]:
     """Per (corpus, method, variant): how many finished seeds left the plateau, when, and where they ended."""
     groups: dict[tuple, list[dict]] = {}
     for r in res.data["runs"].values():
         if r.get("status") == "done":
             groups.setdefault((r["corpus"], r["method"], r["tag"]), []).append(r)
-    out = ["| corpus | method | variant | seeds done | escaped | escape steps (per seed) | final / unigram (per seed) |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| corpus | method | variant | seeds done | escaped | escape steps (per seed) | final / unigram (per seed) | "
+           "step-100 PPL / unigram (per seed) | escape vs the step-100 PPL (per seed) | escape, seed-independent "
+           "evaluation (per seed) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (corpus, method, tag), rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["seed"])
         esc = [r.get("escape_step") for r in rs]
         out.append(f"| {corpus} | {method} | {tag} | {len(rs)} | {sum(e is not None for e in esc)}/{len(rs)} | "
                    + ", ".join(f"s{r['seed']}: {'never' if e is None else e}" for r, e in zip(rs, esc)) + " | "
-                   + ", ".join(f"s{r['seed']}: {_fmt(r.get('final_vs_unigram'), 2)}" for r in rs) + " |")
+                   + ", ".join(f"s{r['seed']}: {_fmt(r.get('final_vs_unigram'), 2)}" for r in rs) + " | "
+                   + ", ".join(f"s{r['seed']}: {_fmt(_at_step(r, 100, 'ratio'), 2)}" for r in rs) + " | "
+                   + ", ".join(f"s{r['seed']}: {_plateau_escape(r)}" for r in rs) + " | "
+                   + ", ".join(f"s{r['seed']}: " + ("—" if "val_fixed" not in r else
+                                                    str(r.get("escape_step_fixed") or "never")) for r in rs) + " |")
     return out
 
 

@@ -30,7 +30,7 @@ PLANS = {
     "b64_bom_s0": grid(["bom"], ["duo", "udlm"], [0], ["global_batch_size=64"], "b64"),
     "ar": grid(["bom", "shakespeare"], ["ar"], [0], ["max_steps=600"], "steps600"),
     # the pipeline end to end in a minute (use with --results /tmp/...: not a study result)
-    "smoke": grid(["bom"], ["duo", "mdlm"], [0], ["max_steps=20", "eval_every=10"], "smoke"),
+    "smoke": grid(["bom"], ["duo", "mdlm"], [0], ["max_steps=20", "eval_every=10", "checkpoint.every=10"], "smoke"),
 }
 
 # on a 2-core machine shared with other jobs a pair of tiny runs takes 10-20 min, a d128 run ~3.5x as long

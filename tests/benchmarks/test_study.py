@@ -1,5 +1,5 @@
-"""benchmarks/study.py: escape step, spike detection, override merging, resumability of the record, and (slow) one
-tiny run end to end through `tune run`."""
+"""benchmarks/study.py: escape step, spike detection, override merging, resumability of the record, and (slow) two
+tiny runs end to end through `tune run`, re-scored under fixed evaluation seeds (benchmarks/study_rescore.py)."""
 
 from __future__ import annotations
 
@@ -78,4 +78,8 @@ def test_smoke_plan_records_two_runs(tmp_path):
     for r in runs.values():
         assert r["status"] == "done" and r["final_step"] == 20 and [s for s, _ in r["val_ppl"]] == [0, 10, 20]
         assert 100 < r["unigram"]["ppl"] < 256 and r["cpu_s"] > 0  # K = 256 pieces: a unigram is below uniform
+        # re-scored under the fixed evaluation seeds: one row per checkpoint (every 10 steps), then pruned
+        assert [row[0] for row in r["val_fixed"]] == [10, 20] and all(1 < row[1] < 600 for row in r["val_fixed"])
+        out = Path(r["out"])
+        assert (out / "final").is_dir() and not list((out / "checkpoints").glob("step_*/model"))
     assert (tmp_path / "curves" / "bom__duo__smoke__s0.json").is_file()
