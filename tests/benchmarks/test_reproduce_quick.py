@@ -1,7 +1,10 @@
 """`python benchmarks/reproduce.py --quick`: the whole reproduction pipeline at toy size, through `tune run`.
 
 Checks that every stage produced numbers (not that the claims hold: the quick models are barely trained) and that
-the report and its figures are written.  About 3 minutes on 2 idle cores (many `tune run` start-ups)."""
+the report and its figures are written. The baselines SEDD (absorbing, uniform) and D3PM train for 4 steps only
+(``QUICK.baseline_steps``) and are sampled at T = 8: enough to run every path (training, validation, zero-shot
+``duo_eval``, ``duo_generate``) through the folder's process lookup.  About 3 minutes on 2 idle cores (many `tune
+run` start-ups)."""
 
 from __future__ import annotations
 
@@ -34,6 +37,11 @@ def test_reproduce_quick(tmp_path):
         assert math.isfinite(ppl) and 1 < ppl < 600, (key, ppl)  # K = 256: an untrained model is near 256
     assert res["train"]["duo_s0"]["summary"]["curriculum_steps"] == 10
     assert res["train"]["udlm_s0"]["summary"]["curriculum_steps"] == 0
+    for key, objective in (("sedd_absorb_s0", "sedd_absorb"), ("sedd_uniform_s0", "sedd_uniform"),
+                           ("d3pm_s0", "d3pm")):
+        summ = res["train"][key]["summary"]
+        assert summ["objective"] == objective and summ["steps"] == 4, (key, summ)
+        assert math.isfinite(summ["final_val_ppl"]) and summ["final_val_ppl"] > 1, (key, summ)
     assert (work / "runs" / "duo_dcd" / "final").is_dir()
     v = res["variance"]
     assert v["curriculum"]["batches"] == v["discrete"]["batches"] == 3
@@ -42,10 +50,21 @@ def test_reproduce_quick(tmp_path):
             r = res["genppl"][lab][steps]
             # (greedy-tail samples of a 40-step model may be one repeated token: entropy 0)
             assert math.isfinite(r["gen_ppl"]) and r["gen_ppl"] > 1 and 0 <= r["entropy"] < 10, (lab, steps, r)
-    r = res["genppl"]["MDLM (greedy)"]["8"]  # sampled by duo_generate itself, from the folder's objective
-    assert r["process"] == "absorbing" and math.isfinite(r["gen_ppl"]) and r["gen_ppl"] > 1, r
+    # sampled by duo_generate itself, with the process of the folder's objective
+    for lab, kind in (("MDLM (greedy)", "absorbing"), ("SEDD-absorb (ancestral)", "sedd"),
+                      ("SEDD-uniform (ancestral)", "sedd"), ("D3PM (ancestral)", "d3pm")):
+        r = res["genppl"][lab]["8"]
+        assert r["process"] == kind and math.isfinite(r["gen_ppl"]) and r["gen_ppl"] > 1, (lab, r)
+    assert "16" not in res["genppl"]["D3PM (ancestral)"]  # the baselines are sampled at QUICK.baseline_gen_steps
+    zs = res["zeroshot"]
     for key in ("duo_s0", "udlm_s0", "ar_s0"):
-        assert math.isfinite(res["zeroshot"][key]["ppl"]), key
+        assert math.isfinite(zs[key]["ppl"]), key
+    # every diffusion folder through duo_eval, its process found from its metadata, on the same content tokens
+    kinds = {"duo_s0": "uniform", "duo_dcd": "uniform", "udlm_s0": "uniform", "mdlm_s0": "absorbing",
+             "sedd_absorb_s0": "sedd", "sedd_uniform_s0": "sedd", "d3pm_s0": "d3pm"}
+    for key, kind in kinds.items():
+        assert zs[key]["process"] == kind and math.isfinite(zs[key]["ppl"]) and zs[key]["ppl"] > 1, (key, zs[key])
+        assert zs[key]["tokens"] == zs["duo_s0"]["tokens"] > 0, (key, zs[key]["tokens"])
     ad = res["adapt"]
     assert ad["hf_checkpoint"]["architectures"] == ["LlamaForCausalLM"]
     for name in ("adapted", "scratch"):
@@ -53,6 +72,8 @@ def test_reproduce_quick(tmp_path):
     # the adapted run starts from the AR weights: far below the from-scratch model's initial PPL
     assert ad["adapted"]["first_val_ppl"] < ad["scratch"]["first_val_ppl"]
     text = report.read_text()
+    for row in ("| SEDD-absorb |", "| SEDD-uniform |", "| D3PM |", "| sedd_absorb_s0 | sedd |", "| d3pm_s0 | d3pm |"):
+        assert row in text, row
     for heading in ("(a) Validation NELBO perplexity", "(b) Gen PPL", "(c) Zero-shot", "(d) Adapting",
                     "Reading of the paper's claims", "## Commands"):
         assert heading in text
