@@ -1012,6 +1012,7 @@ def main(argv=None) -> int:
         plan.seeds = tuple(args.seeds)
     if args.steps:
         plan.steps = int(args.steps)
+        plan.baseline_steps = None  # every run, the baselines included
     plan.extra = list(args.override)
     work = Path(args.work or REPO / "outputs" / ("reproduce_quick" if args.quick else "reproduce")).resolve()
     report = Path(args.report).resolve() if args.report else (

@@ -81,3 +81,31 @@ def test_reproduce_quick(tmp_path):
     for png in ("training_vs_steps.png", "training_vs_wall.png", "genppl_vs_steps.png", "genppl_vs_entropy.png",
                 "adaptation.png"):
         assert (figs / png).read_bytes()[:4] == b"\x89PNG", png
+
+
+def _reproduce_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce_under_test", REPO / "benchmarks" / "reproduce.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_full_plan_gives_every_method_the_same_budget():
+    """The baseline table compares methods at equal budget: in the full plan every method (SEDD and D3PM included)
+    trains ``steps`` steps and every Gen PPL row samples at every ``gen_steps``; only ``--quick`` shortens the
+    baselines. Every method's config ships, and every Gen PPL row samples a model the plan trains."""
+    rp = _reproduce_module()
+    full = rp.Plan()
+    assert {"sedd_absorb", "sedd_uniform", "d3pm"} <= set(rp.METHODS)
+    for method, (config, _) in rp.METHODS.items():
+        assert rp.config_available(config), config
+        assert rp.train_steps(full, method) == full.steps == 1600, method
+        assert rp.train_steps(rp.QUICK, method) == (4 if method in rp.BASELINES else rp.QUICK.steps), method
+    trained = {f"{m}_s{s}" for m in rp.METHODS for s in (0, 1, 2)} | {"duo_dcd"}
+    for label, key, _ in rp.GEN_RUNS:
+        assert key in trained, (label, key)
+        assert rp._gen_steps(full, key) == full.gen_steps, label
+    assert set(rp.QUICK.gen_labels) <= {lab for lab, _, _ in rp.GEN_RUNS}
