@@ -3,8 +3,8 @@
 Checks that every stage produced numbers (not that the claims hold: the quick models are barely trained) and that
 the report and its figures are written. The baselines SEDD (absorbing, uniform) and D3PM train for 4 steps only
 (``QUICK.baseline_steps``) and are sampled at T = 8: enough to run every path (training, validation, zero-shot
-``duo_eval``, ``duo_generate``) through the folder's process lookup.  About 3 minutes on 2 idle cores (many `tune
-run` start-ups)."""
+``duo_eval``, ``duo_generate``) through the folder's process lookup.  About 6 minutes on 2 busy cores (345 s at load
+5-6, against 195 s for the pipeline without the three baselines; many `tune run` start-ups)."""
 
 from __future__ import annotations
 
