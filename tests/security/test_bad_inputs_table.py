@@ -225,7 +225,7 @@ def lm_eval_cli(monkeypatch):
 @pytest.mark.parametrize("args,must", [
     ("foo=1", ["unknown --model_args for duo: ['foo']", "valid:"]),
     ("weigths=ema", ["unknown --model_args for duo: ['weigths']", "weights"]),
-    ("weights=best", ["weights must be 'ema' or 'model', got 'best'"]),
+    ("weights=best", ["weights must be 'ema' or 'raw', got 'best'"]),
 ])
 def test_lm_eval_model_args_errors_are_one_line_on_the_cli(args, must, trained, lm_eval_cli, capsys):
     from duo_plugin.integrations.lm_eval import DuoLM
@@ -253,9 +253,9 @@ def test_lm_eval_model_args_errors_propagate_from_the_python_api(trained):
 @pytest.mark.slow
 @pytest.mark.parametrize("cli,args,task,must", [
     ("duo-eval", "foo=1", "duo_shakespeare_ppl", "unknown --model_args for duo: ['foo']"),
-    ("duo-eval", "weights=best", "duo_shakespeare_ppl", "weights must be 'ema' or 'model', got 'best'"),
+    ("duo-eval", "weights=best", "duo_shakespeare_ppl", "weights must be 'ema' or 'raw', got 'best'"),
     ("duo-eval", "", "no_such_task", "Tasks not found: no_such_task"),
-    ("lm_eval", "weights=best", "duo_shakespeare_ppl", "lm_eval: error: weights must be 'ema' or 'model'"),
+    ("lm_eval", "weights=best", "duo_shakespeare_ppl", "lm_eval: error: weights must be 'ema' or 'raw'"),
 ])
 def test_eval_cli_errors_exit_2(cli, args, task, must, trained, tmp_path):
     """The real command lines (``duo-eval``; lm-eval's own ``python -m lm_eval --model duo``): one line, exit status

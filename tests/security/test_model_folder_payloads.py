@@ -99,7 +99,8 @@ def _loaders(h, w, folder: Path, out: Path):
         DuoLM.create_from_arg_string(f"pretrained={folder},device=cpu")
 
     small = {"data.seq_len": 16, "global_batch_size": 8, "max_steps": 2, "distill.rounds": 1,
-             "distill.steps_per_round": 2, "eval.num_samples": 1, "progress_bar": False}
+             "distill.steps_per_round": 2, "eval.num_samples": 1, "progress_bar": False,
+             "eval.scorer.type": "none"}  # the payload is in init_from; no Gen PPL scorer needed
     return {
         "duo_generate": ("duo_generate", lambda: dg.run(h.generate_cfg(folder, out / "gen"))),
         "duo_eval": ("duo_eval", lambda: de.run(h.eval_cfg(folder, out / "eval", corpus))),
