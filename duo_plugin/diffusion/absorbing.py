@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .schedules import LogLinearSchedule, sigma_from_alpha, t_for_alpha
+from .schedules import LogLinearSchedule, ScheduledTime
 from .uniform import Generator, check_valid_vocab, draw, per_token, sample_categorical
 
 __all__ = [
@@ -279,7 +279,7 @@ class XThetaCache:
 # ----------------------------------------------------------------------------------------------------------------
 # The noise-process object (alpha, alpha_prime, corrupt, posterior, prior_sample, nelbo)
 # ----------------------------------------------------------------------------------------------------------------
-class AbsorbingProcess:
+class AbsorbingProcess(ScheduledTime):
     """The absorbing process as one object, with the methods of :class:`duo_plugin.diffusion.process.NoiseProcess`
     (used by :class:`~duo_plugin.objectives.mdlm.MDLMObjective`, :mod:`duo_plugin.sampling.mdlm` and
     :mod:`duo_plugin.eval.likelihood` alike).
@@ -302,20 +302,6 @@ class AbsorbingProcess:
         check_valid_vocab(self.vocab_size, valid_vocab)
         self.valid_vocab = valid_vocab
         self.schedule = schedule if schedule is not None else LogLinearSchedule()
-
-    def alpha(self, t) -> torch.Tensor:
-        return self.schedule.alpha(t)
-
-    def alpha_prime(self, t) -> torch.Tensor:
-        return self.schedule.alpha_prime(t)
-
-    def sigma(self, t) -> torch.Tensor:
-        """σ = −log α(t) (float64), the network's time conditioning."""
-        return sigma_from_alpha(self.alpha(t))
-
-    def t_for_alpha(self, alpha: float) -> float:
-        """The time with α_t = ``alpha`` (:func:`~duo_plugin.diffusion.schedules.t_for_alpha`)."""
-        return t_for_alpha(self.schedule, alpha)
 
     def corrupt(self, x0, alpha_t, generator):
         return corrupt(x0, alpha_t, generator, self.mask_id)

@@ -29,7 +29,7 @@ import torch
 
 from . import uniform
 from .losses import duo_nelbo
-from .schedules import LogLinearSchedule, sigma_from_alpha, t_for_alpha
+from .schedules import LogLinearSchedule, ScheduledTime
 
 _F64 = torch.float64
 
@@ -60,7 +60,7 @@ class NoiseProcess(Protocol):
     def t_for_alpha(self, alpha: float) -> float: ...
 
 
-class UniformProcess:
+class UniformProcess(ScheduledTime):
     """Uniform-state process over the valid ids (docs/method.md §1.1), with a schedule (default log-linear): prior
     U(valid ids), the exact posterior q(z_s | z_t, x) (paper Eq. 4), the forward marginal
     q_α(· | x) = α x + (1 − α) U(valid) and the NELBO of Duo.
@@ -87,22 +87,6 @@ class UniformProcess:
         if self._fill_id is None:
             self._fill_id = 0 if self.valid_vocab is None else int(torch.nonzero(self.valid_vocab)[0])
         return self._fill_id
-
-    def alpha(self, t) -> torch.Tensor:
-        """α at time(s) ``t`` as float64 (same shape as ``t``; ``t`` is cast to float64 first)."""
-        t = torch.as_tensor(t, dtype=_F64)
-        return torch.as_tensor(self.schedule.alpha(t), dtype=_F64).reshape(t.shape)
-
-    def alpha_prime(self, t) -> torch.Tensor:
-        return self.schedule.alpha_prime(t)
-
-    def sigma(self, t) -> torch.Tensor:
-        """σ = −log α(t) (float64), the network's time conditioning."""
-        return sigma_from_alpha(self.alpha(t))
-
-    def t_for_alpha(self, alpha: float) -> float:
-        """The time with α_t = ``alpha`` (:func:`~duo_plugin.diffusion.schedules.t_for_alpha`)."""
-        return t_for_alpha(self.schedule, alpha)
 
     def corrupt(self, x0, alpha_t, generator):
         if self.valid_vocab is None:

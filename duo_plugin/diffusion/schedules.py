@@ -31,6 +31,7 @@ __all__ = [
     "DualitySchedule",
     "t_for_alpha",
     "sigma_from_alpha",
+    "ScheduledTime",
 ]
 
 
@@ -48,6 +49,29 @@ def sigma_from_alpha(alpha) -> torch.Tensor:
     if not a.is_floating_point():
         a = a.to(torch.float64)
     return -torch.log(a.clamp_min(torch.finfo(a.dtype).tiny))
+
+
+class ScheduledTime:
+    """The time half of a noise process, read from its ``schedule`` (any object with ``alpha(t)`` and
+    ``alpha_prime(t)``): ``alpha(t)`` (float64, the shape of ``t``), ``alpha_prime(t)``, ``sigma(t)`` = −log α(t)
+    (:func:`sigma_from_alpha`, the network's time conditioning) and the inverse ``t_for_alpha(α)``. The uniform,
+    absorbing and SEDD processes inherit it; a process with its own clock (D3PM) defines the four itself."""
+
+    schedule: object
+
+    def alpha(self, t) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return torch.as_tensor(self.schedule.alpha(t), dtype=torch.float64).reshape(t.shape)
+
+    def alpha_prime(self, t) -> torch.Tensor:
+        return self.schedule.alpha_prime(t)
+
+    def sigma(self, t) -> torch.Tensor:
+        return sigma_from_alpha(self.alpha(t))
+
+    def t_for_alpha(self, alpha: float) -> float:
+        """The time with α_t = ``alpha`` (:func:`t_for_alpha`)."""
+        return t_for_alpha(self.schedule, alpha)
 
 
 def log_linear_alpha(t, eps: float = 1e-3) -> torch.Tensor:

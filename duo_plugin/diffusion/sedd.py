@@ -49,7 +49,7 @@ import math
 import torch
 
 from . import absorbing, uniform
-from .schedules import LogLinearSchedule, sigma_from_alpha, t_for_alpha
+from .schedules import LogLinearSchedule, ScheduledTime
 from .uniform import check_valid_vocab, per_token
 
 __all__ = ["GRAPHS", "PREDICTORS", "GeometricSchedule", "dse_phi", "SEDDProcess"]
@@ -93,7 +93,7 @@ def dse_phi(d: torch.Tensor) -> torch.Tensor:
     return torch.expm1(d) - d
 
 
-class SEDDProcess:
+class SEDDProcess(ScheduledTime):
     """SEDD's forward process on one graph, with the :class:`~duo_plugin.diffusion.process.NoiseProcess` methods,
     the score parametrisation (:meth:`log_scores`), the DSE NELBO (:meth:`nelbo`) and the samplers' reverse step
     (:meth:`reverse_probs`).
@@ -132,19 +132,7 @@ class SEDDProcess:
         self.fill_id = int(torch.nonzero(support)[0])  # a state id the samplers may put at clamped positions
 
     # -- schedule ---------------------------------------------------------------------------------------------
-    def alpha(self, t) -> torch.Tensor:
-        t = torch.as_tensor(t, dtype=_F64)
-        return torch.as_tensor(self.schedule.alpha(t), dtype=_F64).reshape(t.shape)
-
-    def alpha_prime(self, t) -> torch.Tensor:
-        return self.schedule.alpha_prime(t)
-
-    def sigma(self, t) -> torch.Tensor:
-        """σ̄(t) = −log α(t) (float64), the network's time conditioning."""
-        return sigma_from_alpha(self.alpha(t))
-
-    def t_for_alpha(self, alpha: float) -> float:
-        return t_for_alpha(self.schedule, alpha)
+    # alpha / alpha_prime / sigma (σ̄(t) = −log α(t)) / t_for_alpha: ScheduledTime
 
     # -- forward process --------------------------------------------------------------------------------------
     def corrupt(self, x0, alpha_t, generator):
