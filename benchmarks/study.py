@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import gzip
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -81,7 +83,10 @@ def corpus_overrides(corpus: str, work: Path) -> list[str]:
     if corpus == "bom":
         path = prepare_bom(work / "corpora" / "bom")
         return ["data.source=files", f"data.files=[{path}]", "data.sample_by=paragraph"]
-    raise SystemExit(f"study: unknown corpus {corpus!r}; known: shakespeare, bom")
+    if corpus == "jargon":
+        path = prepare_jargon(work / "corpora" / "jargon")
+        return ["data.source=files", f"data.files=[{path}]", "data.sample_by=paragraph"]
+    raise SystemExit(f"study: unknown corpus {corpus!r}; known: shakespeare, bom, jargon")
 
 
 def prepare_bom(folder: Path) -> Path:
@@ -101,6 +106,63 @@ def prepare_bom(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n\n".join(chapters) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+JARGON_DICT = Path("/usr/share/dictd/jargon.dict.dz")  # Debian package dict-jargon (4.4.7-3.1)
+_DICTD_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+def _dictd_number(text: str) -> int:
+    """A dictd index number (base 64, most significant digit first, alphabet ``_DICTD_B64``)."""
+    n = 0
+    for ch in text:
+        n = n * 64 + _DICTD_B64.index(ch)
+    return n
+
+
+def jargon_entry_text(raw: str) -> str:
+    """One dictd entry of the Jargon File as one document: the headword, its pronunciation / part-of-speech line
+    (when it has one) and each paragraph unwrapped onto one line; the ``{cross reference}`` braces dropped."""
+    lines = raw.splitlines()
+    head, rest = lines[0].strip(), lines[1:]
+    out = [head]
+    if rest and rest[0].startswith(" "):  # " /pronunciation/, n." (or an empty " //")
+        if rest[0].strip() not in ("", "//"):
+            out.append(rest[0].strip())
+        rest = rest[1:]
+    para: list[str] = []
+    for line in rest + [""]:
+        if line.strip():
+            para.append(line.strip())
+        elif para:
+            out.append(" ".join(para))
+            para = []
+    text = "\n".join(out)
+    text = re.sub(r"\{\s*", "", text)
+    return re.sub(r"\s*\}", "", text)
+
+
+def prepare_jargon(folder: Path, dict_file: Path = JARGON_DICT) -> Path:
+    """The Jargon File 4.4.7 (public domain; Debian's ``dict-jargon``) as one text file: one paragraph (blank-line
+    separated) per entry, in the dictionary's alphabetical order; the ``00-database-*`` header entries are skipped."""
+    path = folder / "jargon_entries.txt"
+    if path.is_file():
+        return path
+    index = dict_file.with_name(dict_file.name.replace(".dict.dz", ".index"))
+    if not (dict_file.is_file() and index.is_file()):
+        raise SystemExit(f"study: corpus 'jargon' needs {dict_file} and {index}: apt-get install dict-jargon")
+    data = gzip.decompress(dict_file.read_bytes())
+    entries = []
+    for line in index.read_text(encoding="utf-8").splitlines():
+        word, off, length = line.split("\t")
+        if not word.startswith("00-database") and not word.startswith("00database"):
+            entries.append((_dictd_number(off), _dictd_number(length)))
+    docs = [jargon_entry_text(data[o:o + n].decode("utf-8")) for o, n in sorted(set(entries))]
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n\n".join(d for d in docs if d.strip()) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
 
@@ -433,6 +495,85 @@ def summary_lines(res: Results) -> list[str]:
     return out
 
 
+BAR_FINAL = 0.6  # issue 23's bar: end >= 40 % below the unigram content PPL ...
+BAR_ESCAPE_SHARE = 1 / 3  # ... after leaving the plateau within the first third of the step budget
+
+
+def _budget(r: dict) -> int:
+    """The run's ``max_steps`` (the last one in its command wins, as in ``tune run``)."""
+    steps = [int(tok.split("=", 1)[1]) for tok in r.get("command", "").split() if tok.startswith("max_steps=")]
+    return steps[-1] if steps else 1500
+
+
+def bar_lines(res: Results) -> list[str]:
+    """Per (method, variant), over every corpus and seed done: how many runs meet the bar (escape step <= a third of
+    max_steps and final PPL <= 0.6 x the unigram), the worst escape step and ratio, and the largest CPU time."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in res.data["runs"].values():
+        if r.get("status") == "done":
+            groups.setdefault((r["method"], r["tag"]), []).append(r)
+    out = ["| method | variant | runs (corpora x seeds) | escape within the first third: run's own evaluation / "
+           "seed-independent evaluation | final <= 0.6 x unigram | meets the bar (both escapes and the final) | latest "
+           "escape (own / seed-independent) | worst final / unigram | max CPU (min) |", "|---|---|---|---|---|---|---|---|---|"]
+    for (method, tag), rs in sorted(groups.items()):
+        def ok(r, key):
+            return r.get(key) is not None and r[key] <= BAR_ESCAPE_SHARE * _budget(r)
+
+        esc_ok = [ok(r, "escape_step") for r in rs]
+        has_fixed = all("val_fixed" in r for r in rs)
+        fix_ok = [ok(r, "escape_step_fixed") for r in rs] if has_fixed else [True] * len(rs)
+        fin_ok = [(r.get("final_vs_unigram") or 9) <= BAR_FINAL for r in rs]
+        corpora = sorted({r["corpus"] for r in rs})
+        big = 10 ** 9
+
+        def latest(key):
+            v = max((r.get(key) or big) for r in rs)
+            return "never" if v == big else str(v)
+
+        cpu = [r["cpu_s"] for r in rs if r.get("cpu_s")]
+        meets = sum(a and b and c for a, b, c in zip(esc_ok, fix_ok, fin_ok))
+        out.append(f"| {method} | {tag} | {len(rs)} ({', '.join(corpora)}) | {sum(esc_ok)}/{len(rs)} / "
+                   f"{f'{sum(fix_ok)}/{len(rs)}' if has_fixed else '—'} | {sum(fin_ok)}/{len(rs)} | "
+                   f"{f'{meets}/{len(rs)}' if has_fixed else f'({meets}/{len(rs)}: own evaluation only)'} | "
+                   f"{latest('escape_step')} / {latest('escape_step_fixed') if has_fixed else '—'} | "
+                   f"{_fmt(max(r.get('final_vs_unigram') or 0 for r in rs), 2)} | {_fmt(max(cpu) / 60, 1) if cpu else '—'} |")
+    return out
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact sign test: P(a split at least this uneven | each non-tied pair is a fair coin)."""
+    n, k = wins + losses, min(wins, losses)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_lines(res: Results, a: str = "duo", b: str = "udlm") -> list[str]:
+    """Method ``a`` vs ``b`` paired by (corpus, variant, seed) over the finished runs: which escaped first (a never-
+    escaping run counts as later than any escape; both never: a tie) and which ended lower, with the exact sign test."""
+    runs = {(r["corpus"], r["tag"], r["seed"], r["method"]): r for r in res.data["runs"].values()
+            if r.get("status") == "done"}
+    out = [f"| variant | pairs ({a} vs {b}) | {a} escaped first / later / same step | sign test p | {a} ended lower / "
+           f"higher | sign test p | median final ratio {a} / {b} |", "|---|---|---|---|---|---|---|"]
+    tags = sorted({k[1] for k in runs if k[3] == a})
+    for tag in tags:
+        pairs = [(runs[k], runs[(k[0], k[1], k[2], b)]) for k in runs
+                 if k[3] == a and k[1] == tag and (k[0], k[1], k[2], b) in runs]
+        if not pairs:
+            continue
+        big = 10 ** 9
+        e = [((ra.get("escape_step") or big), (rb.get("escape_step") or big)) for ra, rb in pairs]
+        first, later = sum(x < y for x, y in e), sum(x > y for x, y in e)
+        fa = [(ra["final_ppl"], rb["final_ppl"]) for ra, rb in pairs]
+        lower, higher = sum(x < y for x, y in fa), sum(x > y for x, y in fa)
+        ratios = sorted(x / y for x, y in fa)
+        med = ratios[len(ratios) // 2] if len(ratios) % 2 else (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2
+        out.append(f"| {tag} | {len(pairs)} | {first} / {later} / {len(pairs) - first - later} | "
+                   f"{sign_test_p(first, later):.3g} | {lower} / {higher} | {sign_test_p(lower, higher):.3g} | {med:.3f} |")
+    return out
+
+
 def write_table(res: Results) -> None:
     if res.path != RESULTS or not DOC.is_file():  # a scratch results file (--results) leaves the doc alone
         return
@@ -441,7 +582,9 @@ def write_table(res: Results) -> None:
         return
     head, _, rest = text.partition(TABLE_BEGIN)
     _, _, tail = rest.partition(TABLE_END)
-    body = "\n".join(["### Summary", "", *summary_lines(res), "", "### Every run", "", *table_lines(res)])
+    body = "\n".join(["### The bar, per method and variant (every corpus and seed done)", "", *bar_lines(res), "",
+                      "### Duo vs UDLM, paired by corpus and seed (does the curriculum delay the escape?)", "",
+                      *paired_lines(res), "", "### Summary", "", *summary_lines(res), "", "### Every run", "", *table_lines(res)])
     tmp = DOC.with_suffix(".tmp")
     tmp.write_text(f"{head}{TABLE_BEGIN}\n{body}\n{TABLE_END}{tail}")
     os.replace(tmp, DOC)

@@ -29,10 +29,24 @@ PLANS = {
     # batch 64 (the same steps: twice the tokens; the low-t spike diluted 2x)
     "b64_bom_s0": grid(["bom"], ["duo", "udlm"], [0], ["global_batch_size=64"], "b64"),
     "ar": grid(["bom", "shakespeare"], ["ar"], [0], ["max_steps=600"], "steps600"),
+    # round 4, single-factor screen on the Book of Mormon (where Duo and UDLM fail 2 of 3 seeds at duo/tiny_cpu)
+    **{f"screen_{tag}": grid(["bom"], ["duo", "udlm"], [0, 1, 2], over, tag) for tag, over in {
+        "b128": ["global_batch_size=128"],                    # 4x the tokens per step (same steps)
+        "lr1e3": ["optimizer.lr=1e-3"],                       # a third of the learning rate
+        "notc": ["model.time_conditioning=false"],            # no sigma input (MDLM's setting)
+        "L4": ["model.n_layers=4"],                           # twice the depth
+    }.items()},
+    "screen_b128_s0": grid(["bom"], ["duo", "udlm"], [0], ["global_batch_size=128"], "b128"),
+    # round 4: batch 128 everywhere (the screen's winner), every method, corpus and seed; AR on the same settings
+    "b128_all": grid(["jargon", "shakespeare", "bom"], ["duo", "udlm", "mdlm"], [0, 1, 2], ["global_batch_size=128"],
+                     "b128"),
+    "ar_b128": grid(["jargon", "shakespeare", "bom"], ["ar"], [0], ["global_batch_size=128", "max_steps=600"],
+                    "b128steps600"),
+    # the one b128 run that escaped late (Duo, Book of Mormon, seed 2) at batch 256
+    "b256_bom_duo_s2": grid(["bom"], ["duo"], [2], ["global_batch_size=256"], "b256"),
     # the pipeline end to end in a minute (use with --results /tmp/...: not a study result)
     "smoke": grid(["bom"], ["duo", "mdlm"], [0], ["max_steps=20", "eval_every=10", "checkpoint.every=10"], "smoke"),
 }
 
 # on a 2-core machine shared with other jobs a pair of tiny runs takes 10-20 min, a d128 run ~3.5x as long
-QUEUE = ["d128_bom_duo_s0", "baseline_s0", "baseline_s1", "d128_bom_s0", "ar", "baseline_s2", "b64_bom_s0", "d128_all",
-         "ar_d128"]
+QUEUE = ["screen_b128", "b256_bom_duo_s2", "b128_all", "screen_lr1e3", "ar_b128", "screen_notc", "screen_L4"]

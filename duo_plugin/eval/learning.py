@@ -184,9 +184,12 @@ def plateau_advice(report: dict, *, steps: int, max_steps: int, val_curve: Seque
         lines.append(f"its validation PPL is still falling ({half[0]:.1f} -> {half[-1]:.1f} over the last half): "
                      f"train longer, e.g. max_steps={2 * max(steps, 1)} (resume=true continues this run).")
     else:
-        lines.append("its validation PPL is flat: at this model size whether and when a diffusion model leaves the "
-                     "plateau depends on the seed and the corpus, not only on the budget. Use a bigger model "
-                     "(--config duo/small_cpu, duo/udlm_small_cpu or duo/mdlm_small_cpu: d = 128), or another seed.")
+        lines.append("its validation PPL is flat: with 32 sequences per step the gradient is mostly noise on the "
+                     "plateau (its noise scale is larger than the batch), so whether and when a diffusion model "
+                     "leaves it depends on the seed and the corpus. Use a larger batch: global_batch_size=128 "
+                     "(--config duo/small_cpu, duo/udlm_small_cpu or duo/mdlm_small_cpu), with "
+                     "gradient_accumulation_steps if memory is short; a wider model alone does not help "
+                     "(docs/small-scale-training.md).")
     lines.append("a tokenizer with fewer pieces (tokenizer.train.vocab_size) also shortens the plateau: the uniform "
                  "noise spreads over fewer ids (docs/demo-investigation.md).")
     return lines

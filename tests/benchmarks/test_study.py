@@ -83,3 +83,61 @@ def test_smoke_plan_records_two_runs(tmp_path):
         out = Path(r["out"])
         assert (out / "final").is_dir() and not list((out / "checkpoints").glob("step_*/model"))
     assert (tmp_path / "curves" / "bom__duo__smoke__s0.json").is_file()
+
+
+def test_dictd_numbers_are_base64_most_significant_first():
+    study = _study()
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    for n in (0, 1, 63, 64, 993, 4095, 123456):
+        digits, m = [], n
+        while True:  # the number written by hand in base 64, then read back
+            digits.append(alphabet[m % 64])
+            m //= 64
+            if not m:
+                break
+        assert study._dictd_number("".join(reversed(digits))) == n
+
+
+def test_a_jargon_entry_becomes_one_document():
+    study = _study()
+    raw = ("ad-hockery\n /ad·hok'@r·ee/, n.\n\n    [Purdue]\n\n    1. Gratuitous assumptions made inside\n"
+           "    certain programs. See also {\n    ELIZA effect}.\n\n")
+    assert study.jargon_entry_text(raw) == ("ad-hockery\n/ad·hok'@r·ee/, n.\n[Purdue]\n"
+                                            "1. Gratuitous assumptions made inside certain programs. See also ELIZA "
+                                            "effect.")
+    assert study.jargon_entry_text("(TM)\n //\n\n    [Usenet] ASCII rendition.\n") == "(TM)\n[Usenet] ASCII rendition."
+
+
+@pytest.mark.skipif(not Path("/usr/share/dictd/jargon.dict.dz").is_file(), reason="apt-get install dict-jargon")
+def test_jargon_corpus_has_every_entry_and_no_dictd_header(tmp_path):
+    study = _study()
+    text = study.prepare_jargon(tmp_path).read_text(encoding="utf-8")
+    docs = text.strip().split("\n\n")
+    index = Path("/usr/share/dictd/jargon.index").read_text(encoding="utf-8").splitlines()
+    assert len(docs) == sum(not w.startswith("00") for w in (line.split("\t")[0] for line in index))
+    assert docs[0].startswith("(TM)\n") and "00-database" not in text and "{" not in text
+    assert any(d.startswith("hacker\n") for d in docs)
+
+
+def test_noise_scale_matches_the_closed_form_on_gaussian_gradients():
+    """Rows g_j ~ N(mu, s^2 I_P): |G|^2 = |mu|^2, tr(S) = P s^2, B_noise = P s^2 / |mu|^2 (Monte Carlo, 4 SE)."""
+    import torch
+    spec = importlib.util.spec_from_file_location("study_noise_under_test", REPO / "benchmarks" / "study_noise.py")
+    noise = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(noise)
+    gen = torch.Generator().manual_seed(0)
+    p, n, s = 50, 4000, 2.0
+    mu = torch.full((p,), 0.5, dtype=torch.float64)
+    g = mu + s * torch.randn(n, p, generator=gen, dtype=torch.float64)
+    r = noise.noise_scale(g)
+    assert abs(r["trS"] - p * s ** 2) < 4 * p * s ** 2 * (2 / (n * p)) ** 0.5
+    assert abs(r["G2"] - float(mu @ mu)) < 4 * (4 * s ** 2 * float(mu @ mu) / n + 2 * p * s ** 4 / n ** 2) ** 0.5
+    assert 0.85 < r["B_noise"] / (p * s ** 2 / float(mu @ mu)) < 1.15
+
+
+def test_sign_test_matches_scipy_binomtest():
+    stats = pytest.importorskip("scipy.stats")
+    study = _study()
+    for wins, losses in ((0, 5), (1, 8), (3, 3), (7, 2), (0, 0), (9, 0)):
+        want = 1.0 if wins + losses == 0 else stats.binomtest(wins, wins + losses, 0.5).pvalue
+        assert abs(study.sign_test_p(wins, losses) - want) < 1e-12

@@ -18,11 +18,12 @@ def test_no_advice_once_the_model_is_20_percent_below_the_unigram():
     assert plateau_advice(_report(128.0), steps=1500, max_steps=1500, val_curve=FLAT) == []  # exactly 20 % below
 
 
-def test_flat_curve_points_to_a_bigger_model_not_to_more_steps():
+def test_flat_curve_points_to_a_larger_batch_not_to_more_steps():
     lines = plateau_advice(_report(179.1), steps=1500, max_steps=1500, val_curve=FLAT)
     text = " ".join(lines)
     assert "above the unigram" in lines[0]
-    assert "duo/small_cpu" in text and "max_steps=" not in text and "max_wall_s" not in text
+    assert "duo/small_cpu" in text and "global_batch_size=128" in text
+    assert "max_steps=" not in text and "max_wall_s" not in text
 
 
 def test_falling_curve_asks_for_a_longer_budget():

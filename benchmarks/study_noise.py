@@ -1,0 +1,153 @@
+"""Gradient signal and noise of a ``duo_pretrain`` run at given steps: the measured cause of the unigram plateau.
+
+Replays the run in-process (same config, seed, data order and noise: every draw is keyed by (seed, step, index))
+up to each step ``s`` and, at the weights of step ``s``, computes the gradient of every sequence of the global
+batches of steps ``s, s+1, ..., s+R-1`` (R independent batches: other texts, other times t, other noise) without
+updating.  From the N = R x B per-sequence gradients g_j (each scaled so that a batch gradient is their mean):
+
+* ``|G|^2``: the squared norm of the expected gradient, unbiased: ``|mean g|^2 - tr(S)/N``;
+* ``tr(S)``: the per-sequence gradient variance (sum over parameters of the sample variance);
+* ``B_noise = tr(S) / |G|^2``: the batch size at which a step's gradient noise equals its signal (the "simple noise
+  scale" of McCandlish et al., 2018, "An Empirical Model of Large-Batch Training"); a batch much smaller than
+  ``B_noise`` moves the weights mostly by noise;
+* per parameter group (embedding, attention, MLP, adaLN, sigma map, output layer); a standard error of ``B_noise``
+  from a bootstrap over the R batches (200 resamples).
+
+    python benchmarks/study_noise.py OUTPUT_DIR --steps 200 400 [--batches 16] [--json out.json]
+
+OUTPUT_DIR is a study run (its ``torchtune_config.yaml`` is replayed; nothing is written there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+GROUPS = (("embedding", ("vocab_embed",)), ("attention", ("attn_qkv", "attn_out")), ("mlp", (".mlp.",)),
+          ("adaLN", ("adaLN_modulation",)), ("sigma_map", ("sigma_map",)), ("output", ("output_layer.linear",)))
+
+
+def group_of(name: str) -> str:
+    for g, keys in GROUPS:
+        if "output_layer.adaLN" in name:
+            return "adaLN"
+        if any(k in name for k in keys):
+            return g
+    return "other"
+
+
+def per_sequence_grads(recipe, step: int) -> tuple[torch.Tensor, list[str]]:
+    """``[B, P]`` flat gradients of the sequences of ``step``'s global batch (each of ``loss_j / mean tokens``) at the
+    recipe's current weights; and the group of each of the P entries."""
+    from duo_plugin.training import loop
+
+    micro, _ = loop.fetch_micro_batches(recipe.train_set, recipe.sampler, step, rank=0, world_size=1, accum=1,
+                                        device=recipe.device, count_tokens=recipe.objective.count_tokens)
+    (x0, mask, pos), = micro
+    params = [(n, p) for n, p in recipe.model.named_parameters() if p.requires_grad]
+    groups = [group_of(n) for n, p in params for _ in range(p.numel())]
+    rows, toks = [], []
+    for i in range(x0.shape[0]):
+        recipe.model.zero_grad(set_to_none=True)
+        s, n, _ = recipe.objective(recipe.model, x0[i:i + 1], mask[i:i + 1], pos[i:i + 1], step)
+        s.backward()
+        rows.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
+                               for _, p in params]))
+        toks.append(int(n))
+    recipe.model.zero_grad(set_to_none=True)
+    g = torch.stack(rows) / (sum(toks) / len(toks))
+    return g, groups
+
+
+def noise_scale(g: torch.Tensor) -> dict:
+    """``|G|^2`` (unbiased), ``tr(S)`` and ``B_noise`` of the rows of ``g``."""
+    n = g.shape[0]
+    mean = g.mean(0)
+    tr_s = float(((g - mean) ** 2).sum() / (n - 1))
+    g2 = float((mean ** 2).sum()) - tr_s / n
+    return {"G2": g2, "trS": tr_s, "B_noise": tr_s / g2 if g2 > 0 else float("inf")}
+
+
+def run_config(out_dir: Path):
+    """The run's config as it was given: the shipped YAML named by ``--config`` plus the ``key=value`` overrides of
+    the command on the first line of the study's ``<OUTPUT_DIR>.log`` (the resolved ``torchtune_config.yaml`` carries
+    defaults that the recipe refuses on input for a ``_component_`` objective)."""
+    from omegaconf import OmegaConf
+
+    line = (out_dir.parent / (out_dir.name + ".log")).read_text().splitlines()[0]
+    toks = line.split()
+    i = toks.index("--config")
+    name = toks[i + 1]
+    path = Path(name) if name.endswith(".yaml") else REPO / "duo_plugin" / "configs" / f"{name}.yaml"
+    return OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(toks[i + 2:]))
+
+
+def measure(out_dir: Path, steps: list[int], batches: int, boot: int = 200) -> list[dict]:
+    from omegaconf import OmegaConf
+
+    from duo_plugin.recipes.duo_pretrain import DuoPretrainRecipe
+
+    cfg = run_config(out_dir)
+    tmp = tempfile.mkdtemp(prefix="study_noise_")
+    cfg.output_dir = tmp
+    cfg.metric_logger.log_dir = f"{tmp}/logs"
+    cfg.eval_every = 0
+    cfg.checkpoint.every = 0
+    cfg.progress_bar = False
+    recipe = DuoPretrainRecipe(cfg)
+    recipe.setup()
+    res = []
+    try:
+        for step in range(max(steps) + 1):
+            if step in steps:
+                per_batch, groups = [], None
+                for r in range(batches):
+                    g, groups = per_sequence_grads(recipe, step + r)
+                    per_batch.append(g)
+                allg = torch.cat(per_batch)
+                gid = torch.tensor([ [g for g, _ in GROUPS].index(x) if x != "other" else -1 for x in groups])
+                row = {"step": step, "sequences": int(allg.shape[0]), "batches": batches,
+                       "phase": recipe.objective.phase(step), "all": noise_scale(allg)}
+                gen = torch.Generator().manual_seed(0)
+                bs = []
+                for _ in range(boot):
+                    pick = torch.randint(0, batches, (batches,), generator=gen)
+                    bs.append(noise_scale(torch.cat([per_batch[int(i)] for i in pick]))["B_noise"])
+                finite = torch.tensor([b for b in bs if b != float("inf")])
+                row["all"]["B_noise_se"] = float(finite.std()) if len(finite) > 1 else None
+                row["all"]["B_noise_boot_inf"] = len(bs) - len(finite)
+                for k, (name, _) in enumerate(GROUPS):
+                    sel = gid == k
+                    if sel.any():
+                        row[name] = noise_scale(allg[:, sel])
+                res.append(row)
+                print(json.dumps(row), flush=True)
+            recipe.train_step(step)
+            recipe.step = step + 1
+    finally:
+        recipe.cleanup()
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("output_dir")
+    ap.add_argument("--steps", type=int, nargs="+", required=True)
+    ap.add_argument("--batches", type=int, default=16, help="R independent global batches per step (default 16)")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    res = measure(Path(a.output_dir), sorted(set(a.steps)), a.batches)
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"run": str(a.output_dir), "steps": res}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
