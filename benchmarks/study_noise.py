@@ -23,12 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 GROUPS = (("embedding", ("vocab_embed",)), ("attention", ("attn_qkv", "attn_out")), ("mlp", (".mlp.",)),
           ("adaLN", ("adaLN_modulation",)), ("sigma_map", ("sigma_map",)), ("output", ("output_layer.linear",)))
 
@@ -74,64 +74,38 @@ def noise_scale(g: torch.Tensor) -> dict:
     return {"G2": g2, "trS": tr_s, "B_noise": tr_s / g2 if g2 > 0 else float("inf")}
 
 
-def run_config(out_dir: Path):
-    """The run's config as it was given: the shipped YAML named by ``--config`` plus the ``key=value`` overrides of
-    the command on the first line of the study's ``<OUTPUT_DIR>.log`` (the resolved ``torchtune_config.yaml`` carries
-    defaults that the recipe refuses on input for a ``_component_`` objective)."""
-    from omegaconf import OmegaConf
-
-    line = (out_dir.parent / (out_dir.name + ".log")).read_text().splitlines()[0]
-    toks = line.split()
-    i = toks.index("--config")
-    name = toks[i + 1]
-    path = Path(name) if name.endswith(".yaml") else REPO / "duo_plugin" / "configs" / f"{name}.yaml"
-    return OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(toks[i + 2:]))
-
-
 def measure(out_dir: Path, steps: list[int], batches: int, boot: int = 200) -> list[dict]:
-    from omegaconf import OmegaConf
+    from study_replay import replay, replay_recipe
 
-    from duo_plugin.recipes.duo_pretrain import DuoPretrainRecipe
-
-    cfg = run_config(out_dir)
-    tmp = tempfile.mkdtemp(prefix="study_noise_")
-    cfg.output_dir = tmp
-    cfg.metric_logger.log_dir = f"{tmp}/logs"
-    cfg.eval_every = 0
-    cfg.checkpoint.every = 0
-    cfg.progress_bar = False
-    recipe = DuoPretrainRecipe(cfg)
-    recipe.setup()
+    recipe = replay_recipe(out_dir, "study_noise_")
+    names = [g for g, _ in GROUPS]
     res = []
-    try:
-        for step in range(max(steps) + 1):
-            if step in steps:
-                per_batch, groups = [], None
-                for r in range(batches):
-                    g, groups = per_sequence_grads(recipe, step + r)
-                    per_batch.append(g)
-                allg = torch.cat(per_batch)
-                gid = torch.tensor([ [g for g, _ in GROUPS].index(x) if x != "other" else -1 for x in groups])
-                row = {"step": step, "sequences": int(allg.shape[0]), "batches": batches,
-                       "phase": recipe.objective.phase(step), "all": noise_scale(allg)}
-                gen = torch.Generator().manual_seed(0)
-                bs = []
-                for _ in range(boot):
-                    pick = torch.randint(0, batches, (batches,), generator=gen)
-                    bs.append(noise_scale(torch.cat([per_batch[int(i)] for i in pick]))["B_noise"])
-                finite = torch.tensor([b for b in bs if b != float("inf")])
-                row["all"]["B_noise_se"] = float(finite.std()) if len(finite) > 1 else None
-                row["all"]["B_noise_boot_inf"] = len(bs) - len(finite)
-                for k, (name, _) in enumerate(GROUPS):
-                    sel = gid == k
-                    if sel.any():
-                        row[name] = noise_scale(allg[:, sel])
-                res.append(row)
-                print(json.dumps(row), flush=True)
-            recipe.train_step(step)
-            recipe.step = step + 1
-    finally:
-        recipe.cleanup()
+
+    def at(step: int) -> None:
+        per_batch, groups = [], None
+        for r in range(batches):
+            g, groups = per_sequence_grads(recipe, step + r)
+            per_batch.append(g)
+        allg = torch.cat(per_batch)
+        gid = torch.tensor([names.index(x) if x in names else -1 for x in groups])
+        row = {"step": step, "sequences": int(allg.shape[0]), "batches": batches,
+               "phase": recipe.objective.phase(step), "all": noise_scale(allg)}
+        gen = torch.Generator().manual_seed(0)
+        bs = []
+        for _ in range(boot):
+            pick = torch.randint(0, batches, (batches,), generator=gen)
+            bs.append(noise_scale(torch.cat([per_batch[int(i)] for i in pick]))["B_noise"])
+        finite = torch.tensor([b for b in bs if b != float("inf")])
+        row["all"]["B_noise_se"] = float(finite.std()) if len(finite) > 1 else None
+        row["all"]["B_noise_boot_inf"] = len(bs) - len(finite)
+        for k, (name, _) in enumerate(GROUPS):
+            sel = gid == k
+            if sel.any():
+                row[name] = noise_scale(allg[:, sel])
+        res.append(row)
+        print(json.dumps(row), flush=True)
+
+    replay(recipe, steps, at)
     return res
 
 

@@ -21,10 +21,11 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _nll_at(model, z, sigma, x, noised) -> float:
@@ -68,34 +69,25 @@ def weight_norms(model) -> dict:
 
 
 def replay(out_dir: Path, steps: list[int], p: float, sigmas: list[float], n_blocks: int) -> list[dict]:
-    from omegaconf import OmegaConf
+    from study_replay import replay as replay_run
+    from study_replay import replay_recipe
 
-    from duo_plugin.recipes.duo_pretrain import DuoPretrainRecipe
-
-    cfg = OmegaConf.load(out_dir / "torchtune_config.yaml")
-    tmp = tempfile.mkdtemp(prefix="study_probe_")
-    cfg.output_dir, cfg.metric_logger.log_dir = tmp, f"{tmp}/logs"
-    cfg.eval_every, cfg.checkpoint.every, cfg.progress_bar = 0, 0, False
-    recipe = DuoPretrainRecipe(cfg)
-    recipe.setup()
+    recipe = replay_recipe(out_dir, "study_probe_")
     blocks = recipe.val_set.blocks[:n_blocks]
     k = int(recipe.tokenizer.vocab_size)
     special = {int(i) for i in (recipe.tokenizer.bos_id, recipe.tokenizer.eos_id) if i is not None}
     valid = torch.tensor([i for i in range(k) if i not in special])
     found = []
-    try:
-        for step in range(max(steps) + 1):
-            if step in steps:
-                recipe.model.eval()
-                r = probe(recipe.model, blocks, valid, p, sigmas, seed=1234)
-                recipe.model.train()
-                r.update(step=step, phase=recipe.objective.phase(step), norms=weight_norms(recipe.model))
-                found.append(r)
-                print(json.dumps(r), flush=True)
-            recipe.train_step(step)
-            recipe.step = step + 1
-    finally:
-        recipe.cleanup()
+
+    def at(step: int) -> None:
+        recipe.model.eval()
+        r = probe(recipe.model, blocks, valid, p, sigmas, seed=1234)
+        recipe.model.train()
+        r.update(step=step, phase=recipe.objective.phase(step), norms=weight_norms(recipe.model))
+        found.append(r)
+        print(json.dumps(r), flush=True)
+
+    replay_run(recipe, steps, at)
     return found
 
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def per_sequence(recipe, step: int) -> dict:
@@ -70,47 +71,36 @@ def rescore_at(recipe, x0, mask, pos, step: int, t_value: float) -> list[float]:
 
 
 def replay(out_dir: Path, steps: list[int], top: int) -> list[dict]:
-    from omegaconf import OmegaConf
+    from study_replay import replay as replay_run
+    from study_replay import replay_recipe
 
-    from duo_plugin.recipes.duo_pretrain import DuoPretrainRecipe
-
-    cfg = OmegaConf.load(out_dir / "torchtune_config.yaml")
-    tmp = tempfile.mkdtemp(prefix="study_spikes_")
-    cfg.output_dir = tmp
-    cfg.metric_logger.log_dir = f"{tmp}/logs"
-    cfg.eval_every = 0
-    cfg.checkpoint.every = 0
-    cfg.progress_bar = False
-    recipe = DuoPretrainRecipe(cfg)
-    recipe.setup()
+    recipe = replay_recipe(out_dir, "study_spikes_")
     found = []
     tok = recipe.tokenizer
-    try:
-        for step in range(max(steps) + 1):
-            if step in steps:
-                r = per_sequence(recipe, step)
-                per_tok = [s / max(n, 1) for s, n in zip(r["loss_sum"], r["tokens"])]
-                order = sorted(range(len(per_tok)), key=lambda i: -r["loss_sum"][i])
-                t_med = float(torch.tensor(r["t"]).median())
-                at_med = rescore_at(recipe, r["x0"], r["mask"], r["pos"], step, t_med)
-                total = sum(r["loss_sum"])
-                tops = [{"row": i, "dataset_index": r["idx"][i], "t": round(r["t"][i], 5),
-                         "loss_per_token": round(per_tok[i], 3), "share_of_batch_loss": round(r["loss_sum"][i] / total, 3),
-                         "loss_per_token_at_median_t": round(at_med[i], 3),
-                         "text": tok.decode([int(v) for v in r["x0"][i][r["mask"][i]].tolist()])[:160]}
-                        for i in order[:top]]
-                med_tok = sorted(per_tok)[len(per_tok) // 2]
-                found.append({"step": step, "batch_loss": round(r["batch_loss"], 4), "median_t": round(t_med, 4),
-                              "median_sequence_loss": round(med_tok, 3), "top": tops,
-                              "batch_loss_at_median_t": round(sum(a * n for a, n in zip(at_med, r["tokens"]))
-                                                              / sum(r["tokens"]), 4)})
-            m = recipe.train_step(step)
-            recipe.step = step + 1
-            if step in steps:
-                found[-1]["grad_norm"] = m["grad_norm"]
-                found[-1]["logged_loss"] = m["loss"]
-    finally:
-        recipe.cleanup()
+
+    def before(step: int) -> None:
+        r = per_sequence(recipe, step)
+        per_tok = [s / max(n, 1) for s, n in zip(r["loss_sum"], r["tokens"])]
+        order = sorted(range(len(per_tok)), key=lambda i: -r["loss_sum"][i])
+        t_med = float(torch.tensor(r["t"]).median())
+        at_med = rescore_at(recipe, r["x0"], r["mask"], r["pos"], step, t_med)
+        total = sum(r["loss_sum"])
+        tops = [{"row": i, "dataset_index": r["idx"][i], "t": round(r["t"][i], 5),
+                 "loss_per_token": round(per_tok[i], 3), "share_of_batch_loss": round(r["loss_sum"][i] / total, 3),
+                 "loss_per_token_at_median_t": round(at_med[i], 3),
+                 "text": tok.decode([int(v) for v in r["x0"][i][r["mask"][i]].tolist()])[:160]}
+                for i in order[:top]]
+        med_tok = sorted(per_tok)[len(per_tok) // 2]
+        found.append({"step": step, "batch_loss": round(r["batch_loss"], 4), "median_t": round(t_med, 4),
+                      "median_sequence_loss": round(med_tok, 3), "top": tops,
+                      "batch_loss_at_median_t": round(sum(a * n for a, n in zip(at_med, r["tokens"]))
+                                                      / sum(r["tokens"]), 4)})
+
+    def after(step: int, m: dict) -> None:
+        found[-1]["grad_norm"] = m["grad_norm"]
+        found[-1]["logged_loss"] = m["loss"]
+
+    replay_run(recipe, steps, before, after)
     return found
 
 
