@@ -44,9 +44,20 @@ PLANS = {
                     "b128steps600"),
     # the one b128 run that escaped late (Duo, Book of Mormon, seed 2) at batch 256
     "b256_bom_duo_s2": grid(["bom"], ["duo"], [2], ["global_batch_size=256"], "b256"),
+    # the duo/*small_cpu configs exactly as shipped (batch 128, 3,000 steps): the final PPL at the full budget
+    "small_all": grid(["jargon", "shakespeare", "bom"], ["duo", "udlm", "mdlm"], [0, 1, 2],
+                      ["global_batch_size=128", "max_steps=3000"], "b128s3000"),
+    # the two batch-128 runs that escaped latest (seed-independent evaluation: 700 and 600), first
+    "small_late": [*grid(["bom"], ["duo"], [2], ["global_batch_size=128", "max_steps=3000"], "b128s3000"),
+                   *grid(["bom"], ["udlm"], [1], ["global_batch_size=128", "max_steps=3000"], "b128s3000")],
+    # batch 256 on the other Book of Mormon seeds (is the escape earlier and tighter than at 128?)
+    "b256_bom": grid(["bom"], ["duo", "udlm"], [0, 1, 2], ["global_batch_size=256"], "b256"),
+    # duo/tiny_cpu as shipped (batch 32) on the third corpus
+    "baseline_jargon": grid(["jargon"], ["duo", "udlm", "mdlm"], [0, 1, 2]),
     # the pipeline end to end in a minute (use with --results /tmp/...: not a study result)
     "smoke": grid(["bom"], ["duo", "mdlm"], [0], ["max_steps=20", "eval_every=10", "checkpoint.every=10"], "smoke"),
 }
 
-# on a 2-core machine shared with other jobs a pair of tiny runs takes 10-20 min, a d128 run ~3.5x as long
-QUEUE = ["screen_b128", "b256_bom_duo_s2", "b128_all", "screen_lr1e3", "ar_b128", "screen_notc", "screen_L4"]
+# two runs at a time on 2 cores: a batch-32 tiny run ~2-5 min wall, batch 128 ~7-9 min, batch 256 ~15-18 min
+QUEUE = ["screen_b128", "b256_bom_duo_s2", "b128_all", "screen_lr1e3", "baseline_jargon", "ar_b128", "small_late", "small_all",
+         "screen_notc", "b256_bom", "screen_L4"]
