@@ -31,6 +31,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -157,7 +158,7 @@ def prepare_jargon(folder: Path, dict_file: Path = JARGON_DICT) -> Path:
     entries = []
     for line in index.read_text(encoding="utf-8").splitlines():
         word, off, length = line.split("\t")
-        if not word.startswith("00-database") and not word.startswith("00database"):
+        if not word.startswith(("00-database", "00database")):
             entries.append((_dictd_number(off), _dictd_number(length)))
     docs = [jargon_entry_text(data[o:o + n].decode("utf-8")) for o, n in sorted(set(entries))]
     folder.mkdir(parents=True, exist_ok=True)
@@ -567,8 +568,7 @@ def paired_lines(res: Results, a: str = "duo", b: str = "udlm") -> list[str]:
         first, later = sum(x < y for x, y in e), sum(x > y for x, y in e)
         fa = [(ra["final_ppl"], rb["final_ppl"]) for ra, rb in pairs]
         lower, higher = sum(x < y for x, y in fa), sum(x > y for x, y in fa)
-        ratios = sorted(x / y for x, y in fa)
-        med = ratios[len(ratios) // 2] if len(ratios) % 2 else (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2
+        med = statistics.median(x / y for x, y in fa)
         out.append(f"| {tag} | {len(pairs)} | {first} / {later} / {len(pairs) - first - later} | "
                    f"{sign_test_p(first, later):.3g} | {lower} / {higher} | {sign_test_p(lower, higher):.3g} | {med:.3f} |")
     return out

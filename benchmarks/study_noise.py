@@ -15,7 +15,7 @@ updating.  From the N = R x B per-sequence gradients g_j (each scaled so that a 
 
     python benchmarks/study_noise.py OUTPUT_DIR --steps 200 400 [--batches 16] [--json out.json]
 
-OUTPUT_DIR is a study run (its ``torchtune_config.yaml`` is replayed; nothing is written there).
+OUTPUT_DIR is a study run (replayed from its command, ``study_replay.run_config``; nothing is written there).
 """
 
 from __future__ import annotations
@@ -34,35 +34,37 @@ GROUPS = (("embedding", ("vocab_embed",)), ("attention", ("attn_qkv", "attn_out"
 
 
 def group_of(name: str) -> str:
-    for g, keys in GROUPS:
-        if "output_layer.adaLN" in name:
-            return "adaLN"
-        if any(k in name for k in keys):
-            return g
-    return "other"
+    if "output_layer.adaLN" in name:  # the final layer's modulation is adaLN, not the output projection
+        return "adaLN"
+    return next((g for g, keys in GROUPS if any(k in name for k in keys)), "other")
 
 
-def per_sequence_grads(recipe, step: int) -> tuple[torch.Tensor, list[str]]:
+def group_ids(model) -> torch.Tensor:
+    """For every entry of the flat parameter vector (``named_parameters`` order), the index of its group in
+    ``GROUPS`` (-1: none)."""
+    names = [g for g, _ in GROUPS]
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ids = torch.tensor([names.index(group_of(n)) if group_of(n) in names else -1 for n, _ in params])
+    return torch.repeat_interleave(ids, torch.tensor([p.numel() for _, p in params]))
+
+
+def per_sequence_grads(recipe, step: int) -> torch.Tensor:
     """``[B, P]`` flat gradients of the sequences of ``step``'s global batch (each of ``loss_j / mean tokens``) at the
-    recipe's current weights; and the group of each of the P entries."""
-    from duo_plugin.training import loop
+    recipe's current weights, in ``named_parameters`` order."""
+    from study_replay import global_batch
 
-    micro, _ = loop.fetch_micro_batches(recipe.train_set, recipe.sampler, step, rank=0, world_size=1, accum=1,
-                                        device=recipe.device, count_tokens=recipe.objective.count_tokens)
-    (x0, mask, pos), = micro
-    params = [(n, p) for n, p in recipe.model.named_parameters() if p.requires_grad]
-    groups = [group_of(n) for n, p in params for _ in range(p.numel())]
+    x0, mask, pos = global_batch(recipe, step)
+    params = [p for p in recipe.model.parameters() if p.requires_grad]
     rows, toks = [], []
     for i in range(x0.shape[0]):
         recipe.model.zero_grad(set_to_none=True)
         s, n, _ = recipe.objective(recipe.model, x0[i:i + 1], mask[i:i + 1], pos[i:i + 1], step)
         s.backward()
         rows.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
-                               for _, p in params]))
+                               for p in params]))
         toks.append(int(n))
     recipe.model.zero_grad(set_to_none=True)
-    g = torch.stack(rows) / (sum(toks) / len(toks))
-    return g, groups
+    return torch.stack(rows) / (sum(toks) / len(toks))
 
 
 def noise_scale(g: torch.Tensor) -> dict:
@@ -78,16 +80,12 @@ def measure(out_dir: Path, steps: list[int], batches: int, boot: int = 200) -> l
     from study_replay import replay, replay_recipe
 
     recipe = replay_recipe(out_dir, "study_noise_")
-    names = [g for g, _ in GROUPS]
+    gid = group_ids(recipe.model)
     res = []
 
     def at(step: int) -> None:
-        per_batch, groups = [], None
-        for r in range(batches):
-            g, groups = per_sequence_grads(recipe, step + r)
-            per_batch.append(g)
+        per_batch = [per_sequence_grads(recipe, step + r) for r in range(batches)]
         allg = torch.cat(per_batch)
-        gid = torch.tensor([names.index(x) if x in names else -1 for x in groups])
         row = {"step": step, "sequences": int(allg.shape[0]), "batches": batches,
                "phase": recipe.objective.phase(step), "all": noise_scale(allg)}
         gen = torch.Generator().manual_seed(0)

@@ -41,6 +41,16 @@ def replay_recipe(out_dir: Path, prefix: str):
     return recipe
 
 
+def global_batch(recipe, step: int):
+    """``(x0, mask, pos)`` of ``step``'s global batch, exactly as the run trained on it (one rank, no accumulation)."""
+    from duo_plugin.training import loop
+
+    micro, _ = loop.fetch_micro_batches(recipe.train_set, recipe.sampler, step, rank=0, world_size=1, accum=1,
+                                        device=recipe.device, count_tokens=recipe.objective.count_tokens)
+    (batch,) = micro
+    return batch
+
+
 def replay(recipe, steps: list[int], before: Callable[[int], None],
            after: Callable[[int, dict], None] | None = None) -> None:
     """Train from step 0 through ``max(steps)``; at each of ``steps`` call ``before(step)`` at the weights before the

@@ -6,7 +6,8 @@ the sequence or its t?).  Used by docs/small-scale-training.md ("Loss spikes").
 
     python benchmarks/study_spikes.py OUTPUT_DIR --steps 111 136 161 [--top 4] [--json out.json]
 
-OUTPUT_DIR is a finished (or running) study run: its ``torchtune_config.yaml`` is replayed (nothing is written there).
+OUTPUT_DIR is a finished (or running) study run, replayed from its command (``study_replay.run_config``; nothing is
+written there).
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def per_sequence(recipe, step: int) -> dict:
     """Per-sequence loss of the global batch of ``step`` at the recipe's current weights (no update)."""
-    from duo_plugin.diffusion.schedules import stratified_times
-    from duo_plugin.training import loop
+    from study_replay import global_batch
 
-    micro, _ = loop.fetch_micro_batches(recipe.train_set, recipe.sampler, step, rank=0, world_size=1, accum=1,
-                                        device=recipe.device, count_tokens=recipe.objective.count_tokens)
-    (x0, mask, pos), = micro
+    from duo_plugin.diffusion.schedules import stratified_times
+
+    x0, mask, pos = global_batch(recipe, step)
     obj = recipe.objective
     rows = []
     with torch.no_grad():
