@@ -54,10 +54,18 @@ PLANS = {
     "b256_bom": grid(["bom"], ["duo", "udlm"], [0, 1, 2], ["global_batch_size=256"], "b256"),
     # duo/tiny_cpu as shipped (batch 32) on the third corpus
     "baseline_jargon": grid(["jargon"], ["duo", "udlm", "mdlm"], [0, 1, 2]),
+    # round 5, the reproduction's training grid (benchmarks/reproduce.py --corpus shakespeare|bom reads these runs):
+    # the duo/*small_cpu configs as shipped (AR = duo/ar_small_cpu) and Duo with the paper's curriculum share
+    # (50 % of training: 1,500 of 3,000 steps), seed-major so that every seed's set completes before the next starts
+    "repro": [r for s in (0, 1, 2) for r in (
+        grid(["shakespeare", "bom"], ["ar", "duo", "mdlm", "udlm"], [s], ["global_batch_size=128", "max_steps=3000"],
+             "b128s3000")
+        + grid(["shakespeare", "bom"], ["duo"], [s], ["global_batch_size=128", "max_steps=3000", "curriculum.steps=1500"],
+               "b128s3000c1500"))],
     # the pipeline end to end in a minute (use with --results /tmp/...: not a study result)
     "smoke": grid(["bom"], ["duo", "mdlm"], [0], ["max_steps=20", "eval_every=10", "checkpoint.every=10"], "smoke"),
 }
 
 # two runs at a time on 2 cores: a batch-32 tiny run ~2-5 min wall, batch 128 ~7-9 min, batch 256 ~15-18 min
-QUEUE = ["screen_b128", "b256_bom_duo_s2", "b128_all", "screen_lr1e3", "baseline_jargon", "ar_b128", "small_late", "small_all",
+QUEUE = ["repro", "screen_b128", "b256_bom_duo_s2", "b128_all", "screen_lr1e3", "baseline_jargon", "ar_b128", "small_late", "small_all",
          "screen_notc", "b256_bom", "screen_L4"]
