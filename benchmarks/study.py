@@ -54,6 +54,10 @@ METHODS = {
     "udlm": ("duo/udlm_tiny_cpu", []),
     "mdlm": ("duo/mdlm_tiny_cpu", []),
     "ar": ("duo/tiny_cpu", ["objective=ar", "curriculum.steps=0"]),
+    # the paper's other baselines on the same backbone and data (benchmarks/reproduce.py)
+    "sedd_absorb": ("duo/sedd_absorb_tiny_cpu", []),
+    "sedd_uniform": ("duo/sedd_uniform_tiny_cpu", []),
+    "d3pm": ("duo/d3pm_tiny_cpu", []),
 }
 
 #: the study's defaults for every run (resolve the escape step at a 100-step grid; per-step loss and grad norm)
@@ -209,12 +213,26 @@ class Results:
         return self.data["runs"].get(key, {}).get("status") == "done"
 
     def put(self, key: str, record: dict) -> None:
+        """Record ``key``: under an exclusive lock on ``<results>.lock``, the file is re-read and only this key
+        replaced, so two processes recording into one file (a study and reproduce.py) never drop each other's runs."""
+        import fcntl
+
         with self.lock:
-            self.data["runs"][key] = record
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
-            os.replace(tmp, self.path)
+            with open(self.path.with_suffix(".lock"), "w") as lk:
+                fcntl.flock(lk, fcntl.LOCK_EX)
+                if self.path.is_file():
+                    on_disk = json.loads(self.path.read_text())
+                    on_disk.setdefault("runs", {}).update({key: record})
+                    for k, v in on_disk.items():
+                        if k != "runs":
+                            self.data.setdefault(k, v)
+                    self.data["runs"] = {**self.data["runs"], **on_disk["runs"]}
+                else:
+                    self.data["runs"][key] = record
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+                os.replace(tmp, self.path)
 
 
 def run_args(run: Run, work: Path) -> tuple[list[str], Path]:
@@ -248,6 +266,9 @@ def launch(args: list[str], out: Path) -> tuple[int, float, float]:
     """``nice -n 10 tune run <args>`` with one intra-op thread; stdout+stderr to ``<out>.log`` beside ``out``.
     Returns (exit status, wall seconds, CPU seconds of the run's process)."""
     if out.exists():
+        from duo_plugin.training.run_dir import RunDirLock
+
+        RunDirLock(out).refuse_if_held()  # a live run (another study or reproduce.py beside this one): never touch it
         shutil.rmtree(out)  # a run killed mid-way restarts from step 0 (same seed: the same run)
     out.parent.mkdir(parents=True, exist_ok=True)
     log_file = out.parent / (out.name + ".log")

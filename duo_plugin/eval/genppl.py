@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 
-__all__ = ["unigram_entropy", "retokenize", "gen_ppl_and_entropy", "causal_nll", "load_dit_scorer", "DiTScorer",
+__all__ = ["unigram_entropy", "retokenize", "gen_ppl_and_entropy", "causal_nll", "ratio_stderr", "load_dit_scorer", "DiTScorer",
            "HFScorer", "load_hf_scorer", "scorer_name"]
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
@@ -94,9 +94,10 @@ def retokenize(
 
 def causal_nll(
     scorer: Scorer, seqs: Sequence[Sequence[int]], eos_id: int, batch_size: Optional[int] = None,
-    pad_id: Optional[int] = None, max_batch_tokens: Optional[int] = None,
+    pad_id: Optional[int] = None, max_batch_tokens: Optional[int] = None, per_sequence: Optional[list] = None,
 ) -> tuple[float, int]:
-    """Σ NLL (nats) and #targets of ``seqs`` under a causal LM.
+    """Σ NLL (nats) and #targets of ``seqs`` under a causal LM (``per_sequence``, a list: each scored sequence's
+    ``(Σ NLL, #targets)`` is appended to it, in no particular order).
 
     Targets are positions 1..T-1 (position 0 is context only); a target counts if it is not EOS or it is the first
     EOS of its sequence. Sequences are sorted by length and right-padded (``pad_id``, default ``eos_id``) into calls
@@ -135,7 +136,23 @@ def causal_nll(
         m = mask[:, 1:]
         total += float(nll[m].sum())
         count += int(m.sum())
+        if per_sequence is not None:
+            per_sequence.extend(zip(torch.where(m, nll, torch.zeros((), dtype=nll.dtype)).sum(-1).tolist(),
+                                    m.sum(-1).tolist()))
     return total, count
+
+
+def ratio_stderr(per_sequence: Sequence[tuple[float, int]]) -> float:
+    """Standard error of the token-weighted mean NLL ``Σ s_i / Σ n_i`` over sequences ``(s_i, n_i)``, the sequences
+    being the independent units (the linearised ratio estimator: ``sqrt(N/(N-1) Σ (s_i - r n_i)^2) / Σ n_i``;
+    NaN with fewer than 2 sequences). The SE of Gen PPL = exp(r) is ``exp(r) × this`` (delta method)."""
+    n_seq = len(per_sequence)
+    tot_n = sum(n for _, n in per_sequence)
+    if n_seq < 2 or tot_n == 0:
+        return float("nan")
+    r = sum(s for s, _ in per_sequence) / tot_n
+    ss = sum((s - r * n) ** 2 for s, n in per_sequence)
+    return math.sqrt(n_seq / (n_seq - 1) * ss) / tot_n
 
 
 def gen_ppl_and_entropy(
@@ -157,20 +174,24 @@ def gen_ppl_and_entropy(
     length; the value does not depend on either up to floating-point rounding).
 
     Returns:
-        ``dict(gen_ppl, gen_nll (nats/token), entropy (mean nats), entropy_per_sample (list), n_samples, tokens
+        ``dict(gen_ppl, gen_nll (nats/token), gen_nll_stderr (:func:`ratio_stderr` over the samples), entropy (mean nats), entropy_per_sample (list), n_samples, tokens
         (#scored scorer tokens), scorer (``name`` or :func:`scorer_name`), estimator)``.
     """
     if sample_ids.dim() != 2 or sample_ids.shape[0] == 0:
         raise ValueError(f"sample_ids must be a non-empty [N, L] tensor; got {tuple(sample_ids.shape)}")
     ent = unigram_entropy(sample_ids)
     seqs = retokenize(sample_ids, diffusion_tokenizer, scorer_tokenizer, eos_id_scorer, max_len, bos_id_scorer)
-    total, count = causal_nll(scorer, seqs, eos_id_scorer, batch_size, max_batch_tokens=max_batch_tokens)
+    per_seq: list = []
+    total, count = causal_nll(scorer, seqs, eos_id_scorer, batch_size, max_batch_tokens=max_batch_tokens,
+                              per_sequence=per_seq)
     if count == 0:
         raise ValueError("no token to score: every re-tokenised sample has fewer than 2 tokens")
     nll = total / count
+    se = ratio_stderr(per_seq)
     return {
         "gen_ppl": math.exp(nll),
         "gen_nll": nll,
+        "gen_nll_stderr": se,  # over samples (ratio estimator); Gen PPL's SE = gen_ppl * gen_nll_stderr
         "entropy": float(ent.mean()),
         "entropy_per_sample": ent.tolist(),
         "n_samples": int(sample_ids.shape[0]),

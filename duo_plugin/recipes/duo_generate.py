@@ -356,7 +356,8 @@ def run(cfg: DictConfig) -> dict:
                                 max_batch_tokens=int(gcfg["max_batch_tokens"]) if gcfg.get("max_batch_tokens") else None,
                                 max_len=max_len,
                                 bos_id_scorer=None if bos is None else int(bos))
-        metrics.update({"gen_ppl": g["gen_ppl"], "gen_nll": g["gen_nll"], "gen_ppl_tokens": g["tokens"],
+        metrics.update({"gen_ppl": g["gen_ppl"], "gen_nll": g["gen_nll"], "gen_nll_stderr": g["gen_nll_stderr"],
+                        "gen_ppl_stderr": g["gen_ppl"] * g["gen_nll_stderr"], "gen_ppl_tokens": g["tokens"],
                         "gen_ppl_scorer": g["scorer"]})
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     summary = {k: metrics[k] for k in ("num_samples", "steps", "noise_removal", "nfe", "entropy") if k in metrics}

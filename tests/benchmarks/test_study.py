@@ -141,3 +141,17 @@ def test_sign_test_matches_scipy_binomtest():
     for wins, losses in ((0, 5), (1, 8), (3, 3), (7, 2), (0, 0), (9, 0)):
         want = 1.0 if wins + losses == 0 else stats.binomtest(wins, wins + losses, 0.5).pvalue
         assert abs(study.sign_test_p(wins, losses) - want) < 1e-12
+
+
+def test_two_processes_recording_into_one_file_keep_each_others_runs(tmp_path):
+    """A study and reproduce.py (two Results objects, each loaded before the other wrote) recording into one file:
+    every key either wrote survives, and a key written twice keeps the later record."""
+    st = _study()
+    path = tmp_path / "results.json"
+    a, b = st.Results(path), st.Results(path)
+    a.put("x/duo/t/s0", {"status": "done", "v": 1})
+    b.put("x/udlm/t/s0", {"status": "done", "v": 2})  # b never saw a's record in memory
+    a.put("x/mdlm/t/s0", {"status": "done", "v": 3})  # nor a b's
+    b.put("x/duo/t/s0", {"status": "done", "v": 4})
+    runs = json.loads(path.read_text())["runs"]
+    assert {k: r["v"] for k, r in runs.items()} == {"x/duo/t/s0": 4, "x/udlm/t/s0": 2, "x/mdlm/t/s0": 3}

@@ -1,0 +1,94 @@
+"""The statistics and verdict rules of benchmarks/reproduce_report.py against hand-computed values."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def rr():
+    spec = importlib.util.spec_from_file_location("reproduce_report_under_test",
+                                                  REPO / "benchmarks" / "reproduce_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_steps_to_target_interpolates_in_log_ppl(rr):
+    c = [(100, 200.0), (200, 100.0), (300, 50.0)]
+    assert rr.steps_to_target(c, math.sqrt(200 * 100)) == pytest.approx(150.0)  # the log-midpoint
+    assert rr.steps_to_target(c, 100.0) == pytest.approx(200.0)
+    assert rr.steps_to_target(c, 80.0) == pytest.approx(200 + 100 * math.log(100 / 80) / math.log(2))
+    assert rr.steps_to_target(c, 250.0) == 100.0  # already below at the first evaluation
+    assert rr.steps_to_target(c, 49.0) is None
+    assert rr.steps_to_target(list(reversed(c)), 100.0) == pytest.approx(200.0)  # order of the input is irrelevant
+
+
+def test_sign_test_and_mean_se(rr):
+    assert rr.sign_test_p(6, 0) == pytest.approx(2 / 64)
+    assert rr.sign_test_p(0, 3) == pytest.approx(0.25)
+    assert rr.sign_test_p(2, 1) == pytest.approx(1.0)
+    assert rr.sign_test_p(5, 1) == pytest.approx(2 * 7 / 64)
+    m, se, n = rr.mean_se([1.0, 2.0, 6.0, None, float("nan")])
+    assert (m, n) == (3.0, 3) and se == pytest.approx(math.sqrt(7) / math.sqrt(3))
+    assert rr.mean_se([4.0])[1] is None
+
+
+def test_gap_share(rr):
+    assert rr.gap_share(100.0, 10.0, 1.0) == pytest.approx(0.5)
+    assert rr.gap_share(100.0, 100.0, 10.0) == pytest.approx(0.0)
+    assert rr.gap_share(10.0, 5.0, 20.0) is None  # no gap: more steps were worse
+
+
+def _train(final, se=0.01, curve=None):
+    fixed = [[s, p, se] for s, p in (curve or [(100, final * 3), (200, final)])]
+    return {"dir": "/x", "final_fixed": {"step": fixed[-1][0], "ppl": final, "stderr_nll": se}, "val_fixed": fixed,
+            "unigram_ppl": 150.0}
+
+
+def _data(duo_minus_udlm):
+    corpora = {}
+    for c, deltas in duo_minus_udlm.items():
+        tr = {}
+        for s, delta in enumerate(deltas):
+            tr[f"udlm_s{s}"] = _train(50.0, curve=[(100, 150.0), (200, 100.0), (300, 50.0)])
+            tr[f"duo_s{s}"] = _train(50.0 + delta)
+            # reaches 50 at step 150 by log-interpolation between (100, 100) and (200, 25): speed-up 300 / 150
+            tr[f"duo_c50_s{s}"] = _train(25.0, curve=[(100, 100.0), (200, 25.0)])
+        corpora[c] = {"plan": {"seeds": list(range(len(deltas)))}, "train": tr}
+    return {"corpora": corpora}
+
+
+def test_verdicts_need_every_pair(rr):
+    v = {x["id"]: x for x in rr.claims(_data({"a": [-1, -2, -3], "b": [-1, -1, -1]}))}
+    assert v["duo_beats_udlm"]["verdict"].startswith("shown") and v["duo_beats_udlm"]["p"] == pytest.approx(2 / 64)
+    v = {x["id"]: x for x in rr.claims(_data({"a": [-1, -2, 3], "b": [-1, -1, -1]}))}
+    assert v["duo_beats_udlm"]["verdict"].startswith("not shown (5 of 6")
+    sp = v["curriculum_speedup"]
+    assert sp["verdict"] == "shown" and sp["n"] == 6
+    assert sp["per_pair"][0]["duo_steps"] == pytest.approx(150.0) and sp["mean"] == pytest.approx(2.0)
+    assert v["variance_vs_udlm"]["verdict"] == "not measured"  # no variance records: never a verdict
+
+
+def test_dcd_and_few_step_verdicts(rr):
+    gen = {}
+    for s in (0, 1):
+        gen[f"duo|ancestral|s{s}"] = {"8": {"gen_ppl": 400.0, "gen_ppl_stderr": 5.0, "entropy": 4.0},
+                                      "256": {"gen_ppl": 100.0, "gen_ppl_stderr": 2.0, "entropy": 4.0}}
+        gen[f"duo_dcd|ancestral|s{s}"] = {"8": {"gen_ppl": 150.0 if s == 0 else 300.0, "entropy": 4.0}}
+        gen[f"mdlm|greedy|s{s}"] = {"8": {"gen_ppl": 500.0, "entropy": 4.2}}
+    data = {"corpora": {"a": {"plan": {"seeds": [0, 1], "gen_steps": [8, 256]}, "genppl": gen, "train": {}}}}
+    v = {x["id"]: x for x in rr.claims(data)}
+    assert v["sampler_limits_few_steps"]["verdict"] == "shown"
+    shares = [x["share"] for x in v["dcd_gap_T8"]["per_pair"]]
+    assert shares == pytest.approx([math.log(400 / 150) / math.log(4), math.log(400 / 300) / math.log(4)])
+    assert v["dcd_gap_T8"]["verdict"] == "not shown"  # seed 1 closes only ~21 %
+    assert v["duo_vs_mdlm_T8_ancestral"]["verdict"].startswith("shown (every pair: 2/2")
