@@ -1,6 +1,6 @@
 """The paper's gradient-variance claim measured as the paper does, with the control that isolates the relaxation.
 
-Claim (Duo, Sahoo et al. 2025, Fig. 2 / Table 4, LM1B, τ = 1e-3; /work/shared/docs/duo-method.md §3): the summed
+Claim (Duo, Sahoo et al. 2025, Fig. 2 / Table 4, LM1B, τ = 1e-3; docs/method.md §3): the summed
 gradient variance of the top-100 highest-variance weights, measured across training steps, is 0.86 with the
 Gaussian-relaxed curriculum vs 55.1 without (all weights: 1469.85 vs 5454.7).  The paper's "with" and "without"
 differ in two things at once: the network input (soft ``softmax(w/τ)`` vs hard ids) and the schedule (duality
@@ -216,9 +216,11 @@ def open_recipe(run: Path, prefix: str):
     return replay_recipe(run, prefix)
 
 
-def close_recipe(recipe, prefix: str) -> None:
-    """Clean up a replay recipe and remove its temporary output folder (``study_replay.replay_recipe``'s)."""
-    recipe.cleanup()
+def close_recipe(recipe, prefix: str, cleanup: bool = True) -> None:
+    """Clean up a replay recipe (unless ``study_replay.replay`` did) and remove its temporary output folder
+    (``study_replay.replay_recipe``'s)."""
+    if cleanup:
+        recipe.cleanup()
     out = Path(recipe.output_dir)
     if out.name.startswith(prefix) and out.parent == Path(tempfile.gettempdir()):
         shutil.rmtree(out, ignore_errors=True)
@@ -286,11 +288,15 @@ def collect_pair(duo_dir: Path, udlm_dir: Path, steps: list[int], arms: tuple = 
         if udlm is not None:
             close_recipe(udlm, "repro_variance_udlm_")
         raise
-    out = {"duo": collect(duo, duo_dir, steps, duo_arms)}
-    close_recipe(duo, "repro_variance_duo_")
+    try:
+        out = {"duo": collect(duo, duo_dir, steps, duo_arms)}  # collect's replay cleans the recipe up
+    finally:
+        close_recipe(duo, "repro_variance_duo_", cleanup=False)
     if udlm is not None:
-        out["udlm"] = collect(udlm, udlm_dir, steps, ("discrete",))
-        close_recipe(udlm, "repro_variance_udlm_")
+        try:
+            out["udlm"] = collect(udlm, udlm_dir, steps, ("discrete",))
+        finally:
+            close_recipe(udlm, "repro_variance_udlm_", cleanup=False)
         bad = [s for s, a, b in zip(steps, out["duo"].batch_keys, out["udlm"].batch_keys) if a != b]
         if bad:
             raise _user_error(f"--duo/--udlm: the runs' global batches differ at step {bad[0]}; pair runs of the "
