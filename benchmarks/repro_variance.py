@@ -36,9 +36,10 @@ replicates are the ratios of the arms' replicates.  Reported: standard error = s
 replicates, 95 % percentile interval.  ``b`` defaults to ``ceil(W^(1/3))`` (the MSE-optimal order for variance-type
 statistics, Hall, Horowitz & Jing 1995); replicates from a ``torch.Generator`` seeded by ``boot_seed``.
 
-**Checks** in every record: at each window step the ``soft`` (and ``discrete``) loss and gradient norm against the
-loss and pre-clip gradient norm of the replayed ``train_step`` (a replay that is not the run raises), and the two
-runs' global batches are identical at every step (else a refusal).
+**Checks** in every record: at each replayed step the ``soft`` (and ``discrete``) loss and gradient norm against
+the loss and pre-clip gradient norm of the replayed ``train_step`` (a mismatch raises), the loss against the one the
+run itself logged (``summary.json``; a drift is reported on stderr), and the two runs' global batches are identical
+at every step (else a refusal).
 
     python benchmarks/repro_variance.py --duo RUNS/shakespeare__duo__b128s3000c1500__s0 \\
         --udlm RUNS/shakespeare__udlm__b128s3000__s0 --start 500 --window 100 --json out.json
@@ -253,16 +254,35 @@ def collect(recipe, run: Path, steps: list[int], arms: tuple) -> Trajectory:
     return traj
 
 
+def logged_losses(run: Path) -> list | None:
+    """The per-step training losses the run itself recorded (``summary.json``), or None."""
+    f = Path(run) / "summary.json"
+    if not f.is_file():
+        return None
+    return json.loads(f.read_text()).get("losses")
+
+
 def replay_check(traj: Trajectory, arm: str) -> dict:
     """Max relative difference of ``arm``'s loss and gradient norm from the replayed training step's (raises when
-    the arm is not the gradient the run trained on)."""
-    loss = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(traj.losses[arm], traj.trained_loss))
+    the arm is not the gradient the replay trains on), and of its loss from the loss the run itself logged at those
+    steps (``summary.json``; a replay that drifted from the run, e.g. other threads or hardware, shows here and is
+    reported on stderr)."""
+    def rel(a, b):
+        return abs(a - b) / max(abs(b), 1e-30)
+
+    loss = max(rel(a, b) for a, b in zip(traj.losses[arm], traj.trained_loss))
     norms = traj.grads[arm].norm(dim=1).tolist()
-    gn = [abs(a - b) / max(abs(b), 1e-30) for a, b in zip(norms, traj.trained_grad_norm) if b is not None]
+    gn = [rel(a, b) for a, b in zip(norms, traj.trained_grad_norm) if b is not None]
     out = {"loss_max_rel_diff": loss, "grad_norm_max_rel_diff": max(gn) if gn else None}
     if loss > CHECK_RTOL or (gn and max(gn) > CHECK_RTOL):
         raise RuntimeError(f"{traj.run}: the {arm} arm is not the trained gradient ({out}): the replay diverged "
                            "from the run's training step")
+    logged = logged_losses(Path(traj.run))
+    if logged is not None and len(logged) > max(traj.steps):
+        out["run_logged_loss_max_rel_diff"] = max(rel(a, logged[s]) for a, s in zip(traj.losses[arm], traj.steps))
+        if out["run_logged_loss_max_rel_diff"] > CHECK_RTOL:
+            print(f"repro_variance: WARNING: the replay of {traj.run} is not the run: its {arm} losses differ from "
+                  f"the logged ones by up to {out['run_logged_loss_max_rel_diff']:.2g} (relative)", file=sys.stderr)
     return out
 
 
@@ -389,7 +409,7 @@ def window_record(pair: dict, start: int, window: int, *, top_k: int = 100, bloc
         for arm, g in traj.grads.items():
             grads[arm] = g[rows]
             lt = torch.tensor([traj.losses[arm][i] for i in rows], dtype=torch.float64)
-            losses[arm] = {"mean": float(lt.mean()), "std": float(lt.std(unbiased=True))}
+            losses[arm] = {"mean": float(lt.mean()), "var": float(lt.var(unbiased=True))}
         runs[name] = {"dir": traj.run, "command": traj.command, "seed": traj.seed}
         arm = "soft" if name == "duo" else "discrete"
         if arm in traj.grads:

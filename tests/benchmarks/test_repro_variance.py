@@ -176,7 +176,9 @@ def test_statistics_against_numpy_brute_force(pair):
             want = st["trace"]["value"] / rec["stats"]["soft"]["trace"]["value"]
             assert rec["ratios"][f"{arm}/soft"]["trace"]["value"] == pytest.approx(want, rel=1e-12)
     assert rec["checks"]["same_batches"] is True
-    assert rec["checks"]["soft_vs_trained_step"]["loss_max_rel_diff"] < 1e-6
+    for arm in ("soft", "discrete"):
+        chk = rec["checks"][f"{arm}_vs_trained_step"]
+        assert chk["loss_max_rel_diff"] < 1e-6 and chk["run_logged_loss_max_rel_diff"] < 1e-6
     assert rec["window"] == [START, START + WINDOW] and rec["n_params"] == g.shape[1]
 
 
