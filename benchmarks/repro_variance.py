@@ -116,11 +116,14 @@ def check_pair(duo_dir: Path, udlm_dir: Path) -> None:
 
 def check_phases(recipe, steps: list[int], flag: str, run: Path) -> None:
     """``--duo``: a Duo objective whose curriculum is active at every step; ``--udlm``: the uniform-state objective
-    in its discrete phase at every step."""
+    in its discrete phase at every step; both: every step within the run's ``max_steps``."""
     obj = recipe.objective
     if getattr(obj, "name", None) != "duo" or not hasattr(obj, "curriculum_batch"):
         raise _user_error(f"{flag} {run}: objective {getattr(obj, 'name', obj)!r} is not the uniform-state Duo "
                           "objective; pass a duo/tiny_cpu (--duo) or duo/udlm_tiny_cpu (--udlm) run")
+    if max(steps) >= int(recipe.max_steps):
+        raise _user_error(f"--start/--window: step {max(steps)} is beyond {flag} {run}'s training (max_steps="
+                          f"{recipe.max_steps}); choose a window inside the run's steps")
     want = "curriculum" if flag == "--duo" else "discrete"
     bad = [s for s in steps if obj.phase(s) != want]
     if not bad:

@@ -230,8 +230,8 @@ def _refusal(capsys, argv) -> str:
 def test_refusals_name_the_flag_and_the_fix(runs, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("DUO_DEBUG", raising=False)
     duo, udlm = str(runs["duo"]), str(runs["udlm"])
-    # the window [5, 9) leaves the curriculum (steps 0..6)
-    err = _refusal(capsys, ["--duo", duo, "--udlm", udlm, "--start", "5", "--window", "4"])
+    # the window [4, 8) leaves the curriculum (steps 0..6)
+    err = _refusal(capsys, ["--duo", duo, "--udlm", udlm, "--start", "4", "--window", "4"])
     assert "--start/--window" in err and "curriculum" in err and "7 steps" in err
     # a run with another seed (only its command is read before refusing)
     other = tmp_path / "shakespeare__udlm__tiny__s1"
@@ -246,3 +246,6 @@ def test_refusals_name_the_flag_and_the_fix(runs, tmp_path, capsys, monkeypatch)
     assert "--udlm" in err and "curriculum.steps=0" in err
     err = _refusal(capsys, ["--duo", duo, "--udlm", udlm, "--start", "2", "--window", "1"])
     assert "--window" in err
+    # the window [5, 9) runs past the runs' training (max_steps=8)
+    err = _refusal(capsys, ["--duo", duo, "--udlm", udlm, "--start", "5", "--window", "4"])
+    assert "--start/--window" in err and "max_steps=8" in err
