@@ -164,8 +164,8 @@ def claims(data: dict) -> list[dict]:
             for key, rec in (d.get("variance") or {}).items():
                 st = (rec or {}).get("stats") or {}
                 if "soft" in st and arm in st:
-                    a.append(st["soft"]["top100_sum"])
-                    b.append(st[arm]["top100_sum"])
+                    a.append(st["soft"]["top_k_sum"]["value"])
+                    b.append(st[arm]["top_k_sum"]["value"])
                     where.append(f"{c} {key}")
         t = paired(a, b)
         out.append({"id": cid, "claim": text, **t, "per_pair": dict(zip(where, zip(a, b))), "verdict": verdict(t)})
@@ -440,13 +440,23 @@ def _variance_table(d: dict) -> list[str]:
     var = {k: v for k, v in (d.get("variance") or {}).items() if isinstance(v, dict) and v.get("stats")}
     if not var:
         return ["Not run."]
-    L = ["| seed | window | arm | top-100 per-weight variance (sum) ± SE | total variance (trace) ± SE | mean ‖g‖ |",
-         "|---|---|---|---|---|---|"]
+    L = ["| seed | steps | arm | top-100 per-weight variance (sum) ± SE | / soft [95 % CI] | trace ± SE | / soft "
+         "[95 % CI] | mean ‖g‖ |", "|---|---|---|---|---|---|---|---|"]
     for k, rec in sorted(var.items()):
         for arm, st in rec["stats"].items():
-            L.append(f"| {k} | {rec.get('start')}–{rec.get('start', 0) + rec.get('window', 0)} | {arm} | "
-                     f"{st['top100_sum']:.4g} ± {st.get('top100_se', float('nan')):.2g} | "
-                     f"{st['trace']:.4g} ± {st.get('trace_se', float('nan')):.2g} | {st.get('grad_norm_mean', 0):.4g} |")
+            r = (rec.get("ratios") or {}).get(f"{arm}/soft") or {}
+
+            def ci(x):
+                return f"{x['value']:.3g} [{x['ci95'][0]:.3g}, {x['ci95'][1]:.3g}]" if x else "—"
+
+            L.append(f"| {k} | {rec['window'][0]}–{rec['window'][1]} | {arm} | {st['top_k_sum']['value']:.4g} ± "
+                     f"{st['top_k_sum']['se']:.2g} | {ci(r.get('top_k_sum'))} | {st['trace']['value']:.4g} ± "
+                     f"{st['trace']['se']:.2g} | {ci(r.get('trace'))} | {st['grad_norm_mean']['value']:.4g} |")
+    L += ["", "Arms (benchmarks/repro_variance.py): soft = the curriculum loss as trained (Duo, curriculum 50 %); hard "
+          "= the same loss, t, z_t and α with the hard z_t as the network input (the control for the Gaussian "
+          "relaxation); discrete = UDLM's own training gradient on its own trajectory; discrete_at_duo = the discrete "
+          "log-linear loss at the Duo run's weights. Per-weight variance of the full gradient across the window's "
+          "steps; SE and CI from a moving-block bootstrap over steps (the same resamples for every arm)."]
     return L
 
 
