@@ -69,6 +69,8 @@ PLANS = {
         "noclip": ["clip_grad_norm=null"],                     # no gradient clipping (shipped: 1.0)
         "ema0": ["ema.decay=0"],                              # evaluate the raw weights (shipped: EMA 0.99)
         "warmup200": ["lr_scheduler.warmup_steps=200"],       # 4x the warm-up (shipped: 50)
+        "gate1": ["model.gate_init=1.0"],                     # the residual gates open at init (shipped: adaLN-zero)
+        "out02": ["model.output_init_std=0.02"],              # a random output layer (shipped: zero, uniform x_theta)
     }.items()},
     "screen_c500": grid(["bom"], ["duo"], [0, 1, 2], ["curriculum.steps=500"], "c500"),  # 5x the curriculum
     # the pipeline end to end in a minute (use with --results /tmp/...: not a study result)
@@ -78,6 +80,7 @@ PLANS = {
 PLANS["repro_s0"] = [r for r in PLANS["repro"] if r["seed"] == 0]
 
 # two runs at a time on 2 cores: a batch-32 tiny run ~2-5 min wall, batch 128 ~7-9 min, batch 256 ~15-18 min
-QUEUE = ["repro_s0", "screen_notc", "screen_L4", "screen_noclip", "screen_ema0", "screen_warmup200", "screen_c500",
+QUEUE = ["repro_s0", "screen_notc", "screen_L4", "screen_noclip", "screen_ema0", "screen_warmup200", "screen_gate1", "screen_out02",
+         "screen_c500",
          "repro", "screen_b128", "b256_bom_duo_s2", "b128_all", "screen_lr1e3", "baseline_jargon", "ar_b128", "small_late", "small_all",
          "screen_notc", "b256_bom", "screen_L4"]

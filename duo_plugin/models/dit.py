@@ -360,6 +360,11 @@ class DiT(nn.Module):
             acts as a learned constant, as in the reference code).
         rope_base, freq_dim, max_period: rotary base (10,000), sinusoidal feature size (256) and
             max period (10,000).
+        gate_init, output_init_std: initialisation variants for studies (the defaults are the paper's adaLN-zero:
+            every block's residual gates start at 0, the output linear at 0 so ``x_theta`` is uniform). A non-zero
+            ``gate_init`` sets the bias of both residual gates of every block (the blocks start open, the
+            modulation weights stay 0); ``output_init_std`` draws the output linear's weight from N(0, std²)
+            (bias 0), after every other initialisation (so the defaults draw the same numbers as before).
     """
 
     # ``forward`` already returns normalised fp32 log-probabilities: wrappers (e.g. a sampler's denoiser) can skip
@@ -369,7 +374,8 @@ class DiT(nn.Module):
     def __init__(self, vocab_size: int, max_seq_len: int, *, dim: int = 768, n_layers: int = 12,
                  n_heads: int = 12, cond_dim: int = 128, mlp_ratio: int = 4, dropout: float = 0.1,
                  causal: bool = False, time_conditioning: bool = True, rope_base: float = 10_000.0,
-                 freq_dim: int = 256, max_period: float = 10_000.0):
+                 freq_dim: int = 256, max_period: float = 10_000.0, gate_init: float = 0.0,
+                 output_init_std: float = 0.0):
         super().__init__()
         if vocab_size < 2 or max_seq_len < 1:
             raise ValueError(f"need vocab_size >= 2 and max_seq_len >= 1, got {vocab_size}, {max_seq_len}")
@@ -382,6 +388,15 @@ class DiT(nn.Module):
             DiTBlock(dim, n_heads, cond_dim, mlp_ratio, dropout, causal) for _ in range(n_layers)
         )
         self.output_layer = DiTFinalLayer(dim, vocab_size, cond_dim)
+        if not (float(output_init_std) >= 0.0 and math.isfinite(float(gate_init))):
+            raise ValueError(f"need output_init_std >= 0 and a finite gate_init, got {output_init_std}, {gate_init}")
+        with torch.no_grad():
+            if gate_init:
+                for block in self.blocks:  # (shift1, scale1, gate1, shift2, scale2, gate2) chunks of 6 d
+                    block.adaLN_modulation.bias[2 * dim:3 * dim].fill_(float(gate_init))
+                    block.adaLN_modulation.bias[5 * dim:6 * dim].fill_(float(gate_init))
+            if output_init_std:
+                nn.init.normal_(self.output_layer.linear.weight, std=float(output_init_std))
 
     @property
     def vocab_size(self) -> int:
