@@ -477,6 +477,41 @@ def _adapt_table(d: dict) -> list[str]:
     return L
 
 
+def status_lines(corpora: dict) -> list[str]:
+    """Per corpus: how much of the plan is in the results (a long run is reported while it is still going)."""
+    L = ["| corpus | training runs | DCD models | Gen PPL cells | zero-shot models | variance seeds | adaptation runs |",
+         "|---|---|---|---|---|---|---|"]
+    for c, d in corpora.items():
+        plan = d.get("plan", {})
+        seeds, bseeds = seeds_of(plan), list(plan.get("baseline_seeds") or [])
+        base = ("sedd_absorb", "sedd_uniform", "d3pm")
+
+        def planned(key):  # "<model>_s<seed>" or "<model>|<mode>|s<seed>" of a seed the plan runs
+            model, seed = (key.split("|")[0], key.split("|")[-1][1:]) if "|" in key else key.rsplit("_s", 1)
+            return seed.isdigit() and int(seed) in (bseeds if model in base else seeds)
+
+        n_train = 5 * len(seeds) + 3 * len(bseeds)
+        got_train = sum(1 for k, r in (d.get("train") or {}).items() if planned(k) and "study_key" in r)
+        got_dcd = sum(1 for k, r in (d.get("distill") or {}).items() if planned(k) and "summary" in r)
+        n_gen = 6 * len(plan.get("gen_steps") or []) * len(seeds) + 3 * len(plan.get("baseline_gen_steps") or []) \
+            * len(bseeds)
+        got_gen = sum(len([t for t in v if t.isdigit() and int(t) in (plan.get("gen_steps") or [])
+                           + (plan.get("baseline_gen_steps") or [])])
+                      for k, v in (d.get("genppl") or {}).items() if not k.startswith("_") and planned(k))
+        got_zs = sum(1 for k, r in (d.get("zeroshot") or {}).items() if not k.startswith("_") and planned(k)
+                     and (r or {}).get("ppl"))
+        got_var = sum(1 for k, r in (d.get("variance") or {}).items() if isinstance(r, dict) and r.get("stats")
+                      and k[1:].isdigit() and int(k[1:]) in (plan.get("var_seeds") or []))
+        adapt_planned = c in (plan.get("adapt_corpora") or [c])
+        got_ad = sum(1 for k, r in (d.get("adapt") or {}).items() if isinstance(r, dict) and "final_val_ppl" in r
+                     and not k.startswith("ar_"))
+        L.append(f"| {CORPUS_NAMES.get(c, c)} | {got_train}/{n_train} | {got_dcd}/{len(seeds)} | {got_gen}/{n_gen} | "
+                 f"{got_zs}/{n_train + len(seeds)} | {got_var}/{len(plan.get('var_seeds') or [])} | "
+                 + (f"{got_ad}/{3 * len(plan.get('adapt_seeds') or [])}" if adapt_planned else "not planned") + " |")
+    L += ["", "A verdict only uses the pairs measured so far; \"not measured\" means no pair yet."]
+    return L
+
+
 def write_report(data: dict, report: Path, figs: Path, quick: bool = False) -> list[dict]:
     import os
 
@@ -499,6 +534,7 @@ def write_report(data: dict, report: Path, figs: Path, quick: bool = False) -> l
         if v.get("mean") is not None:
             extra = f" — mean {fmt(v['mean'], 2, v.get('se'))} over {v.get('n')}"
         L.append(f"- **{v['claim']}**: {v['verdict']}{extra}.")
+    L += ["", "## Status (what this report covers)", "", *status_lines(corpora)]
     L += ["", "## Validation perplexity", "", f"![training curves]({rel(figs / 'training_vs_steps.png')})", ""]
     for c, d in corpora.items():
         plan = d.get("plan", {})

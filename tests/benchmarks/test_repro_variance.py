@@ -121,6 +121,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+@pytest.mark.slow  # two tiny runs through tune run + their replays (~20 s)
 def test_the_replay_is_the_runs_training_trajectory(runs, pair):
     """Every window step's soft loss is the loss the Duo run logged (its summary), the discrete one the UDLM run's;
     the soft/hard/discrete_at_duo gradients at step 3 are those computed by hand from the run's step-3 checkpoint."""
@@ -139,6 +140,7 @@ def test_the_replay_is_the_runs_training_trajectory(runs, pair):
     assert _rel(duo.grads["hard"][row], soft) > 1e-3  # the hard arm is not the soft one at τ = 1e-3
 
 
+@pytest.mark.slow  # two tiny runs through tune run + their replays (~20 s)
 def test_hard_arm_differs_from_soft_only_through_the_input(runs):
     """softmax(w/τ) → one-hot(argmax w) as τ → 0: with τ = 1e-9 the soft and hard arms' gradients coincide (so
     the hard arm keeps t, z_t, α, α', σ and the loss of the soft one); with τ = 1 they do not.  At the step-3
@@ -162,6 +164,7 @@ def test_hard_arm_differs_from_soft_only_through_the_input(runs):
     assert abs(lh - ls) > 1e-3 and _rel(gh, gs) > 1e-2
 
 
+@pytest.mark.slow  # two tiny runs through tune run + their replays (~20 s)
 def test_statistics_against_numpy_brute_force(pair):
     rec = rv.window_record(pair, START, WINDOW, top_k=100, reps=50)
     for arm, traj in (("soft", pair["duo"]), ("hard", pair["duo"]), ("discrete_at_duo", pair["duo"]),
@@ -227,6 +230,7 @@ def _refusal(capsys, argv) -> str:
     return err
 
 
+@pytest.mark.slow  # two tiny runs through tune run + their replays (~20 s)
 def test_refusals_name_the_flag_and_the_fix(runs, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("DUO_DEBUG", raising=False)
     duo, udlm = str(runs["duo"]), str(runs["udlm"])
