@@ -137,22 +137,14 @@ def claims(data: dict) -> list[dict]:
         out.append({"id": f"{m}_beats_udlm", "claim": f"{LABELS[m]} reaches a lower validation PPL than UDLM "
                     "(same budget)", **t, "per_pair": dict(zip(where, zip(a, b))),
                     "verdict": verdict(t)})
-    # curriculum speed-up at the paper's curriculum share: steps to reach each seed's UDLM final PPL
-    sp = []
-    for c, d in corpora.items():
-        tr = d.get("train", {})
-        for s in seeds_of(d.get("plan", {})):
-            u, dc = tr.get(f"udlm_s{s}"), tr.get(f"duo_c50_s{s}")
-            if not (u and dc and curve(u) and curve(dc)):
-                continue
-            target = final_fixed(u)[0]
-            su, sd = steps_to_target(curve(u), target), steps_to_target(curve(dc), target)
-            sp.append({"where": f"{c} s{s}", "target": target, "udlm_steps": su, "duo_steps": sd,
-                       "speedup": (su / sd) if su and sd else None})
+    # curriculum speed-up at the paper's curriculum share: steps to reach each seed's UDLM final PPL (the claim),
+    # and the same at a ladder of PPL levels (fractions of the unigram PPL) for both curriculum lengths
+    sp = speedups(corpora, "duo_c50")
     ratios = [x["speedup"] for x in sp if x["speedup"]]
     m_, se_, n_ = mean_se(ratios)
     out.append({"id": "curriculum_speedup", "claim": "with the paper's curriculum share (50 %), Duo reaches UDLM's "
                 "final PPL in fewer steps (paper: about 2x)", "per_pair": sp, "mean": m_, "se": se_, "n": n_,
+                "ladder": {m: speedup_ladder(corpora, m) for m in ("duo_c50", "duo")},
                 "verdict": ("not measured" if not sp else
                             "shown" if len(ratios) == len(sp) and all(r > 1 for r in ratios) else "not shown")})
     # gradient variance: soft < discrete (the paper's comparison) and soft < hard (the relaxation itself)
@@ -171,6 +163,39 @@ def claims(data: dict) -> list[dict]:
         out.append({"id": cid, "claim": text, **t, "per_pair": dict(zip(where, zip(a, b))), "verdict": verdict(t)})
     out += sampling_claims(corpora)
     return out
+
+
+LADDER = (0.6, 0.5, 0.4, 0.3, 0.25)  # PPL levels as fractions of the unigram PPL of the same validation tokens
+
+
+def speedups(corpora: dict, method: str, level: float | None = None) -> list[dict]:
+    """Per (corpus, seed): steps for UDLM and ``method`` to reach a target PPL on their interpolated curves —
+    UDLM's own final PPL (``level`` None) or ``level`` x the unigram PPL — and their ratio (None if either never
+    reaches it)."""
+    out = []
+    for c, d in corpora.items():
+        tr = d.get("train", {})
+        for s in seeds_of(d.get("plan", {})):
+            u, dc = tr.get(f"udlm_s{s}"), tr.get(f"{method}_s{s}")
+            if not (u and dc and curve(u) and curve(dc)):
+                continue
+            target = final_fixed(u)[0] if level is None else level * (u.get("unigram_ppl") or float("nan"))
+            su, sd = steps_to_target(curve(u), target), steps_to_target(curve(dc), target)
+            out.append({"where": f"{c} s{s}", "target": target, "udlm_steps": su, "duo_steps": sd,
+                        "speedup": (su / sd) if su and sd else None})
+    return out
+
+
+def speedup_ladder(corpora: dict, method: str) -> list[dict]:
+    """The speed-up over the seeds at every LADDER level: mean ± SE, min, max and how many pairs reached it."""
+    rows = []
+    for lv in LADDER:
+        sp = speedups(corpora, method, lv)
+        r = [x["speedup"] for x in sp if x["speedup"]]
+        m_, se_, n_ = mean_se(r)
+        rows.append({"level": lv, "pairs": len(sp), "reached_by_both": n_, "mean": m_, "se": se_,
+                     "min": min(r) if r else None, "max": max(r) if r else None, "per_pair": sp})
+    return rows
 
 
 def verdict(t: dict) -> str:
@@ -551,6 +576,14 @@ def write_report(data: dict, report: Path, figs: Path, quick: bool = False) -> l
                   "|---|---|---|---|---|"]
             L += [f"| {x['where']} | {fmt(x['target'])} | {fmt(x['udlm_steps'], 0)} | {fmt(x['duo_steps'], 0)} | "
                   f"{fmt(x['speedup'])} |" for x in v["per_pair"]]
+            L += ["", "Speed-up (UDLM steps / Duo steps) at PPL levels given as a fraction of the unigram PPL, over "
+                  "the (corpus, seed) pairs that reach the level (curves interpolated in log PPL between the "
+                  "evaluations every 100 steps):", "",
+                  "| Duo variant | level (× unigram) | pairs reaching it (both) | mean ± SE | min – max |",
+                  "|---|---|---|---|---|"]
+            for m, rows in v["ladder"].items():
+                L += [f"| {LABELS[m]} | {r['level']} | {r['reached_by_both']}/{r['pairs']} | "
+                      f"{fmt(r['mean'], 2, r['se'])} | {fmt(r['min'])} – {fmt(r['max'])} |" for r in rows]
             L.append("")
     for c, d in corpora.items():
         L += [f"### Gradient variance across training steps, {CORPUS_NAMES.get(c, c)}", "", *_variance_table(d), ""]

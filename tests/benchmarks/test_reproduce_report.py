@@ -92,3 +92,14 @@ def test_dcd_and_few_step_verdicts(rr):
     assert shares == pytest.approx([math.log(400 / 150) / math.log(4), math.log(400 / 300) / math.log(4)])
     assert v["dcd_gap_T8"]["verdict"] == "not shown"  # seed 1 closes only ~21 %
     assert v["duo_vs_mdlm_T8_ancestral"]["verdict"].startswith("shown (every pair: 2/2")
+
+
+def test_speedup_ladder_uses_levels_of_the_unigram(rr):
+    """UDLM reaches 0.5 x unigram (75) at step 200 + 100 * ln(100/75)/ln 2; Duo (curriculum 50 %) at step 100 +
+    100 * ln(100/75)/ln 4 (log-linear between the evaluations)."""
+    data = _data({"a": [-1]})
+    rows = {r["level"]: r for r in rr.speedup_ladder(data["corpora"], "duo_c50")}
+    su = 200 + 100 * math.log(100 / 75) / math.log(2)
+    sd = 100 + 100 * math.log(100 / 75) / math.log(4)
+    assert rows[0.5]["mean"] == pytest.approx(su / sd) and rows[0.5]["reached_by_both"] == 1
+    assert rows[0.25]["reached_by_both"] == 0 and rows[0.25]["mean"] is None  # 37.5: UDLM never gets there
