@@ -270,6 +270,23 @@ def _plt():
     return plt
 
 
+def _finish(ax, title: str, xlabel: str, ylabel: str, legend_size: int = 7) -> None:
+    """Log-scale y, title, labels, grid and legend of one panel."""
+    ax.set_yscale("log")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
+def _save(fig, out: Path) -> Path:
+    plt = _plt()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot_training(corpora: dict, out: Path) -> Path:
     """Validation PPL (fixed draws) vs step, one panel per corpus, one colour per method, seeds thin, mean bold."""
     plt = _plt()
@@ -290,15 +307,8 @@ def plot_training(corpora: dict, out: Path) -> Path:
                     label=f"{LABELS[m]} ({len(cs)} seed{'s' * (len(cs) > 1)})")
         if uni:
             ax.axhline(uni, color="k", ls="--", lw=0.8, label="unigram")
-        ax.set_yscale("log")
-        ax.set(title=CORPUS_NAMES.get(c, c), xlabel="training step", ylabel="validation PPL (content tokens)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+        _finish(ax, CORPUS_NAMES.get(c, c), "training step", "validation PPL (content tokens)")
+    return _save(fig, out)
 
 
 def _gen_rows(d: dict) -> dict:
@@ -346,17 +356,9 @@ def plot_genppl(corpora: dict, out_steps: Path, out_entropy: Path) -> None:
                     ax.plot([ref["entropy"]], [ref["gen_ppl"]], "k*", ms=9, label="held-out text")
             if kind == "steps":
                 ax.set_xscale("log", base=2)
-                ax.set(xlabel="sampling steps T")
-            else:
-                ax.set(xlabel="mean unigram entropy of a sample (nats)")
-            ax.set_yscale("log")
-            ax.set(title=CORPUS_NAMES.get(c, c), ylabel="Gen PPL (AR seed-0 scorer)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=6)
-        fig.tight_layout()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=110)
-        plt.close(fig)
+            _finish(ax, CORPUS_NAMES.get(c, c), "sampling steps T" if kind == "steps" else
+                    "mean unigram entropy of a sample (nats)", "Gen PPL (AR seed-0 scorer)", legend_size=6)
+        _save(fig, out)
 
 
 def plot_adapt(corpora: dict, out: Path) -> Path | None:
@@ -374,15 +376,8 @@ def plot_adapt(corpora: dict, out: Path) -> Path | None:
         seen.add((c, name))
         pts = [(int(s), float(v)) for s, v in r["val_ppl"]]
         ax.plot([s for s, _ in pts], [v for _, v in pts], color=cols.get(name, "k"), lw=1, label=lab)
-    ax.set_yscale("log")
-    ax.set(title="Llama-architecture Duo: adapted from AR vs from scratch", xlabel="Duo training step",
-           ylabel="validation PPL")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    _finish(ax, "Llama-architecture Duo: adapted from AR vs from scratch", "Duo training step", "validation PPL")
+    return _save(fig, out)
 
 
 # ------------------------------------------------------------------------------------------------------- markdown
