@@ -206,6 +206,9 @@ def verdict(t: dict) -> str:
     return f"not shown ({t['lower']} of {t['pairs']} pairs; sign test p = {_p(t['p'])})"
 
 
+DUO_ROWS = (("duo", "ancestral"), ("duo", "greedy"), ("duo_dcd", "ancestral"), ("duo_dcd", "greedy"))
+
+
 def sampling_claims(corpora: dict) -> list[dict]:
     out = []
     few_steps, many = (8, 16, 32), 256
@@ -223,11 +226,11 @@ def sampling_claims(corpora: dict) -> list[dict]:
                                      "clear": b8["gen_ppl"] / b256["gen_ppl"] >= 1.2
                                      and b8["gen_ppl"] - b256["gen_ppl"] > 3 * se})
             for T in few_steps:
-                for mode in ("ancestral", "greedy"):
-                    du, md = gen_cell(gen, "duo", mode, s, T), gen_cell(gen, "mdlm", "greedy", s, T)
+                for model, mode in DUO_ROWS:
+                    du, md = gen_cell(gen, model, mode, s, T), gen_cell(gen, "mdlm", "greedy", s, T)
                     if du and md:
-                        rows_mdlm.append({"where": f"{c} s{s}", "T": T, "mode": mode, "duo": du["gen_ppl"],
-                                          "duo_entropy": du["entropy"], "mdlm": md["gen_ppl"],
+                        rows_mdlm.append({"where": f"{c} s{s}", "T": T, "model": model, "mode": mode,
+                                          "duo": du["gen_ppl"], "duo_entropy": du["entropy"], "mdlm": md["gen_ppl"],
                                           "mdlm_entropy": md["entropy"]})
                 b, dc, bm = gen_cell(gen, "duo", "ancestral", s, T), gen_cell(gen, "duo_dcd", "ancestral", s, T), b256
                 if b and dc and bm:
@@ -240,15 +243,16 @@ def sampling_claims(corpora: dict) -> list[dict]:
                 "per_pair": rows_sampler, "verdict": "not measured" if not clear else
                 ("shown" if all(clear) else f"not shown ({sum(clear)} of {len(clear)})")})
     for T in few_steps:
-        for mode in ("ancestral", "greedy"):
-            rs = [r for r in rows_mdlm if r["T"] == T and r["mode"] == mode]
+        for model, mode in DUO_ROWS:
+            rs = [r for r in rows_mdlm if r["T"] == T and r["model"] == model and r["mode"] == mode]
             t = paired([r["duo"] for r in rs], [r["mdlm"] for r in rs])
             ent_ok = all(r["duo_entropy"] >= 0.9 * r["mdlm_entropy"] for r in rs)
             v = verdict(t)
             if t["all"] and not ent_ok:
                 v = "lower Gen PPL but not at a comparable entropy (Duo's < 0.9x MDLM's in some pair)"
-            out.append({"id": f"duo_vs_mdlm_T{T}_{mode}", "claim": f"Duo ({mode}) beats MDLM in Gen PPL at T = {T}",
-                        **t, "per_pair": rs, "verdict": v})
+            tag = "" if model == "duo" else "_dcd"
+            out.append({"id": f"duo{tag}_vs_mdlm_T{T}_{mode}", "claim": f"{LABELS[model]} ({mode}) beats MDLM "
+                        f"(undistilled, its own sampler) in Gen PPL at T = {T}", **t, "per_pair": rs, "verdict": v})
     for T in few_steps:
         rs = [r for r in rows_dcd if r["T"] == T]
         shares = [r["share"] for r in rs if r["share"] is not None]
