@@ -722,7 +722,7 @@ def main(argv=None) -> int:
         data = combined_results(paths, combined)
         data["claims"] = reproduce_report.write_report(
             data, report, figs=report.parent / ("reproduction" if not args.quick else "reproduction_figures"),
-            quick=args.quick)
+            quick=args.quick, reading=None if args.quick else REPO / "docs" / "reproduction" / "reading.md")
         tmp = combined.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, combined)

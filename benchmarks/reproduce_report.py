@@ -15,6 +15,7 @@ and nothing else, so every number of the report can be checked against that file
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -536,7 +537,34 @@ def status_lines(corpora: dict) -> list[str]:
     return L
 
 
-def write_report(data: dict, report: Path, figs: Path, quick: bool = False) -> list[dict]:
+READING_TAG = re.compile(r"\[claim ([a-z0-9_]+): (shown|not shown|not measured|mixed)\]")
+
+
+def verdict_word(v: str) -> str:
+    """The verdict class of a generated verdict line: shown | not shown | not measured | mixed (a lower Gen PPL at
+    a lower entropy)."""
+    if v.startswith("shown"):
+        return "shown"
+    if v.startswith("not measured"):
+        return "not measured"
+    if v.startswith("lower Gen PPL but not"):
+        return "mixed"
+    return "not shown"
+
+
+def check_reading(text: str, verdicts: list[dict]) -> list[str]:
+    """Every ``[claim <id>: <verdict>]`` tag of the hand-written reading against the generated verdicts: the lines
+    where they disagree (an unknown id counts as a disagreement)."""
+    got = {v["id"]: verdict_word(v["verdict"]) for v in verdicts}
+    bad = []
+    for cid, word in READING_TAG.findall(text):
+        if got.get(cid) != word:
+            bad.append(f"the reading says {cid}: {word}; the results say {got.get(cid, 'no such claim')}")
+    return bad
+
+
+def write_report(data: dict, report: Path, figs: Path, quick: bool = False, reading: Path | None = None
+                 ) -> list[dict]:
     import os
 
     corpora = data.get("corpora", {})
@@ -558,6 +586,13 @@ def write_report(data: dict, report: Path, figs: Path, quick: bool = False) -> l
         if v.get("mean") is not None:
             extra = f" — mean {fmt(v['mean'], 2, v.get('se'))} over {v.get('n')}"
         L.append(f"- **{v['claim']}**: {v['verdict']}{extra}.")
+    if reading is not None and reading.is_file():
+        text = reading.read_text(encoding="utf-8")
+        bad = check_reading(text, verdicts)
+        L += ["", "## Reading (hand-written: `docs/reproduction/reading.md`)", ""]
+        if bad:
+            L += ["**The reading is out of date: it disagrees with the results here:** " + "; ".join(bad) + ".", ""]
+        L += [text.strip()]
     L += ["", "## Status (what this report covers)", "", *status_lines(corpora)]
     L += ["", "## Validation perplexity", "", f"![training curves]({rel(figs / 'training_vs_steps.png')})", ""]
     for c, d in corpora.items():

@@ -103,3 +103,27 @@ def test_speedup_ladder_uses_levels_of_the_unigram(rr):
     sd = 100 + 100 * math.log(100 / 75) / math.log(4)
     assert rows[0.5]["mean"] == pytest.approx(su / sd) and rows[0.5]["reached_by_both"] == 1
     assert rows[0.25]["reached_by_both"] == 0 and rows[0.25]["mean"] is None  # 37.5: UDLM never gets there
+
+
+def test_reading_tags_are_checked_against_the_verdicts(rr):
+    verdicts = [{"id": "a", "verdict": "shown (every pair: 6/6; sign test p = 0.0312)"},
+                {"id": "b", "verdict": "not shown (2 of 6 pairs; sign test p = 0.688)"},
+                {"id": "c", "verdict": "lower Gen PPL but not at a comparable entropy (...)"}]
+    ok = "Duo wins [claim a: shown]; no [claim b: not shown]; [claim c: mixed]."
+    assert rr.check_reading(ok, verdicts) == []
+    bad = rr.check_reading("[claim a: not shown] [claim zz: shown]", verdicts)
+    assert len(bad) == 2 and "a: not shown" in bad[0] and "no such claim" in bad[1]
+
+
+def test_the_committed_reading_agrees_with_the_committed_results(rr):
+    """docs/reproduction/reading.md (hand-written) and docs/reproduction/results.json (generated): every claim the
+    reading tags has the verdict the results give it."""
+    import json
+
+    results, reading = REPO / "docs" / "reproduction" / "results.json", REPO / "docs" / "reproduction" / "reading.md"
+    if not (results.is_file() and reading.is_file()):
+        pytest.skip("no committed reproduction results / reading")
+    claims = json.loads(results.read_text())["claims"]
+    text = reading.read_text()
+    assert rr.READING_TAG.findall(text), "the reading tags no claim"
+    assert rr.check_reading(text, claims) == []
