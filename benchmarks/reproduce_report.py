@@ -3,9 +3,10 @@
 Everything here reads the combined results (``docs/reproduction/results.json``: ``{"corpora": {corpus: results}}``)
 and nothing else, so every number of the report can be checked against that file.  The rules the verdicts follow:
 
-* a claim is **shown** only if it holds in every (corpus, seed) pair measured; the exact two-sided sign test over
-  the pairs is printed beside it (with 6 pairs all in one direction p = 0.031; with 3 pairs the smallest possible p is
-  0.25, so "every seed agrees" is the criterion there);
+* a claim is **shown** only if it holds in every (corpus, seed) pair measured, and at least 3 pairs are measured
+  (fewer: "not measured enough", whatever the direction); the exact two-sided sign test over the pairs is printed
+  beside it (with 6 pairs all in one direction p = 0.031; with 3 pairs the smallest possible p is 0.25, so "every
+  seed agrees" is the criterion there);
 * every PPL is given with its standard error: validation PPL under the fixed evaluation draws (8 Monte Carlo passes
   over the same 128 validation blocks; AR: exact), Gen PPL over the samples (ratio estimator), zero-shot PPL from
   ``duo_eval`` (diffusion) or over blocks (AR); a seed mean with the standard error over seeds;
@@ -146,8 +147,7 @@ def claims(data: dict) -> list[dict]:
     out.append({"id": "curriculum_speedup", "claim": "with the paper's curriculum share (50 %), Duo reaches UDLM's "
                 "final PPL in fewer steps (paper: about 2x)", "per_pair": sp, "mean": m_, "se": se_, "n": n_,
                 "ladder": {m: speedup_ladder(corpora, m) for m in ("duo_c50", "duo")},
-                "verdict": ("not measured" if not sp else
-                            "shown" if len(ratios) == len(sp) and all(r > 1 for r in ratios) else "not shown")})
+                "verdict": share_verdict([bool(x["speedup"] and x["speedup"] > 1) for x in sp])})
     # gradient variance: soft < discrete (the paper's comparison) and soft < hard (the relaxation itself)
     for arm, cid, text in (("discrete", "variance_vs_udlm", "the curriculum's gradient variance (top-100 weights) is "
                             "lower than UDLM's"), ("hard", "variance_relaxation", "the Gaussian relaxation itself "
@@ -199,9 +199,24 @@ def speedup_ladder(corpora: dict, method: str) -> list[dict]:
     return rows
 
 
-def verdict(t: dict) -> str:
-    if not t["pairs"]:
+MIN_PAIRS = 3  # a claim needs at least 3 (corpus, seed) pairs before it can be called either way
+
+
+def few(n: int) -> str | None:
+    """The verdict while fewer than MIN_PAIRS pairs are measured (None once there are enough)."""
+    if n == 0:
         return "not measured"
+    return f"not measured enough ({n} of the {MIN_PAIRS} pairs needed)" if n < MIN_PAIRS else None
+
+
+def share_verdict(oks: list[bool]) -> str:
+    """``shown`` when every measured pair passes (at least MIN_PAIRS of them), else ``not shown (k of n)``."""
+    return few(len(oks)) or ("shown" if all(oks) else f"not shown ({sum(oks)} of {len(oks)})")
+
+
+def verdict(t: dict) -> str:
+    if few(t["pairs"]):
+        return few(t["pairs"]) + (f": {t['lower']} lower, {t['higher']} higher so far" if t["pairs"] else "")
     if t["all"]:
         return f"shown (every pair: {t['lower']}/{t['pairs']}; sign test p = {_p(t['p'])})"
     return f"not shown ({t['lower']} of {t['pairs']} pairs; sign test p = {_p(t['p'])})"
@@ -241,15 +256,14 @@ def sampling_claims(corpora: dict) -> list[dict]:
     clear = [r["clear"] for r in rows_sampler]
     out.append({"id": "sampler_limits_few_steps", "claim": "the sampler, not the model, limits Gen PPL at few steps "
                 "(base Duo, ancestral: Gen PPL at T = 8 at least 1.2x that at T = 256 and more than 3 SE apart)",
-                "per_pair": rows_sampler, "verdict": "not measured" if not clear else
-                ("shown" if all(clear) else f"not shown ({sum(clear)} of {len(clear)})")})
+                "per_pair": rows_sampler, "verdict": share_verdict(clear)})
     for T in few_steps:
         for model, mode in DUO_ROWS:
             rs = [r for r in rows_mdlm if r["T"] == T and r["model"] == model and r["mode"] == mode]
             t = paired([r["duo"] for r in rs], [r["mdlm"] for r in rs])
             ent_ok = all(r["duo_entropy"] >= 0.9 * r["mdlm_entropy"] for r in rs)
             v = verdict(t)
-            if t["all"] and not ent_ok:
+            if t["all"] and not ent_ok and not few(t["pairs"]):
                 v = "lower Gen PPL but not at a comparable entropy (Duo's < 0.9x MDLM's in some pair)"
             tag = "" if model == "duo" else "_dcd"
             out.append({"id": f"duo{tag}_vs_mdlm_T{T}_{mode}", "claim": f"{LABELS[model]} ({mode}) beats MDLM "
@@ -260,8 +274,7 @@ def sampling_claims(corpora: dict) -> list[dict]:
         m_, se_, n_ = mean_se(shares)
         out.append({"id": f"dcd_gap_T{T}", "claim": f"DCD closes most of the few-step gap at T = {T} (share of the "
                     "log Gen PPL gap to T = 256 closed > 0.5 in every pair)", "per_pair": rs, "mean": m_, "se": se_,
-                    "n": n_, "verdict": "not measured" if not rs else
-                    ("shown" if len(shares) == len(rs) and all(x > 0.5 for x in shares) else "not shown")})
+                    "n": n_, "verdict": share_verdict([r["share"] is not None and r["share"] > 0.5 for r in rs])})
     return out
 
 

@@ -78,20 +78,29 @@ def test_verdicts_need_every_pair(rr):
     assert v["variance_vs_udlm"]["verdict"] == "not measured"  # no variance records: never a verdict
 
 
-def test_dcd_and_few_step_verdicts(rr):
+def _gen_data(seeds):
     gen = {}
-    for s in (0, 1):
+    for s in seeds:
         gen[f"duo|ancestral|s{s}"] = {"8": {"gen_ppl": 400.0, "gen_ppl_stderr": 5.0, "entropy": 4.0},
                                       "256": {"gen_ppl": 100.0, "gen_ppl_stderr": 2.0, "entropy": 4.0}}
-        gen[f"duo_dcd|ancestral|s{s}"] = {"8": {"gen_ppl": 150.0 if s == 0 else 300.0, "entropy": 4.0}}
+        gen[f"duo_dcd|ancestral|s{s}"] = {"8": {"gen_ppl": 300.0 if s == 1 else 150.0, "entropy": 4.0}}
         gen[f"mdlm|greedy|s{s}"] = {"8": {"gen_ppl": 500.0, "entropy": 4.2}}
-    data = {"corpora": {"a": {"plan": {"seeds": [0, 1], "gen_steps": [8, 256]}, "genppl": gen, "train": {}}}}
-    v = {x["id"]: x for x in rr.claims(data)}
+    return {"corpora": {"a": {"plan": {"seeds": list(seeds), "gen_steps": [8, 256]}, "genppl": gen, "train": {}}}}
+
+
+def test_dcd_and_few_step_verdicts(rr):
+    v = {x["id"]: x for x in rr.claims(_gen_data([0, 1, 2]))}
     assert v["sampler_limits_few_steps"]["verdict"] == "shown"
     shares = [x["share"] for x in v["dcd_gap_T8"]["per_pair"]]
-    assert shares == pytest.approx([math.log(400 / 150) / math.log(4), math.log(400 / 300) / math.log(4)])
-    assert v["dcd_gap_T8"]["verdict"] == "not shown"  # seed 1 closes only ~21 %
-    assert v["duo_vs_mdlm_T8_ancestral"]["verdict"].startswith("shown (every pair: 2/2")
+    assert shares == pytest.approx([math.log(400 / 150) / math.log(4), math.log(400 / 300) / math.log(4),
+                                    math.log(400 / 150) / math.log(4)])
+    assert v["dcd_gap_T8"]["verdict"] == "not shown (2 of 3)"  # seed 1 closes only ~21 %
+    assert v["duo_vs_mdlm_T8_ancestral"]["verdict"].startswith("shown (every pair: 3/3")
+    # fewer than 3 pairs: no verdict either way, whatever the direction
+    v2 = {x["id"]: x for x in rr.claims(_gen_data([0, 1]))}
+    for cid in ("sampler_limits_few_steps", "dcd_gap_T8", "duo_vs_mdlm_T8_ancestral"):
+        assert v2[cid]["verdict"].startswith("not measured enough (2 of the 3"), cid
+        assert rr.verdict_word(v2[cid]["verdict"]) == "not measured"
 
 
 def test_speedup_ladder_uses_levels_of_the_unigram(rr):
