@@ -693,8 +693,11 @@ def main(argv=None) -> int:
     paths = []
     for corpus in args.corpus:
         plan = replace(base, corpus=corpus, method_overrides=dict(base.method_overrides))
-        if args.seeds:
+        if args.seeds:  # every per-seed part of the plan, restricted to these seeds
             plan.seeds = tuple(args.seeds)
+            plan.var_seeds = tuple(x for x in plan.var_seeds if x in plan.seeds)
+            plan.adapt_seeds = tuple(x for x in plan.adapt_seeds if x in plan.seeds)
+            plan.baseline_seeds = tuple(x for x in plan.baseline_seeds if x in plan.seeds)
         if args.quick:
             plan.study_work, plan.study_results = str(root / "study"), str(root / "study_results.json")
         work = root / corpus

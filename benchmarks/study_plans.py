@@ -80,7 +80,7 @@ PLANS = {
 PLANS["repro_s0"] = [r for r in PLANS["repro"] if r["seed"] == 0]
 
 # two runs at a time on 2 cores: a batch-32 tiny run ~2-5 min wall, batch 128 ~7-9 min, batch 256 ~15-18 min
-QUEUE = ["repro_s0", "screen_notc", "screen_L4", "screen_noclip", "screen_ema0", "screen_warmup200", "screen_gate1", "screen_out02",
-         "screen_c500",
+QUEUE = ["repro_s0", "screen_notc", "screen_L4", "screen_gate1", "screen_out02", "screen_noclip", "screen_ema0",
+         "screen_warmup200", "screen_c500",
          "repro", "screen_b128", "b256_bom_duo_s2", "b128_all", "screen_lr1e3", "baseline_jargon", "ar_b128", "small_late", "small_all",
          "screen_notc", "b256_bom", "screen_L4"]
