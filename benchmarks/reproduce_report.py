@@ -163,6 +163,19 @@ def claims(data: dict) -> list[dict]:
         t = paired(a, b)
         out.append({"id": cid, "claim": text, **t, "per_pair": dict(zip(where, zip(a, b))), "verdict": verdict(t)})
     out += sampling_claims(corpora)
+    for ref, text in (("scratch_matched", "for the same total number of training steps (AR pretraining included)"),
+                      ("scratch", "for the same number of Duo steps")):
+        a, b, where = [], [], []
+        for c, d in corpora.items():
+            ad = d.get("adapt") or {}
+            for k, r in sorted(ad.items()):
+                if k.startswith("adapted_s") and (ad.get(f"{ref}_s{k.rsplit('_s', 1)[1]}") or {}).get("final_val_ppl"):
+                    a.append(r.get("final_val_ppl"))
+                    b.append(ad[f"{ref}_s{k.rsplit('_s', 1)[1]}"]["final_val_ppl"])
+                    where.append(f"{c} {k}")
+        t = paired(a, b)
+        out.append({"id": f"adapt_beats_{ref}", "claim": f"Duo adapted from a pretrained AR model beats Duo from "
+                    f"scratch {text}", **t, "per_pair": dict(zip(where, zip(a, b))), "verdict": verdict(t)})
     return out
 
 
