@@ -56,8 +56,6 @@ CONFIGS = REPO / "duo_plugin" / "configs" / "duo"
 STAGES = ("train", "distill", "genppl", "zeroshot", "variance", "adapt", "report")
 METHODS = ("ar", "duo", "mdlm", "udlm", "duo_c50")  # every seed; duo_c50 = Duo with the paper's curriculum share
 BASELINES = ("sedd_absorb", "sedd_uniform", "d3pm")  # ``baseline_seeds`` only
-LABELS = {"ar": "AR", "duo": "Duo", "mdlm": "MDLM", "udlm": "UDLM", "duo_c50": "Duo (curriculum 50 %)",
-          "duo_dcd": "Duo+DCD", "sedd_absorb": "SEDD-absorb", "sedd_uniform": "SEDD-uniform", "d3pm": "D3PM"}
 #: (model, noise removal) of the Gen PPL rows; MDLM's sampler is the absorbing one (its final step is greedy)
 GEN_ROWS = (("duo", "ancestral"), ("duo", "greedy"), ("duo_dcd", "ancestral"), ("duo_dcd", "greedy"),
             ("mdlm", "greedy"), ("udlm", "ancestral"))
@@ -143,23 +141,16 @@ def all_train_keys(plan: Plan) -> list[tuple[str, str, int]]:
     return out
 
 
-def tune_cmd() -> list[str]:
-    exe = shutil.which("tune") or str(Path(sys.executable).parent / "tune")
-    return [exe] if Path(exe).exists() else [sys.executable, "-m", "torchtune._cli.tune"]
-
-
 def run_tune(args: list[str], log_path: Path) -> float:
     """``tune run <args>`` (one intra-op thread, offline); stdout+stderr to ``log_path``; returns wall seconds;
     raises RuntimeError with the log's tail on failure."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = tune_cmd() + ["run"] + args
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = study.tune_cmd() + ["run"] + args
     t0 = time.perf_counter()
     with open(log_path, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=study.run_env(), cwd=str(REPO))
     if rc != 0:
         tail = log_path.read_text()[-3000:]
         raise RuntimeError(f"tune run {' '.join(args[:3])} failed (exit {rc}); log {log_path}:\n{tail}")
@@ -240,10 +231,10 @@ def _adopt(rec: dict) -> dict:
             "spikes": len(rec.get("spikes") or [])}
 
 
-def adopt(plan: Plan, res: Results) -> list[tuple[str, "study.Run"]]:
-    """Record every training run of the plan that the study has finished; returns the missing ``(key, run)``s."""
-    _, sres_path = study_paths(plan)
-    sres = study.Results(sres_path)
+def adopt(plan: Plan, res: Results, sres: "study.Results | None" = None) -> list[tuple[str, "study.Run"]]:
+    """Record every training run of the plan that the study (its results ``sres``, default: read from the plan's
+    path) has finished; returns the missing ``(key, run)``s."""
+    sres = sres or study.Results(study_paths(plan)[1])
     missing = []
     for key, method, seed in all_train_keys(plan):
         run = study_run(plan, method, seed)
@@ -256,24 +247,18 @@ def adopt(plan: Plan, res: Results) -> list[tuple[str, "study.Run"]]:
 
 def stage_train(plan: Plan, work: Path, res: Results, jobs: int) -> None:
     """Launch the runs the study has not finished, through the study (so they land in its record too). A run whose
-    output dir another live process holds (a study running beside) is skipped with a note, never touched."""
+    output dir another live process holds (a study running beside) is refused by ``study.launch`` (its run lock),
+    reported, and never touched."""
     swork, sres_path = study_paths(plan)
     sres = study.Results(sres_path)
-    todo = adopt(plan, res)
+    todo = adopt(plan, res, sres)
     if not todo:
         return
-    from duo_plugin.training.run_dir import RunDirLock
-
     study.prepare_corpus(plan.corpus, swork)
 
     def one(item):
         key, run = item
         _, out = study.run_args_no_prepare(run, swork)
-        try:
-            RunDirLock(out).refuse_if_held()
-        except Exception as e:  # noqa: BLE001 - a live run elsewhere: never touch it
-            print(f"reproduce: {key}: {e}; skipped (run again when it has finished)", file=sys.stderr, flush=True)
-            return
         study.execute(run, swork, sres)
         rec = sres.data["runs"][run.key]
         if rec.get("status") != "done":
@@ -704,8 +689,8 @@ def main(argv=None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         res = Results(work / "results.json")
         res.data["plan"] = asdict(plan)
-        res.data.setdefault("invocations", []).append(
-            "python benchmarks/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+        inv = "python benchmarks/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        res.data["invocations"] = list(dict.fromkeys(res.data.get("invocations", []) + [inv]))  # each command once
         res.save()
         paths.append(res.path)
         adopt(plan, res)  # the study's finished runs, whatever the stages (the later stages read them)

@@ -18,7 +18,13 @@ from __future__ import annotations
 import math
 import re
 import statistics
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling study modules
+
+from study import sign_test_p  # noqa: E402  (the exact two-sided sign test, shared with the study's tables)
+from study_plot import seed_curves  # noqa: E402  (seeds thin, the seed mean bold)
 
 LABELS = {"ar": "AR", "duo": "Duo", "mdlm": "MDLM", "udlm": "UDLM", "duo_c50": "Duo (curriculum 50 %)",
           "duo_dcd": "Duo+DCD", "sedd_absorb": "SEDD-absorb", "sedd_uniform": "SEDD-uniform", "d3pm": "D3PM"}
@@ -28,14 +34,6 @@ CORPUS_NAMES = {"shakespeare": "Shakespeare", "bom": "Book of Mormon", "jargon":
 
 
 # ------------------------------------------------------------------------------------------------------- statistics
-def sign_test_p(wins: int, losses: int) -> float:
-    """Two-sided exact sign test (ties dropped): P(a split at least this uneven | each pair a fair coin)."""
-    n, k = wins + losses, min(wins, losses)
-    if n == 0:
-        return 1.0
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
-
-
 def mean_se(vals) -> tuple[float | None, float | None, int]:
     """Mean, standard error of the mean (sample SD / sqrt(n); None for n < 2) and n of the finite values."""
     v = [float(x) for x in vals if x is not None and math.isfinite(float(x))]
@@ -325,17 +323,11 @@ def plot_training(corpora: dict, out: Path) -> Path:
     fig, axes = plt.subplots(1, max(1, len(names)), figsize=(5.5 * max(1, len(names)), 4), squeeze=False)
     for ax, c in zip(axes[0], names):
         tr = corpora[c].get("train", {})
-        uni = None
+        uni = next((r.get("unigram_ppl") for r in tr.values() if r.get("unigram_ppl")), None)
         for m in ("ar", "mdlm", "udlm", "duo", "duo_c50", "sedd_absorb", "sedd_uniform", "d3pm"):
             cs = [curve(r) for k, r in sorted(tr.items()) if k.rsplit("_s", 1)[0] == m and curve(r)]
-            uni = uni or next((r.get("unigram_ppl") for r in tr.values() if r.get("unigram_ppl")), None)
-            if not cs:
-                continue
-            for pts in cs:
-                ax.plot([s for s, _ in pts], [v for _, v in pts], color=COLOURS[m], lw=0.6, alpha=0.5)
-            common = sorted(set.intersection(*[{s for s, _ in p} for p in cs]))
-            ax.plot(common, [statistics.fmean(dict(p)[s] for p in cs) for s in common], color=COLOURS[m], lw=2,
-                    label=f"{LABELS[m]} ({len(cs)} seed{'s' * (len(cs) > 1)})")
+            if cs:
+                seed_curves(ax, cs, COLOURS[m], f"{LABELS[m]} ({len(cs)} seed{'s' * (len(cs) > 1)})")
         if uni:
             ax.axhline(uni, color="k", ls="--", lw=0.8, label="unigram")
         _finish(ax, CORPUS_NAMES.get(c, c), "training step", "validation PPL (content tokens)")
@@ -667,7 +659,7 @@ def write_report(data: dict, report: Path, figs: Path, quick: bool = False, read
             L += [f"### {CORPUS_NAMES.get(c, c)}", "", *_adapt_table(d), ""]
     L += ["## Commands", "", "```"]
     for c, d in corpora.items():
-        L += list(dict.fromkeys(d.get("invocations") or []))
+        L += d.get("invocations") or []
         for sec in ("train", "distill", "zeroshot", "adapt"):
             L += [r["command"] for r in (d.get(sec) or {}).values() if isinstance(r, dict) and r.get("command")]
         ex = (d.get("genppl") or {}).get("_command_example")

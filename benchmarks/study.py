@@ -221,15 +221,11 @@ class Results:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path.with_suffix(".lock"), "w") as lk:
                 fcntl.flock(lk, fcntl.LOCK_EX)
-                if self.path.is_file():
-                    on_disk = json.loads(self.path.read_text())
-                    on_disk.setdefault("runs", {}).update({key: record})
-                    for k, v in on_disk.items():
-                        if k != "runs":
-                            self.data.setdefault(k, v)
-                    self.data["runs"] = {**self.data["runs"], **on_disk["runs"]}
-                else:
-                    self.data["runs"][key] = record
+                on_disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
+                for k, v in on_disk.items():
+                    if k != "runs":
+                        self.data.setdefault(k, v)
+                self.data["runs"] = {**self.data["runs"], **on_disk.get("runs", {}), key: record}
                 tmp = self.path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
                 os.replace(tmp, self.path)
@@ -262,6 +258,13 @@ def tune_cmd() -> list[str]:
     return [exe] if Path(exe).exists() else [sys.executable, "-m", "torchtune._cli.tune"]
 
 
+def run_env() -> dict:
+    """The environment of every ``tune run`` subprocess: one intra-op thread, offline, this checkout first on the
+    path."""
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
 def launch(args: list[str], out: Path) -> tuple[int, float, float]:
     """``nice -n 10 tune run <args>`` with one intra-op thread; stdout+stderr to ``<out>.log`` beside ``out``.
     Returns (exit status, wall seconds, CPU seconds of the run's process)."""
@@ -272,14 +275,12 @@ def launch(args: list[str], out: Path) -> tuple[int, float, float]:
         shutil.rmtree(out)  # a run killed mid-way restarts from step 0 (same seed: the same run)
     out.parent.mkdir(parents=True, exist_ok=True)
     log_file = out.parent / (out.name + ".log")
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = ["nice", "-n", "10"] + tune_cmd() + ["run"] + args
     t0 = time.perf_counter()
     with open(log_file, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=run_env(), cwd=str(REPO))
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time (`nice` execs tune: same pid)
         proc.returncode = os.waitstatus_to_exitcode(status)
     return proc.returncode, time.perf_counter() - t0, usage.ru_utime + usage.ru_stime

@@ -31,6 +31,16 @@ def curves(results: dict, tag: str) -> dict:
     return out
 
 
+def seed_curves(ax, seeds: list, colour: str, label: str) -> None:
+    """Every seed's curve ``[(step, value), ...]`` as a thin line, and the mean over the seeds (at the steps they all
+    have) as a bold one carrying ``label``."""
+    for pts in seeds:
+        ax.plot([s for s, _ in pts], [v for _, v in pts], color=colour, lw=0.7, alpha=0.55)
+    common = sorted(set.intersection(*[{s for s, _ in p} for p in seeds]))
+    mean = [sum(dict(p)[s] for p in seeds) / len(seeds) for s in common]
+    ax.plot(common, mean, color=colour, lw=2.2, label=label)
+
+
 def plot(results: dict, tags: list[str], out: Path, budget: int = 1500) -> Path:
     import matplotlib
 
@@ -45,12 +55,7 @@ def plot(results: dict, tags: list[str], out: Path, budget: int = 1500) -> Path:
         for j, corpus in enumerate(corpora):
             ax = axes[i][j]
             for method, seeds in sorted(data[tag].get(corpus, {}).items()):
-                c = COLOURS.get(method, "k")
-                for pts in seeds:
-                    ax.plot([s for s, _ in pts], [v for _, v in pts], color=c, lw=0.7, alpha=0.55)
-                common = sorted(set.intersection(*[{s for s, _ in p} for p in seeds]))
-                mean = [sum(dict(p)[s] for p in seeds) / len(seeds) for s in common]
-                ax.plot(common, mean, color=c, lw=2.2, label=f"{method} ({len(seeds)} seeds)")
+                seed_curves(ax, seeds, COLOURS.get(method, "k"), f"{method} ({len(seeds)} seeds)")
             ax.axhline(0.8, ls="--", lw=0.8, color="k")
             ax.axhline(0.6, ls="--", lw=0.8, color="tab:red")
             ax.axvline(budget / 3, ls=":", lw=0.8, color="k")
