@@ -77,6 +77,7 @@ class Plan:
     gen_steps: tuple = (8, 16, 32, 64, 128, 256)
     baseline_gen_steps: tuple = (8, 64, 256)
     gen_samples: int = 256
+    scorer_seed: int = 0  # Gen PPL of every seed is scored by this seed's AR model (never restricted by --seeds)
     gen_batch: int = 64
     dcd_rounds: int = 3
     dcd_steps_per_round: int = 200
@@ -161,8 +162,23 @@ def command_line(args: list[str]) -> str:
     return "tune run " + " ".join(args)
 
 
+def _fill_from(mine: dict, disk: dict) -> None:
+    """Add to ``mine``, in place, every entry of ``disk`` it lacks, at every depth; ``mine`` wins where both have a
+    value, except the list of invocations, which is the union of both."""
+    for k, v in disk.items():
+        if k not in mine:
+            mine[k] = v
+        elif isinstance(mine[k], dict) and isinstance(v, dict):
+            _fill_from(mine[k], v)
+        elif k == "invocations" and isinstance(v, list) and isinstance(mine[k], list):
+            mine[k] = list(dict.fromkeys(v + mine[k]))
+
+
 class Results:
-    """``<work>/results.json``; every save is atomic; ``lock`` serialises the pool's threads."""
+    """``<work>/results.json``; every save is atomic; ``lock`` serialises the pool's threads.  A save merges under
+    an exclusive lock on ``results.lock``: what another process recorded meanwhile (another stage of the same
+    corpus, e.g. ``--stages adapt`` beside ``--stages genppl``) is kept, so two processes never drop each other's
+    entries."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -170,11 +186,17 @@ class Results:
         self.data = json.loads(path.read_text()) if path.is_file() else {}
 
     def save(self):
+        import fcntl
+
         with self.lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.data, indent=1))
-            os.replace(tmp, self.path)
+            with open(self.path.with_suffix(".lock"), "w") as lk:
+                fcntl.flock(lk, fcntl.LOCK_EX)
+                if self.path.is_file():
+                    _fill_from(self.data, json.loads(self.path.read_text()))  # in place: sections stay shared
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(self.data, indent=1))
+                os.replace(tmp, self.path)
 
     def section(self, name: str) -> dict:
         with self.lock:
@@ -322,9 +344,10 @@ def gen_cells(plan: Plan) -> list[tuple[str, str, str, int]]:
 def stage_genppl(plan: Plan, work: Path, res: Results, jobs: int) -> None:
     """Gen PPL + entropy through ``tune run duo_generate`` (the sampler from the folder's metadata), every model
     scored by the AR model of the first seed; the same prior draws (``seed=0``) for every model."""
-    scorer = final_dir(plan, res, f"ar_s{plan.seeds[0]}")
+    scorer = final_dir(plan, res, f"ar_s{plan.scorer_seed}")
     if scorer is None:
-        print("reproduce: genppl needs the AR model of the first seed (stage train)", file=sys.stderr)
+        print(f"reproduce: genppl needs the AR model of seed {plan.scorer_seed}, the scorer (stage train)",
+              file=sys.stderr)
         return
     sec = res.section("genppl")
     todo = []
@@ -344,7 +367,7 @@ def stage_genppl(plan: Plan, work: Path, res: Results, jobs: int) -> None:
         m = json.loads((out / "metrics.json").read_text())
         row = {k: m.get(k) for k in ("gen_ppl", "gen_ppl_stderr", "gen_nll", "gen_nll_stderr", "entropy", "nfe",
                                      "process", "num_samples", "cpu_seconds")}
-        row["wall_s"] = wall
+        row["wall_s"], row["scorer"] = wall, str(scorer)
         with res.lock:
             sec.setdefault(label, {})[str(T)] = row
             res.save()
@@ -369,7 +392,7 @@ def references(plan: Plan, res: Results, scorer: Path) -> dict:
     from duo_plugin.eval.genppl import gen_ppl_and_entropy, load_dit_scorer, unigram_entropy
     from duo_plugin.eval.learning import split_blocks
 
-    run_dir = Path(res.section("train")[f"ar_s{plan.seeds[0]}"]["dir"])
+    run_dir = Path(res.section("train")[f"ar_s{plan.scorer_seed}"]["dir"])
     cfg = OmegaConf.load(run_dir / "torchtune_config.yaml")
     tok = load_tokenizer(str(cfg.tokenizer.path))
     train_ids, vb, _ = split_blocks(cfg, tok)

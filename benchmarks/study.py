@@ -74,6 +74,12 @@ class Run:
     overrides: tuple = ()
     tag: str = "base"  # names the overrides in the key / table ("base": the config as shipped)
     config: str | None = None  # default: METHODS[method][0]
+    vocab: int | None = None  # tokenizer size; None: the config's (256). Another size has its own tokenizer and cache
+
+    @property
+    def data_name(self) -> str:
+        """The folder name of this run's tokenizer and token cache under ``<work>/{tokenizers,cache}``."""
+        return self.corpus if self.vocab is None else f"{self.corpus}_k{self.vocab}"
 
     @property
     def key(self) -> str:
@@ -234,9 +240,10 @@ class Results:
 def run_args(run: Run, work: Path) -> tuple[list[str], Path]:
     config, extra = METHODS[run.method]
     out = work / "runs" / run.key.replace("/", "__")
-    tok = work / "tokenizers" / run.corpus
+    tok = work / "tokenizers" / run.data_name
+    vocab = [] if run.vocab is None else [f"tokenizer.train.vocab_size={run.vocab}"]  # recorded; the path exists
     args = ["duo_pretrain", "--config", run.config or config, f"output_dir={out}", f"seed={run.seed}",
-            f"tokenizer.path={tok}", f"data.cache_dir={work / 'cache' / run.corpus}", *COMMON,
+            f"tokenizer.path={tok}", f"data.cache_dir={work / 'cache' / run.data_name}", *vocab, *COMMON,
             *corpus_overrides(run.corpus, work), *extra, *run.overrides]
     return args[:3] + _last_wins(args[3:]), out
 
@@ -380,7 +387,8 @@ def execute(run: Run, work: Path, res: Results) -> None:
     else:
         rc, wall, cpu = launch(args, out)
     record = {"corpus": run.corpus, "method": run.method, "seed": run.seed, "tag": run.tag,
-              "overrides": list(run.overrides), "command": command, "started_utc": started, "wall_s": round(wall, 1),
+              "overrides": list(run.overrides), **({} if run.vocab is None else {"vocab": run.vocab}),
+              "command": command, "started_utc": started, "wall_s": round(wall, 1),
               "cpu_s": None if cpu is None else round(cpu, 1),  # ~ the run's time alone on one core
               "returncode": rc, "out": str(out), "load_avg": os.getloadavg()[0]}
     if rc != 0:
@@ -420,22 +428,25 @@ def run_args_no_prepare(run: Run, work: Path):
     return None, work / "runs" / run.key.replace("/", "__")
 
 
-def prepare_corpus(corpus: str, work: Path) -> None:
+def prepare_corpus(corpus: str, work: Path, vocab: int | None = None) -> None:
     """The corpus's shared tokenizer and tokenized-document cache, built exactly as ``duo_pretrain`` builds them
-    (``duo/tiny_cpu``'s tokenizer.train and data sections), so that concurrent runs only read them."""
+    (``duo/tiny_cpu``'s tokenizer.train and data sections), so that concurrent runs only read them.  ``vocab``: a
+    tokenizer of that many pieces instead of the config's, under ``<corpus>_k<vocab>`` (``Run.data_name``)."""
     from omegaconf import OmegaConf
 
     from duo_plugin.data.blocks import text_documents, tokenized_documents
     from duo_plugin.data.tokenizers import load_tokenizer, train_sentencepiece
 
-    tok_path = work / "tokenizers" / corpus
+    name = Run(corpus, "duo", 0, vocab=vocab).data_name
+    tok_path = work / "tokenizers" / name
     base = OmegaConf.load(REPO / "duo_plugin" / "configs" / "duo" / "tiny_cpu.yaml")
-    over = OmegaConf.from_dotlist(corpus_overrides(corpus, work) + [f"data.cache_dir={work / 'cache' / corpus}"])
+    over = OmegaConf.from_dotlist(corpus_overrides(corpus, work) + [f"data.cache_dir={work / 'cache' / name}"]
+                                  + ([] if vocab is None else [f"tokenizer.train.vocab_size={vocab}"]))
     cfg = OmegaConf.merge(base, over)
     data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v is not None}
     if not tok_path.exists():
         train = OmegaConf.to_container(cfg.tokenizer.train, resolve=True)
-        corpus_file = work / "tokenizers" / f"{corpus}_corpus.txt"
+        corpus_file = work / "tokenizers" / f"{name}_corpus.txt"
         corpus_file.parent.mkdir(parents=True, exist_ok=True)
         corpus_file.write_text("\n".join(text_documents(**data)), encoding="utf-8")
         train_sentencepiece([corpus_file], int(train["vocab_size"]), tok_path, byte_fallback=train["byte_fallback"],
@@ -444,7 +455,7 @@ def prepare_corpus(corpus: str, work: Path) -> None:
     tok = load_tokenizer(tok_path)
     docs = tokenized_documents(tok, **{k: v for k, v in data.items() if k in ("source", "files", "hub", "sample_by",
                                                                                "cache_dir")})
-    print(f"[study] corpus {corpus}: tokenizer {tok_path} (K={tok.vocab_size}), {len(docs)} documents, "
+    print(f"[study] corpus {name}: tokenizer {tok_path} (K={tok.vocab_size}), {len(docs)} documents, "
           f"{docs.num_tokens} tokens", flush=True)
 
 
@@ -647,9 +658,9 @@ def run_plan(plan_names: list[str] | None, work: Path, res: Results, jobs: int, 
                 continue
             run = todo[0]
             running.add(run.key)
-        if run.corpus not in prepared:
-            prepare_corpus(run.corpus, work)
-            prepared.add(run.corpus)
+        if run.data_name not in prepared:
+            prepare_corpus(run.corpus, work, run.vocab)
+            prepared.add(run.data_name)
         print(f"[study] queue: {len(todo) - 1} more after {run.key}", flush=True)
         threading.Thread(target=worker, args=(run,), daemon=False).start()
     if too_late():

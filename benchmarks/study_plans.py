@@ -9,9 +9,11 @@ never reuse a tag for different overrides (a recorded key is skipped).
 from __future__ import annotations
 
 
-def grid(corpora, methods, seeds, overrides=(), tag="base") -> list[dict]:
-    """Seed-major order: every (corpus, method) gets seed 0 before any gets seed 1."""
-    return [{"corpus": c, "method": m, "seed": s, "overrides": tuple(overrides), "tag": tag}
+def grid(corpora, methods, seeds, overrides=(), tag="base", vocab=None) -> list[dict]:
+    """Seed-major order: every (corpus, method) gets seed 0 before any gets seed 1.  ``vocab``: the tokenizer size
+    (None: the config's 256; another size trains its own tokenizer per corpus, study.Run.data_name)."""
+    extra = {} if vocab is None else {"vocab": vocab}
+    return [{"corpus": c, "method": m, "seed": s, "overrides": tuple(overrides), "tag": tag, **extra}
             for s in seeds for c in corpora for m in methods]
 
 
@@ -73,14 +75,27 @@ PLANS = {
         "out02": ["model.output_init_std=0.02"],              # a random output layer (shipped: zero, uniform x_theta)
     }.items()},
     "screen_c500": grid(["bom"], ["duo"], [0, 1, 2], ["curriculum.steps=500"], "c500"),  # 5x the curriculum
+    # round 6: the last two factors of the issue's list, same design (Book of Mormon, batch 32, seeds 0-2).
+    # Tokenizer size: half and twice the shipped 256 pieces (K_eff = K - 2), each with its own tokenizer.
+    **{f"screen_k{k}": grid(["bom"], ["duo", "udlm"], [0, 1, 2], [], f"k{k}", vocab=k) for k in (128, 512)},
+    # The curriculum's gamma window (Duo only; shipped: discrete alpha in [0.05, 0.95] = gamma [-3.053, -0.198] at
+    # K_eff 254): the low-noise half alpha in [0.5, 0.99], and a wide window alpha in [0.01, 0.99]
+    # (duo_plugin.diffusion.duality.gamma_window(254, lo, hi)).
+    "screen_gwclean": grid(["bom"], ["duo"], [0, 1, 2], ["curriculum.gamma_min=-3.3559", "curriculum.gamma_max=-2.0751"],
+                           "gwclean"),
+    "screen_gwwide": grid(["bom"], ["duo"], [0, 1, 2], ["curriculum.gamma_min=-3.3559", "curriculum.gamma_max=1.4641"],
+                          "gwwide"),
     # the pipeline end to end in a minute (use with --results /tmp/...: not a study result)
-    "smoke": grid(["bom"], ["duo", "mdlm"], [0], ["max_steps=20", "eval_every=10", "checkpoint.every=10"], "smoke"),
+    # (MDLM with a 128-piece tokenizer of its own: the tokenizer-size path end to end)
+    "smoke": [*grid(["bom"], ["duo"], [0], ["max_steps=20", "eval_every=10", "checkpoint.every=10"], "smoke"),
+              *grid(["bom"], ["mdlm"], [0], ["max_steps=20", "eval_every=10", "checkpoint.every=10"], "smoke",
+                    vocab=128)],
 }
 
-PLANS["repro_s0"] = [r for r in PLANS["repro"] if r["seed"] == 0]
+PLANS.update({f"repro_s{s}": [r for r in PLANS["repro"] if r["seed"] == s] for s in (0, 1, 2)})
 
 # two runs at a time on 2 cores: a batch-32 tiny run ~2-5 min wall, batch 128 ~7-9 min, batch 256 ~15-18 min
-QUEUE = ["repro_s0", "screen_notc", "screen_L4", "screen_gate1", "screen_out02", "screen_noclip", "screen_ema0",
+QUEUE = ["screen_k128", "screen_k512", "screen_gwclean", "screen_gwwide", "repro_s0", "screen_notc", "screen_L4", "screen_gate1", "screen_out02", "screen_noclip", "screen_ema0",
          "screen_warmup200", "screen_c500",
          "repro", "screen_b128", "b256_bom_duo_s2", "b128_all", "screen_lr1e3", "baseline_jargon", "ar_b128", "small_late", "small_all",
          "screen_notc", "b256_bom", "screen_L4"]

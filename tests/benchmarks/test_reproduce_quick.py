@@ -134,3 +134,49 @@ def test_kjv_genesis_is_read_as_data():
     assert chapters[-1].split("\n")[-1] == ("So Joseph died, being an hundred and ten years old: and they embalmed "
                                             "him, and he was put in a coffin in Egypt.")
     assert len(chapters[-1].split("\n")) == 26
+
+
+def test_two_processes_recording_one_corpus_keep_each_others_entries(tmp_path):
+    """Two invocations on one corpus (``--stages adapt`` beside ``--stages genppl``): each loaded the file before the
+    other saved; every entry of both survives, nested cells included, and each command is listed once."""
+    rp = _reproduce_module()
+    path = tmp_path / "results.json"
+    a, b = rp.Results(path), rp.Results(path)
+    a.data["invocations"], b.data["invocations"] = ["cmd a"], ["cmd b"]
+    a.put("genppl", "duo_s1", {"8": {"gen_ppl": 1.0}})
+    b.put("adapt", "adapted_s1", {"final_val_ppl": 2.0})
+    b.section("genppl").setdefault("duo_s1", {})["16"] = {"gen_ppl": 3.0}
+    b.save()
+    a.put("genppl", "mdlm_s1", {"8": {"gen_ppl": 4.0}})
+    on_disk = json.loads(path.read_text())
+    assert on_disk["adapt"] == {"adapted_s1": {"final_val_ppl": 2.0}}
+    assert on_disk["genppl"] == {"duo_s1": {"8": {"gen_ppl": 1.0}, "16": {"gen_ppl": 3.0}},
+                                 "mdlm_s1": {"8": {"gen_ppl": 4.0}}}
+    assert sorted(on_disk["invocations"]) == ["cmd a", "cmd b"]
+    assert a.data == on_disk  # the in-memory copy is the merged one: the next save loses nothing either
+
+
+def test_gen_ppl_of_every_seed_is_scored_by_the_same_ar_model(tmp_path, monkeypatch):
+    """``--seeds 1`` restricts the sampled models to seed 1, never the scorer: it stays AR seed 0, as for seed 0."""
+    from dataclasses import replace
+
+    rp = _reproduce_module()
+    plan = replace(rp.Plan(), seeds=(1,), baseline_seeds=(), gen_steps=(8,))  # as main() restricts --seeds 1
+    res = rp.Results(tmp_path / "results.json")
+    monkeypatch.setattr(rp, "final_dir", lambda plan, res, key: tmp_path / "models" / key)
+    monkeypatch.setattr(rp, "references", lambda plan, res, scorer: {})
+    calls = []
+
+    def fake_tune(args, log_path):
+        calls.append(dict(a.split("=", 1) for a in args[3:]))
+        out = Path(calls[-1]["output_dir"])
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps({"gen_ppl": 10.0}))
+        return 0.0
+
+    monkeypatch.setattr(rp, "run_tune", fake_tune)
+    rp.stage_genppl(plan, tmp_path, res, 1)
+    assert calls and {c["genppl.path"] for c in calls} == {str(tmp_path / "models" / "ar_s0")}
+    assert {Path(c["checkpoint"]).name for c in calls} == {f"{m}_s1" for m, _ in rp.GEN_ROWS}
+    assert all(row["scorer"] == str(tmp_path / "models" / "ar_s0") for label, cells in res.section("genppl").items()
+               if not label.startswith("_") for row in cells.values())

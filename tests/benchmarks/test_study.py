@@ -46,6 +46,22 @@ def test_later_overrides_win_at_the_place_of_the_first():
     assert st._last_wins(["a=1", "b=2", "a=3", "c=4"]) == ["a=3", "b=2", "c=4"]
 
 
+def test_a_tokenizer_size_variant_has_its_own_tokenizer_and_cache(tmp_path, monkeypatch):
+    st = _study()
+    monkeypatch.setattr(st, "corpus_overrides", lambda corpus, work: ["data.source=shakespeare"])
+    shipped, _ = st.run_args(st.Run("bom", "duo", 1), tmp_path)
+    args, out = st.run_args(st.Run("bom", "duo", 1, tag="k512", vocab=512), tmp_path)
+    opts = dict(a.split("=", 1) for a in args[3:])
+    assert opts["tokenizer.path"] == str(tmp_path / "tokenizers" / "bom_k512")
+    assert opts["data.cache_dir"] == str(tmp_path / "cache" / "bom_k512")
+    assert opts["tokenizer.train.vocab_size"] == "512" and out == tmp_path / "runs" / "bom__duo__k512__s1"
+    base = dict(a.split("=", 1) for a in shipped[3:])
+    assert base["tokenizer.path"] == str(tmp_path / "tokenizers" / "bom") and "tokenizer.train.vocab_size" not in base
+    assert {k: v for k, v in opts.items() if k not in ("tokenizer.path", "data.cache_dir", "output_dir",
+                                                         "tokenizer.train.vocab_size")} == \
+        {k: v for k, v in base.items() if k not in ("tokenizer.path", "data.cache_dir", "output_dir")}
+
+
 def test_recorded_runs_are_skipped_and_unfinished_ones_rerun(tmp_path, monkeypatch):
     st = _study()
     res = st.Results(tmp_path / "results.json")
@@ -56,7 +72,7 @@ def test_recorded_runs_are_skipped_and_unfinished_ones_rerun(tmp_path, monkeypat
     assert not (tmp_path / "results.tmp").exists()
     started = []
     monkeypatch.setattr(st, "execute", lambda run, work, r: started.append(run.key) or r.put(run.key, {"status": "done"}))
-    monkeypatch.setattr(st, "prepare_corpus", lambda corpus, work: None)
+    monkeypatch.setattr(st, "prepare_corpus", lambda corpus, work, vocab=None: None)
     monkeypatch.setattr(st, "queue_runs", lambda names: [st.Run("bom", m, 0) for m in ("duo", "udlm", "mdlm")])
     st.run_plan(None, tmp_path / "work", again, jobs=2, stop_at=None)
     assert sorted(started) == ["bom/mdlm/base/s0", "bom/udlm/base/s0"]
@@ -75,9 +91,11 @@ def test_smoke_plan_records_two_runs(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     runs = json.loads(results.read_text())["runs"]
     assert sorted(runs) == ["bom/duo/smoke/s0", "bom/mdlm/smoke/s0"]
-    for r in runs.values():
+    for key, r in runs.items():
+        k = 128 if "mdlm" in key else 256  # the smoke plan's MDLM run has a 128-piece tokenizer of its own
+        assert r["unigram"]["vocab"] == k and r.get("vocab", 256) == k
         assert r["status"] == "done" and r["final_step"] == 20 and [s for s, _ in r["val_ppl"]] == [0, 10, 20]
-        assert 100 < r["unigram"]["ppl"] < 256 and r["cpu_s"] > 0  # K = 256 pieces: a unigram is below uniform
+        assert k / 3 < r["unigram"]["ppl"] < k and r["cpu_s"] > 0  # a unigram is below uniform over the K pieces
         # re-scored under the fixed evaluation seeds: one row per checkpoint (every 10 steps), then pruned
         assert [row[0] for row in r["val_fixed"]] == [10, 20] and all(1 < row[1] < 600 for row in r["val_fixed"])
         out = Path(r["out"])
