@@ -186,17 +186,12 @@ class Results:
         self.data = json.loads(path.read_text()) if path.is_file() else {}
 
     def save(self):
-        import fcntl
+        def merge(on_disk: dict) -> dict:
+            _fill_from(self.data, on_disk)  # in place: the sections handed out stay shared
+            return self.data
 
         with self.lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path.with_suffix(".lock"), "w") as lk:
-                fcntl.flock(lk, fcntl.LOCK_EX)
-                if self.path.is_file():
-                    _fill_from(self.data, json.loads(self.path.read_text()))  # in place: sections stay shared
-                tmp = self.path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(self.data, indent=1))
-                os.replace(tmp, self.path)
+            study.locked_json_update(self.path, merge)
 
     def section(self, name: str) -> dict:
         with self.lock:

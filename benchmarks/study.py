@@ -78,8 +78,7 @@ class Run:
 
     @property
     def data_name(self) -> str:
-        """The folder name of this run's tokenizer and token cache under ``<work>/{tokenizers,cache}``."""
-        return self.corpus if self.vocab is None else f"{self.corpus}_k{self.vocab}"
+        return data_name(self.corpus, self.vocab)
 
     @property
     def key(self) -> str:
@@ -87,6 +86,11 @@ class Run:
 
 
 # ------------------------------------------------------------------------------------------------------- corpora
+def data_name(corpus: str, vocab: int | None = None) -> str:
+    """The folder name of a corpus's tokenizer and token cache under ``<work>/{tokenizers,cache}``."""
+    return corpus if vocab is None else f"{corpus}_k{vocab}"
+
+
 def corpus_overrides(corpus: str, work: Path) -> list[str]:
     """The data.* overrides of ``corpus`` (preparing its text files under ``work/corpora`` when needed)."""
     if corpus == "shakespeare":
@@ -219,22 +223,32 @@ class Results:
         return self.data["runs"].get(key, {}).get("status") == "done"
 
     def put(self, key: str, record: dict) -> None:
-        """Record ``key``: under an exclusive lock on ``<results>.lock``, the file is re-read and only this key
-        replaced, so two processes recording into one file (a study and reproduce.py) never drop each other's runs."""
-        import fcntl
+        """Record ``key``: the file is re-read under its lock and only this key replaced, so two processes recording
+        into one file (a study and reproduce.py) never drop each other's runs."""
+
+        def merge(on_disk: dict) -> dict:
+            for k, v in on_disk.items():
+                if k != "runs":
+                    self.data.setdefault(k, v)
+            self.data["runs"] = {**self.data["runs"], **on_disk.get("runs", {}), key: record}
+            return self.data
 
         with self.lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path.with_suffix(".lock"), "w") as lk:
-                fcntl.flock(lk, fcntl.LOCK_EX)
-                on_disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
-                for k, v in on_disk.items():
-                    if k != "runs":
-                        self.data.setdefault(k, v)
-                self.data["runs"] = {**self.data["runs"], **on_disk.get("runs", {}), key: record}
-                tmp = self.path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
-                os.replace(tmp, self.path)
+            locked_json_update(self.path, merge, sort_keys=True)
+
+
+def locked_json_update(path: Path, update, **dump_kw) -> None:
+    """Under an exclusive lock on ``<path>.lock``: read ``path`` (``{}`` if absent), write ``update(on_disk)`` back
+    atomically (a temporary file, then ``os.replace``).  The one read-merge-write of every results file here."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lk:
+        fcntl.flock(lk, fcntl.LOCK_EX)
+        data = update(json.loads(path.read_text()) if path.is_file() else {})
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1, **dump_kw))
+        os.replace(tmp, path)
 
 
 def run_args(run: Run, work: Path) -> tuple[list[str], Path]:
@@ -431,13 +445,13 @@ def run_args_no_prepare(run: Run, work: Path):
 def prepare_corpus(corpus: str, work: Path, vocab: int | None = None) -> None:
     """The corpus's shared tokenizer and tokenized-document cache, built exactly as ``duo_pretrain`` builds them
     (``duo/tiny_cpu``'s tokenizer.train and data sections), so that concurrent runs only read them.  ``vocab``: a
-    tokenizer of that many pieces instead of the config's, under ``<corpus>_k<vocab>`` (``Run.data_name``)."""
+    tokenizer of that many pieces instead of the config's, under ``data_name(corpus, vocab)``."""
     from omegaconf import OmegaConf
 
     from duo_plugin.data.blocks import text_documents, tokenized_documents
     from duo_plugin.data.tokenizers import load_tokenizer, train_sentencepiece
 
-    name = Run(corpus, "duo", 0, vocab=vocab).data_name
+    name = data_name(corpus, vocab)
     tok_path = work / "tokenizers" / name
     base = OmegaConf.load(REPO / "duo_plugin" / "configs" / "duo" / "tiny_cpu.yaml")
     over = OmegaConf.from_dotlist(corpus_overrides(corpus, work) + [f"data.cache_dir={work / 'cache' / name}"]
