@@ -638,6 +638,17 @@ def write_table(res: Results) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- driver
+def stop_deadline(stop_at: str | None, now: _dt.datetime | None = None) -> _dt.datetime | None:
+    """``--stop-at HH:MM`` (UTC) as the first such moment after ``now``: a study started at 23:40 with
+    ``--stop-at 01:30`` runs past midnight instead of stopping at once (a string comparison of clock times did)."""
+    if not stop_at:
+        return None
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    hh, mm = (int(x) for x in stop_at.split(":"))  # ValueError on anything else; main() turns it into a usage error
+    at = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
+    return at if at > now else at + _dt.timedelta(days=1)
+
+
 def run_plan(plan_names: list[str] | None, work: Path, res: Results, jobs: int, stop_at: str | None) -> None:
     """Run what is not done yet, ``jobs`` at a time.  The queue is re-read before every launch (``plan_names`` None:
     ``study_plans.QUEUE``), so plans appended while the study runs are picked up."""
@@ -645,8 +656,10 @@ def run_plan(plan_names: list[str] | None, work: Path, res: Results, jobs: int, 
     prepared: set[str] = set()
     cv = threading.Condition()
 
+    deadline = stop_deadline(stop_at)
+
     def too_late() -> bool:
-        return bool(stop_at) and _dt.datetime.now(_dt.timezone.utc).strftime("%H:%M") >= stop_at
+        return deadline is not None and _dt.datetime.now(_dt.timezone.utc) >= deadline
 
     def worker(run: Run) -> None:
         try:
@@ -691,6 +704,10 @@ def main(argv=None) -> int:
     ap.add_argument("--results", default=str(RESULTS), help="results JSON (another path: the doc is not touched)")
     ap.add_argument("--stop-at", default=None, help="HH:MM (UTC): start no new run after this time")
     a = ap.parse_args(argv)
+    try:
+        stop_deadline(a.stop_at)
+    except ValueError:
+        ap.error(f"--stop-at {a.stop_at!r}: expected HH:MM in UTC, e.g. --stop-at 01:30")
     work = Path(a.work).resolve()
     res = Results(Path(a.results).resolve())
     runs = queue_runs(a.plan or None)

@@ -49,6 +49,11 @@ PLANS = {
     # the duo/*small_cpu configs exactly as shipped (batch 128, 3,000 steps): the final PPL at the full budget
     "small_all": grid(["jargon", "shakespeare", "bom"], ["duo", "udlm", "mdlm"], [0, 1, 2],
                       ["global_batch_size=128", "max_steps=3000"], "b128s3000"),
+    # round 7: small_all's Jargon File block alone, seed-major, then AR there (run beside repro_s2 by a second driver,
+    # which must not reach the Book of Mormon runs the first one holds)
+    "small_jargon": [r for s in (0, 1, 2) for r in grid(["jargon"], ["udlm", "mdlm", "duo"], [s],
+                                                          ["global_batch_size=128", "max_steps=3000"], "b128s3000")]
+                    + grid(["jargon"], ["ar"], [0], ["global_batch_size=128", "max_steps=3000"], "b128s3000"),
     # the two batch-128 runs that escaped latest (seed-independent evaluation: 700 and 600), first
     "small_late": [*grid(["bom"], ["duo"], [2], ["global_batch_size=128", "max_steps=3000"], "b128s3000"),
                    *grid(["bom"], ["udlm"], [1], ["global_batch_size=128", "max_steps=3000"], "b128s3000")],
@@ -97,6 +102,12 @@ PLANS = {
     # the base's seeds 0-2 again, with every checkpoint kept (round 3 predates the seed-independent evaluation and
     # its run folders are gone); the same seed is the same run (the own evaluation must repeat round 3's numbers)
     + grid(["bom"], ["duo"], [0, 1, 2], [], "asshipped"),
+    # round 7: the γ-window confirmation on fresh seeds, decided in advance (docs/small-scale-training.md, round 7):
+    # seeds 12-23 of the low-noise window and of the base, paired by seed; two-sided Fisher's exact test on the
+    # seed-independent escape counts at 0.05
+    "screen_gw_confirm": [r for s in range(12, 24) for r in (
+        grid(["bom"], ["duo"], [s], ["curriculum.gamma_min=-3.3559", "curriculum.gamma_max=-2.0751"], "gwclean")
+        + grid(["bom"], ["duo"], [s]))],
     # the pipeline end to end in a minute (use with --results /tmp/...: not a study result)
     # (MDLM with a 128-piece tokenizer of its own: the tokenizer-size path end to end)
     "smoke": [*grid(["bom"], ["duo"], [0], ["max_steps=20", "eval_every=10", "checkpoint.every=10"], "smoke"),

@@ -173,3 +173,17 @@ def test_two_processes_recording_into_one_file_keep_each_others_runs(tmp_path):
     b.put("x/duo/t/s0", {"status": "done", "v": 4})
     runs = json.loads(path.read_text())["runs"]
     assert {k: r["v"] for k, r in runs.items()} == {"x/duo/t/s0": 4, "x/udlm/t/s0": 2, "x/mdlm/t/s0": 3}
+
+
+def test_stop_at_is_the_next_such_time_even_past_midnight():
+    import datetime as dt
+    st = _study()
+    utc = dt.timezone.utc
+    late = dt.datetime(2026, 12, 7, 23, 40, tzinfo=utc)
+    # Started before midnight with a stop after it: the stop is tomorrow, not already passed.
+    assert st.stop_deadline("01:30", late) == dt.datetime(2026, 12, 8, 1, 30, tzinfo=utc)
+    assert st.stop_deadline("23:50", late) == dt.datetime(2026, 12, 7, 23, 50, tzinfo=utc)
+    assert st.stop_deadline(None, late) is None
+    with pytest.raises(SystemExit) as e:
+        st.main(["run", "--stop-at", "1h30"])
+    assert e.value.code == 2
