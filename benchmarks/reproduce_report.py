@@ -230,6 +230,8 @@ def verdict(t: dict) -> str:
         return few(t["pairs"]) + (f": {t['lower']} lower, {t['higher']} higher so far" if t["pairs"] else "")
     if t["all"]:
         return f"shown (every pair: {t['lower']}/{t['pairs']}; sign test p = {_p(t['p'])})"
+    if t["higher"] == t["pairs"]:  # the reverse of the claim in every pair: say so, with the same test
+        return f"not shown: the opposite holds in every pair ({t['higher']}/{t['pairs']}; sign test p = {_p(t['p'])})"
     return f"not shown ({t['lower']} of {t['pairs']} pairs; sign test p = {_p(t['p'])})"
 
 
@@ -555,7 +557,7 @@ def status_lines(corpora: dict) -> list[str]:
     return L
 
 
-READING_TAG = re.compile(r"\[claim ([a-z0-9_]+): (shown|not shown|not measured|mixed)\]")
+READING_TAG = re.compile(r"\[claim ([A-Za-z0-9_]+): (shown|not shown|not measured|mixed)\]")
 
 
 def verdict_word(v: str) -> str:

@@ -597,6 +597,73 @@ def sign_test_p(wins: int, losses: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def fisher_exact_p(a_yes: int, a_n: int, b_yes: int, b_n: int) -> float:
+    """Two-sided Fisher's exact test of a 2x2 table (a_yes of a_n vs b_yes of b_n): the hypergeometric probability
+    of every table with the same margins that is no more likely than the observed one."""
+    yes, n = a_yes + b_yes, a_n + b_n
+
+    def prob(k: int) -> float:  # k of the ``yes`` in group a
+        return math.comb(a_n, k) * math.comb(b_n, yes - k) / math.comb(n, yes)
+
+    observed = prob(a_yes)
+    ks = range(max(0, yes - b_n), min(a_n, yes) + 1)
+    return min(1.0, sum(prob(k) for k in ks if prob(k) <= observed * (1 + 1e-9)))
+
+
+#: round 7's confirmation of the γ window (docs/small-scale-training.md): the plan and its two arms
+CONFIRM_PLAN, CONFIRM_ARMS = "screen_gw_confirm", ("gwclean", "base")
+CONFIRM_BEGIN, CONFIRM_END = "<!-- round7-confirm:begin -->", "<!-- round7-confirm:end -->"
+
+
+def confirm_lines(res: Results, plan: str = CONFIRM_PLAN, arms: tuple[str, str] = CONFIRM_ARMS) -> list[str]:
+    """The decision rule written before the confirmation ran: seed-independent escape by the end of the budget,
+    per arm, on the seeds finished in both arms; two-sided Fisher's exact test at 0.05 decides; the paired sign
+    test on discordant seeds is reported beside it."""
+    runs = res.data["runs"]
+    seeds = sorted({r["seed"] for r in load_plans()[0][plan]})
+    done = {(arm, s): runs[k] for s in seeds for arm in arms
+            if (runs.get(k := f"bom/duo/{arm}/s{s}") or {}).get("status") == "done"}
+    paired = [s for s in seeds if all((arm, s) in done for arm in arms)]
+    esc = {(arm, s): done[(arm, s)].get("escape_step_fixed") for arm in arms for s in paired}
+    out = [f"| seed | {' | '.join(str(s) for s in paired)} |", "|---|" + "---|" * len(paired)]
+    for arm in arms:
+        cells = [f"{esc[(arm, s)] or 'never'}, {_fmt(done[(arm, s)].get('final_fixed_vs_unigram'), 2)}" for s in paired]
+        out.append(f"| {arm} | {' | '.join(cells)} |")
+    a_yes, b_yes = (sum(esc[(arm, s)] is not None for s in paired) for arm in arms)
+    only_a = sum(esc[(arms[0], s)] is not None and esc[(arms[1], s)] is None for s in paired)
+    only_b = sum(esc[(arms[1], s)] is not None and esc[(arms[0], s)] is None for s in paired)
+    n = len(paired)
+    p = fisher_exact_p(a_yes, n, b_yes, n) if n else 1.0
+    decided = "shown" if n and p < 0.05 and a_yes > b_yes else "not shown"
+    missing = [s for s in seeds if s not in paired]
+    out += ["", f"Seed-independent escape (cells: escape step, final PPL / unigram under the fixed evaluation): "
+                f"{arms[0]} {a_yes}/{n}, {arms[1]} {b_yes}/{n}. Fisher's exact test (two-sided) p = {p:.3g}: "
+                f"**{decided}** by the rule above. Discordant seeds: {only_a} escape with {arms[0]} only, {only_b} with "
+                f"{arms[1]} only (exact sign test p = {sign_test_p(only_a, only_b):.3g}, reported, not deciding)."
+                + (f" Not finished in both arms: seeds {', '.join(map(str, missing))}." if missing else "")]
+    return out
+
+
+def write_confirm(res: Results) -> None:
+    """Write :func:`confirm_lines` between the round-7 markers of the doc (the scratch results file: untouched)."""
+    _write_between(res, CONFIRM_BEGIN, CONFIRM_END, "\n".join(confirm_lines(res)))
+
+
+def _write_between(res: Results, begin: str, end: str, body: str) -> None:
+    """Replace what lies between the markers ``begin`` and ``end`` of the doc with ``body`` (atomically); nothing
+    when ``res`` is a scratch results file (``--results``) or the doc lacks the markers."""
+    if res.path != RESULTS or not DOC.is_file():
+        return
+    text = DOC.read_text()
+    if begin not in text or end not in text:
+        return
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    tmp = DOC.with_suffix(".tmp")
+    tmp.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
+    os.replace(tmp, DOC)
+
+
 def paired_lines(res: Results, a: str = "duo", b: str = "udlm") -> list[str]:
     """Method ``a`` vs ``b`` paired by (corpus, variant, seed) over the finished runs: which escaped first (a never-
     escaping run counts as later than any escape; both never: a tie) and which ended lower, with the exact sign test."""
@@ -622,19 +689,10 @@ def paired_lines(res: Results, a: str = "duo", b: str = "udlm") -> list[str]:
 
 
 def write_table(res: Results) -> None:
-    if res.path != RESULTS or not DOC.is_file():  # a scratch results file (--results) leaves the doc alone
-        return
-    text = DOC.read_text()
-    if TABLE_BEGIN not in text or TABLE_END not in text:
-        return
-    head, _, rest = text.partition(TABLE_BEGIN)
-    _, _, tail = rest.partition(TABLE_END)
     body = "\n".join(["### The bar, per method and variant (every corpus and seed done)", "", *bar_lines(res), "",
                       "### Duo vs UDLM, paired by corpus and seed (does the curriculum delay the escape?)", "",
                       *paired_lines(res), "", "### Summary", "", *summary_lines(res), "", "### Every run", "", *table_lines(res)])
-    tmp = DOC.with_suffix(".tmp")
-    tmp.write_text(f"{head}{TABLE_BEGIN}\n{body}\n{TABLE_END}{tail}")
-    os.replace(tmp, DOC)
+    _write_between(res, TABLE_BEGIN, TABLE_END, body)
 
 
 # ------------------------------------------------------------------------------------------------------- driver
@@ -696,7 +754,7 @@ def run_plan(plan_names: list[str] | None, work: Path, res: Results, jobs: int, 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("action", choices=["run", "list", "table", "record-unfinished"])
+    ap.add_argument("action", choices=["run", "list", "table", "confirm", "record-unfinished"])
     ap.add_argument("--plan", action="append", default=[],
                     help="a plan of benchmarks/study_plans.py (repeatable); default: its QUEUE, re-read before each launch")
     ap.add_argument("--jobs", type=int, default=2, help="concurrent tune-run processes (at most 2 on this machine)")
@@ -713,6 +771,9 @@ def main(argv=None) -> int:
     runs = queue_runs(a.plan or None)
     if a.action == "table":
         write_table(res)
+    elif a.action == "confirm":
+        print("\n".join(confirm_lines(res)))
+        write_confirm(res)
     elif a.action == "record-unfinished":
         print("\n".join(record_unfinished(work, res)) or "nothing unfinished")
     elif a.action == "list":

@@ -76,6 +76,10 @@ def test_verdicts_need_every_pair(rr):
     assert sp["verdict"] == "shown" and sp["n"] == 6
     assert sp["per_pair"][0]["duo_steps"] == pytest.approx(150.0) and sp["mean"] == pytest.approx(2.0)
     assert v["variance_vs_udlm"]["verdict"] == "not measured"  # no variance records: never a verdict
+    # Duo higher in all 6 pairs: not shown, and the verdict says the reverse holds everywhere (p = 2 / 64)
+    v = {x["id"]: x for x in rr.claims(_data({"a": [1, 2, 3], "b": [1, 1, 1]}))}
+    assert v["duo_beats_udlm"]["verdict"] == "not shown: the opposite holds in every pair (6/6; sign test p = 0.0312)"
+    assert rr.verdict_word(v["duo_beats_udlm"]["verdict"]) == "not shown"
 
 
 def _gen_data(seeds):
@@ -122,6 +126,10 @@ def test_reading_tags_are_checked_against_the_verdicts(rr):
     assert rr.check_reading(ok, verdicts) == []
     bad = rr.check_reading("[claim a: not shown] [claim zz: shown]", verdicts)
     assert len(bad) == 2 and "a: not shown" in bad[0] and "no such claim" in bad[1]
+    # claim ids carry the step count in capitals (dcd_gap_T8): those tags are checked too
+    few = [{"id": "dcd_gap_T8", "verdict": "not shown (3 of 6)"}]
+    assert rr.check_reading("[claim dcd_gap_T8: not shown]", few) == []
+    assert len(rr.check_reading("[claim dcd_gap_T8: shown]", few)) == 1
 
 
 def test_the_committed_reading_agrees_with_the_committed_results(rr):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -187,3 +188,41 @@ def test_stop_at_is_the_next_such_time_even_past_midnight():
     with pytest.raises(SystemExit) as e:
         st.main(["run", "--stop-at", "1h30"])
     assert e.value.code == 2
+
+
+def test_fisher_exact_matches_hand_enumerated_tables():
+    st = _study()
+    # Fisher's tea-tasting table (3 of 4 vs 1 of 4): two-sided p = (1 + 16 + 16 + 1) / 70 = 34/70.
+    assert st.fisher_exact_p(3, 4, 1, 4) == pytest.approx(34 / 70, rel=1e-12)
+    # 9 of 12 vs 3 of 12 (round 6's γ window): margins 12 yes / 12 no; the tables at least as unlikely as the
+    # observed one are k <= 3 and k >= 9 of the 12 yes in group a: sum of C(12,k) C(12,12-k) / C(24,12).
+    tail = sum(math.comb(12, k) * math.comb(12, 12 - k) for k in (*range(0, 4), *range(9, 13))) / math.comb(24, 12)
+    assert st.fisher_exact_p(9, 12, 3, 12) == pytest.approx(tail, rel=1e-12)
+    assert st.fisher_exact_p(9, 12, 3, 12) == pytest.approx(0.039126, abs=1e-6)  # scipy.stats.fisher_exact([[9, 3], [3, 9]]): 0.039126
+    assert st.fisher_exact_p(5, 10, 5, 10) == 1.0 and st.fisher_exact_p(0, 3, 0, 3) == 1.0
+
+
+def test_confirmation_pairs_seeds_and_applies_the_rule_written_in_advance(tmp_path):
+    st = _study()
+    res = st.Results(tmp_path / "results.json")
+    # 12 seeds of the plan: the window escapes in 10 (seeds 12-21), the base in 2 (seeds 12, 13); seed 23's base
+    # run is missing, so seed 23 is left out of both arms.
+    for s in range(12, 24):
+        for arm, esc in (("gwclean", 700 if s < 22 else None), ("base", 800 if s < 14 else None)):
+            if arm == "base" and s == 23:
+                continue
+            res.data["runs"][f"bom/duo/{arm}/s{s}"] = {"status": "done", "seed": s, "escape_step_fixed": esc,
+                                                      "final_fixed_vs_unigram": 0.5 if esc else 0.95}
+    lines = st.confirm_lines(res)
+    text = "\n".join(lines)
+    # 10/11 vs 2/11 on the paired seeds 12-22
+    assert "gwclean 10/11, base 2/11" in text
+    tail = sum(math.comb(11, k) * math.comb(11, 12 - k) for k in range(1, 12) if
+               math.comb(11, k) * math.comb(11, 12 - k) <= math.comb(11, 10) * math.comb(11, 2)) / math.comb(22, 12)
+    assert f"p = {tail:.3g}" in text and "**shown**" in text
+    assert "8 escape with gwclean only, 0 with base only" in text and "seeds 23" in text
+    # the same counts the other way round are not "shown" for the window
+    for s in range(12, 23):
+        a, b = res.data["runs"][f"bom/duo/gwclean/s{s}"], res.data["runs"][f"bom/duo/base/s{s}"]
+        a["escape_step_fixed"], b["escape_step_fixed"] = b["escape_step_fixed"], a["escape_step_fixed"]
+    assert "**not shown**" in "\n".join(st.confirm_lines(res))
