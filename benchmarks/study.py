@@ -606,8 +606,8 @@ def fisher_exact_p(a_yes: int, a_n: int, b_yes: int, b_n: int) -> float:
         return math.comb(a_n, k) * math.comb(b_n, yes - k) / math.comb(n, yes)
 
     observed = prob(a_yes)
-    ks = range(max(0, yes - b_n), min(a_n, yes) + 1)
-    return min(1.0, sum(prob(k) for k in ks if prob(k) <= observed * (1 + 1e-9)))
+    probs = [prob(k) for k in range(max(0, yes - b_n), min(a_n, yes) + 1)]
+    return min(1.0, sum(q for q in probs if q <= observed * (1 + 1e-9)))
 
 
 #: round 7's confirmation of the γ window (docs/small-scale-training.md): the plan and its two arms
@@ -619,10 +619,9 @@ def confirm_lines(res: Results, plan: str = CONFIRM_PLAN, arms: tuple[str, str] 
     """The decision rule written before the confirmation ran: seed-independent escape by the end of the budget,
     per arm, on the seeds finished in both arms; two-sided Fisher's exact test at 0.05 decides; the paired sign
     test on discordant seeds is reported beside it."""
-    runs = res.data["runs"]
-    seeds = sorted({r["seed"] for r in load_plans()[0][plan]})
-    done = {(arm, s): runs[k] for s in seeds for arm in arms
-            if (runs.get(k := f"bom/duo/{arm}/s{s}") or {}).get("status") == "done"}
+    planned = [r for r in queue_runs([plan]) if r.tag in arms]
+    seeds = sorted({r.seed for r in planned})
+    done = {(r.tag, r.seed): res.data["runs"][r.key] for r in planned if res.done(r.key)}
     paired = [s for s in seeds if all((arm, s) in done for arm in arms)]
     esc = {(arm, s): done[(arm, s)].get("escape_step_fixed") for arm in arms for s in paired}
     out = [f"| seed | {' | '.join(str(s) for s in paired)} |", "|---|" + "---|" * len(paired)]
@@ -646,12 +645,12 @@ def confirm_lines(res: Results, plan: str = CONFIRM_PLAN, arms: tuple[str, str] 
 
 def write_confirm(res: Results) -> None:
     """Write :func:`confirm_lines` between the round-7 markers of the doc (the scratch results file: untouched)."""
-    _write_between(res, CONFIRM_BEGIN, CONFIRM_END, "\n".join(confirm_lines(res)))
+    _write_between(res, CONFIRM_BEGIN, CONFIRM_END, lambda: "\n".join(confirm_lines(res)))
 
 
-def _write_between(res: Results, begin: str, end: str, body: str) -> None:
-    """Replace what lies between the markers ``begin`` and ``end`` of the doc with ``body`` (atomically); nothing
-    when ``res`` is a scratch results file (``--results``) or the doc lacks the markers."""
+def _write_between(res: Results, begin: str, end: str, body) -> None:
+    """Replace what lies between the markers ``begin`` and ``end`` of the doc with ``body()`` (atomically); nothing,
+    and ``body`` not built, when ``res`` is a scratch results file (``--results``) or the doc lacks the markers."""
     if res.path != RESULTS or not DOC.is_file():
         return
     text = DOC.read_text()
@@ -660,7 +659,7 @@ def _write_between(res: Results, begin: str, end: str, body: str) -> None:
     head, _, rest = text.partition(begin)
     _, _, tail = rest.partition(end)
     tmp = DOC.with_suffix(".tmp")
-    tmp.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
+    tmp.write_text(f"{head}{begin}\n{body()}\n{end}{tail}")
     os.replace(tmp, DOC)
 
 
@@ -689,9 +688,12 @@ def paired_lines(res: Results, a: str = "duo", b: str = "udlm") -> list[str]:
 
 
 def write_table(res: Results) -> None:
-    body = "\n".join(["### The bar, per method and variant (every corpus and seed done)", "", *bar_lines(res), "",
-                      "### Duo vs UDLM, paired by corpus and seed (does the curriculum delay the escape?)", "",
-                      *paired_lines(res), "", "### Summary", "", *summary_lines(res), "", "### Every run", "", *table_lines(res)])
+    def body() -> str:
+        return "\n".join(["### The bar, per method and variant (every corpus and seed done)", "", *bar_lines(res), "",
+                          "### Duo vs UDLM, paired by corpus and seed (does the curriculum delay the escape?)", "",
+                          *paired_lines(res), "", "### Summary", "", *summary_lines(res), "", "### Every run", "",
+                          *table_lines(res)])
+
     _write_between(res, TABLE_BEGIN, TABLE_END, body)
 
 
